@@ -1,0 +1,71 @@
+"""Tiny Hugging Face checkpoints with random weights, written by transformers itself.
+
+Every architecture the runtime supports has an entry; tests load them both with transformers (the
+independent reference) and with streaming_trt.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+BASE = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+)
+
+ARCHITECTURES = ("llama", "llama3", "mistral", "qwen2", "qwen3")
+
+
+def hf_config(arch: str, **overrides):
+    import transformers as tf
+
+    kw = dict(BASE)
+    if arch == "llama":
+        cls = tf.LlamaConfig
+    elif arch == "llama3":
+        cls = tf.LlamaConfig
+        kw["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        }
+        kw["rope_theta"] = 500000.0
+        kw["tie_word_embeddings"] = True
+    elif arch == "mistral":
+        cls = tf.MistralConfig
+        kw["sliding_window"] = None
+    elif arch == "qwen2":
+        cls = tf.Qwen2Config
+        kw["tie_word_embeddings"] = True
+    elif arch == "qwen3":
+        cls = tf.Qwen3Config
+        kw["head_dim"] = 32
+    else:
+        raise ValueError(arch)
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def make_checkpoint(path: Path, arch: str = "llama", seed: int = 0, max_shard_size=None, **overrides):
+    """Write a random-weight checkpoint of ``arch`` to ``path``; return the transformers model."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = hf_config(arch, **overrides)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # larger weights than the default init so that logits differ clearly
+        for p in model.parameters():
+            p.normal_(0.0, 0.2 if p.dim() > 1 else 0.5).add_(1.0 if p.dim() == 1 else 0.0)
+    model.eval()
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(path, **kwargs)
+    return model
