@@ -1,0 +1,38 @@
+"""The attention backend switch: PyTorch references or Triton kernels, one interface.
+
+Both backends provide ``cache_write``, ``decode_attention`` and ``prefill_attention`` with the
+signatures of :mod:`streaming_trt.kernels.reference`.
+"""
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+from .errors import UserError
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` means Triton on CUDA when it is installed, PyTorch otherwise."""
+    if backend not in BACKENDS:
+        raise UserError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    from . import kernels
+
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and kernels.triton_available() else "torch"
+    if backend == "triton":
+        if not kernels.triton_available():
+            raise UserError("backend 'triton' needs the triton package: pip install 'streaming-trt[triton]'")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UserError("backend 'triton' runs on CUDA devices (or on CPU with TRITON_INTERPRET=1); use --backend torch")
+    return backend
+
+
+def ops(backend: str) -> ModuleType:
+    """The module whose functions implement attention for a resolved backend name."""
+    from . import kernels
+
+    return kernels.reference if backend == "torch" else kernels

@@ -1,0 +1,233 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) in plain PyTorch over a streaming cache."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import ops, resolve_backend
+from .checkpoint import check_state_dict, load_checkpoint
+from .config import ModelConfig
+from .errors import UserError
+from .rope import rotary_table
+
+if TYPE_CHECKING:
+    from .cache import StreamingCache
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class Step:
+    """What every layer needs to know about one forward call."""
+
+    cache: "StreamingCache"
+    lengths: torch.Tensor  # [batch] valid tokens per row
+    rotary: tuple[torch.Tensor, torch.Tensor]
+    ops: ModuleType  # cache_write / decode_attention / prefill_attention of the backend
+    decode: bool  # one token in every row: write the cache first, then the decode kernel
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_proj_bias)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        self.qk_norm = c.qk_norm
+
+    def forward(self, x: torch.Tensor, layer: int, step: "Step") -> torch.Tensor:
+        batch, n, _ = x.shape
+        q = self.q_proj(x).view(batch, n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, n, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cache, ops = step.cache, step.ops
+        k_cache, v_cache = cache.keys[layer], cache.values[layer]
+        window = (cache.sink_tokens, cache.window)
+        if step.decode:
+            # The decode kernel reads the current token from the cache: write first.
+            ops.cache_write(k, v, k_cache, v_cache, cache.seen, step.lengths, *window)
+            out = ops.decode_attention(q[:, 0], k_cache, v_cache, cache.seen + 1, *step.rotary, *window,
+                                       self.head_dim**-0.5)[:, None]
+        else:
+            out = ops.prefill_attention(q, k, v, k_cache, v_cache, cache.seen, step.lengths, *step.rotary, *window,
+                                        self.head_dim**-0.5)
+            ops.cache_write(k, v, k_cache, v_cache, cache.seen, step.lengths, *window)
+        return self.o_proj(out.reshape(batch, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x: torch.Tensor, layer: int, step: "Step") -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), layer, step)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """A decoder whose attention runs over a :class:`~streaming_trt.cache.StreamingCache`.
+
+    Module names follow Hugging Face's (``layers.0.self_attn.q_proj`` ...), so a checkpoint loads
+    by name. Build one with :meth:`from_state_dict` or :func:`streaming_trt.load_model`.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.backend = "torch"
+        self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        config: ModelConfig,
+        state_dict: dict[str, torch.Tensor],
+        dtype: torch.dtype | str = torch.float32,
+        device: torch.device | str = "cpu",
+        backend: str = "auto",
+        source: str = "state_dict",
+    ) -> "Transformer":
+        """Build the model from tensors with Hugging Face names (``model.layers.0...``)."""
+        dtype = resolve_dtype(dtype)
+        device = torch.device(device)
+        check_device_dtype(device, dtype)
+        check_state_dict(config, state_dict, source)
+        with torch.device("meta"):
+            model = cls(config)
+        tensors = {k.removeprefix("model."): v for k, v in state_dict.items() if k.removeprefix("model.") in
+                   dict(model.named_parameters())}
+        model.load_state_dict(tensors, strict=True, assign=True)
+        model.to(device=device, dtype=dtype)
+        model.backend = resolve_backend(backend, device)
+        return model.eval().requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def rotary(self, num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables covering at least ``num_positions``; built once and reused."""
+        if self._rotary is None or self._rotary[0].shape[0] < num_positions:
+            self._rotary = rotary_table(self.config, num_positions, self.device)
+        return self._rotary
+
+    def session(self, sink_tokens: int = 4, window: int = 1020, batch: int = 1, **kwargs):
+        """Open a :class:`~streaming_trt.session.Session` (a batch of streams) on this model."""
+        from .session import Session
+
+        return Session(self, sink_tokens=sink_tokens, window=window, batch=batch, **kwargs)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache, lengths: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens [batch, n]`` (row b valid for its first ``lengths[b]``) through the cache.
+
+        Returns float32 logits ``[batch, n, vocab]`` and advances ``cache.seen`` by ``lengths``.
+        """
+        n = tokens.shape[1]
+        step = Step(
+            cache=cache,
+            lengths=lengths,
+            rotary=self.rotary(max(cache.capacity, cache.window + n - 1)),
+            ops=ops(self.backend),
+            decode=n == 1 and bool((lengths == 1).all()),
+        )
+        x = self.embed_tokens(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, i, step)
+        x = self.norm(x)
+        head = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        cache.seen += lengths.to(cache.seen.dtype)
+        return F.linear(x, head).float()
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise UserError(f"dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_device_dtype(device: torch.device, dtype: torch.dtype) -> None:
+    """Fail early, with advice, where the device cannot run the dtype."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise UserError("this GPU cannot run bfloat16; use --dtype float16")
+    elif device.type == "cpu":
+        try:
+            a = torch.ones(2, 2, dtype=dtype)
+            (a @ a).sum().item()
+        except RuntimeError:
+            raise UserError(f"this CPU build of torch cannot run {dtype} matrix products; use --dtype float32") from None
+    else:
+        raise UserError(f"device {device} is not supported; use cpu or cuda")
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    backend: str = "auto",
+) -> Transformer:
+    """Load a Hugging Face checkpoint directory (config.json + safetensors) for streaming.
+
+    Args:
+        path: directory with ``config.json`` and ``*.safetensors`` (sharded or not).
+        dtype: ``float32``, ``float16`` or ``bfloat16`` (name or torch dtype).
+        device: ``cpu`` or ``cuda[:i]``.
+        backend: ``auto`` (Triton kernels on CUDA, PyTorch otherwise), ``torch`` or ``triton``.
+    """
+    config, tensors = load_checkpoint(path)
+    return Transformer.from_state_dict(config, tensors, dtype=dtype, device=device, backend=backend, source=str(path))
