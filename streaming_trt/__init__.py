@@ -4,12 +4,19 @@
 >>> model = st.load_model("path/to/hf-checkpoint", dtype="bfloat16", device="cuda")
 >>> session = model.session(sink_tokens=4, window=1020)
 >>> logits = session.feed([1, 2, 3])          # [1, 3, vocab]
+>>> tokenizer = st.load_tokenizer("path/to/hf-checkpoint")
+>>> for piece in st.generate_text(session, tokenizer, "Once upon a time", max_new_tokens=100):
+...     print(piece, end="")
 """
+from .builtin import builtin_model
 from .config import ModelConfig
 from .errors import CheckpointError, UnsupportedModelError, UserError
+from .generation import generate_text, generate_tokens
 from .model import Transformer, load_model
+from .sampling import SamplingParams
 from .session import Session
+from .tokenizer import load_tokenizer
 
-__all__ = ["ModelConfig", "Transformer", "Session", "load_model", "UserError", "CheckpointError",
-           "UnsupportedModelError"]
+__all__ = ["ModelConfig", "Transformer", "Session", "SamplingParams", "load_model", "load_tokenizer",
+           "builtin_model", "generate_text", "generate_tokens", "UserError", "CheckpointError", "UnsupportedModelError"]
 __version__ = "0.1.0"

@@ -1,0 +1,102 @@
+"""What the command-line entry points share: flags, loading, error handling, reporting."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+from .errors import UserError
+
+
+def info(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m {prog}", description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", metavar="DIR",
+                   help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer); "
+                        "default: a built-in small Llama with random weights")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights and cache dtype")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="attention implementation: auto = Triton kernels on CUDA, PyTorch otherwise")
+    g = p.add_argument_group("streaming cache")
+    g.add_argument("--sink-tokens", type=int, default=4, help="first tokens of the stream kept forever (S)")
+    g.add_argument("--window", type=int, default=1020,
+                   help="most recent tokens kept, the current one included (W); capacity = S + W")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per reply")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
+    g.add_argument("--seed", type=int, default=0, help="random seed for sampling (and the built-in weights)")
+    return p
+
+
+def run(job) -> int:
+    """Run a CLI job: user errors and warnings become one line on stderr, errors exit 2."""
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        info(f"warning: {message}")
+
+    warnings.showwarning = show_warning
+    try:
+        return job()
+    except UserError as e:
+        info(f"error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        info("interrupted")
+        return 130
+
+
+def load(args):
+    """The model and tokenizer the flags name (the built-in model when --model is absent)."""
+    from .model import load_model
+    from .tokenizer import load_tokenizer
+
+    if args.model is None:
+        from .builtin import NOTICE, builtin_model
+
+        info(NOTICE.format(seed=args.seed))
+        return builtin_model(args.dtype, args.device, args.backend, seed=args.seed), load_tokenizer(None)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
+    return model, load_tokenizer(args.model)
+
+
+def open_session(args, model):
+    from .session import Session
+
+    if getattr(args, "load_session", None):
+        session = Session.load(args.load_session, model)
+        info(f"[streaming-trt] continuing session {args.load_session}: {session.seen[0]} tokens so far, "
+             f"sink_tokens={session.sink_tokens}, window={session.window}")
+        return session
+    return Session(model, sink_tokens=args.sink_tokens, window=args.window)
+
+
+def sampling(args):
+    from .sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+class Clock:
+    """Tokens per second and cache size of a session since this clock started."""
+
+    def __init__(self, session):
+        self.session = session
+        self.start_tokens = session.seen[0]
+        self.start = time.perf_counter()
+
+    def report(self) -> None:
+        s = self.session
+        tokens = s.seen[0] - self.start_tokens
+        seconds = time.perf_counter() - self.start
+        info(f"[streaming-trt] {tokens} tokens in {seconds:.2f} s ({tokens / max(seconds, 1e-9):.1f} tok/s); "
+             f"stream length {s.seen[0]}, cache {s.cache.capacity} slots "
+             f"(sink_tokens={s.sink_tokens}, window={s.window}), {s.cache.nbytes() / 2**20:.1f} MiB")
+

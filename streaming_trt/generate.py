@@ -1,0 +1,65 @@
+"""``python -m streaming_trt.generate``: a prompt in, text streamed out, in constant memory.
+
+Example::
+
+    python -m streaming_trt.generate --model ~/Llama-3.2-1B-Instruct --prompt "Once upon a time" \\
+        --sink-tokens 4 --window 1020 --max-new-tokens 2000 --temperature 0.7 --top-p 0.9 --seed 0
+"""
+from __future__ import annotations
+
+import sys
+
+from .errors import UserError
+from .generation import generate_text
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import cli
+
+    parser = cli.parser(
+        "streaming_trt.generate",
+        "Generate text from a prompt with a StreamingLLM cache (attention sinks + rolling window): "
+        "memory stays constant however many tokens are generated.",
+    )
+    parser.add_argument("--prompt", default="Once upon a time", help="text to continue (default: %(default)r)")
+    parser.add_argument("--prompt-file", help="read the prompt from this file instead of --prompt")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop once the output contains TEXT (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    parser.add_argument("--save-session", metavar="FILE", help="write the session state here when done")
+    parser.add_argument("--load-session", metavar="FILE",
+                        help="continue a session saved with --save-session (its sink/window settings are used)")
+    args = parser.parse_args(argv)
+    return cli.run(lambda: _generate(args))
+
+
+def _generate(args) -> int:
+    from . import cli
+
+    model, tokenizer = cli.load(args)
+    session = cli.open_session(args, model)
+    prompt = args.prompt
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompt = f.read()
+        except OSError as e:
+            raise UserError(f"--prompt-file: {e}") from None
+    if not prompt and args.load_session is None:
+        raise UserError("the prompt is empty: pass --prompt TEXT or --prompt-file FILE")
+    stop = set() if args.ignore_eos else None
+    clock = cli.Clock(session)
+    for piece in generate_text(session, tokenizer, prompt, args.max_new_tokens, cli.sampling(args), stop, args.stop,
+                          add_special_tokens=args.load_session is None):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    clock.report()
+    if args.save_session:
+        session.save(args.save_session)
+        cli.info(f"session saved to {args.save_session}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

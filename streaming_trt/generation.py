@@ -1,0 +1,95 @@
+"""Text generation over a streaming session: token ids or decoded text, streamed as drawn."""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+from .errors import UserError
+from .sampling import Sampler, SamplingParams
+from .tokenizer import IncrementalDecoder
+
+
+def eos_ids(tokenizer, config) -> set[int]:
+    """Token ids that end a reply: the tokenizer's and the model config's end-of-sequence ids."""
+    ids = set()
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "end_of_turn_id", None),
+                  config.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def generate_tokens(
+    session,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    sampling: SamplingParams | None = None,
+    stop_token_ids: Iterable[int] = (),
+    sampler: Sampler | None = None,
+) -> Iterator[int]:
+    """Feed ``prompt_ids`` to stream 0 of a batch-1 session, then yield up to ``max_new_tokens`` ids.
+
+    A stop token is yielded (and fed into the stream) before generation ends. An empty prompt
+    continues from the session's newest logits.
+    """
+    if session.batch != 1:
+        raise UserError("generate_tokens works on a batch-1 session; use Session.feed for batches")
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    sampler = sampler or Sampler(sampling or SamplingParams(), session.model.device)
+    stop = set(stop_token_ids)
+    if prompt_ids:
+        session.feed(list(prompt_ids))
+    elif session.last_logits is None:
+        raise UserError("the prompt is empty and the session has no earlier tokens to continue from")
+    for _ in range(max_new_tokens):
+        token = int(sampler(session.last_logits)[0])
+        session.feed([token])
+        yield token
+        if token in stop:
+            return
+
+
+def generate_text(
+    session,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 128,
+    sampling: SamplingParams | None = None,
+    stop_token_ids: Iterable[int] | None = None,
+    stop_strings: Iterable[str] = (),
+    add_special_tokens: bool = True,
+) -> Iterator[str]:
+    """Stream text: encode ``prompt``, feed it, and yield decoded pieces as tokens are drawn.
+
+    Args:
+        session: a batch-1 :class:`~streaming_trt.session.Session`.
+        tokenizer: the model's tokenizer (``load_tokenizer``).
+        prompt: text; empty is an error for a fresh session.
+        stop_token_ids: ends generation (default: the tokenizer's and config's eos ids).
+        stop_strings: generation ends once the text produced contains one of these.
+    """
+    if not prompt and session.last_logits is None:
+        raise UserError("the prompt is empty: give some text to start from")
+    ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens) if prompt else []
+    stop_ids = eos_ids(tokenizer, session.model.config) if stop_token_ids is None else set(stop_token_ids)
+    decoder = IncrementalDecoder(tokenizer)
+    stop_strings = [s for s in stop_strings if s]
+    held = ""  # text that may be the start of a stop string, not yielded yet
+    for token in generate_tokens(session, ids, max_new_tokens, sampling, stop_ids):
+        if token in stop_ids:
+            break
+        held += decoder.push(token)
+        hits = [held.find(s) for s in stop_strings if s in held]
+        if hits:
+            yield held[: min(hits)]
+            return
+        keep = max((k for s in stop_strings for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
+        if len(held) > keep:
+            yield held[: len(held) - keep]
+            held = held[len(held) - keep :]
+    if held:
+        yield held

@@ -1,0 +1,97 @@
+"""Tokenizers: a checkpoint's own (through transformers) or the built-in one that needs no download.
+
+The runtime uses only ``encode``, ``decode``, ``apply_chat_template`` and ``eos_token_id``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import CheckpointError
+
+
+class BuiltinTokenizer:
+    """Character-level tokenizer over printable ASCII plus newline, with a small chat template.
+
+    Id 0 is ``<unk>`` (any other character), 1 ``<s>``, 2 ``</s>``, 3 ``<|user|>``,
+    4 ``<|assistant|>``, 5 ``<|end|>``; the characters follow.
+    """
+
+    specials = ("<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>")
+    chars = "\n" + "".join(chr(c) for c in range(32, 127))
+    bos_token_id, eos_token_id, end_of_turn_id = 1, 2, 5
+
+    def __init__(self):
+        self._ids = {ch: i + len(self.specials) for i, ch in enumerate(self.chars)}
+        self._special_ids = {s: i for i, s in enumerate(self.specials)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.specials) + len(self.chars)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids, i = [], 0
+        while i < len(text):
+            for s, sid in self._special_ids.items():
+                if text.startswith(s, i):
+                    ids.append(sid)
+                    i += len(s)
+                    break
+            else:
+                ids.append(self._ids.get(text[i], 0))
+                i += 1
+        return ([self.bos_token_id] if add_special_tokens else []) + ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i < len(self.specials):
+                if not skip_special_tokens:
+                    out.append(self.specials[i])
+            elif i < self.vocab_size:
+                out.append(self.chars[i - len(self.specials)])
+        return "".join(out)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = False, **_):
+        text = "<s>" + "".join(f"<|{m['role']}|>{m['content']}<|end|>\n" for m in messages)
+        if add_generation_prompt:
+            text += "<|assistant|>"
+        return self.encode(text) if tokenize else text
+
+
+def load_tokenizer(path: str | Path | None):
+    """The tokenizer of checkpoint directory ``path`` (via transformers), or the built-in one."""
+    if path is None:
+        return BuiltinTokenizer()
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers raises many kinds for a missing or broken tokenizer
+        raise CheckpointError(f"{path}: no usable tokenizer ({type(e).__name__}: {e})") from None
+
+
+class IncrementalDecoder:
+    """Turns a stream of token ids into text pieces without re-decoding the whole output.
+
+    Keeps only a few recent ids, so memory stays constant however long the stream; text is
+    held back while it ends in an incomplete UTF-8 sequence.
+    """
+
+    def __init__(self, tokenizer, context: int = 4):
+        self.tokenizer, self.context = tokenizer, context
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of decode(self.ids) already returned
+
+    def push(self, token: int) -> str:
+        self.ids.append(int(token))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[self.emitted :]
+        if len(self.ids) > self.context:
+            keep = self.ids[-self.context :]
+            self.ids, self.emitted = keep, len(self.tokenizer.decode(keep))
+        else:
+            self.emitted = len(text)
+        return piece

@@ -1,0 +1,194 @@
+"""Command lines end to end, and the errors bad input gets (exit 2, one line, no traceback)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import streaming_trt as st
+from checkpoints import make_checkpoint, save_tokenizer
+from streaming_trt import chat
+from streaming_trt import generate as generate_cli
+from streaming_trt.builtin import builtin_model
+from streaming_trt.sampling import SamplingParams
+from streaming_trt.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    make_checkpoint(path, "llama")
+    save_tokenizer(path)
+    return path
+
+
+def run_cli(*args, stdin: str = ""):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", *args], input=stdin, capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_generate_builtin_default_end_to_end():
+    r = run_cli("streaming_trt.generate", "--max-new-tokens", "40", "--window", "16", "--sink-tokens", "2")
+    assert r.returncode == 0, r.stderr
+    assert "RANDOM weights" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stdout.strip()) > 0
+    assert "stream length" in r.stderr
+
+
+def test_chat_checkpoint_dir_end_to_end(model_dir, tmp_path):
+    saved = tmp_path / "chat.safetensors"
+    r = run_cli("streaming_trt.chat", "--model", str(model_dir), "--max-new-tokens", "12", "--window", "24",
+                stdin=f"hello\nsecond turn\n/save {saved}\nthird\n")
+    assert r.returncode == 0, r.stderr
+    assert "RANDOM" not in r.stderr
+    assert saved.exists() and "session saved" in r.stdout
+    # 3 turns answered on one stream that outgrew its 28-slot cache
+    assert "stream length" in r.stderr
+    length = int(r.stderr.split("stream length ")[1].split(",")[0])
+    assert length > 28
+
+
+def test_generate_checkpoint_dir_and_resume(model_dir, tmp_path, capsys):
+    saved = tmp_path / "s.safetensors"
+    argv = ["--model", str(model_dir), "--prompt", "abc", "--max-new-tokens", "10", "--ignore-eos", "--window", "8",
+            "--sink-tokens", "1"]
+    assert generate_cli.main(argv + ["--save-session", str(saved)]) == 0
+    assert saved.exists()
+    assert generate_cli.main(["--model", str(model_dir), "--load-session", str(saved), "--prompt", "",
+                          "--max-new-tokens", "5", "--ignore-eos"]) == 0
+    err = capsys.readouterr().err
+    assert "continuing session" in err and "stream length 18" in err
+
+
+def test_chat_turns_append_to_one_stream(model_dir):
+    """Each turn adds only its own tokens: the stream grows by the template's delta, not by history."""
+    model = st.load_model(model_dir)
+    tok = load_tokenizer(model_dir)
+    session = model.session(sink_tokens=2, window=30)
+    out = []
+    turns = chat.TurnEncoder(tok)
+    lengths = []
+
+    class Lines:
+        def __iter__(self):
+            for text in ["hi", "more", "/help", "again"]:
+                yield text
+                lengths.append(session.seen[0])
+
+    answered = chat.chat(session, tok, Lines(), out.append, SamplingParams(), max_new_tokens=4)
+    assert answered == 3
+    assert "[commands" in "".join(out)
+    second = turns.next_turn("more")
+    assert tok.decode(second).startswith("<|user|>more") and "<s>" not in tok.decode(second)
+    assert tok.decode(turns.first_turn("hi")).startswith("<s><|user|>hi")
+
+
+def test_generation_sampling_is_seeded_and_greedy_is_topk1():
+    model = builtin_model()
+    tok = load_tokenizer(None)
+
+    def text(**kw):
+        s = model.session(sink_tokens=2, window=16)
+        return "".join(st.generate_text(s, tok, "hello", 30, SamplingParams(**kw), stop_token_ids=[]))
+
+    assert text(temperature=0.9, seed=3) == text(temperature=0.9, seed=3)
+    assert text(temperature=0.9, seed=3) != text(temperature=0.9, seed=4)
+    assert text(temperature=1.0, top_k=1, seed=5) == text()
+    assert text(temperature=1.0, top_p=1e-6, seed=5) == text()
+
+
+def test_stop_strings_cut_the_text():
+    model = builtin_model()
+    tok = load_tokenizer(None)
+    full = "".join(st.generate_text(model.session(2, 16), tok, "hi", 40, stop_token_ids=[]))
+    stop = full[10:12]
+    cut = "".join(st.generate_text(model.session(2, 16), tok, "hi", 40, stop_token_ids=[], stop_strings=[stop]))
+    assert cut == full[: full.index(stop)]
+
+
+# --- bad input -------------------------------------------------------------------------------------------
+
+BAD_ARGS = [
+    (["--sink-tokens", "-1"], "sink_tokens must be"),
+    (["--window", "0"], "window must be"),
+    (["--prompt", ""], "prompt is empty"),
+    (["--model", "/nonexistent/model"], "not a directory"),
+    (["--device", "cuda"], "no CUDA GPU"),
+    (["--temperature", "-1"], "temperature must be"),
+    (["--top-p", "0"], "top_p must be"),
+    (["--load-session", "/nonexistent/session"], "cannot be read"),
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda error case needs a machine without a GPU")
+@pytest.mark.parametrize("argv,message", BAD_ARGS, ids=[a[0][0] for a in BAD_ARGS])
+def test_cli_errors(argv, message, capsys):
+    assert generate_cli.main(argv + ["--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: " in err and message in err and "Traceback" not in err
+
+
+def test_cli_error_in_subprocess_has_no_traceback():
+    r = run_cli("streaming_trt.chat", "--window", "0")
+    assert r.returncode == 2 and "window must be" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_capacity_beyond_trained_positions_warns(capsys):
+    assert generate_cli.main(["--window", "5000", "--max-new-tokens", "2"]) == 0
+    assert "warning: capacity" in capsys.readouterr().err
+
+
+def test_token_outside_vocabulary_is_refused():
+    session = builtin_model().session(2, 8)
+    with pytest.raises(st.UserError, match="outside the vocabulary"):
+        session.feed([1, 2, 10_000])
+    with pytest.raises(st.UserError, match="outside the vocabulary"):
+        session.feed([-1])
+    assert session.seen == [0]
+
+
+def _break(path, how):
+    config = json.loads((path / "config.json").read_text())
+    if how == "model_type":
+        config["model_type"] = "gpt2"
+    elif how == "shape":
+        config["intermediate_size"] += 1
+    elif how == "json":
+        (path / "config.json").write_text("{not json")
+        return
+    elif how == "corrupt":
+        (path / "model.safetensors").write_bytes(b"\x00" * 100)
+        return
+    elif how == "missing":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(path / "model.safetensors")
+        del tensors["model.layers.1.mlp.up_proj.weight"]
+        save_file(tensors, path / "model.safetensors")
+        return
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "how,message",
+    [
+        ("model_type", "model_type 'gpt2' is not supported"),
+        ("shape", "has shape"),
+        ("json", "not valid JSON"),
+        ("corrupt", "model.safetensors: cannot be read as safetensors"),
+        ("missing", "'model.layers.1.mlp.up_proj.weight' is missing"),
+    ],
+)
+def test_bad_checkpoints_name_the_problem(tmp_path, how, message, capsys):
+    make_checkpoint(tmp_path, "llama")
+    _break(tmp_path, how)
+    with pytest.raises(st.UserError, match=message.replace("(", r"\(")):
+        st.load_model(tmp_path)
+    assert generate_cli.main(["--model", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
