@@ -192,3 +192,16 @@ def test_bad_checkpoints_name_the_problem(tmp_path, how, message, capsys):
         st.load_model(tmp_path)
     assert generate_cli.main(["--model", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_readme_runnable_example():
+    """The README's runnable example runs as written and prints what its comments say."""
+    from pathlib import Path
+    import contextlib
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = readme.split("A runnable version", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), {})
+    assert out.getvalue().splitlines()[0] == "torch.Size([2, 80, 102]) [3, 80]"

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs streaming-trt (editable) with what the tests and benchmarks need.
+# On a machine without torch it installs torch==2.13.0 first: an unpinned torch would pull
+# several GB of CUDA packages; GPU users install the torch build they want before running this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    echo "[setup] torch is missing: installing torch==2.13.0"
+    "$PY" -m pip install --quiet torch==2.13.0
+fi
+"$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+"$PY" -c "import streaming_trt, torch; print(f'[setup] streaming-trt {streaming_trt.__version__} ready (torch {torch.__version__})')"
