@@ -1,0 +1,112 @@
+"""TensorRT-LLM export: checkpoints, sink-token engine builds, Triton repositories, parity emulation.
+
+Nothing here imports ``tensorrt_llm``; the engine build runs ``trtllm-build`` in a subprocess when
+a TensorRT-LLM that still has StreamingLLM (0.9 to 0.21) and a GPU are present.
+
+>>> from streaming_trt.export import export_checkpoint, load_trtllm_checkpoint
+>>> export_checkpoint("llama-hf", "llama-trtllm", dtype="float16", tp=2)      # doctest: +SKIP
+>>> model = load_trtllm_checkpoint("llama-trtllm")   # any tp/pp, merged back  # doctest: +SKIP
+
+See docs/export.md for the command line (``python -m streaming_trt.build``) and the off-by-one
+between the streaming contract and TensorRT-LLM's ``max_attention_window_size``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from .convert import (ARCHITECTURE, DTYPES, Mapping, check_mapping, expected_rank_shapes, merge_trtllm_checkpoint,
+                      model_config_from_trtllm, padded_vocab, rank_tensors, read_trtllm_checkpoint, trtllm_config,
+                      write_trtllm_checkpoint)
+from .emulate import TrtllmSinkEmulator, expected_agreement, hf_weights
+from .engine import Toolchain, find_toolchain, run_build, supports_sinks
+from .files import atomic_dir, check_output_dir
+from .settings import (SINK_VERSIONS, EngineOptions, SinkSettings, check_engine_options, run_py_flags,
+                       runtime_settings, sink_settings, trtllm_build_command)
+from .support import SourceModel, check_sink_engine, read_source, sink_engine_problems
+from .triton import TritonOptions, model_parameters, parse_model_config, write_triton_repo
+
+__all__ = [
+    "ARCHITECTURE", "DTYPES", "SINK_VERSIONS", "EngineOptions", "ExportResult", "Mapping", "SinkSettings",
+    "SourceModel", "Toolchain", "TritonOptions", "TrtllmSinkEmulator", "atomic_dir", "check_engine_options",
+    "check_mapping", "check_output_dir", "check_sink_engine", "expected_agreement", "expected_rank_shapes",
+    "export_checkpoint", "find_toolchain", "hf_weights", "load_trtllm_checkpoint", "merge_trtllm_checkpoint",
+    "model_config_from_trtllm", "model_parameters", "padded_vocab", "parse_model_config", "rank_tensors",
+    "read_source", "read_trtllm_checkpoint", "resolve_export_dtype", "run_build", "run_py_flags",
+    "runtime_settings", "sink_engine_problems", "sink_settings", "supports_sinks", "trtllm_build_command",
+    "trtllm_config", "write_checkpoint_from_hf", "write_trtllm_checkpoint", "write_triton_repo",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    dtype: str
+    mapping: Mapping
+    notes: list[str]  # how a non-Llama checkpoint was mapped onto LlamaForCausalLM
+
+
+def resolve_export_dtype(dtype: str, raw_config: dict) -> str:
+    """``auto``: the checkpoint's float16/bfloat16, else float16 (as TensorRT-LLM's converter does)."""
+    if dtype == "auto":
+        stored = raw_config.get("dtype") or raw_config.get("torch_dtype")
+        return stored if stored in ("float16", "bfloat16") else "float16"
+    if dtype not in DTYPES:
+        from streaming_trt.errors import UserError
+
+        raise UserError(f"dtype {dtype!r} is not supported; use auto or one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def write_checkpoint_from_hf(source: SourceModel, out_dir: str | Path, dtype: str, mapping: Mapping,
+                             notes: list[str] | None = None, progress=None) -> Path:
+    """Read the checkpoint's tensors and write the TensorRT-LLM checkpoint into the existing ``out_dir``."""
+    from streaming_trt.checkpoint import load_checkpoint
+
+    config, tensors = load_checkpoint(source.path)
+    meta = {"source": str(source.path.absolute()), "source_architecture": source.architecture,
+            "source_model_type": config.model_type, "notes": list(notes or [])}
+    return write_trtllm_checkpoint(config, tensors, out_dir, mapping, dtype, source=meta, progress=progress)
+
+
+def export_checkpoint(model_dir: str | Path, output_dir: str | Path, *, dtype: str = "auto", tp: int = 1,
+                      pp: int = 1, sink_engine: bool = True, overwrite: bool = False,
+                      progress: bool = False) -> ExportResult:
+    """Convert a Hugging Face Llama-family checkpoint into a TensorRT-LLM checkpoint directory.
+
+    Args:
+        model_dir: Hugging Face directory (config.json + safetensors).
+        output_dir: created whole (written beside it, then renamed); must not exist unless ``overwrite``.
+        dtype: ``auto``, ``float16``, ``bfloat16`` or ``float32``.
+        tp, pp: tensor- and pipeline-parallel sizes (``tp * pp`` rank files).
+        sink_engine: refuse, with the reason, checkpoints a StreamingLLM engine cannot run exactly.
+    """
+    source = read_source(model_dir)
+    notes = check_sink_engine(source) if sink_engine else []
+    mapping = Mapping(tp=tp, pp=pp)
+    check_mapping(source.config, mapping)
+    dtype = resolve_export_dtype(dtype, source.raw)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        def bar(it, total):  # noqa: E306
+            return tqdm(it, total=total, desc="writing ranks", unit="rank")
+    with atomic_dir(output_dir, overwrite) as tmp:
+        write_checkpoint_from_hf(source, tmp, dtype, mapping, notes, progress=bar)
+    return ExportResult(path=Path(output_dir), dtype=dtype, mapping=mapping, notes=notes)
+
+
+def load_trtllm_checkpoint(path: str | Path, dtype: torch.dtype | str = torch.float32,
+                           device: torch.device | str = "cpu", backend: str = "auto"):
+    """The eager runtime's :class:`~streaming_trt.model.Transformer` from a TensorRT-LLM checkpoint.
+
+    Every tp/pp rank is merged back into Hugging Face names (duplicated KV heads and vocab padding
+    removed) and handed to ``Transformer.from_state_dict``.
+    """
+    from streaming_trt.model import Transformer
+
+    config, tensors = merge_trtllm_checkpoint(path)
+    return Transformer.from_state_dict(config, tensors, dtype=dtype, device=device, backend=backend, source=str(path))
