@@ -138,8 +138,8 @@ class Transformer(nn.Module):
         check_state_dict(config, state_dict, source)
         with torch.device("meta"):
             model = cls(config)
-        tensors = {k.removeprefix("model."): v for k, v in state_dict.items() if k.removeprefix("model.") in
-                   dict(model.named_parameters())}
+        names = {name for name, _ in model.named_parameters()}
+        tensors = {k.removeprefix("model."): v for k, v in state_dict.items() if k.removeprefix("model.") in names}
         model.load_state_dict(tensors, strict=True, assign=True)
         model.to(device=device, dtype=dtype)
         model.backend = resolve_backend(backend, device)
