@@ -1,0 +1,241 @@
+"""The benchmark scripts: quick smoke runs, their self-checks, and the re-computation baseline."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import common, endless, latency, long_ppl  # noqa: E402
+from streaming_trt.builtin import builtin_config, builtin_state_dict  # noqa: E402
+from streaming_trt.model import Transformer  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """The scripts set torch's thread count (--threads, default 1); so do these tests, and other
+    test files keep theirs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_latency_smoke(tmp_path, capsys):
+    rc = latency.main(["--cache-sizes", "32,64", "--tokens", "3", "--slow-tokens", "2", "--warmup", "1",
+                       "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    rows = read_csv(tmp_path / "latency.csv")
+    assert {(int(r["cache"]), r["method"]) for r in rows} == {(c, m) for c in (32, 64) for m in common.METHODS}
+    for r in rows:
+        assert float(r["median_ms"]) > 0 and int(r["timed_tokens"]) >= 2
+        if r["method"] == "streaming":
+            assert float(r["ratio_to_streaming"]) == 1.0
+    streaming = {int(r["cache"]): int(r["cache_bytes"]) for r in rows if r["method"] == "streaming"}
+    assert streaming[64] == 2 * streaming[32]  # the cache is sized by C, nothing else
+    assert_png(tmp_path / "latency.png")
+    assert "x streaming" in (tmp_path / "latency.md").read_text()
+    assert "| 64 |" in capsys.readouterr().out
+
+
+def test_latency_prefill_fill_and_method_subset(tmp_path):
+    rc = latency.main(["--cache-sizes", "16", "--methods", "streaming,dense,recompute", "--fill", "prefill",
+                       "--tokens", "2", "--slow-tokens", "1", "--warmup", "0", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    assert [r["method"] for r in read_csv(tmp_path / "latency.csv")] == ["streaming", "dense", "recompute"]
+
+
+@pytest.mark.parametrize("module,argv,message", [
+    (latency, ["--cache-sizes", "256,abc"], "comma-separated integers"),
+    (latency, ["--methods", "streaming,magic"], "unknown method magic"),
+    (latency, ["--tokens", "0"], "--tokens must be >= 1"),
+    (latency, ["--cache-sizes", "4,64"], "must exceed --sink-tokens"),
+    (latency, ["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "cuda"),
+    (long_ppl, ["--text", "/nonexistent/book.txt", "--tokens", "50"], "cannot be read"),
+    (long_ppl, ["--cache", "64", "--check-tokens", "32"], "must exceed the cache size"),
+    (endless, ["--tokens", "100", "--settle", "200"], "--settle (200) must be smaller"),
+    (endless, ["--model", "/nonexistent/model"], "not a directory"),
+])
+def test_bad_flags_exit_2_with_one_line(module, argv, message, capsys):
+    assert module.main(argv + ["--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err and "Traceback" not in err
+
+
+def test_cli_help_and_argparse_errors():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for name in ("latency", "long_ppl", "endless"):
+        r = subprocess.run([sys.executable, "-m", f"bench.{name}", "--help"], capture_output=True, text=True, env=env,
+                           cwd=ROOT, timeout=120)
+        assert r.returncode == 0 and "usage: python -m bench." + name in r.stdout and "--out" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "bench.latency", "--fill", "sideways"], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_long_ppl_smoke(tmp_path):
+    rc = long_ppl.main(["--tokens", "260", "--cache", "48", "--chunk", "32", "--recompute-stride", "16",
+                        "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    summary = {r["method"]: r for r in read_csv(tmp_path / "long_ppl_summary.csv")}
+    assert set(summary) == set(common.METHODS)
+    for m in ("streaming", "window", "dense"):
+        assert int(summary[m]["tokens_scored"]) == 259 and float(summary[m]["check_error"]) < 1e-4
+    # transformers' references compute their twins' functions
+    assert float(summary["hf-dense"]["ppl"]) == pytest.approx(float(summary["dense"]["ppl"]), rel=1e-4)
+    assert float(summary["hf-recompute"]["ppl"]) == pytest.approx(float(summary["recompute"]["ppl"]), rel=1e-4)
+    # nothing is evicted before the cache is full: every method agrees there
+    before = {float(summary[m]["ppl_before_eviction"]) for m in ("streaming", "dense", "recompute")}
+    assert max(before) / min(before) < 1 + 1e-4
+    rows = read_csv(tmp_path / "long_ppl.csv")
+    assert {r["method"] for r in rows} == set(common.METHODS)
+    assert_png(tmp_path / "long_ppl.png")
+    text = (tmp_path / "long_ppl.md").read_text()
+    assert "random weights" in text and "Self-checks passed" in text
+
+
+class SinksLostInChunks(common.RuntimeStream):
+    """A streaming method with a subtle bug: its chunked path keeps no sink tokens (a window of the
+    same capacity instead), which only shows once tokens are evicted."""
+
+    def __init__(self, model):
+        super().__init__("streaming", model, 4, 20, 16)
+        self.chunked = common.RuntimeStream("window", model, 0, 24, 16)
+
+    def feed(self, ids):
+        return super().feed(ids) if ids.shape[0] == 1 else self.chunked.feed(ids)
+
+
+def test_long_ppl_check_catches_chunking_mismatch(tmp_path, capsys):
+    args = long_ppl.arguments(["--tokens", "120", "--cache", "24", "--chunk", "16", "--methods", "streaming",
+                               "--out", str(tmp_path), "--no-progress"])
+    built = common.build(args)
+    broken = lambda: SinksLostInChunks(built.model)  # noqa: E731
+    with pytest.raises(common.CheckFailed, match="chunked feeding cannot be trusted"):
+        long_ppl.run(args, methods_override={"streaming": broken})
+    assert not (tmp_path / "long_ppl.csv").exists()  # no perplexity from an untrusted path
+    # and the same method, unbroken, passes
+    fine = lambda: common.RuntimeStream("streaming", built.model, 4, 20, 16)  # noqa: E731
+    result = long_ppl.run(args, methods_override={"streaming": fine})
+    assert result["checks"]["streaming"] < 1e-4
+
+
+def endless_args(tmp_path, *extra):
+    return endless.arguments(["--tokens", "480", "--cache", "48", "--settle", "120", "--samples", "16",
+                              "--out", str(tmp_path), "--no-progress", *extra])
+
+
+def test_endless_smoke(tmp_path):
+    rc = endless.main(["--tokens", "480", "--cache", "48", "--settle", "120", "--samples", "16",
+                       "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    rows = read_csv(tmp_path / "endless.csv")
+    assert int(rows[-1]["tokens"]) == 480 and len(rows) >= 15
+    assert len({r["cache_bytes"] for r in rows}) == 1
+    assert_png(tmp_path / "endless.png")
+    assert "PASSED" in (tmp_path / "endless.md").read_text()
+
+
+class Leaky:
+    """A session that keeps 1 MiB of every token it is fed: a memory leak."""
+
+    def __init__(self, session):
+        self.session, self.cache, self.hoard = session, session.cache, []
+
+    def feed(self, ids):
+        self.hoard.append(torch.ones(1 << 18))
+        return self.session.feed(ids)
+
+
+class Poisoned:
+    """A session whose first sink slot turns to NaN at token 200."""
+
+    def __init__(self, session):
+        self.session, self.cache, self.fed = session, session.cache, 0
+
+    def feed(self, ids):
+        self.fed += ids.shape[-1]
+        if self.fed == 200:
+            self.cache.values[:, :, :, 0] = float("nan")
+        return self.session.feed(ids)
+
+
+@pytest.mark.parametrize("wrapper,message", [(Leaky, "memory grew"), (Poisoned, "NaN or infinite logits at token")])
+def test_endless_fails_loudly(tmp_path, wrapper, message, capsys):
+    with pytest.raises(common.CheckFailed, match=message):
+        endless.run(endless_args(tmp_path), wrap_session=wrapper)
+    # what was measured up to the failure is still written, marked as failed
+    assert read_csv(tmp_path / "endless.csv")
+    assert_png(tmp_path / "endless.png")
+    assert "FAILED" in (tmp_path / "endless.md").read_text()
+
+
+def test_endless_exit_status_on_failure(tmp_path, monkeypatch, capsys):
+    real_run = endless.run
+    monkeypatch.setattr(endless, "run", lambda args, argv=None: real_run(args, argv, wrap_session=Poisoned))
+    assert endless.main(["--tokens", "480", "--cache", "48", "--settle", "120", "--out", str(tmp_path),
+                         "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED: NaN" in err and "Traceback" not in err
+
+
+def _model(layers: int):
+    config = dataclasses.replace(builtin_config(), num_layers=layers)
+    return Transformer.from_state_dict(config, builtin_state_dict(config, seed=3), backend="torch")
+
+
+def test_recompute_baseline_equals_streaming_for_one_layer():
+    """The contract's equality holds for one layer; with more, re-computation differs after eviction."""
+    S, W = 2, 14
+    ids = torch.randint(6, 100, (3 * (S + W) + 5,), generator=torch.Generator().manual_seed(0))
+    one = _model(1)
+    streaming = common.RuntimeStream("streaming", one, S, W).feed(ids)
+    recompute = common.RecomputeStream(one, S, W).feed(ids)
+    common.assert_close(recompute, streaming, 1e-4, "one layer")
+    deep = _model(2)
+    streaming = common.RuntimeStream("streaming", deep, S, W).feed(ids)
+    recompute = common.RecomputeStream(deep, S, W).feed(ids)
+    common.assert_close(recompute[: S + W], streaming[: S + W], 1e-4, "two layers, before eviction")
+    assert common.max_rel_error(recompute[-1:], streaming[-1:]) > 1e-3
+
+
+def test_hf_twin_shares_weights_and_is_checked():
+    args = latency.arguments(["--layers", "1"])
+    built = common.build(args, need_tokenizer=False)
+    hf = built.hf()
+    assert hf.model.embed_tokens.weight.data_ptr() == built.model.embed_tokens.weight.data_ptr()
+    S, W = 2, 10
+    ids = torch.randint(6, 100, (30,), generator=torch.Generator().manual_seed(1))
+    a = common.HFRecomputeStream(hf, S, W, built.device).feed(ids)
+    b = common.RuntimeStream("streaming", built.model, S, W).feed(ids)
+    common.assert_close(a, b, 1e-4, "transformers' re-computation against streaming, one layer")
+    with torch.no_grad():
+        built.model.norm.weight.mul_(2.0)  # the runtime's weights are transformers' weights
+    assert hf.model.norm.weight[0].item() == 2.0
+
+
+def test_builtin_text_is_there_and_plain():
+    text = common.BUILTIN_TEXT.read_text(encoding="ascii")
+    assert 200_000 < len(text) < 1_000_000
+    from streaming_trt.tokenizer import load_tokenizer
+
+    ids = load_tokenizer(None).encode(text[:5000])
+    assert 0 not in ids  # the character tokenizer knows every character
