@@ -187,36 +187,40 @@ def prefill_attention(
     keeps every angle inside the table however long the stream is.
     """
     capacity = sink_tokens + window
-    batch, chunk, num_heads, _ = q.shape
+    batch, chunk, num_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = num_heads // kv_heads
     start = start.to(torch.int64).view(-1, 1)
+    used = min(capacity, int(start.max()))  # slots past every stream's length are still empty
     rows = torch.arange(chunk, device=q.device).view(1, -1)
     t = start + rows  # [batch, chunk] token of each query
     row_valid = rows < lengths.view(-1, 1)
 
-    # Keys: the cache slots, then the chunk's own rows.
-    token = torch.cat([slot_tokens(start.view(-1), sink_tokens, window), torch.where(row_valid, t, -1)], dim=1)
-    keys = torch.cat([k_cache, k.transpose(1, 2).to(k_cache.dtype)], dim=2)  # [batch, kv, capacity + chunk, d]
-    vals = torch.cat([v_cache, v.transpose(1, 2).to(v_cache.dtype)], dim=2)
+    # Keys: the cache slots in use, then the chunk's own rows.
+    token = torch.cat([slot_tokens(start.view(-1), sink_tokens, window)[:, :used], torch.where(row_valid, t, -1)], 1)
+    keys = torch.cat([k_cache[:, :, :used], k.transpose(1, 2).to(k_cache.dtype)], dim=2)  # [batch, kv, keys, d]
+    vals = torch.cat([v_cache[:, :, :used], v.transpose(1, 2).to(v_cache.dtype)], dim=2)
     tq, tk = t.unsqueeze(-1), token.unsqueeze(1)  # [batch, chunk, 1], [batch, 1, keys]
-    is_sink = tk < sink_tokens
-    visible = (tk >= 0) & (tk <= tq) & (is_sink | (tk > tq - window)) & row_valid.unsqueeze(-1)
+    is_sink = token < sink_tokens
+    visible = (tk >= 0) & (tk <= tq) & (is_sink.unsqueeze(1) | (tk > tq - window)) & row_valid.unsqueeze(-1)
 
     base = start - window + 1  # smallest text position a window key of this chunk can have
-    k_win_pos = (token - base).clamp(min=0)
-    k_sink_pos = token.clamp(min=0, max=max(sink_tokens - 1, 0))
-    q_win_pos, q_sink_pos = t - base, t.clamp(max=capacity - 1)
     rot = lambda x, p: apply_rotary(x, cos[p].unsqueeze(1), sin[p].unsqueeze(1))  # noqa: E731
+    written = (token >= 0).view(batch, 1, -1, 1)
+    k_rot = torch.where(written, rot(keys, torch.where(is_sink, token, token - base).clamp(min=0)), 0)
+    vals = torch.where(written, vals, 0)
+    # One product scores both kinds of key: the query rotated at its rank sits in the first half,
+    # rotated at its text offset in the second; a sink key fills only the first half, a window key
+    # only the second.
     qh = q.transpose(1, 2)  # [batch, heads, chunk, d]
-    dtype = qh.dtype
-    k_win = _group(rot(keys, k_win_pos), num_heads).to(dtype)
-    k_sink = _group(rot(keys, k_sink_pos), num_heads).to(dtype)
-    s_win = torch.einsum("bhid,bhjd->bhij", rot(qh, q_win_pos), k_win)
-    s_sink = torch.einsum("bhid,bhjd->bhij", rot(qh, q_sink_pos), k_sink)
-    scores = torch.where(is_sink.unsqueeze(1), s_sink, s_win) * sm_scale
-    scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
-    p = _softmax_with_sink_logits(scores, sink_logits)
+    q2 = torch.cat([rot(qh, t.clamp(max=capacity - 1)), rot(qh, t - base)], dim=-1)
+    sink_col = is_sink.view(batch, 1, -1, 1)
+    k2 = torch.cat([torch.where(sink_col, k_rot, 0), torch.where(sink_col, 0, k_rot)], dim=-1).to(q2.dtype)
+    # Query heads of one KV head share its keys: fold them into the row dimension.
+    q2 = q2.reshape(batch, kv_heads, group * chunk, 2 * head_dim)
+    scores = (q2 @ k2.transpose(-1, -2)).view(batch, kv_heads, group, chunk, -1) * sm_scale
+    scores = scores.masked_fill(~visible.view(batch, 1, 1, chunk, -1), float("-inf"))
+    p = _softmax_with_sink_logits(scores.view(batch, num_heads, chunk, -1), sink_logits)
     p = torch.nan_to_num(p, nan=0.0)  # padded rows see nothing
-    token_written = (token >= 0).view(batch, 1, -1, 1)
-    vals = _group(torch.where(token_written, vals, torch.zeros_like(vals)), num_heads).to(dtype)
-    out = torch.einsum("bhij,bhjd->bhid", p, vals)
-    return out.transpose(1, 2).to(q.dtype)
+    out = p.view(batch, kv_heads, group * chunk, -1) @ vals.to(p.dtype)
+    return out.view(batch, num_heads, chunk, head_dim).transpose(1, 2).to(q.dtype)
