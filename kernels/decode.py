@@ -1,0 +1,305 @@
+"""Decode attention over a sink + ring KV cache (Triton), flash-decoding style.
+
+Specification: :func:`streaming_trt.kernels.reference.decode_attention` (same signature, same
+result). One new query per stream attends to every written slot of its cache; keys are stored
+unrotated and rotated here at their rank in the cache. The slots ``0 .. min(seen, capacity) - 1``
+are exactly the written ones, so the work of a stream is a prefix of its cache, which long caches
+split across programs (``num_splits``) whose partial softmax sums a second kernel combines.
+
+Positions, for the query token ``t = seen - 1`` and ``q_pos = min(t, capacity - 1)``:
+
+* sink slot ``j < sink_tokens``: position ``j``;
+* ring slot ``j``: it holds the token ``(t - j) mod window`` steps before ``t``, at position
+  ``q_pos - ((t - j) mod window)``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as C
+from ._common import (DOT_PRECISION, LOG2E, LOG2E_C, LaunchConfig, load_halves, load_pass, load_rows, rotate,
+                      softmax_step, to_dot)
+
+__all__ = ["decode_attention", "launch_configs"]
+
+BLOCK_G = 16  # query heads of one KV head per program (tl.dot needs M >= 16; MHA wastes the rest)
+REDUCE_BLOCK_S = 16  # partial results combined per step of the reduce kernel
+SPLIT_MIN_TILES = 2  # a split covers at least this many key tiles
+PROGRAMS_PER_SM = 4  # split until the grid has about this many programs per SM
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, seen_ptr, cos_ptr, sin_ptr, sinks_ptr,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, seen_step,
+    num_kv_heads, group, head_dim, half, sink_tokens, window, split_len, num_splits, num_gblocks,
+    scale_log2,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_PASS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    split = tl.program_id(0)
+    pid = tl.program_id(1)
+    gblk = pid % num_gblocks
+    bk = pid // num_gblocks
+    kvh = bk % num_kv_heads
+    b = bk // num_kv_heads
+    num_heads = num_kv_heads * group
+
+    capacity = sink_tokens + window
+    t = tl.load(seen_ptr + b * seen_step) - 1
+    n = tl.minimum(t + 1, capacity)  # written slots: 0 .. n-1
+    q_pos = tl.minimum(t, capacity - 1)
+    # (t - j) mod window for ring slot j = sink_tokens + r is (t_ring - r) mod window.
+    t_ring = tl.maximum(t - sink_tokens, 0) % window
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, n)
+
+    g = gblk * BLOCK_G + tl.arange(0, BLOCK_G)
+    g_ok = g < group
+    head = kvh * group + g
+    rot_dim = 2 * half  # HAS_PASS: partial rotary, columns rot_dim.. are dotted unrotated
+
+    q_base = q_ptr + b.to(tl.int64) * stride_qb
+    q1, q2 = load_halves(q_base + head * stride_qh, g_ok, half, BLOCK_H)
+    q1, q2 = rotate(q1, q2, cos_ptr, sin_ptr, tl.zeros([BLOCK_G], tl.int32) + q_pos, g_ok, half, BLOCK_H)
+    q1 = to_dot(q1, k_ptr, UPCAST)
+    q2 = to_dot(q2, k_ptr, UPCAST)
+    if HAS_PASS:
+        qp = to_dot(load_pass(q_base + head * stride_qh, g_ok, rot_dim, head_dim, BLOCK_D), k_ptr, UPCAST)
+
+    # Without splits the learned sink logit starts the sums as a key of value zero; with splits
+    # it joins once, in the reduce kernel.
+    sink = tl.load(sinks_ptr + head, mask=g_ok, other=float("-inf")) * LOG2E_C
+    m_i = tl.where(num_splits > 1, float("-inf"), sink)
+    l_i = tl.where(num_splits > 1, 0.0, 1.0) + tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+    # Every tile of [lo, hi) holds at least one written slot, so m_i is finite after the first.
+    for n0 in range(lo, hi, BLOCK_N):
+        j = n0 + tl.arange(0, BLOCK_N)
+        j_ok = j < hi
+        r = j - sink_tokens
+        dist = tl.where(r <= t_ring, t_ring - r, t_ring - r + window)
+        k_pos = tl.where(r < 0, j, q_pos - dist)
+        k1, k2 = load_halves(k_base + j * stride_ks, j_ok, half, BLOCK_H)
+        k1, k2 = rotate(k1, k2, cos_ptr, sin_ptr, k_pos, j_ok, half, BLOCK_H)
+        s = tl.dot(q1, tl.trans(to_dot(k1, k_ptr, UPCAST)), input_precision=DOT_PRECISION)
+        s = tl.dot(q2, tl.trans(to_dot(k2, k_ptr, UPCAST)), s, input_precision=DOT_PRECISION)
+        if HAS_PASS:
+            kp = to_dot(load_pass(k_base + j * stride_ks, j_ok, rot_dim, head_dim, BLOCK_D), k_ptr, UPCAST)
+            s = tl.dot(qp, tl.trans(kp), s, input_precision=DOT_PRECISION)
+        s = tl.where(j_ok[None, :], s * scale_log2, float("-inf"))
+        p, alpha, m_i, l_i = softmax_step(s, m_i, l_i)
+        v = to_dot(load_rows(v_base + j * stride_vs, j_ok, head_dim, BLOCK_D), v_ptr, UPCAST)
+        acc = acc * alpha[:, None] + tl.dot(to_dot(p, v_ptr, UPCAST), v, input_precision=DOT_PRECISION)
+
+    d = tl.arange(0, BLOCK_D)
+    if num_splits > 1:
+        # Empty splits (past the written prefix) store m = -inf, l = 0, acc = 0.
+        row = (b * num_heads + head) * num_splits + split
+        tl.store(part_m_ptr + row, m_i, mask=g_ok)
+        tl.store(part_l_ptr + row, l_i, mask=g_ok)
+        tl.store(part_acc_ptr + row[:, None] * head_dim + d[None, :], acc, mask=g_ok[:, None] & (d < head_dim)[None, :])
+    else:
+        out = acc / l_i[:, None]
+        o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + head[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & (d < head_dim)[None, :])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_acc_ptr, part_m_ptr, part_l_ptr, sinks_ptr, out_ptr,
+    stride_ob, stride_oh,
+    num_heads, head_dim, num_splits,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    head = bh % num_heads
+    b = bh // num_heads
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    # Start from the learned sink logit (-inf without one); split 0 always holds the first slot,
+    # so m is finite after the first step.
+    m = tl.load(sinks_ptr + head) * LOG2E_C
+    l = 1.0
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        s_ok = sp < num_splits
+        row = bh * num_splits + sp
+        m_s = tl.load(part_m_ptr + row, mask=s_ok, other=float("-inf"))
+        l_s = tl.load(part_l_ptr + row, mask=s_ok, other=0.0)
+        a_s = tl.load(part_acc_ptr + row[:, None] * head_dim + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        m_new = tl.maximum(m, tl.max(m_s, 0))
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(m_s - m_new)
+        l = l * alpha + tl.sum(l_s * w, 0)
+        acc = acc * alpha + tl.sum(a_s * w[:, None], 0)
+        m = m_new
+    out = acc / l
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+# --------------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------------
+
+
+def _main_config(dtype: torch.dtype, head_dim: int, has_pass: bool, upcast: bool = False) -> LaunchConfig:
+    bd = C.block_d(head_dim)
+    name = C.dtype_name(dtype)
+    wide = dtype == torch.float32 or bd > 128  # smaller key tiles keep shared memory and registers in check
+    return LaunchConfig(
+        name=f"decode[{name},D{bd}{',pass' if has_pass else ''}]",
+        fn=_decode_kernel,
+        constexprs=dict(BLOCK_G=BLOCK_G, BLOCK_N=32 if wide else 64, BLOCK_H=bd // 2, BLOCK_D=bd, HAS_PASS=has_pass,
+                        UPCAST=upcast),
+        pointers=dict(q_ptr=name, k_ptr=name, v_ptr=name, seen_ptr="i32", cos_ptr="fp32", sin_ptr="fp32",
+                      sinks_ptr="fp32", out_ptr=name, part_acc_ptr="fp32", part_m_ptr="fp32", part_l_ptr="fp32"),
+        floats=("scale_log2",),
+        num_warps=4 if bd <= 128 else 8,
+        num_stages=1 if dtype == torch.float32 else 2,
+    )
+
+
+def _reduce_config(dtype: torch.dtype, head_dim: int) -> LaunchConfig:
+    bd = C.block_d(head_dim)
+    name = C.dtype_name(dtype)
+    return LaunchConfig(
+        name=f"decode_reduce[{name},D{bd}]",
+        fn=_decode_reduce_kernel,
+        constexprs=dict(BLOCK_S=REDUCE_BLOCK_S, BLOCK_D=bd),
+        pointers=dict(part_acc_ptr="fp32", part_m_ptr="fp32", part_l_ptr="fp32", sinks_ptr="fp32", out_ptr=name),
+        num_warps=4,
+        num_stages=1,
+    )
+
+
+def launch_configs() -> list[LaunchConfig]:
+    """Every kernel variant :func:`decode_attention` can launch on a GPU (any head_dim <= 256, any
+    rotary_dim, split or not), for the compile test."""
+    out: dict[str, LaunchConfig] = {}
+    for dtype in C.KERNEL_DTYPES:
+        for head_dim in C.SUPPORTED_HEAD_DIMS:
+            for cfg in (_main_config(dtype, head_dim, False), _main_config(dtype, head_dim, True),
+                        _reduce_config(dtype, head_dim)):
+                out.setdefault(cfg.name, cfg)
+    return list(out.values())
+
+
+def plan_splits(programs: int, capacity: int, block_n: int, sm_count: int) -> tuple[int, int]:
+    """``(num_splits, split_len)`` for a grid of ``programs`` (batch x kv heads x head blocks).
+
+    Splits only when the grid would leave SMs idle: up to ``PROGRAMS_PER_SM`` programs per SM,
+    each split at least ``SPLIT_MIN_TILES`` key tiles long. Based on ``capacity`` only (``seen``
+    lives on the device); splits past a short stream's written slots exit at once.
+    """
+    tiles = C.cdiv(capacity, block_n)
+    want = C.cdiv(PROGRAMS_PER_SM * sm_count, programs)
+    num_splits = max(1, min(want, C.cdiv(tiles, SPLIT_MIN_TILES)))
+    split_len = C.cdiv(tiles, num_splits) * block_n
+    return C.cdiv(capacity, split_len), split_len
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seen: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    sink_tokens: int,
+    window: int,
+    sm_scale: float,
+    sink_logits: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of one new query per stream over its sink + ring cache (Triton).
+
+    Same contract as :func:`streaming_trt.kernels.reference.decode_attention`; the cache already
+    holds the current token's key and value (write them with ``cache_write`` first).
+
+    Args:
+        q: ``[batch, num_heads, head_dim]``, float16 / bfloat16 / float32, unrotated query of token
+            ``t = seen - 1``. Last dim contiguous (other strides free).
+        k_cache, v_cache: ``[batch, num_kv_heads, capacity, head_dim]``, ``capacity = sink_tokens +
+            window``, unrotated keys / values in slot order (see ``reference.py``). Last dim
+            contiguous, other strides free (a per-layer view of a larger buffer is fine).
+            ``num_heads % num_kv_heads == 0`` (MHA, GQA, MQA). Unwritten slots are never read.
+        seen: ``[batch]`` int32 or int64 (read in place, values < 2**31), tokens stored including
+            the current one, ``>= 1``, on the device of ``q``.
+        cos, sin: ``[num_positions >= capacity, rotary_dim // 2]`` float32 (converted otherwise),
+            rotate-half convention, ``rotary_dim <= head_dim``; dims past ``rotary_dim`` are not
+            rotated.
+        sink_tokens, window: cache geometry (``window >= 1``).
+        sm_scale: score scale, usually ``head_dim ** -0.5``.
+        sink_logits: optional ``[num_heads]`` learned per-head logit joining each softmax
+            denominator (gpt-oss), any float dtype.
+    Returns:
+        ``[batch, num_heads, head_dim]`` contiguous, in ``q.dtype``.
+
+    q, k_cache and v_cache share one dtype (``q`` is converted to the cache's otherwise, and the
+    output back). ``head_dim`` even and <= 256.
+    """
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"expected q [b, h, d] and caches [b, kvh, capacity, d], got {tuple(q.shape)}, "
+                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    batch, num_heads, head_dim = q.shape
+    _, num_kv_heads, capacity, _ = k_cache.shape
+    if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)}")
+    if capacity != sink_tokens + window or window < 1 or sink_tokens < 0:
+        raise ValueError(f"capacity {capacity} != sink_tokens {sink_tokens} + window {window}")
+    dtype = k_cache.dtype
+    C.check_kernel_dtype(dtype, "k_cache")
+    if v_cache.dtype != dtype:
+        raise TypeError(f"k_cache is {dtype} but v_cache is {v_cache.dtype}")
+    C.check_head_dim(head_dim)
+    cos, sin, half = C.rotary_tables(cos, sin, head_dim, capacity, q.device)
+    out_dtype = q.dtype
+    q = C.last_dim_contiguous(q, dtype)
+    k_cache = C.last_dim_contiguous(k_cache, dtype)
+    v_cache = C.last_dim_contiguous(v_cache, dtype)
+    seen, seen_step = C.int_tensor(seen, batch, "seen", q.device)
+    sinks = C.sink_logits_or_none(sink_logits, num_heads, q.device)
+
+    group = num_heads // num_kv_heads
+    num_gblocks = C.cdiv(group, BLOCK_G)
+    cfg = _main_config(dtype, head_dim, 2 * half < head_dim, C.upcast(dtype))
+    programs = batch * num_kv_heads * num_gblocks
+    num_splits, split_len = plan_splits(programs, capacity, cfg.constexprs["BLOCK_N"], C.sm_count(q.device))
+    split = num_splits > 1
+
+    out = torch.empty(batch, num_heads, head_dim, device=q.device, dtype=torch.float32 if cfg.constexprs["UPCAST"] else dtype)
+    if split:
+        rows = batch * num_heads * num_splits
+        part_acc = torch.empty(rows, head_dim, device=q.device, dtype=torch.float32)
+        part_m = torch.empty(rows, device=q.device, dtype=torch.float32)
+        part_l = torch.empty(rows, device=q.device, dtype=torch.float32)
+    else:
+        part_acc = part_m = part_l = sinks  # unused, float32 like the real ones
+    C.launch(
+        _decode_kernel, (num_splits, programs), cfg,
+        q, k_cache, v_cache, seen, cos, sin, sinks, out, part_acc, part_m, part_l,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1), seen_step,
+        num_kv_heads, group, head_dim, half, sink_tokens, window, split_len, num_splits, num_gblocks,
+        float(sm_scale) * LOG2E,
+    )
+    if split:
+        C.launch(
+            _decode_reduce_kernel, (batch * num_heads,), _reduce_config(dtype, head_dim),
+            part_acc, part_m, part_l, sinks, out,
+            out.stride(0), out.stride(1),
+            num_heads, head_dim, num_splits,
+        )
+    return out.to(out_dtype)
