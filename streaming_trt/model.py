@@ -31,6 +31,7 @@ class Step:
     rotary: tuple[torch.Tensor, torch.Tensor]
     ops: ModuleType  # cache_write / decode_attention / prefill_attention of the backend
     decode: bool  # one token in every row: write the cache first, then the decode kernel
+    seen_after: torch.Tensor  # [batch] tokens stored once this step's tokens are written
 
 
 class RMSNorm(nn.Module):
@@ -70,7 +71,7 @@ class Attention(nn.Module):
         if step.decode:
             # The decode kernel reads the current token from the cache: write first.
             ops.cache_write(k, v, k_cache, v_cache, cache.seen, step.lengths, *window)
-            out = ops.decode_attention(q[:, 0], k_cache, v_cache, cache.seen + 1, *step.rotary, *window,
+            out = ops.decode_attention(q[:, 0], k_cache, v_cache, step.seen_after, *step.rotary, *window,
                                        self.head_dim**-0.5)[:, None]
         else:
             out = ops.prefill_attention(q, k, v, k_cache, v_cache, cache.seen, step.lengths, *step.rotary, *window,
@@ -178,13 +179,14 @@ class Transformer(nn.Module):
             rotary=self.rotary(max(cache.capacity, cache.window + n - 1)),
             ops=ops(self.backend),
             decode=n == 1 and bool((lengths == 1).all()),
+            seen_after=cache.seen + lengths,
         )
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, i, step)
         x = self.norm(x)
         head = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        cache.seen += lengths.to(cache.seen.dtype)
+        cache.seen.copy_(step.seen_after)
         return F.linear(x, head).float()
 
 
