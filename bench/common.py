@@ -36,6 +36,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from streaming_trt import cli
 from streaming_trt.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,23 +127,16 @@ def method_list(text: str, allowed: Sequence[str] = METHODS) -> list[str]:
 
 
 def run_main(job: Callable[[], int]) -> int:
-    """Bad input: one line and exit 2; a failed self-check: one line and exit 1; never a traceback
-    for either."""
-    def show_warning(message, category, filename, lineno, file=None, line=None):
-        info(f"warning: {message}")
+    """Bad input: one line and exit 2 (as the library's CLIs); a failed self-check: one line and
+    exit 1; never a traceback for either."""
+    def checked() -> int:
+        try:
+            return job()
+        except CheckFailed as e:
+            info(f"FAILED: {e}")
+            return 1
 
-    warnings.showwarning = show_warning
-    try:
-        return job()
-    except UserError as e:
-        info(f"error: {e}")
-        return 2
-    except CheckFailed as e:
-        info(f"FAILED: {e}")
-        return 1
-    except KeyboardInterrupt:
-        info("interrupted")
-        return 130
+    return cli.run(checked)
 
 
 def resolve_device(name: str) -> torch.device:

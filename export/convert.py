@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from streaming_trt.config import ModelConfig
+from streaming_trt.config import ModelConfig, read_json_object
 from streaming_trt.errors import CheckpointError, UserError
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -319,14 +319,7 @@ def read_trtllm_checkpoint(path: str | Path) -> tuple[dict, list[dict[str, torch
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory; pass a TensorRT-LLM checkpoint directory")
     file = path / "config.json"
-    if not file.is_file():
-        raise CheckpointError(f"{file}: not found; a TensorRT-LLM checkpoint needs config.json and rank*.safetensors")
-    try:
-        d = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
+    d = read_json_object(file, "a TensorRT-LLM checkpoint needs config.json and rank*.safetensors")
     config, mapping = model_config_from_trtllm(d, str(file))
     ranks = []
     for rank in range(mapping.world_size):

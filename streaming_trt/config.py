@@ -12,6 +12,19 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
+def read_json_object(file: Path, needs: str) -> dict[str, Any]:
+    """A JSON object from ``file``; CheckpointError naming the file (and ``needs`` when absent)."""
+    if not file.is_file():
+        raise CheckpointError(f"{file}: not found; {needs}")
+    try:
+        d = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return d
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     model_type: str
@@ -93,15 +106,8 @@ class ModelConfig:
     @classmethod
     def from_dir(cls, path: str | Path) -> "ModelConfig":
         file = Path(path) / "config.json"
-        if not file.is_file():
-            raise CheckpointError(f"{file}: not found; a model directory needs config.json and *.safetensors")
-        try:
-            d = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise CheckpointError(f"{file}: expected a JSON object")
-        return cls.from_hf_dict(d, source=str(file))
+        return cls.from_hf_dict(read_json_object(file, "a model directory needs config.json and *.safetensors"),
+                                source=str(file))
 
     def to_hf_dict(self) -> dict[str, Any]:
         rope = {"rope_theta": self.rope_theta, **(self.rope_scaling or {"rope_type": "default"})}
