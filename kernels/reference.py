@@ -102,11 +102,6 @@ def _softmax_with_sink_logits(scores: torch.Tensor, sink_logits: torch.Tensor | 
     return torch.softmax(torch.cat([scores, extra], dim=-1), dim=-1)[..., :-1]
 
 
-def _group(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Repeat KV heads (dim 1) so that each query head has its own copy (GQA / MQA)."""
-    return x.repeat_interleave(num_heads // x.shape[1], dim=1)
-
-
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -135,20 +130,22 @@ def decode_attention(
     key ``u`` at ``min(t, capacity - 1) - (t - u)``: each key's rank inside the cache.
     """
     capacity = sink_tokens + window
-    num_heads = q.shape[1]
+    batch, num_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
     token = slot_tokens(seen, sink_tokens, window)  # [batch, capacity]
     t = (seen.to(torch.int64) - 1).view(-1, 1)
     q_pos = torch.clamp(t, max=capacity - 1)
     k_pos = torch.where(token < sink_tokens, token, q_pos - (t - token)).clamp(min=0)
-    visible = token >= 0
+    visible = (token >= 0).view(batch, 1, 1, capacity)
     k = apply_rotary(k_cache, cos[k_pos].unsqueeze(1), sin[k_pos].unsqueeze(1))
     qr = apply_rotary(q, cos[q_pos], sin[q_pos])  # cos[q_pos]: [batch, 1, half] broadcasts over heads
-    k = _group(k, num_heads)
-    v = _group(torch.where(visible.view(-1, 1, capacity, 1), v_cache, torch.zeros_like(v_cache)), num_heads)
-    scores = torch.einsum("bhd,bhcd->bhc", qr, k.to(qr.dtype)) * sm_scale
-    scores = scores.masked_fill(~visible.view(-1, 1, capacity), float("-inf"))
-    p = _softmax_with_sink_logits(scores, sink_logits)
-    return torch.einsum("bhc,bhcd->bhd", p, v.to(p.dtype)).to(q.dtype)
+    # Query heads of one KV head share its keys: [batch, kv_heads, group, head_dim].
+    qr = qr.view(batch, kv_heads, num_heads // kv_heads, head_dim)
+    scores = (qr @ k.to(qr.dtype).transpose(-1, -2)) * sm_scale
+    scores = scores.masked_fill(~visible, float("-inf")).view(batch, num_heads, capacity)
+    p = _softmax_with_sink_logits(scores, sink_logits).view(batch, kv_heads, -1, capacity)
+    v = torch.where(visible.view(batch, 1, capacity, 1), v_cache, 0)
+    return (p @ v.to(p.dtype)).view(batch, num_heads, head_dim).to(q.dtype)
 
 
 def prefill_attention(
