@@ -134,7 +134,7 @@ class Transformer(nn.Module):
     ) -> "Transformer":
         """Build the model from tensors with Hugging Face names (``model.layers.0...``)."""
         dtype = resolve_dtype(dtype)
-        device = torch.device(device)
+        device = resolve_device(device)
         check_device_dtype(device, dtype)
         check_state_dict(config, state_dict, source)
         with torch.device("meta"):
@@ -198,6 +198,18 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """A torch device from a name (``auto`` = CUDA when available); UserError for a bad name."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"device {device!r} is not a device name; use cpu, cuda or cuda:N") from None
 
 
 def check_device_dtype(device: torch.device, dtype: torch.dtype) -> None:
