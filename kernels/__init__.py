@@ -15,7 +15,7 @@ import os
 
 from . import reference
 
-__all__ = ["reference", "triton_available", "decode_attention", "prefill_attention", "cache_write"]
+__all__ = ["reference", "triton_available", "interpreting", "decode_attention", "prefill_attention", "cache_write"]
 
 _KERNELS = {
     "decode_attention": "decode",
@@ -31,11 +31,16 @@ def triton_available() -> bool:
         import triton  # noqa: F401
     except ImportError:
         return False
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         return True
     import torch
 
     return torch.cuda.is_available()
+
+
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET`` asks for Triton's CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def __getattr__(name: str):

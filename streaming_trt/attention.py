@@ -5,7 +5,7 @@ signatures of :mod:`streaming_trt.kernels.reference`.
 """
 from __future__ import annotations
 
-import os
+import importlib.util
 from types import ModuleType
 
 import torch
@@ -23,11 +23,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
     if backend == "auto":
         return "triton" if device.type == "cuda" and kernels.triton_available() else "torch"
-    if backend == "triton":
-        if not kernels.triton_available():
+    if backend == "triton" and not kernels.triton_available():
+        if importlib.util.find_spec("triton") is None:
             raise UserError("backend 'triton' needs the triton package: pip install 'streaming-trt[triton]'")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise UserError("backend 'triton' runs on CUDA devices (or on CPU with TRITON_INTERPRET=1); use --backend torch")
+        raise UserError("backend 'triton' runs on CUDA devices (or on CPU with TRITON_INTERPRET=1); use --backend torch")
+    if backend == "triton" and device.type != "cuda" and not kernels.interpreting():
+        raise UserError("backend 'triton' on a CPU needs TRITON_INTERPRET=1 (slow, for tests); use --backend torch")
     return backend
 
 

@@ -45,9 +45,13 @@ class TurnEncoder:
 
     def next_turn(self, text: str) -> list[int]:
         full = self._render(self._base + [{"role": "user", "content": text}], True)
-        if not full.startswith(self._base_text):
-            raise UserError("the chat template rewrites earlier turns; it cannot be used for streaming chat")
-        return self._encode(full[len(self._base_text):])
+        # Only what follows the earlier reply counts: templates such as Qwen3's render the newest
+        # reply differently from older ones, and the stream already holds the reply as generated.
+        after_reply = full.split(_ASSISTANT, 1)[-1]
+        if _ASSISTANT not in full or not after_reply.startswith(self.end_of_reply):
+            raise UserError("the chat template does not end a reply the same way in every turn; "
+                            "it cannot be used for streaming chat")
+        return self._encode(after_reply[len(self.end_of_reply):])
 
     def after_reply(self, last_token: int | None) -> list[int]:
         """Ids that close a reply, minus the stop token the model already produced."""
@@ -79,8 +83,11 @@ def chat(session, tokenizer, lines, write, sampling, max_new_tokens: int, system
             if command == "/quit":
                 break
             if command == "/save" and arg.strip():
-                session.save(arg.strip())
-                write(f"[session saved to {arg.strip()}]\n")
+                try:
+                    session.save(arg.strip())
+                    write(f"[session saved to {arg.strip()}]\n")
+                except UserError as e:  # a bad path must not end the conversation
+                    write(f"[error: {e}]\n")
             else:
                 write("[commands: /save FILE, /quit]\n")
             continue
@@ -95,7 +102,7 @@ def chat(session, tokenizer, lines, write, sampling, max_new_tokens: int, system
                 write(decoder.push(token))
         closing = turns.after_reply(last if last in stop else None)
         if closing:
-            session.feed(closing)
+            session.feed(closing, all_logits=False)
         write("\n")
         answered += 1
     return answered

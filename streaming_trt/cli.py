@@ -93,10 +93,11 @@ class Clock:
         self.start = time.perf_counter()
 
     def report(self) -> None:
+        """One line: tokens fed (prompt and generated alike) per second, and the cache."""
         s = self.session
         tokens = s.seen[0] - self.start_tokens
         seconds = time.perf_counter() - self.start
-        info(f"[streaming-trt] {tokens} tokens in {seconds:.2f} s ({tokens / max(seconds, 1e-9):.1f} tok/s); "
+        info(f"[streaming-trt] {tokens} tokens fed in {seconds:.2f} s ({tokens / max(seconds, 1e-9):.1f} tok/s); "
              f"stream length {s.seen[0]}, cache {s.cache.capacity} slots "
              f"(sink_tokens={s.sink_tokens}, window={s.window}), {s.cache.nbytes() / 2**20:.1f} MiB")
 

@@ -12,6 +12,8 @@ import sys
 from .errors import UserError
 from .generation import generate_text
 
+DEFAULT_PROMPT = "Once upon a time"
+
 
 def main(argv: list[str] | None = None) -> int:
     from . import cli
@@ -21,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
         "Generate text from a prompt with a StreamingLLM cache (attention sinks + rolling window): "
         "memory stays constant however many tokens are generated.",
     )
-    parser.add_argument("--prompt", default="Once upon a time", help="text to continue (default: %(default)r)")
+    parser.add_argument("--prompt", default=None,
+                        help=f"text to continue (default: {DEFAULT_PROMPT!r} for a new session, nothing when "
+                             "continuing one with --load-session)")
     parser.add_argument("--prompt-file", help="read the prompt from this file instead of --prompt")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop once the output contains TEXT (repeatable)")
@@ -39,6 +43,8 @@ def _generate(args) -> int:
     model, tokenizer = cli.load(args)
     session = cli.open_session(args, model)
     prompt = args.prompt
+    if prompt is None:
+        prompt = DEFAULT_PROMPT if args.load_session is None else ""
     if args.prompt_file:
         try:
             with open(args.prompt_file, encoding="utf-8") as f:

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
-import torch
-
 from .errors import UserError
 from .sampling import Sampler, SamplingParams
 from .tokenizer import IncrementalDecoder
@@ -42,12 +40,12 @@ def generate_tokens(
     sampler = sampler or Sampler(sampling or SamplingParams(), session.model.device)
     stop = set(stop_token_ids)
     if prompt_ids:
-        session.feed(list(prompt_ids))
+        session.feed(list(prompt_ids), all_logits=False)
     elif session.last_logits is None:
         raise UserError("the prompt is empty and the session has no earlier tokens to continue from")
     for _ in range(max_new_tokens):
         token = int(sampler(session.last_logits)[0])
-        session.feed([token])
+        session.feed([token], all_logits=False)
         yield token
         if token in stop:
             return

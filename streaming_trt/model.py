@@ -167,10 +167,11 @@ class Transformer(nn.Module):
         return Session(self, sink_tokens=sink_tokens, window=window, batch=batch, **kwargs)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache, lengths: torch.Tensor) -> torch.Tensor:
-        """Feed ``tokens [batch, n]`` (row b valid for its first ``lengths[b]``) through the cache.
+    def forward(self, tokens: torch.Tensor, cache, lengths: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Feed ``tokens [batch, n]`` (row b valid for its first ``lengths[b] >= 1``) through the cache.
 
-        Returns float32 logits ``[batch, n, vocab]`` and advances ``cache.seen`` by ``lengths``.
+        Returns float32 logits ``[batch, n, vocab]`` (padding rows zero), or with ``last_only``
+        those of each row's last valid token, ``[batch, vocab]``; advances ``cache.seen``.
         """
         n = tokens.shape[1]
         step = Step(
@@ -184,10 +185,13 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, i, step)
-        x = self.norm(x)
-        head = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         cache.seen.copy_(step.seen_after)
-        return F.linear(x, head).float()
+        head = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        if last_only:
+            x = x[torch.arange(x.shape[0], device=x.device), lengths - 1]
+            return F.linear(self.norm(x), head).float()
+        valid = torch.arange(n, device=x.device).view(1, -1, 1) < lengths.view(-1, 1, 1)
+        return F.linear(self.norm(x), head).float().masked_fill_(~valid, 0.0)
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
 from .errors import UserError
 
 
+GREEDY_BELOW = 1e-5  # smaller temperatures would overflow the scaled logits; they mean greedy
+
+
 @dataclasses.dataclass
 class SamplingParams:
-    """How tokens are drawn. ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` are off."""
+    """How tokens are drawn. ``temperature == 0`` (or below 1e-5) is greedy; ``top_k == 0`` and
+    ``top_p == 1`` are off."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -18,11 +23,11 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UserError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k < 0:
             raise UserError(f"top_k must be >= 0 (0 keeps every token), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < self.top_p <= 1:  # also refuses NaN
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
@@ -32,12 +37,15 @@ class Sampler:
     def __init__(self, params: SamplingParams, device: torch.device | str = "cpu"):
         self.params = params
         self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        if params.seed is None:
+            self.generator.seed()  # fresh entropy, leaving torch's global generator alone
+        else:
+            self.generator.manual_seed(params.seed)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits [batch, vocab]`` float -> token ids ``[batch]`` int64."""
         p = self.params
-        if p.temperature == 0:
+        if p.temperature < GREEDY_BELOW:
             return logits.argmax(dim=-1)
         logits = logits.float() / p.temperature
         if p.top_k:

@@ -1,7 +1,6 @@
 """A session: a batch of streams over one model, fed tokens in chunks of any length."""
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -72,31 +71,43 @@ class Session:
         """Tokens fed so far, per stream."""
         return self.cache.seen.tolist()
 
-    def feed(self, tokens, lengths: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
-        """Append tokens to the streams and return the logits of every token fed.
+    def feed(self, tokens, lengths: torch.Tensor | Sequence[int] | None = None, all_logits: bool = True) -> torch.Tensor:
+        """Append tokens to the streams and return their logits.
 
         Args:
             tokens: a list of ids (batch 1), a list of lists (one per stream, any lengths, empty
                 allowed), or a LongTensor ``[batch, n]`` right-padded.
             lengths: with a tensor, the valid tokens per row (default: all ``n``).
+            all_logits: False returns only each stream's newest logits and never holds
+                ``[n, vocab]`` of them: what generation wants from a long prompt.
         Returns:
-            float32 logits ``[batch, n, vocab]`` (rows past a stream's length are zero).
+            float32 logits ``[batch, n, vocab]`` of every token fed (zero past a stream's
+            length), or ``[batch, vocab]`` (``last_logits``) when ``all_logits`` is False.
         """
         tokens, lengths = self._as_batch(tokens, lengths)
-        n = tokens.shape[1]
-        logits = torch.zeros(self.batch, n, self.model.config.vocab_size, device=self.model.device)
+        n, vocab = tokens.shape[1], self.model.config.vocab_size
+        logits = torch.zeros(self.batch, n, vocab, device=self.model.device) if all_logits else None
         for lo in range(0, n, self.max_chunk):
-            hi = min(n, lo + self.max_chunk)
-            part = (lengths - lo).clamp(min=0, max=hi - lo)
-            if int(part.max()) == 0:
-                break
+            part = (lengths - lo).clamp(min=0, max=self.max_chunk)
             width = int(part.max())
-            logits[:, lo : lo + width] = self.model(tokens[:, lo : lo + width], self.cache, part)
-        last = (lengths - 1).clamp(min=0)
-        newest = logits[torch.arange(self.batch, device=logits.device), last]
-        has = (lengths > 0).view(-1, 1)
-        self.last_logits = newest if self.last_logits is None else torch.where(has, newest, self.last_logits)
-        return logits
+            if width == 0:
+                break
+            fed = part > 0
+            if not all_logits and bool(fed.all()):
+                # Chunks only ever hold a stream's newest tokens, so each chunk's last row is it.
+                newest = self.model(tokens[:, lo : lo + width], self.cache, part, last_only=True)
+                self._set_last(newest, fed)
+                continue
+            out = self.model(tokens[:, lo : lo + width], self.cache, part)
+            if all_logits:
+                logits[:, lo : lo + width] = out
+            self._set_last(out[torch.arange(self.batch, device=out.device), (part - 1).clamp(min=0)], fed)
+        return logits if all_logits else self.last_logits
+
+    def _set_last(self, newest: torch.Tensor, fed: torch.Tensor) -> None:
+        if self.last_logits is None:
+            self.last_logits = torch.zeros_like(newest)
+        self.last_logits = torch.where(fed.view(-1, 1), newest, self.last_logits)
 
     def _as_batch(self, tokens, lengths) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.model.device
@@ -129,14 +140,14 @@ class Session:
     def reset(self, rows: list[int] | None = None) -> None:
         """Start streams ``rows`` (all when None) afresh."""
         self.cache.reset(rows)
-        if self.last_logits is not None:
-            if rows is None:
-                self.last_logits = None
-            else:
-                self.last_logits[rows] = 0
+        if rows is None or set(rows) >= set(range(self.batch)):
+            self.last_logits = None
+        elif self.last_logits is not None:
+            self.last_logits[rows] = 0
 
     def save(self, path: str | Path) -> None:
         """Write the whole state (cache, counters, newest logits) to one safetensors file."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         c = self.cache
@@ -149,11 +160,18 @@ class Session:
             "sink_tokens": str(c.sink_tokens),
             "window": str(c.window),
             "max_chunk": str(self.max_chunk),
+            "cache_fill": str(c.fill_value),
         }
         path = Path(path)
+        if not path.parent.is_dir():
+            raise UserError(f"{path}: cannot save the session, directory {path.parent} does not exist")
         tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        try:
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+            tmp.replace(path)
+        except (OSError, SafetensorError) as e:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"{path}: cannot save the session ({e})") from None
 
     @classmethod
     def load(cls, path: str | Path, model) -> "Session":
@@ -174,7 +192,7 @@ class Session:
             )
         keys = tensors["keys"]
         session = cls(model, int(meta["sink_tokens"]), int(meta["window"]), batch=keys.shape[1],
-                      max_chunk=int(meta["max_chunk"]))
+                      max_chunk=int(meta["max_chunk"]), cache_fill=float(meta.get("cache_fill", 0.0)))
         session.cache.keys.copy_(keys)
         session.cache.values.copy_(tensors["values"])
         session.cache.seen.copy_(tensors["seen"])

@@ -60,8 +60,8 @@ def test_generate_checkpoint_dir_and_resume(model_dir, tmp_path, capsys):
             "--sink-tokens", "1"]
     assert generate_cli.main(argv + ["--save-session", str(saved)]) == 0
     assert saved.exists()
-    assert generate_cli.main(["--model", str(model_dir), "--load-session", str(saved), "--prompt", "",
-                          "--max-new-tokens", "5", "--ignore-eos"]) == 0
+    assert generate_cli.main(["--model", str(model_dir), "--load-session", str(saved),
+                              "--max-new-tokens", "5", "--ignore-eos"]) == 0
     err = capsys.readouterr().err
     assert "continuing session" in err and "stream length 18" in err
 
@@ -122,13 +122,18 @@ BAD_ARGS = [
     (["--device", "cuda"], "no CUDA GPU"),
     (["--temperature", "-1"], "temperature must be"),
     (["--top-p", "0"], "top_p must be"),
+    (["--temperature", "nan"], "temperature must be"),
+    (["--device", "gpu"], "not a device name"),
+    (["--backend", "triton"], "TRITON_INTERPRET=1"),
+    (["--save-session", "/nonexistent/dir/s.safetensors"], "does not exist"),
     (["--load-session", "/nonexistent/session"], "cannot be read"),
 ]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda error case needs a machine without a GPU")
 @pytest.mark.parametrize("argv,message", BAD_ARGS, ids=[a[0][0] for a in BAD_ARGS])
-def test_cli_errors(argv, message, capsys):
+def test_cli_errors(argv, message, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert generate_cli.main(argv + ["--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert f"error: " in err and message in err and "Traceback" not in err
@@ -205,3 +210,59 @@ def test_readme_runnable_example():
     with contextlib.redirect_stdout(out):
         exec(compile(code, "README.md", "exec"), {})
     assert out.getvalue().splitlines()[0] == "torch.Size([2, 80, 102]) [3, 80]"
+
+
+QWEN3_LIKE_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}"
+    "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_chat_template_that_rewrites_the_newest_reply(model_dir, tmp_path):
+    """Qwen3's template renders the newest reply with a think block and older ones without: the
+    turn delta must still be just the new user turn."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = QWEN3_LIKE_TEMPLATE
+    turns = chat.TurnEncoder(tok)
+    expected = "<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n"
+    assert turns.next_turn("again") == tok.encode(expected, add_special_tokens=False)
+    assert turns.end_of_reply == "<|im_end|>\n"
+
+
+def test_chat_save_error_does_not_end_the_conversation(model_dir):
+    model = st.load_model(model_dir)
+    out = []
+    answered = chat.chat(model.session(2, 30), load_tokenizer(model_dir), ["hi", "/save /nonexistent/d/x", "more"],
+                         out.append, SamplingParams(), max_new_tokens=3)
+    assert answered == 2 and "[error:" in "".join(out)
+
+
+def test_session_edge_cases():
+    model = builtin_model()
+    s = model.session(2, 8, batch=2, max_chunk=4)
+    assert s.feed([[], []]).shape == (2, 0, 102) and s.last_logits is None
+    rows = [[1, 2, 3, 4, 5, 6, 7], [8, 9]]
+    every = s.feed(rows)
+    assert every[1, 2:].abs().max() == 0  # padding rows are zero
+    last = model.session(2, 8, batch=2, max_chunk=4).feed(rows, all_logits=False)
+    torch.testing.assert_close(last, torch.stack([every[0, 6], every[1, 1]]), atol=1e-5, rtol=0)
+    s.reset([0, 1])
+    assert s.last_logits is None and s.seen == [0, 0]
+    one = model.session(2, 8)
+    one.feed([1, 2])
+    one.reset([0])
+    with pytest.raises(st.UserError, match="no earlier tokens"):
+        list(st.generate_tokens(one, [], 3))
+
+
+def test_unseeded_sampler_leaves_global_rng_alone():
+    from streaming_trt.sampling import Sampler
+
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    Sampler(SamplingParams(temperature=1.0))
+    assert torch.rand(1) == expected
