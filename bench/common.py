@@ -38,6 +38,7 @@ import torch
 
 from streaming_trt import cli
 from streaming_trt.errors import UserError
+from streaming_trt.model import resolve_device as runtime_device, resolve_dtype as runtime_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -139,13 +140,20 @@ def run_main(job: Callable[[], int]) -> int:
     return cli.run(checked)
 
 
+def script_main(arguments: Callable, run: Callable, argv: Sequence[str] | None = None) -> int:
+    """A script's ``main``: parse ``argv`` with ``arguments``, then ``run(args, argv)``; exit
+    statuses as :func:`run_main`."""
+    def job() -> int:
+        run(arguments(argv), argv)
+        return 0
+
+    return run_main(job)
+
+
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    """The runtime's device lookup (``auto`` = CUDA when available), limited to what the
+    benchmarks run on: the CPU, or a CUDA GPU that is present."""
+    device = runtime_device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
     if device.type not in ("cpu", "cuda"):
@@ -154,9 +162,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The runtime's dtype lookup, plus ``auto``: bfloat16 on CUDA, float32 on the CPU."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+    return runtime_dtype(name)
 
 
 def out_dir(args, name: str) -> Path:
@@ -194,23 +203,6 @@ def _builtin():
 
 
 PRESETS: dict[str, Callable] = {"builtin": _builtin, "llama2-7b": _llama2_7b}
-
-
-def random_state_dict(config, seed: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    """Seeded random weights made directly on the device in the target dtype (a 7B shape never
-    passes through host memory). Norm weights are one; matrices have std fan_in^-1/2."""
-    from streaming_trt.checkpoint import expected_shapes
-
-    g = torch.Generator(device=device).manual_seed(seed)
-    tensors = {}
-    for name, shape in expected_shapes(config).items():
-        if name.endswith("norm.weight"):
-            tensors[name] = torch.ones(shape, dtype=dtype, device=device)
-        else:
-            t = torch.empty(shape, dtype=dtype, device=device)
-            std = 1.0 if "embed" in name else shape[-1] ** -0.5
-            tensors[name] = t.normal_(0.0, std, generator=g)
-    return tensors
 
 
 @dataclasses.dataclass
@@ -274,12 +266,12 @@ def build(args, need_tokenizer: bool = True) -> Built:
         if args.layers:
             config = dataclasses.replace(config, num_layers=min(args.layers, config.num_layers))
         _check_fits(config, dtype, device)
-        if args.preset == "builtin":
-            from streaming_trt.builtin import builtin_state_dict
+        from streaming_trt.builtin import builtin_state_dict
 
+        if args.preset == "builtin":  # the very weights of the runtime's built-in model
             tensors = {k: v.to(device=device, dtype=dtype) for k, v in builtin_state_dict(config, args.seed).items()}
-        else:
-            tensors = random_state_dict(config, args.seed, dtype, device)
+        else:  # made on the device in the dtype: a 7B shape never passes through host memory
+            tensors = builtin_state_dict(config, args.seed, dtype, device)
         layers = f"{config.num_layers} layer{'s' if config.num_layers != 1 else ''}"
         source, random_weights = f"preset {args.preset} ({layers}, random weights, seed {args.seed})", True
         tokenizer = load_tokenizer(None)
@@ -685,6 +677,11 @@ def log2_axis(ax, ticks: Sequence[int]) -> None:
 def style(method: str) -> dict:
     color, marker, ls = STYLES.get(method, ("black", ".", "-"))
     return dict(color=color, marker=marker, linestyle=ls, label=LABELS.get(method, method))
+
+
+def footer(built: Built, prefix: str = "") -> str:
+    """The small print under every figure: what model, dtype, machine and date made it."""
+    return f"{prefix}{built.source}, {str(built.dtype).removeprefix('torch.')}, {machine(built.device)}, {today()}"
 
 
 def save_figure(fig, path: Path, footer: str) -> None:

@@ -246,17 +246,11 @@ def plot(rows, baseline, failure, args, built, mem_key, path) -> None:
                     color="#555555")
     title = ("FAILED: " + failure) if failure else f"StreamingLLM, one stream of {x[-1] if x else 0} tokens, cache {args.cache}"
     fig.suptitle(title, color="#b00000" if failure else "black", fontsize=10)
-    C.save_figure(fig, path, f"{built.source}, {str(built.dtype).removeprefix('torch.')}, {C.machine(built.device)}, "
-                             f"{C.today()}")
+    C.save_figure(fig, path, C.footer(built))
 
 
 def main(argv=None) -> int:
-    def job():
-        args = arguments(argv)
-        run(args, argv)
-        return 0
-
-    return C.run_main(job)
+    return C.script_main(arguments, run, argv)
 
 
 if __name__ == "__main__":

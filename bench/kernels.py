@@ -38,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.common import ROOT, CheckFailed, info, int_list, resolve_device, resolve_dtype, script_main
+from streaming_trt.errors import UserError
 
 HEADS = {  # name -> (num_heads, num_kv_heads, head_dim)
     "llama2-7b": (32, 32, 128),
@@ -60,28 +61,6 @@ FIELDS = [
     "triton_ms", "sdpa_ms", "sdpa_gather_ms", "speedup_vs_sdpa", "speedup_vs_sdpa_gather",
     "bytes", "triton_gbps", "copy_gbps", "pct_of_copy", "meets_target", "max_abs_diff", "note",
 ]
-
-
-class CheckFailed(Exception):
-    pass
-
-
-class UserError(Exception):
-    pass
-
-
-def info(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} takes comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise UserError(f"{flag} takes positive integers, got {text!r}")
-    return values
 
 
 def arguments(argv) -> argparse.Namespace:
@@ -328,17 +307,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def run(args, argv) -> int:
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise UserError(f"--device {args.device!r} is not a device") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-        if device.type not in ("cpu", "cuda"):
-            raise UserError("--device: cpu or cuda only")
+    device = resolve_device(args.device)
     gpu = device.type == "cuda"
     if not gpu:
         # No triton backend for CPUs: the interpreter, set before the kernels are first imported.
@@ -360,8 +329,7 @@ def run(args, argv) -> int:
     chunk = args.chunk if args.chunk is not None else (512 if gpu else 16)
     if chunk < 1:
         raise UserError("--chunk must be >= 1")
-    dtype = {"auto": torch.bfloat16 if gpu else torch.float32, "float16": torch.float16,
-             "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    dtype = resolve_dtype(args.dtype, device)
     warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
     iters = args.iters if args.iters is not None else (20 if gpu else 2)
     if warmup < 0 or iters < 1:
@@ -441,15 +409,7 @@ def run(args, argv) -> int:
 
 
 def main(argv=None) -> int:
-    try:
-        args = arguments(argv)
-        return run(args, argv)
-    except UserError as e:
-        info(f"error: {e}")
-        return 2
-    except CheckFailed as e:
-        info(f"FAILED: {e}")
-        return 1
+    return script_main(arguments, run, argv)
 
 
 if __name__ == "__main__":

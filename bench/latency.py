@@ -316,17 +316,11 @@ def plot(rows, sizes, methods, path, built, cuda) -> None:
            title="Peak memory (CUDA)" if cuda else "Key/value memory held between tokens")
     C.log2_axis(ax, sizes)
     ax.legend()
-    C.save_figure(fig, path, f"{built.source}, {str(built.dtype).removeprefix('torch.')}, {C.machine(built.device)}, "
-                             f"{C.today()}")
+    C.save_figure(fig, path, C.footer(built))
 
 
 def main(argv=None) -> int:
-    def job():
-        args = arguments(argv)
-        run(args, argv)
-        return 0
-
-    return C.run_main(job)
+    return C.script_main(arguments, run, argv)
 
 
 if __name__ == "__main__":

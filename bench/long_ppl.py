@@ -348,17 +348,11 @@ def plot(scores, methods, args, built, n, text_name, path) -> None:
     note = "RANDOM WEIGHTS: exercises the pipeline only. " if built.random_weights else ""
     if built.config.num_layers > 1 and any(m in methods for m in C.SLOW_METHODS):
         note += "Re-computation is a different function from streaming for >1 layer (see RESULTS.md). "
-    C.save_figure(fig, path, f"{note}{n} tokens of {text_name}; {built.source}, {str(built.dtype).removeprefix('torch.')}, "
-                             f"{C.machine(built.device)}, {C.today()}")
+    C.save_figure(fig, path, C.footer(built, f"{note}{n} tokens of {text_name}; "))
 
 
 def main(argv=None) -> int:
-    def job():
-        args = arguments(argv)
-        run(args, argv)
-        return 0
-
-    return C.run_main(job)
+    return C.script_main(arguments, run, argv)
 
 
 if __name__ == "__main__":

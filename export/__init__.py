@@ -13,6 +13,7 @@ between the streaming contract and TensorRT-LLM's ``max_attention_window_size``.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import torch
@@ -29,11 +30,11 @@ from .support import SourceModel, check_sink_engine, read_source, sink_engine_pr
 from .triton import TritonOptions, model_parameters, parse_model_config, write_triton_repo
 
 __all__ = [
-    "ARCHITECTURE", "DTYPES", "SINK_VERSIONS", "EngineOptions", "ExportResult", "Mapping", "SinkSettings",
+    "ARCHITECTURE", "DTYPES", "SINK_VERSIONS", "EngineOptions", "ExportPlan", "ExportResult", "Mapping", "SinkSettings",
     "SourceModel", "Toolchain", "TritonOptions", "TrtllmSinkEmulator", "atomic_dir", "check_engine_options",
     "check_mapping", "check_output_dir", "check_sink_engine", "expected_agreement", "expected_rank_shapes",
     "export_checkpoint", "find_toolchain", "hf_weights", "load_trtllm_checkpoint", "merge_trtllm_checkpoint",
-    "model_config_from_trtllm", "model_parameters", "padded_vocab", "parse_model_config", "rank_tensors",
+    "model_config_from_trtllm", "model_parameters", "padded_vocab", "parse_model_config", "plan_export", "rank_tensors",
     "read_source", "read_trtllm_checkpoint", "resolve_export_dtype", "run_build", "run_py_flags",
     "runtime_settings", "sink_engine_problems", "sink_settings", "supports_sinks", "trtllm_build_command",
     "trtllm_config", "write_checkpoint_from_hf", "write_trtllm_checkpoint", "write_triton_repo",
@@ -71,6 +72,39 @@ def write_checkpoint_from_hf(source: SourceModel, out_dir: str | Path, dtype: st
     return write_trtllm_checkpoint(config, tensors, out_dir, mapping, dtype, source=meta, progress=progress)
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportPlan:
+    """A checkpoint export that passed every check (:func:`plan_export`); ``write`` performs it."""
+
+    source: SourceModel
+    notes: list[str]  # how a non-Llama checkpoint was mapped onto LlamaForCausalLM
+    mapping: Mapping
+    dtype: str  # resolved: float16, bfloat16 or float32
+
+    def write(self, out_dir: str | Path, progress: bool = False) -> Path:
+        """Write the TensorRT-LLM checkpoint into the existing ``out_dir``; ``progress``: a bar
+        of the rank files on stderr."""
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            def bar(it, total):  # noqa: E306
+                return tqdm(it, total=total, desc="writing ranks", unit="rank", file=sys.stderr)
+        return write_checkpoint_from_hf(self.source, out_dir, self.dtype, self.mapping, self.notes, progress=bar)
+
+
+def plan_export(model_dir: str | Path, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
+                sink_engine: bool = True) -> ExportPlan:
+    """Everything a checkpoint export can refuse, checked before anything is written: the Hugging
+    Face directory, (with ``sink_engine``) whether a StreamingLLM engine runs it exactly, the
+    tp/pp split and the dtype (``auto`` resolved)."""
+    source = read_source(model_dir)
+    notes = check_sink_engine(source) if sink_engine else []
+    mapping = Mapping(tp=tp, pp=pp)
+    check_mapping(source.config, mapping)
+    return ExportPlan(source=source, notes=notes, mapping=mapping, dtype=resolve_export_dtype(dtype, source.raw))
+
+
 def export_checkpoint(model_dir: str | Path, output_dir: str | Path, *, dtype: str = "auto", tp: int = 1,
                       pp: int = 1, sink_engine: bool = True, overwrite: bool = False,
                       progress: bool = False) -> ExportResult:
@@ -83,20 +117,10 @@ def export_checkpoint(model_dir: str | Path, output_dir: str | Path, *, dtype: s
         tp, pp: tensor- and pipeline-parallel sizes (``tp * pp`` rank files).
         sink_engine: refuse, with the reason, checkpoints a StreamingLLM engine cannot run exactly.
     """
-    source = read_source(model_dir)
-    notes = check_sink_engine(source) if sink_engine else []
-    mapping = Mapping(tp=tp, pp=pp)
-    check_mapping(source.config, mapping)
-    dtype = resolve_export_dtype(dtype, source.raw)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        def bar(it, total):  # noqa: E306
-            return tqdm(it, total=total, desc="writing ranks", unit="rank")
+    plan = plan_export(model_dir, dtype=dtype, tp=tp, pp=pp, sink_engine=sink_engine)
     with atomic_dir(output_dir, overwrite) as tmp:
-        write_checkpoint_from_hf(source, tmp, dtype, mapping, notes, progress=bar)
-    return ExportResult(path=Path(output_dir), dtype=dtype, mapping=mapping, notes=notes)
+        plan.write(tmp, progress=progress)
+    return ExportResult(path=Path(output_dir), dtype=plan.dtype, mapping=plan.mapping, notes=plan.notes)
 
 
 def load_trtllm_checkpoint(path: str | Path, dtype: torch.dtype | str = torch.float32,

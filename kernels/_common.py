@@ -7,13 +7,14 @@ first import (``tests/conftest.py`` does it on machines without CUDA).
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from typing import Any, Callable
 
 import torch
 import triton
 import triton.language as tl
+
+from . import interpreting
 
 LOG2E = 1.4426950408889634
 LOG2E_C = tl.constexpr(LOG2E)  # the same, readable inside @triton.jit functions
@@ -35,11 +36,6 @@ _TRITON_DTYPE_NAMES = {
     torch.int32: "i32",
     torch.int64: "i64",
 }
-
-
-def interpreting() -> bool:
-    """True when triton runs kernels in its CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def block_d(head_dim: int) -> int:
@@ -119,6 +115,20 @@ def check_kernel_dtype(dtype: torch.dtype, what: str) -> None:
     if dtype not in KERNEL_DTYPES:
         raise TypeError(f"{what}: the Triton kernels take float16, bfloat16 or float32, got {dtype} "
                         "(float64 is for the references in streaming_trt.kernels.reference)")
+
+
+def check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, sink_tokens: int, window: int) -> torch.dtype:
+    """Check what every host wrapper asks of the caches ``[batch, num_kv_heads, capacity, head_dim]``
+    (shapes already checked): ``capacity = sink_tokens + window``, one kernel dtype for both.
+    Returns that dtype."""
+    capacity = k_cache.shape[2]
+    if capacity != sink_tokens + window or window < 1 or sink_tokens < 0:
+        raise ValueError(f"capacity {capacity} != sink_tokens {sink_tokens} + window {window}")
+    dtype = k_cache.dtype
+    check_kernel_dtype(dtype, "k_cache")
+    if v_cache.dtype != dtype:
+        raise TypeError(f"k_cache is {dtype} but v_cache is {v_cache.dtype}")
+    return dtype
 
 
 def check_head_dim(head_dim: int) -> None:

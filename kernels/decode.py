@@ -255,12 +255,7 @@ def decode_attention(
     _, num_kv_heads, capacity, _ = k_cache.shape
     if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim or num_heads % num_kv_heads:
         raise ValueError(f"q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)}")
-    if capacity != sink_tokens + window or window < 1 or sink_tokens < 0:
-        raise ValueError(f"capacity {capacity} != sink_tokens {sink_tokens} + window {window}")
-    dtype = k_cache.dtype
-    C.check_kernel_dtype(dtype, "k_cache")
-    if v_cache.dtype != dtype:
-        raise TypeError(f"k_cache is {dtype} but v_cache is {v_cache.dtype}")
+    dtype = C.check_caches(k_cache, v_cache, sink_tokens, window)
     C.check_head_dim(head_dim)
     cos, sin, half = C.rotary_tables(cos, sin, head_dim, capacity, q.device)
     out_dtype = q.dtype

@@ -117,15 +117,9 @@ def cache_write(
         raise ValueError(f"expected k/v [b, n, kvh, d] and caches [b, kvh, capacity, d], got {tuple(k.shape)}, "
                          f"{tuple(v.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     batch, chunk, num_kv_heads, head_dim = k.shape
-    capacity = k_cache.shape[2]
     if k_cache.shape[0] != batch or k_cache.shape[1] != num_kv_heads or k_cache.shape[3] != head_dim:
         raise ValueError(f"k {tuple(k.shape)} does not fit the cache {tuple(k_cache.shape)}")
-    if capacity != sink_tokens + window or window < 1 or sink_tokens < 0:
-        raise ValueError(f"capacity {capacity} != sink_tokens {sink_tokens} + window {window}")
-    dtype = k_cache.dtype
-    C.check_kernel_dtype(dtype, "k_cache")
-    if v_cache.dtype != dtype:
-        raise TypeError(f"k_cache is {dtype} but v_cache is {v_cache.dtype}")
+    dtype = C.check_caches(k_cache, v_cache, sink_tokens, window)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("the caches are written in place and must have a contiguous last dim")
     C.check_head_dim(head_dim)

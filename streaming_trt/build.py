@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .session import check_window
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -98,23 +99,17 @@ def _say(message: str) -> None:
 def build(args) -> int:
     import contextlib
 
-    from tqdm.auto import tqdm
-
-    from streaming_trt.export import (EngineOptions, Mapping, TritonOptions, atomic_dir, check_engine_options,
-                                      check_mapping, check_output_dir, check_sink_engine, find_toolchain,
-                                      read_source, resolve_export_dtype, run_build, runtime_settings,
-                                      sink_settings, trtllm_build_command, write_checkpoint_from_hf,
-                                      write_triton_repo)
+    from streaming_trt.export import (EngineOptions, TritonOptions, atomic_dir, check_engine_options,
+                                      check_output_dir, find_toolchain, plan_export, run_build, runtime_settings,
+                                      sink_settings, trtllm_build_command, write_triton_repo)
     from streaming_trt.export.settings import build_script
     from streaming_trt.export.triton import copy_tokenizer
 
     # 1. Everything that can be refused is refused before anything is written.
     settings = sink_settings(args.sink_tokens, args.window)
-    source = read_source(args.model)
-    notes = check_sink_engine(source)
-    mapping = Mapping(tp=args.tp, pp=args.pp)
-    check_mapping(source.config, mapping)
-    dtype = resolve_export_dtype(args.dtype, source.raw)
+    plan = plan_export(args.model, dtype=args.dtype, tp=args.tp, pp=args.pp)
+    source, notes, mapping, dtype = plan.source, plan.notes, plan.mapping, plan.dtype
+    check_window(args.sink_tokens, args.window, source.config.max_position_embeddings)  # a warning line
     opts = EngineOptions(
         max_batch_size=args.max_batch_size,
         max_input_len=settings.capacity if args.max_input_len is None else args.max_input_len,
@@ -143,11 +138,7 @@ def build(args) -> int:
         _say(f"reading {source.path} and writing the TensorRT-LLM checkpoint ({dtype}, tp={mapping.tp}, "
              f"pp={mapping.pp}, {mapping.world_size} rank file(s))")
         (out_tmp / "checkpoint").mkdir()
-
-        def bar(it, total):
-            return tqdm(it, total=total, desc="writing ranks", unit="rank", file=sys.stderr)
-
-        write_checkpoint_from_hf(source, out_tmp / "checkpoint", dtype, mapping, notes, progress=bar)
+        plan.write(out_tmp / "checkpoint", progress=True)
         tokenizer_files = copy_tokenizer(source.path, out_tmp / "tokenizer")
         has_tokenizer = bool(tokenizer_files)
         if not has_tokenizer:

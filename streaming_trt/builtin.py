@@ -34,17 +34,28 @@ def builtin_config() -> ModelConfig:
     )
 
 
-def builtin_state_dict(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+def builtin_state_dict(config: ModelConfig, seed: int = 0, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Seeded random weights for ``config``: norm weights one, the embedding std 1, other tensors
+    std ``fan_in ** -0.5``.
+
+    By default float32 on the CPU (the built-in model's weights). With ``dtype`` / ``device`` they
+    are drawn there directly, from a generator on that device (a 7B shape never passes through host
+    memory); the values then depend on the device.
+    """
     from .checkpoint import expected_shapes
 
-    g = torch.Generator().manual_seed(seed)
+    dtype = torch.float32 if dtype is None else dtype
+    device = torch.device("cpu" if device is None else device)
+    g = torch.Generator(device=device).manual_seed(seed)
     tensors = {}
     for name, shape in expected_shapes(config).items():
         if name.endswith("norm.weight"):
-            tensors[name] = torch.ones(shape)
+            tensors[name] = torch.ones(shape, dtype=dtype, device=device)
         else:
             fan_in = shape[-1] if len(shape) > 1 else 1
-            tensors[name] = torch.randn(shape, generator=g) * (1.0 if "embed" in name else fan_in**-0.5)
+            std = 1.0 if "embed" in name else fan_in**-0.5
+            tensors[name] = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std, generator=g)
     return tensors
 
 
