@@ -29,9 +29,8 @@ class TurnEncoder:
         self.system = [{"role": "system", "content": system}] if system else []
         base = self.system + [{"role": "user", "content": _USER}, {"role": "assistant", "content": _ASSISTANT}]
         self._base = base
-        self._base_text = self._render(base, False)
         # What the template puts after an assistant reply (end-of-turn marker, newline, ...).
-        self.end_of_reply = self._base_text.split(_ASSISTANT, 1)[1]
+        self.end_of_reply = self._render(base, False).split(_ASSISTANT, 1)[1]
 
     def _render(self, messages, add_generation_prompt: bool) -> str:
         try:

@@ -168,10 +168,11 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache, lengths: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """Feed ``tokens [batch, n]`` (row b valid for its first ``lengths[b] >= 1``) through the cache.
+        """Feed ``tokens [batch, n]`` (row b valid for its first ``lengths[b]``) through the cache.
 
         Returns float32 logits ``[batch, n, vocab]`` (padding rows zero), or with ``last_only``
-        those of each row's last valid token, ``[batch, vocab]``; advances ``cache.seen``.
+        those of each row's last valid token, ``[batch, vocab]`` (meaningless for a row with no
+        tokens); advances ``cache.seen``.
         """
         n = tokens.shape[1]
         step = Step(
@@ -188,7 +189,7 @@ class Transformer(nn.Module):
         cache.seen.copy_(step.seen_after)
         head = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         if last_only:
-            x = x[torch.arange(x.shape[0], device=x.device), lengths - 1]
+            x = x[torch.arange(x.shape[0], device=x.device), (lengths - 1).clamp(min=0)]
             return F.linear(self.norm(x), head).float()
         valid = torch.arange(n, device=x.device).view(1, -1, 1) < lengths.view(-1, 1, 1)
         return F.linear(self.norm(x), head).float().masked_fill_(~valid, 0.0)

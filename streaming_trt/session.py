@@ -93,14 +93,12 @@ class Session:
             if width == 0:
                 break
             fed = part > 0
-            if not all_logits and bool(fed.all()):
-                # Chunks only ever hold a stream's newest tokens, so each chunk's last row is it.
-                newest = self.model(tokens[:, lo : lo + width], self.cache, part, last_only=True)
-                self._set_last(newest, fed)
+            if not all_logits:
+                # Chunks only ever hold a stream's newest tokens, so each row's last valid one is it.
+                self._set_last(self.model(tokens[:, lo : lo + width], self.cache, part, last_only=True), fed)
                 continue
             out = self.model(tokens[:, lo : lo + width], self.cache, part)
-            if all_logits:
-                logits[:, lo : lo + width] = out
+            logits[:, lo : lo + width] = out
             self._set_last(out[torch.arange(self.batch, device=out.device), (part - 1).clamp(min=0)], fed)
         return logits if all_logits else self.last_logits
 
