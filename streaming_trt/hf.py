@@ -1,0 +1,523 @@
+"""StreamingLLM inside transformers 5: ``model.generate()`` with attention sinks and a rolling window.
+
+>>> import transformers, streaming_trt.hf as sthf
+>>> model = transformers.AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+>>> sthf.enable_streaming(model, sink_tokens=4, window=1020)
+>>> out = model.generate(ids, max_new_tokens=100_000, do_sample=True)   # constant memory, any length
+
+or pass a cache explicitly: ``model.generate(ids, cache=sthf.StreamingCache(model, 4, 1020))``, and
+``model(ids, cache=cache)`` in a loop continues the same streams.
+
+Every token t computes the contract of ``shared/design/semantics.md``: it attends to its stream's first
+``sink_tokens`` tokens and its last ``window`` tokens (itself included) at rank positions. How:
+
+- the model's ``rotary_emb`` is replaced by :class:`ExactRotary`: same inverse frequencies and
+  attention scaling, but angles ``position * inv_freq`` in float64 reduced mod 2*pi, so that keys can
+  be rotated at their (unbounded) *text* position and stored once;
+- the keys live in a :class:`StreamingCache` of :class:`StreamingLayer` (``S`` sink slots + a ring of
+  ``W`` slots per stream, allocated once); scores against window keys depend only on text distance,
+  which equals rank distance, so only the query's scores against the sinks need a second rotation,
+  from its text position ``t`` to its rank ``min(t, C - 1)``;
+- the attention function registered as ``"streaming_trt"`` builds the sink + window + padding mask
+  itself and does that second rotation;
+- the model's base ``forward`` is wrapped: it derives each stream's text positions from its own
+  counters and the attention mask (left padding is never a sink, never attended, never counts), and
+  feeds inputs longer than ``min(max_chunk, window)`` in chunks, so no query ever sees more than A(t).
+
+Refused with :class:`streaming_trt.errors.UserError`: beam search, assisted / prompt-lookup decoding,
+``cache_implementation=``, dynamic-NTK and longrope rope scaling (their frequencies depend on the
+sequence length and cannot be frozen), architectures whose attention does not go through
+``AttentionInterface`` (Falcon, MPT in transformers 5.x) and transformers versions outside
+:data:`SUPPORTED_TRANSFORMERS`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import threading
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+SUPPORTED_TRANSFORMERS = ((5, 0), (6, 0))  # [min, max): the hooks below were checked against 5.x
+ATTN_NAME = "streaming_trt"
+
+#: model_type -> how streaming behaves there (the README's table is generated from the same facts).
+ARCHITECTURES = {
+    "llama": "rotary",
+    "mistral": "rotary (its own sliding window applies on top, measured in rank distance)",
+    "qwen2": "rotary (sliding-window layers measured in rank distance)",
+    "qwen3": "rotary, q/k norms",
+    "gemma2": "rotary, attention soft-capping; sliding layers keep their window in rank distance",
+    "gemma3_text": "rotary with per-layer-type frequencies; sliding layers keep their window in rank distance",
+    "phi3": "rotary (partial rotary allowed)",
+    "gpt_neox": "rotary, partial rotary, parallel residual",
+}
+REFUSED = {
+    "falcon": "FalconAttention calls SDPA / eager itself instead of going through AttentionInterface",
+    "mpt": "MptAttention adds its ALiBi bias and mask itself instead of going through AttentionInterface",
+}
+
+_ACTIVE = threading.local()  # the StreamingCache of the forward running on this thread
+
+
+def _version_tuple(v: str) -> tuple[int, int]:
+    parts = v.split("+")[0].split(".")
+    nums = []
+    for p in parts[:2]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        nums.append(int(digits or 0))
+    return tuple(nums + [0] * (2 - len(nums)))
+
+
+def check_transformers(version: str | None = None) -> None:
+    """Raise UserError unless the installed transformers has the hooks this module relies on.
+
+    Checks the version against :data:`SUPPORTED_TRANSFORMERS` and the presence of ``CacheLayerMixin``
+    (with ``update / get_seq_length / get_mask_sizes / lazy_initialization / get_max_length``),
+    ``Cache(layers=...)``, ``AttentionInterface.register`` and ``PreTrainedModel.set_attn_implementation``.
+    """
+    import transformers
+
+    v = version or transformers.__version__
+    lo, hi = SUPPORTED_TRANSFORMERS
+    if not (lo <= _version_tuple(v) < hi):
+        raise UserError(
+            f"streaming_trt.hf supports transformers >={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]} (its Cache, "
+            f"AttentionInterface and rotary hooks were checked there); found {v}: "
+            f"pip install 'transformers>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}'")
+    missing = []
+    try:
+        from transformers.cache_utils import Cache, CacheLayerMixin
+
+        for name in ("update", "get_seq_length", "get_mask_sizes", "lazy_initialization", "get_max_length"):
+            if not hasattr(CacheLayerMixin, name):
+                missing.append(f"CacheLayerMixin.{name}")
+        import inspect
+
+        if "layers" not in inspect.signature(Cache.__init__).parameters:
+            missing.append("Cache(layers=...)")
+    except ImportError:
+        missing.append("transformers.cache_utils.CacheLayerMixin")
+    try:
+        from transformers import AttentionInterface
+
+        if not hasattr(AttentionInterface, "register"):
+            missing.append("AttentionInterface.register")
+    except ImportError:
+        missing.append("transformers.AttentionInterface")
+    if not hasattr(transformers.PreTrainedModel, "set_attn_implementation"):
+        missing.append("PreTrainedModel.set_attn_implementation")
+    if missing:
+        raise UserError(f"transformers {v} lacks the hooks streaming_trt.hf needs ({', '.join(missing)}); "
+                        f"install a transformers {lo[0]}.x release")
+
+
+# --------------------------------------------------------------------------------------- rotary
+def _exact_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """``positions [...]`` (any integer dtype, may be huge) x ``inv_freq [F]`` -> float64 angles
+    ``[..., F]`` in [0, 2*pi)."""
+    ang = positions.to(torch.float64).unsqueeze(-1) * inv_freq.to(device=positions.device, dtype=torch.float64)
+    return torch.remainder(ang, 2 * math.pi)
+
+
+class ExactRotary(nn.Module):
+    """Drop-in for a transformers rotary module (``forward(x, position_ids[, layer_type]) -> (cos, sin)``,
+    each ``[B, q, rotary_dim]`` in ``x.dtype``) with float64 angles reduced mod 2*pi.
+
+    Uses the wrapped module's ``inv_freq`` / ``attention_scaling`` (or ``{layer_type}_inv_freq`` ...),
+    i.e. its rope scaling, frozen at construction.
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original = original
+
+    def frequencies(self, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+        if layer_type is not None and hasattr(self.original, f"{layer_type}_inv_freq"):
+            return (getattr(self.original, f"{layer_type}_inv_freq"),
+                    float(getattr(self.original, f"{layer_type}_attention_scaling", 1.0)))
+        return self.original.inv_freq, float(getattr(self.original, "attention_scaling", 1.0))
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None):
+        inv_freq, scale = self.frequencies(layer_type)
+        ang = _exact_angles(position_ids, inv_freq)
+        emb = torch.cat((ang, ang), dim=-1)
+        return (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, H, q, D]`` (rotate-half convention on its first ``2F`` dims) by float64
+    ``angles [B, q, F]`` (a pure rotation: no attention scaling)."""
+    rd = 2 * angles.shape[-1]
+    emb = torch.cat((angles, angles), dim=-1).unsqueeze(1)
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    xr, rest = x[..., :rd], x[..., rd:]
+    half = rd // 2
+    rot = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)
+    return torch.cat((xr * cos + rot * sin, rest), dim=-1)
+
+
+# --------------------------------------------------------------------------------------- cache
+def _layer_base():
+    from transformers.cache_utils import CacheLayerMixin
+
+    return CacheLayerMixin
+
+
+def _cache_base():
+    from transformers.cache_utils import Cache
+
+    return Cache
+
+
+def _make_classes():
+    CacheLayerMixin, Cache = _layer_base(), _cache_base()
+
+    class StreamingLayer(CacheLayerMixin):
+        """One layer's keys/values: ``[B, KVH, S + W, D]`` allocated once; slot ``u`` for sink ``u < S``,
+        ``S + (u - S) % W`` for window token ``u``; ``slot_pos [B, S + W]`` (long) is the text position held
+        by each slot, -1 if empty. Keys are stored rotated at their text position."""
+
+        is_compileable = False
+        is_sliding = False
+
+        def __init__(self, owner):
+            super().__init__()
+            self.owner = owner
+            self.slot_pos = None
+            self.last_kpos = None
+
+        def lazy_initialization(self, key_states, value_states):
+            B, KVH, _, D = key_states.shape
+            C = self.owner.capacity
+            self.keys = key_states.new_zeros(B, KVH, C, D)
+            self.values = value_states.new_zeros(B, KVH, C, value_states.shape[-1])
+            self.slot_pos = torch.full((B, C), -1, dtype=torch.long, device=key_states.device)
+            self.device, self.dtype = key_states.device, key_states.dtype
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            """``key_states [B, KVH, q, D]`` -> (cache before this chunk ++ chunk) ``[B, KVH, S+W+q, D]``;
+            the chunk is then written to its slots. ``last_kpos [B, S+W+q]`` is what the attention reads."""
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            owner = self.owner
+            pos, valid = owner.chunk_pos, owner.chunk_valid
+            if pos is None or tuple(pos.shape) != (key_states.shape[0], key_states.shape[2]):
+                raise UserError("StreamingCache was updated outside a streaming forward; call the model "
+                                "enabled by streaming_trt.hf.enable_streaming")
+            keys = torch.cat([self.keys, key_states], dim=2)
+            values = torch.cat([self.values, value_states], dim=2)
+            kpos = torch.where(valid, pos, torch.full_like(pos, -1))
+            self.last_kpos = torch.cat([self.slot_pos, kpos], dim=1)
+            b_idx, t_idx = valid.nonzero(as_tuple=True)
+            if b_idx.numel():
+                S, W = owner.sink_tokens, owner.window
+                p = pos[b_idx, t_idx]
+                slot = torch.where(p < S, p, S + (p - S) % W)
+                self.keys[b_idx, :, slot] = key_states[b_idx, :, t_idx]
+                self.values[b_idx, :, slot] = value_states[b_idx, :, t_idx]
+                self.slot_pos[b_idx, slot] = p
+            return keys, values
+
+        def get_mask_sizes(self, query_length: int):
+            return self.owner.capacity + query_length, 0
+
+        def get_seq_length(self) -> int:
+            return self.owner.columns
+
+        def get_max_length(self) -> int:
+            return -1
+
+        def reset(self):
+            if self.is_initialized:
+                self.keys.zero_()
+                self.values.zero_()
+                self.slot_pos.fill_(-1)
+
+        def reorder_cache(self, beam_idx):
+            raise UserError(_NO_BEAMS)
+
+    class _StreamingCache(Cache):
+        def __init__(self, model, sink_tokens: int | None = None, window: int | None = None):
+            check_transformers()
+            if not getattr(model, "_streaming_trt", None):
+                enable_streaming(model, 4 if sink_tokens is None else sink_tokens,
+                                 1020 if window is None else window)
+            geo = model._streaming_trt
+            S = geo["sink_tokens"] if sink_tokens is None else sink_tokens
+            W = geo["window"] if window is None else window
+            _check_geometry(S, W)
+            self.sink_tokens, self.window, self.capacity = int(S), int(W), int(S) + int(W)
+            self.max_chunk = geo["max_chunk"]
+            self.rotary = model.base_model.rotary_emb
+            cfg = model.config.get_text_config()
+            n = cfg.num_hidden_layers
+            super().__init__(layers=[StreamingLayer(self) for _ in range(n)])
+            layer_types = getattr(cfg, "layer_types", None)
+            self.layer_freqs = []
+            for i in range(n):
+                lt = layer_types[i] if layer_types is not None else None
+                self.layer_freqs.append(self.rotary.frequencies(lt)[0])
+            self.columns = 0  # input columns consumed (padding included): what generate() slices by
+            self.counts = None  # [B] long: real tokens seen per stream
+            self.chunk_pos = self.chunk_valid = None
+
+        # ---- per-forward bookkeeping (called by the wrapped base forward)
+        def begin_chunk(self, valid: torch.Tensor) -> torch.Tensor:
+            """``valid [B, q]`` bool (False = padding) -> text positions ``[B, q]`` long (0 for padding)."""
+            if self.counts is None:
+                self.counts = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)
+            elif self.counts.shape[0] != valid.shape[0]:
+                raise UserError(f"this StreamingCache holds {self.counts.shape[0]} streams; got a batch of "
+                                f"{valid.shape[0]} (make one cache per batch)")
+            pos = self.counts.to(valid.device)[:, None] + valid.long().cumsum(1) - 1
+            self.chunk_valid = valid
+            self.chunk_pos = torch.where(valid, pos, torch.zeros_like(pos))
+            return self.chunk_pos
+
+        def end_chunk(self):
+            self.counts = self.counts + self.chunk_valid.long().sum(1).to(self.counts.device)
+            self.columns += self.chunk_valid.shape[1]
+            self.chunk_pos = self.chunk_valid = None
+
+        @property
+        def seen(self) -> list[int]:
+            """Real tokens seen per stream (padding excluded)."""
+            return [] if self.counts is None else self.counts.tolist()
+
+        def get_seq_length(self, layer_idx: int = 0) -> int:
+            return self.columns
+
+        def get_max_length(self, *args, **kwargs) -> int:
+            return -1
+
+        def reset(self):
+            super().reset()
+            self.columns, self.counts = 0, None
+
+        def reorder_cache(self, beam_idx):
+            raise UserError(_NO_BEAMS)
+
+        def crop(self, max_length: int):
+            raise UserError("a StreamingCache cannot be cropped (assisted / speculative decoding and "
+                            "prompt lookup are not supported): evicted tokens are gone for good")
+
+        def batch_repeat_interleave(self, repeats: int):
+            raise UserError("a StreamingCache cannot be expanded (beam search, contrastive search, "
+                            "num_return_sequences>1 over a filled cache): start one stream per sequence")
+
+        def batch_select_indices(self, indices):
+            raise UserError("a StreamingCache cannot select batch rows (beam search / assisted decoding)")
+
+    return StreamingLayer, _StreamingCache
+
+
+_NO_BEAMS = ("beam search is not supported with a StreamingCache (it reorders caches whose evicted "
+             "tokens cannot come back): use greedy or sampling (num_beams=1)")
+
+
+@functools.lru_cache(maxsize=None)
+def _classes():
+    return _make_classes()
+
+
+def StreamingCache(model, sink_tokens: int | None = None, window: int | None = None):
+    """A ``transformers.Cache`` for ``model`` (enabled with :func:`enable_streaming` first, or here) with
+    ``sink_tokens + window`` slots per layer and stream; pass it as ``cache=`` to ``generate()`` or
+    ``model()``. Defaults: the model's enabled geometry. ``cache.seen`` lists each stream's real tokens."""
+    return _classes()[1](model, sink_tokens, window)
+
+
+def streaming_cache_class():
+    """The class behind :func:`StreamingCache` (for ``isinstance`` checks)."""
+    return _classes()[1]
+
+
+def _check_geometry(S, W):
+    if not isinstance(S, int) or isinstance(S, bool) or S < 0:
+        raise UserError(f"sink_tokens must be an integer >= 0, got {S!r}")
+    if not isinstance(W, int) or isinstance(W, bool) or W < 1:
+        raise UserError(f"window must be an integer >= 1 (it counts the current token), got {W!r}")
+
+
+# --------------------------------------------------------------------------------------- attention
+def streaming_attention(module, query, key, value, attention_mask=None, *, scaling=None, dropout=0.0,
+                        softcap=None, sliding_window=None, **kwargs):
+    """The ``"streaming_trt"`` attention function.
+
+    ``query [B, H, q, D]`` rotated at text positions; ``key / value [B, KVH, S+W+q, D]`` from
+    :class:`StreamingLayer.update` (cache slots, then the chunk). Returns ``([B, q, H, D], None)``.
+    Token t attends to A(t); its scores against sink slots use the query rotated at ``min(t, C-1)``.
+    ``softcap`` (Gemma 2) is applied to the scores; ``sliding_window`` (Gemma, Mistral, Qwen2 sliding
+    layers) is measured in rank distance, as re-computation on A(t) would.
+    """
+    cache = getattr(_ACTIVE, "cache", None)
+    if cache is None:
+        raise UserError("the streaming_trt attention runs only inside a forward with a StreamingCache "
+                        "(model enabled by streaming_trt.hf.enable_streaming)")
+    layer = cache.layers[module.layer_idx]
+    S, W, C = cache.sink_tokens, cache.window, cache.capacity
+    B, H, q, D = query.shape
+    KVH = key.shape[1]
+    qpos, qvalid = cache.chunk_pos, cache.chunk_valid  # [B, q]
+    kpos = layer.last_kpos  # [B, L]
+    L = kpos.shape[1]
+    if scaling is None:
+        scaling = D ** -0.5
+    qrank = qpos.clamp(max=C - 1)
+    # ranks of the keys relative to the query: sinks at their index, window keys at text distance
+    kp, qp, qr = kpos[:, None, :], qpos[:, :, None], qrank[:, :, None]
+    is_sink = (kp >= 0) & (kp < S)
+    allowed = (kp >= 0) & (kp <= qp) & (is_sink | (kp >= qp - W + 1))
+    if sliding_window:
+        dist = torch.where(is_sink, qr - kp, qp - kp)
+        allowed &= dist < int(sliding_window)
+    # padding queries attend to themselves only (finite output, never read)
+    pad_rows = ~qvalid
+    if bool(pad_rows.any()):
+        own = torch.zeros(B, q, L, dtype=torch.bool, device=allowed.device)
+        own[:, torch.arange(q), L - q + torch.arange(q)] = True
+        allowed = torch.where(pad_rows[:, :, None], own, allowed)
+
+    g = H // KVH
+    k = key.repeat_interleave(g, dim=1) if g > 1 else key
+    v = value.repeat_interleave(g, dim=1) if g > 1 else value
+    scores = torch.matmul(query, k.transpose(-1, -2)) * scaling  # [B, H, q, L]
+    if S > 0 and bool((qpos >= C).any()):
+        # second rotation, text position -> rank, for the scores against the S sink slots only
+        delta = _exact_angles(qrank - qpos, cache.layer_freqs[module.layer_idx])  # [B, q, F]
+        q_rank = _rotate(query, delta)
+        scores[..., :S] = torch.matmul(q_rank, k[:, :, :S].transpose(-1, -2)) * scaling
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.float().masked_fill(~allowed[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# --------------------------------------------------------------------------------------- model
+def _wrap_forward(base, orig_forward):
+    @functools.wraps(orig_forward)
+    def forward(input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        model = base._streaming_trt_owner
+        if cache is None:
+            cache = StreamingCache(model)  # one-shot streaming forward over this input
+        if not isinstance(cache, streaming_cache_class()):
+            raise UserError(f"a model with streaming enabled needs cache=StreamingCache(model, ...), got "
+                            f"{type(cache).__name__}")
+        if kwargs.get("output_attentions"):
+            raise UserError("output_attentions is not available with streaming attention")
+        x = input_ids if input_ids is not None else inputs_embeds
+        B, n = x.shape[0], x.shape[1]
+        if attention_mask is not None and attention_mask.dim() == 2:
+            valid = attention_mask[:, -n:].to(torch.bool)
+        elif attention_mask is None:
+            valid = torch.ones(B, n, dtype=torch.bool, device=x.device)
+        else:
+            raise UserError("streaming attention takes a 2D [batch, length] attention mask (1 = token, 0 = padding)")
+        step = max(1, min(cache.max_chunk, cache.window))
+        outs = []
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            pos = cache.begin_chunk(valid[:, s:e])
+            _ACTIVE.cache = cache
+            try:
+                outs.append(orig_forward(
+                    input_ids=None if input_ids is None else input_ids[:, s:e],
+                    inputs_embeds=None if inputs_embeds is None else inputs_embeds[:, s:e],
+                    attention_mask=None, position_ids=pos, cache=cache, **kwargs))
+            finally:
+                _ACTIVE.cache = None
+                cache.end_chunk()
+        out = outs[-1]
+        if len(outs) > 1:
+            out["last_hidden_state"] = torch.cat([o.last_hidden_state for o in outs], dim=1)
+            if getattr(out, "hidden_states", None) is not None:
+                out["hidden_states"] = tuple(torch.cat(hs, dim=1) for hs in zip(*(o.hidden_states for o in outs)))
+        if "cache" in out or hasattr(out, "cache"):
+            try:
+                out["cache"] = cache
+            except Exception:  # noqa: BLE001 - output classes without that field
+                pass
+        return out
+
+    return forward
+
+
+def _wrap_generate(model, orig_generate):
+    @functools.wraps(orig_generate)
+    def generate(*args, **kwargs):
+        gc = kwargs.get("generation_config") or model.generation_config
+        beams = kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1
+        if beams > 1:
+            raise UserError(_NO_BEAMS)
+        for k in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
+            if kwargs.get(k) is not None or getattr(gc, k, None) is not None:
+                raise UserError(f"{k} (assisted / speculative decoding) is not supported with streaming: it "
+                                f"rolls the cache back, and evicted tokens cannot come back")
+        if (kwargs.get("penalty_alpha") or 0) > 0:
+            raise UserError("contrastive search is not supported with streaming: use greedy or sampling")
+        if kwargs.get("cache_implementation") is not None:
+            raise UserError("cache_implementation cannot be combined with streaming: the StreamingCache is the cache")
+        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+            kwargs["cache"] = StreamingCache(model)
+        return orig_generate(*args, **kwargs)
+
+    return generate
+
+
+def _rope_type(cfg) -> list[str]:
+    rp = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if isinstance(rp, dict) and rp and all(isinstance(v, dict) for v in rp.values()):
+        return [v.get("rope_type", v.get("type", "default")) for v in rp.values()]
+    return [rp.get("rope_type", rp.get("type", "default"))] if isinstance(rp, dict) else ["default"]
+
+
+def enable_streaming(model, sink_tokens: int = 4, window: int = 1020, max_chunk: int = 512):
+    """Turn ``model`` (a transformers 5 ``*ForCausalLM`` of a type in :data:`ARCHITECTURES`) into a
+    streaming model, in place; returns it.
+
+    Afterwards ``model.generate(...)`` uses a fresh :func:`StreamingCache` per call unless one is passed
+    (``cache=``), and ``model(ids, cache=cache)`` continues a stream. ``sink_tokens`` (S >= 0) and
+    ``window`` (W >= 1, the current token included) set the default geometry; ``max_chunk`` bounds
+    the tokens processed per internal forward (inputs are cut into chunks of ``min(max_chunk, W)``).
+    Calling it again changes the defaults.
+    """
+    check_transformers()
+    _check_geometry(sink_tokens, window)
+    if not isinstance(max_chunk, int) or max_chunk < 1:
+        raise UserError(f"max_chunk must be an integer >= 1, got {max_chunk!r}")
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    mt = getattr(cfg, "model_type", None)
+    if mt in REFUSED:
+        raise UserError(f"model_type {mt!r} cannot stream through streaming_trt.hf on transformers 5: "
+                        f"{REFUSED[mt]}")
+    if mt not in ARCHITECTURES:
+        raise UserError(f"model_type {mt!r} is not supported by streaming_trt.hf; supported: "
+                        f"{', '.join(sorted(ARCHITECTURES))}")
+    for rt in _rope_type(cfg):
+        if rt in ("dynamic", "longrope"):
+            raise UserError(f"rope type {rt!r} changes its frequencies with the sequence length and cannot be "
+                            f"frozen for streaming: use a checkpoint with default, linear, llama3 or yarn rope")
+    base = model.base_model
+    if not hasattr(base, "rotary_emb"):
+        raise UserError(f"{type(base).__name__} has no rotary_emb module: not the rotary + AttentionInterface pattern")
+    if getattr(model, "_streaming_trt", None) is None:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTN_NAME, streaming_attention)
+        if not isinstance(base.rotary_emb, ExactRotary):
+            base.rotary_emb = ExactRotary(base.rotary_emb)
+        model.set_attn_implementation(ATTN_NAME)
+        base.__dict__["_streaming_trt_owner"] = model  # not a submodule (no cycle)
+        base.forward = _wrap_forward(base, base.forward)
+        model.generate = _wrap_generate(model, model.generate)
+    model._streaming_trt = dict(sink_tokens=sink_tokens, window=window, max_chunk=max_chunk)
+    return model
