@@ -6,58 +6,25 @@ tested against them (run in float64).
 
 Cache layout (shared by every kernel and the runtime)
 -----------------------------------------------------
-``k_cache``, ``v_cache``: ``[batch, num_kv_heads, capacity, head_dim]``, contiguous, with
-``capacity = sink_tokens + window``. Keys are stored *before* rotation. Token ``u`` of a stream
-lives in slot ``u`` when ``u < sink_tokens`` and in ring slot
-``sink_tokens + (u - sink_tokens) % window`` otherwise; a slot is never rewritten except by the
-token that evicts its occupant. ``seen[b]`` counts the tokens stream ``b`` has stored.
+``k_cache``, ``v_cache``: ``[batch, num_kv_heads, capacity, head_dim]``, last dim contiguous, with
+``capacity = geometry.capacity``. Token ``u`` of a stream lives in slot ``geometry.slot(u)``; a
+slot is never rewritten except by the token that evicts its occupant. ``seen[b]`` counts the
+tokens stream ``b`` has stored.
 
-Rotary tables
--------------
-``cos``, ``sin``: ``[num_positions, rotary_dim // 2]`` float32 (float64 in tests), the
-rotate-half (Llama / GPT-NeoX) convention: for ``x = [x1, x2, rest]`` with ``x1, x2`` of width
-``rotary_dim // 2``, ``rot(x, p) = [x1 cos_p - x2 sin_p, x2 cos_p + x1 sin_p, rest]``.
-Decode needs ``num_positions >= capacity``; a chunk of ``n`` tokens needs
-``num_positions >= max(capacity, window + n - 1)`` (see :func:`prefill_attention`).
+Keys are stored **rotated at their text position** ``u`` (a sink's index is its text position),
+by the caller, and never touched again. Scores depend only on query-key distances, so the query of
+token ``t`` comes rotated twice: ``q_text`` at its text position ``t`` (scored against window keys:
+distance ``t - u`` as in the text) and ``q_rank`` at its rank ``min(t, C - 1)`` (scored against
+sink keys: distance ``min(t, C-1) - i``). That is the contract's rank positions exactly, with no
+rotation in any kernel. For ``t < C`` the two queries are equal.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = [
-    "apply_rotary",
-    "slot_tokens",
-    "cache_write",
-    "decode_attention",
-    "prefill_attention",
-]
+from .geometry import Geometry
 
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [..., head_dim]`` by ``cos``/``sin [..., rotary_dim // 2]`` (broadcast)."""
-    half = cos.shape[-1]
-    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
-
-
-def slot_tokens(seen: torch.Tensor, sink_tokens: int, window: int) -> torch.Tensor:
-    """Which token of its stream each cache slot holds.
-
-    Args:
-        seen: ``[batch]`` int, tokens stored so far per stream.
-    Returns:
-        ``[batch, capacity]`` int64: the token index in each slot, ``-1`` for a slot never written.
-    """
-    capacity = sink_tokens + window
-    seen = seen.to(torch.int64).view(-1, 1)
-    slot = torch.arange(capacity, device=seen.device).view(1, -1)
-    ring = slot - sink_tokens  # offset inside the ring, negative for sink slots
-    last = seen - 1 - sink_tokens - ring  # how far the newest candidate lies past this slot
-    ring_token = sink_tokens + ring + window * torch.div(last, window, rounding_mode="floor")
-    token = torch.where(ring < 0, slot, ring_token)
-    written = torch.where(ring < 0, slot < seen, last >= 0)
-    return torch.where(written, token, torch.full_like(token, -1))
+__all__ = ["cache_write", "decode_attention", "prefill_attention"]
 
 
 def cache_write(
@@ -67,26 +34,22 @@ def cache_write(
     v_cache: torch.Tensor,
     start: torch.Tensor,
     lengths: torch.Tensor,
-    sink_tokens: int,
-    window: int,
+    geometry: Geometry,
 ) -> None:
     """Store a chunk of new keys/values in their sink or ring slots, in place.
 
     Args:
-        k, v: ``[batch, chunk, num_kv_heads, head_dim]``, unrotated, rows right-padded.
+        k, v: ``[batch, chunk, num_kv_heads, head_dim]``, keys already rotated, rows right-padded.
         k_cache, v_cache: ``[batch, num_kv_heads, capacity, head_dim]`` (layout above).
         start: ``[batch]`` int, tokens the stream had stored before this chunk.
         lengths: ``[batch]`` int, valid tokens of this chunk per stream (``<= chunk``).
     Only the last ``window`` non-sink tokens of a long chunk survive; other slots are untouched.
     """
-    batch, chunk = k.shape[:2]
-    idx = torch.arange(chunk, device=k.device)
-    token = start.to(torch.int64).view(-1, 1) + idx.view(1, -1)  # [batch, chunk]
-    end = (start + lengths).to(torch.int64).view(-1, 1)
-    keep = (idx.view(1, -1) < lengths.view(-1, 1)) & ((token < sink_tokens) | (token >= end - window))
-    slot = torch.where(token < sink_tokens, token, sink_tokens + (token - sink_tokens) % window)
+    chunk = k.shape[1]
+    keep = geometry.kept(start, lengths, chunk)
+    token = start.to(torch.int64).view(-1, 1) + torch.arange(chunk, device=k.device).view(1, -1)
     b, j = keep.nonzero(as_tuple=True)
-    s = slot[b, j]
+    s = geometry.slot(token[b, j])
     k_cache[b, :, s] = k[b, j].to(k_cache.dtype)
     v_cache[b, :, s] = v[b, j].to(v_cache.dtype)
 
@@ -103,121 +66,103 @@ def _softmax_with_sink_logits(scores: torch.Tensor, sink_logits: torch.Tensor | 
 
 
 def decode_attention(
-    q: torch.Tensor,
+    q_text: torch.Tensor,
+    q_rank: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     seen: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    sink_tokens: int,
-    window: int,
+    geometry: Geometry,
     sm_scale: float,
     sink_logits: torch.Tensor | None = None,
+    full: bool = False,
 ) -> torch.Tensor:
     """One query per stream over its cache, which already holds the query's own key/value.
 
     Args:
-        q: ``[batch, num_heads, head_dim]``, unrotated query of token ``t = seen - 1``.
-        k_cache, v_cache: ``[batch, num_kv_heads, capacity, head_dim]``; ``num_heads`` must be a
-            multiple of ``num_kv_heads``.
+        q_text, q_rank: ``[batch, num_heads, head_dim]``, the query of token ``t = seen - 1``
+            rotated at ``t`` and at ``min(t, C - 1)``; ``num_heads`` a multiple of ``num_kv_heads``.
+        k_cache, v_cache: ``[batch, num_kv_heads, capacity, head_dim]``, keys rotated (layout above).
         seen: ``[batch]`` int, tokens stored including the current one (``>= 1``).
-        cos, sin: ``[num_positions >= capacity, rotary_dim // 2]``.
         sink_logits: optional ``[num_heads]`` learned per-head sink logit.
+        full: the caller knows every stream has ``seen >= capacity``: no slot is masked or copied.
     Returns:
-        ``[batch, num_heads, head_dim]`` in ``q.dtype``.
-
-    The query sits at position ``min(t, capacity - 1)``; a sink key at its token index; a window
-    key ``u`` at ``min(t, capacity - 1) - (t - u)``: each key's rank inside the cache.
+        ``[batch, num_heads, head_dim]`` in ``q_text.dtype``.
     """
-    capacity = sink_tokens + window
-    batch, num_heads, head_dim = q.shape
-    kv_heads = k_cache.shape[1]
-    token = slot_tokens(seen, sink_tokens, window)  # [batch, capacity]
-    t = (seen.to(torch.int64) - 1).view(-1, 1)
-    q_pos = torch.clamp(t, max=capacity - 1)
-    k_pos = torch.where(token < sink_tokens, token, q_pos - (t - token)).clamp(min=0)
-    visible = (token >= 0).view(batch, 1, 1, capacity)
-    k = apply_rotary(k_cache, cos[k_pos].unsqueeze(1), sin[k_pos].unsqueeze(1))
-    qr = apply_rotary(q, cos[q_pos], sin[q_pos])  # cos[q_pos]: [batch, 1, half] broadcasts over heads
+    batch, num_heads, head_dim = q_text.shape
+    kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+    sinks = geometry.sink_tokens
     # Query heads of one KV head share its keys: [batch, kv_heads, group, head_dim].
-    qr = qr.view(batch, kv_heads, num_heads // kv_heads, head_dim)
-    scores = (qr @ k.to(qr.dtype).transpose(-1, -2)) * sm_scale
-    scores = scores.masked_fill(~visible, float("-inf")).view(batch, num_heads, capacity)
+    qt = q_text.view(batch, kv_heads, num_heads // kv_heads, head_dim).to(k_cache.dtype)
+    scores = qt @ k_cache.transpose(-1, -2)  # [batch, kv_heads, group, capacity]
+    if sinks:
+        qr = q_rank.view(batch, kv_heads, num_heads // kv_heads, head_dim).to(k_cache.dtype)
+        scores[..., :sinks] = qr @ k_cache[:, :, :sinks].transpose(-1, -2)
+    scores = scores.view(batch, num_heads, capacity) * sm_scale
+    v = v_cache
+    if not full:
+        # Before a stream is full, slot s holds token s: the slots in use are 0 .. seen - 1.
+        visible = torch.arange(capacity, device=seen.device).view(1, -1) < seen.view(-1, 1)
+        scores = scores.masked_fill(~visible.view(batch, 1, capacity), float("-inf"))
+        v = torch.where(visible.view(batch, 1, capacity, 1), v_cache, 0)
     p = _softmax_with_sink_logits(scores, sink_logits).view(batch, kv_heads, -1, capacity)
-    v = torch.where(visible.view(batch, 1, capacity, 1), v_cache, 0)
-    return (p @ v.to(p.dtype)).view(batch, num_heads, head_dim).to(q.dtype)
+    return (p.to(v.dtype) @ v).view(batch, num_heads, head_dim).to(q_text.dtype)
 
 
 def prefill_attention(
-    q: torch.Tensor,
+    q_text: torch.Tensor,
+    q_rank: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     start: torch.Tensor,
     lengths: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    sink_tokens: int,
-    window: int,
+    geometry: Geometry,
     sm_scale: float,
     sink_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A chunk of new tokens per stream over the cache as it was before the chunk plus the chunk.
 
     Args:
-        q: ``[batch, chunk, num_heads, head_dim]``, unrotated, rows right-padded.
-        k, v: ``[batch, chunk, num_kv_heads, head_dim]``, the chunk's own unrotated keys/values.
+        q_text, q_rank: ``[batch, chunk, num_heads, head_dim]``, row ``i`` (token
+            ``t = start + i``) rotated at ``t`` and at ``min(t, C - 1)``; rows right-padded.
+        k, v: ``[batch, chunk, num_kv_heads, head_dim]``, the chunk's own keys (rotated at their
+            text positions) and values.
         k_cache, v_cache: ``[batch, num_kv_heads, capacity, head_dim]``, not yet holding the chunk.
-        start: ``[batch]`` int, tokens stored before the chunk (token of row ``i`` is
-            ``start + i``).
+        start: ``[batch]`` int, tokens stored before the chunk.
         lengths: ``[batch]`` int, valid rows per stream.
-        cos, sin: ``[num_positions, rotary_dim // 2]`` with
-            ``num_positions >= max(capacity, window + chunk - 1)``.
         sink_logits: optional ``[num_heads]``.
     Returns:
-        ``[batch, chunk, num_heads, head_dim]`` in ``q.dtype``; padded rows are zero.
+        ``[batch, chunk, num_heads, head_dim]`` in ``q_text.dtype``; padded rows are zero.
 
-    Token ``t`` sees A(t) of the contract. Scores only depend on query-key distances, so sink keys
-    are scored with the query at its rank ``min(t, capacity - 1)`` and the keys at their index,
-    and window keys with both rotated at their text position minus ``start - window + 1``, which
-    keeps every angle inside the table however long the stream is.
+    Token ``t`` sees A(t) of the contract, whatever the chunk size (longer than the window too).
     """
-    capacity = sink_tokens + window
-    batch, chunk, num_heads, head_dim = q.shape
+    batch, chunk, num_heads, head_dim = q_text.shape
     kv_heads = k.shape[2]
     group = num_heads // kv_heads
     start = start.to(torch.int64).view(-1, 1)
-    used = min(capacity, int(start.max()))  # slots past every stream's length are still empty
-    rows = torch.arange(chunk, device=q.device).view(1, -1)
+    used = min(geometry.capacity, int(start.max()))  # slots past every stream's length are still empty
+    rows = torch.arange(chunk, device=q_text.device).view(1, -1)
     t = start + rows  # [batch, chunk] token of each query
     row_valid = rows < lengths.view(-1, 1)
 
     # Keys: the cache slots in use, then the chunk's own rows.
-    token = torch.cat([slot_tokens(start.view(-1), sink_tokens, window)[:, :used], torch.where(row_valid, t, -1)], 1)
+    token = torch.cat([geometry.slot_tokens(start.view(-1))[:, :used], torch.where(row_valid, t, -1)], 1)
     keys = torch.cat([k_cache[:, :, :used], k.transpose(1, 2).to(k_cache.dtype)], dim=2)  # [batch, kv, keys, d]
     vals = torch.cat([v_cache[:, :, :used], v.transpose(1, 2).to(v_cache.dtype)], dim=2)
-    tq, tk = t.unsqueeze(-1), token.unsqueeze(1)  # [batch, chunk, 1], [batch, 1, keys]
-    is_sink = token < sink_tokens
-    visible = (tk >= 0) & (tk <= tq) & (is_sink.unsqueeze(1) | (tk > tq - window)) & row_valid.unsqueeze(-1)
-
-    base = start - window + 1  # smallest text position a window key of this chunk can have
-    rot = lambda x, p: apply_rotary(x, cos[p].unsqueeze(1), sin[p].unsqueeze(1))  # noqa: E731
+    visible = geometry.visible(t.unsqueeze(-1), token.unsqueeze(1)) & row_valid.unsqueeze(-1)  # [b, chunk, keys]
     written = (token >= 0).view(batch, 1, -1, 1)
-    k_rot = torch.where(written, rot(keys, torch.where(is_sink, token, token - base).clamp(min=0)), 0)
-    vals = torch.where(written, vals, 0)
-    # One product scores both kinds of key: the query rotated at its rank sits in the first half,
-    # rotated at its text offset in the second; a sink key fills only the first half, a window key
-    # only the second.
-    qh = q.transpose(1, 2)  # [batch, heads, chunk, d]
-    q2 = torch.cat([rot(qh, t.clamp(max=capacity - 1)), rot(qh, t - base)], dim=-1)
-    sink_col = is_sink.view(batch, 1, -1, 1)
-    k2 = torch.cat([torch.where(sink_col, k_rot, 0), torch.where(sink_col, 0, k_rot)], dim=-1).to(q2.dtype)
+    keys, vals = torch.where(written, keys, 0), torch.where(written, vals, 0)
+
     # Query heads of one KV head share its keys: fold them into the row dimension.
-    q2 = q2.reshape(batch, kv_heads, group * chunk, 2 * head_dim)
-    scores = (q2 @ k2.transpose(-1, -2)).view(batch, kv_heads, group, chunk, -1) * sm_scale
+    fold = lambda q: q.transpose(1, 2).reshape(batch, kv_heads, group * chunk, head_dim).to(keys.dtype)  # noqa: E731
+    scores = fold(q_text) @ keys.transpose(-1, -2)
+    if geometry.sink_tokens:
+        is_sink = (token < geometry.sink_tokens) & (token >= 0)
+        scores = torch.where(is_sink.view(batch, 1, 1, -1), fold(q_rank) @ keys.transpose(-1, -2), scores)
+    scores = scores.view(batch, kv_heads, group, chunk, -1) * sm_scale
     scores = scores.masked_fill(~visible.view(batch, 1, 1, chunk, -1), float("-inf"))
     p = _softmax_with_sink_logits(scores.view(batch, num_heads, chunk, -1), sink_logits)
     p = torch.nan_to_num(p, nan=0.0)  # padded rows see nothing
-    out = p.view(batch, kv_heads, group * chunk, -1) @ vals.to(p.dtype)
-    return out.view(batch, num_heads, chunk, head_dim).transpose(1, 2).to(q.dtype)
+    out = p.view(batch, kv_heads, group * chunk, -1).to(vals.dtype) @ vals
+    return out.view(batch, num_heads, chunk, head_dim).transpose(1, 2).to(q_text.dtype)

@@ -1,48 +1,165 @@
-"""The streaming KV cache: sink slots kept forever plus a ring of the most recent tokens."""
+"""The streaming KV cache and the per-forward step plan every layer reads.
+
+The cache owns its operations (``attend`` writes a layer's new keys/values and attends over the
+cache, in the order the step needs); the plan is built once per forward, on the host, before any
+tensor moves: decode vs prefill, the new tokens' slots, their rotary angles, whether the cache is
+full. A decode step then runs with no host-device synchronisation.
+"""
 from __future__ import annotations
+
+import dataclasses
+import os
+from types import ModuleType
 
 import torch
 
 from .config import ModelConfig
+from .errors import UserError
+from .kernels.geometry import Geometry
+from .rope import apply_rotary, rotary_angles
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """What every layer needs to know about one forward over ``batch`` streams of ``n`` rows.
+
+    ``start``/``lengths``/``seen_after``: ``[batch]`` int64 on the device (tokens stored before,
+    valid rows, tokens stored after). ``text``: cos/sin ``[batch, n, 1, rotary_dim // 2]`` float32
+    at each row's text position ``t`` (keys and window scores); ``rank``: the same at
+    ``min(t, C - 1)`` (sink scores), ``None`` when no row is past capacity (then it equals
+    ``text``). ``decode``: one token in every row. ``full``: every stream has ``seen_after >= C``,
+    so decode needs no mask. ``slots``: decode only, ``[batch]`` the slot each new token takes.
+    ``write``: prefill with the torch backend, the ``(row, chunk index, slot)`` triples kept.
+    """
+
+    start: torch.Tensor
+    lengths: torch.Tensor
+    seen_after: torch.Tensor
+    text: tuple[torch.Tensor, torch.Tensor]
+    rank: tuple[torch.Tensor, torch.Tensor] | None
+    decode: bool
+    full: bool
+    slots: torch.Tensor | None = None
+    write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def rotate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [batch, n, heads, head_dim]`` rotated at the text positions and at the ranks."""
+        at_text = apply_rotary(x, *self.text)
+        return at_text, (at_text if self.rank is None else apply_rotary(x, *self.rank))
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes a new allocation could take on ``device`` now (free GPU memory, available RAM)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info["MemAvailable"]
+    except (OSError, KeyError, ValueError, IndexError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 class StreamingCache:
-    """Keys and values of ``batch`` streams, ``sink_tokens + window`` slots each, for every layer.
+    """Keys and values of ``batch`` streams, ``geometry.capacity`` slots each, for every layer.
 
-    ``keys``/``values``: ``[num_layers, batch, num_kv_heads, capacity, head_dim]``, keys stored
-    before rotation; slot rule and layout as in :mod:`streaming_trt.kernels.reference`.
-    ``seen``: ``[batch]`` int64, tokens each stream has stored. The tensors are allocated once;
-    streams of any length reuse them.
+    ``keys``/``values``: ``[num_layers, batch, num_kv_heads, capacity, head_dim]``; keys stored
+    rotated at their text position (layout: :mod:`streaming_trt.kernels.reference`). ``seen``:
+    ``[batch]`` int64 on the device, mirrored on the host as ``seen_host`` so a step is planned
+    without reading the device. Allocated once; streams of any length reuse them.
     """
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        batch: int,
-        sink_tokens: int,
-        window: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        fill_value: float = 0.0,
-    ):
-        self.sink_tokens, self.window = sink_tokens, window
-        self.capacity = sink_tokens + window
-        shape = (config.num_layers, batch, config.num_kv_heads, self.capacity, config.head_dim)
+    def __init__(self, config: ModelConfig, batch: int, geometry: Geometry, dtype: torch.dtype,
+                 device: torch.device, ops: ModuleType, inv_freq: torch.Tensor, fill_value: float = 0.0):
+        self.geometry, self.ops, self.fill_value = geometry, ops, fill_value
+        self.inv_freq = inv_freq  # [rotary_dim // 2] float64 on device
+        need = geometry.cache_bytes(config.num_layers, batch, config.num_kv_heads, config.head_dim, dtype)
+        have = device_memory(device)
+        if need > have:
+            per_slot = need // geometry.capacity
+            fits = max(0, have // per_slot - geometry.sink_tokens)
+            advice = (f"a window of at most {fits} fits" if fits >= 1 else
+                      "not even one window slot fits: use fewer sink tokens, a smaller batch or dtype")
+            raise UserError(f"the cache needs {_mib(need)} ({geometry.capacity} slots x {batch} streams x "
+                            f"{config.num_layers} layers) but {device} has {_mib(have)} free; {advice}")
+        shape = (config.num_layers, batch, config.num_kv_heads, geometry.capacity, config.head_dim)
         self.keys = torch.full(shape, fill_value, dtype=dtype, device=device)
         self.values = torch.full(shape, fill_value, dtype=dtype, device=device)
         self.seen = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.fill_value = fill_value
+        self.seen_host = [0] * batch
 
     @property
     def batch(self) -> int:
-        return self.seen.shape[0]
+        return len(self.seen_host)
+
+    @property
+    def capacity(self) -> int:
+        return self.geometry.capacity
 
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
+    def plan(self, lengths: list[int], n: int) -> StepPlan:
+        """The plan of one forward of ``n`` rows per stream, ``lengths[b] <= n`` of them valid."""
+        g, device = self.geometry, self.seen.device
+        start_host = self.seen_host
+        start = self.seen
+        lengths_t = torch.tensor(lengths, dtype=torch.int64).to(device, non_blocking=True)
+        t = start.view(-1, 1) + torch.arange(n, device=device).view(1, -1)  # [batch, n]
+        past_capacity = max(s + max(n, 1) - 1 for s in start_host) >= g.capacity
+        text = tuple(x.unsqueeze(2) for x in rotary_angles(self.inv_freq, t))
+        rank = tuple(x.unsqueeze(2) for x in rotary_angles(self.inv_freq, g.rank(t))) if past_capacity else None
+        decode = n == 1 and all(length == 1 for length in lengths)
+        plan = StepPlan(start=start, lengths=lengths_t, seen_after=start + lengths_t, text=text, rank=rank,
+                        decode=decode, full=decode and min(start_host) + 1 >= g.capacity)
+        if decode:
+            plan.slots = g.slot(start)
+        elif self.ops.__name__.endswith("reference"):
+            keep = g.kept(start, lengths_t, n)
+            b, j = keep.nonzero(as_tuple=True)
+            plan.write = (b, j, g.slot(t[b, j]))
+        return plan
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan,
+               sm_scale: float, sink_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate a layer's new ``q [batch, n, heads, d]`` and ``k, v [batch, n, kv_heads, d]``,
+        store ``k, v`` and return attention ``[batch, n, heads, d]`` of every row over its A(t)."""
+        k_cache, v_cache = self.keys[layer], self.values[layer]
+        q_text, q_rank = plan.rotate(q)
+        k = apply_rotary(k, *plan.text)
+        if plan.decode:
+            # The decode kernel reads the current token from the cache: write first.
+            rows = torch.arange(k.shape[0], device=k.device)
+            k_cache[rows, :, plan.slots] = k[:, 0].to(k_cache.dtype)
+            v_cache[rows, :, plan.slots] = v[:, 0].to(v_cache.dtype)
+            out = self.ops.decode_attention(q_text[:, 0], q_rank[:, 0], k_cache, v_cache, plan.seen_after,
+                                            self.geometry, sm_scale, sink_logits, full=plan.full)
+            return out[:, None]
+        out = self.ops.prefill_attention(q_text, q_rank, k, v, k_cache, v_cache, plan.start, plan.lengths,
+                                         self.geometry, sm_scale, sink_logits)
+        if plan.write is not None:
+            b, j, s = plan.write
+            k_cache[b, :, s] = k[b, j].to(k_cache.dtype)
+            v_cache[b, :, s] = v[b, j].to(v_cache.dtype)
+        else:
+            self.ops.cache_write(k, v, k_cache, v_cache, plan.start, plan.lengths, self.geometry)
+        return out
+
+    def advance(self, plan: StepPlan, lengths: list[int]) -> None:
+        """Count the step's tokens as stored (after every layer has attended)."""
+        self.seen = plan.seen_after
+        self.seen_host = [s + n for s, n in zip(self.seen_host, lengths)]
+
     def reset(self, rows: list[int] | None = None) -> None:
         """Forget streams ``rows`` (all when None); their slots are refilled, memory is kept."""
-        index = slice(None) if rows is None else torch.as_tensor(rows, device=self.seen.device)
+        rows = list(range(self.batch)) if rows is None else list(rows)
+        index = torch.as_tensor(rows, dtype=torch.int64, device=self.seen.device)
         self.keys[:, index] = self.fill_value
         self.values[:, index] = self.fill_value
-        self.seen[index] = 0
+        self.seen = self.seen.index_fill(0, index, 0)
+        for r in rows:
+            self.seen_host[r] = 0

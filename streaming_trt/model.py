@@ -1,37 +1,23 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) in plain PyTorch over a streaming cache."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import ops, resolve_backend
+from .attention import resolve_backend
 from .checkpoint import check_state_dict, load_checkpoint
 from .config import ModelConfig
 from .errors import UserError
-from .rope import rotary_table
+from .rope import inverse_frequencies
 
 if TYPE_CHECKING:
-    from .cache import StreamingCache
+    from .cache import StepPlan, StreamingCache
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclasses.dataclass
-class Step:
-    """What every layer needs to know about one forward call."""
-
-    cache: "StreamingCache"
-    lengths: torch.Tensor  # [batch] valid tokens per row
-    rotary: tuple[torch.Tensor, torch.Tensor]
-    ops: ModuleType  # cache_write / decode_attention / prefill_attention of the backend
-    decode: bool  # one token in every row: write the cache first, then the decode kernel
-    seen_after: torch.Tensor  # [batch] tokens stored once this step's tokens are written
 
 
 class RMSNorm(nn.Module):
@@ -58,25 +44,14 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
         self.qk_norm = c.qk_norm
 
-    def forward(self, x: torch.Tensor, layer: int, step: "Step") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: int, cache: "StreamingCache", plan: "StepPlan") -> torch.Tensor:
         batch, n, _ = x.shape
         q = self.q_proj(x).view(batch, n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        cache, ops = step.cache, step.ops
-        k_cache, v_cache = cache.keys[layer], cache.values[layer]
-        window = (cache.sink_tokens, cache.window)
-        if step.decode:
-            # The decode kernel reads the current token from the cache: write first.
-            ops.cache_write(k, v, k_cache, v_cache, cache.seen, step.lengths, *window)
-            out = ops.decode_attention(q[:, 0], k_cache, v_cache, step.seen_after, *step.rotary, *window,
-                                       self.head_dim**-0.5)[:, None]
-        else:
-            out = ops.prefill_attention(q, k, v, k_cache, v_cache, cache.seen, step.lengths, *step.rotary, *window,
-                                        self.head_dim**-0.5)
-            ops.cache_write(k, v, k_cache, v_cache, cache.seen, step.lengths, *window)
+        out = cache.attend(layer, q, k, v, plan, self.head_dim**-0.5)
         return self.o_proj(out.reshape(batch, n, -1))
 
 
@@ -99,8 +74,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x: torch.Tensor, layer: int, step: "Step") -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), layer, step)
+    def forward(self, x: torch.Tensor, layer: int, cache: "StreamingCache", plan: "StepPlan") -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), layer, cache, plan)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -120,7 +95,7 @@ class Transformer(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.backend = "torch"
-        self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._inv_freq: torch.Tensor | None = None
 
     @classmethod
     def from_state_dict(
@@ -154,11 +129,12 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
-    def rotary(self, num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin tables covering at least ``num_positions``; built once and reused."""
-        if self._rotary is None or self._rotary[0].shape[0] < num_positions:
-            self._rotary = rotary_table(self.config, num_positions, self.device)
-        return self._rotary
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """``[rotary_dim // 2]`` float64 inverse frequencies on the model's device."""
+        if self._inv_freq is None or self._inv_freq.device != self.device:
+            self._inv_freq = inverse_frequencies(self.config).to(self.device)
+        return self._inv_freq
 
     def session(self, sink_tokens: int = 4, window: int = 1020, batch: int = 1, **kwargs):
         """Open a :class:`~streaming_trt.session.Session` (a batch of streams) on this model."""
@@ -167,32 +143,32 @@ class Transformer(nn.Module):
         return Session(self, sink_tokens=sink_tokens, window=window, batch=batch, **kwargs)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache, lengths: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: "StreamingCache", lengths: list[int],
+                last_only: bool = False) -> torch.Tensor:
         """Feed ``tokens [batch, n]`` (row b valid for its first ``lengths[b]``) through the cache.
 
         Returns float32 logits ``[batch, n, vocab]`` (padding rows zero), or with ``last_only``
         those of each row's last valid token, ``[batch, vocab]`` (meaningless for a row with no
-        tokens); advances ``cache.seen``.
+        tokens); advances the cache.
         """
         n = tokens.shape[1]
-        step = Step(
-            cache=cache,
-            lengths=lengths,
-            rotary=self.rotary(max(cache.capacity, cache.window + n - 1)),
-            ops=ops(self.backend),
-            decode=n == 1 and bool((lengths == 1).all()),
-            seen_after=cache.seen + lengths,
-        )
+        plan = cache.plan(lengths, n)
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
-            x = layer(x, i, step)
-        cache.seen.copy_(step.seen_after)
+            x = layer(x, i, cache, plan)
+        cache.advance(plan, lengths)
         head = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         if last_only:
-            x = x[torch.arange(x.shape[0], device=x.device), (lengths - 1).clamp(min=0)]
+            if n > 1:
+                x = x[torch.arange(x.shape[0], device=x.device), (plan.lengths - 1).clamp(min=0)]
+            else:
+                x = x[:, 0]
             return F.linear(self.norm(x), head).float()
-        valid = torch.arange(n, device=x.device).view(1, -1, 1) < lengths.view(-1, 1, 1)
-        return F.linear(self.norm(x), head).float().masked_fill_(~valid, 0.0)
+        logits = F.linear(self.norm(x), head).float()
+        if min(lengths) < n:
+            valid = torch.arange(n, device=x.device).view(1, -1, 1) < plan.lengths.view(-1, 1, 1)
+            logits.masked_fill_(~valid, 0.0)
+        return logits
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -240,13 +216,16 @@ def load_model(
     device: torch.device | str = "cpu",
     backend: str = "auto",
 ) -> Transformer:
-    """Load a Hugging Face checkpoint directory (config.json + safetensors) for streaming.
+    """Load a Hugging Face checkpoint directory (config.json + safetensors) or a llama.cpp ``.gguf`` file.
 
     Args:
-        path: directory with ``config.json`` and ``*.safetensors`` (sharded or not).
+        path: directory with ``config.json`` and ``*.safetensors`` (sharded or not), or a ``.gguf``
+            file (dequantized to float32 once, then cached; see :mod:`streaming_trt.gguf`).
         dtype: ``float32``, ``float16`` or ``bfloat16`` (name or torch dtype).
         device: ``cpu`` or ``cuda[:i]``.
         backend: ``auto`` (Triton kernels on CUDA, PyTorch otherwise), ``torch`` or ``triton``.
     """
-    config, tensors = load_checkpoint(path)
+    from .gguf import is_gguf, load_gguf
+
+    config, tensors = load_gguf(path) if is_gguf(path) else load_checkpoint(path)
     return Transformer.from_state_dict(config, tensors, dtype=dtype, device=device, backend=backend, source=str(path))

@@ -1,4 +1,10 @@
-"""Rotary tables. Positions never exceed the cache capacity, so rope scaling is applied once here."""
+"""Rotary angles, exact at any text position.
+
+Keys are stored rotated at their text position, which grows without bound, so the angle
+``position * inv_freq`` is formed in float64 and reduced mod 2*pi before cos/sin are taken (float32
+angles at t = 4,000,000 are off by tenths of a radian). Every supported rope type (default, linear,
+llama3) only changes the inverse frequencies, so this stays exact.
+"""
 from __future__ import annotations
 
 import math
@@ -27,7 +33,26 @@ def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     return inv
 
 
+def rotary_angles(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[*positions.shape, rotary_dim // 2]`` float32 at int ``positions`` (any size).
+
+    ``inv_freq``: ``[rotary_dim // 2]`` float64 on the device of ``positions``.
+    """
+    angles = torch.remainder(positions.to(torch.float64).unsqueeze(-1) * inv_freq, 2 * math.pi)
+    return angles.cos().float(), angles.sin().float()
+
+
 def rotary_table(config: ModelConfig, num_positions: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin ``[num_positions, rotary_dim // 2]`` float32 for positions ``0 .. num_positions-1``."""
-    angles = torch.arange(num_positions, dtype=torch.float64)[:, None] * inverse_frequencies(config)[None, :]
-    return angles.cos().float().to(device), angles.sin().float().to(device)
+    positions = torch.arange(num_positions, device=device)
+    return rotary_angles(inverse_frequencies(config).to(device), positions)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [..., head_dim]`` by ``cos``/``sin [..., rotary_dim // 2]`` (broadcast), the
+    rotate-half (Llama / GPT-NeoX) convention: for ``x = [x1, x2, rest]`` with ``x1, x2`` of width
+    ``rotary_dim // 2``, ``rot(x) = [x1 cos - x2 sin, x2 cos + x1 sin, rest]``."""
+    half = cos.shape[-1]
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)

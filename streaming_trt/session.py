@@ -1,32 +1,57 @@
 """A session: a batch of streams over one model, fed tokens in chunks of any length."""
 from __future__ import annotations
 
-import warnings
+import hashlib
+import json
+import math
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from .attention import ops
 from .cache import StreamingCache
 from .errors import UserError
+from .kernels.geometry import Geometry
 
-FORMAT = "streaming-trt-session/1"
+FORMAT = "streaming-trt-session"
+VERSION = 2  # 2: keys stored rotated at their text position, model fingerprint by content, checksum
 
 
-def check_window(sink_tokens: int, window: int, max_position_embeddings: int | None = None) -> None:
-    """Validate cache sizes; warn where the model never saw the positions the cache will use."""
-    if not isinstance(sink_tokens, int) or sink_tokens < 0:
-        raise UserError(f"sink_tokens must be an integer >= 0, got {sink_tokens!r}")
-    if not isinstance(window, int) or window < 1:
-        raise UserError(f"window must be an integer >= 1 (it counts the current token), got {window!r}")
-    capacity = sink_tokens + window
-    if max_position_embeddings is not None and capacity > max_position_embeddings:
-        warnings.warn(
-            f"capacity sink_tokens + window = {capacity} exceeds the model's max_position_embeddings "
-            f"({max_position_embeddings}): the model never saw positions >= {max_position_embeddings}; "
-            f"choose a window <= {max_position_embeddings - sink_tokens}",
-            stacklevel=3,
-        )
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def model_fingerprint(model) -> str:
+    """A digest of the model's config and weights, computed once per model.
+
+    Each tensor contributes its name, shape, dtype and up to 4096 evenly spaced values, so two
+    models of one shape with other weights differ, at a cost independent of the model's size.
+    """
+    cached = getattr(model, "_session_fingerprint", None)
+    if cached is not None:
+        return cached
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(model.config.to_hf_dict(), sort_keys=True).encode())
+    for name, p in model.state_dict().items():
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        h.update(f"{name}:{list(p.shape)}:{p.dtype}".encode())
+        h.update(flat[::step].float().cpu().numpy().tobytes())
+    model._session_fingerprint = h.hexdigest()
+    return model._session_fingerprint
+
+
+def _checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for key in sorted(meta):
+        if key != "checksum":
+            h.update(f"{key}={meta[key]};".encode())
+    for key in sorted(tensors):
+        t = tensors[key].contiguous().cpu()
+        h.update(f"{key}:{list(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 class Session:
@@ -44,23 +69,29 @@ class Session:
 
     def __init__(self, model, sink_tokens: int = 4, window: int = 1020, batch: int = 1, max_chunk: int = 512,
                  cache_fill: float = 0.0):
-        check_window(sink_tokens, window, model.config.max_position_embeddings)
-        if batch < 1:
-            raise UserError(f"batch must be >= 1, got {batch}")
-        if max_chunk < 1:
-            raise UserError(f"max_chunk must be >= 1, got {max_chunk}")
+        geometry = Geometry(sink_tokens, window)
+        geometry.check_positions(model.config.max_position_embeddings)
+        if not _is_int(batch) or batch < 1:
+            raise UserError(f"batch must be an integer >= 1, got {batch!r}")
+        if not _is_int(max_chunk) or max_chunk < 1:
+            raise UserError(f"max_chunk must be an integer >= 1, got {max_chunk!r}")
         self.model = model
         self.max_chunk = max_chunk
-        self.cache = StreamingCache(model.config, batch, sink_tokens, window, model.dtype, model.device, cache_fill)
+        self.cache = StreamingCache(model.config, batch, geometry, model.dtype, model.device, ops(model.backend),
+                                    model.inv_freq, cache_fill)
         self.last_logits: torch.Tensor | None = None  # [batch, vocab] logits of each stream's newest token
 
     @property
+    def geometry(self) -> Geometry:
+        return self.cache.geometry
+
+    @property
     def sink_tokens(self) -> int:
-        return self.cache.sink_tokens
+        return self.geometry.sink_tokens
 
     @property
     def window(self) -> int:
-        return self.cache.window
+        return self.geometry.window
 
     @property
     def batch(self) -> int:
@@ -69,7 +100,7 @@ class Session:
     @property
     def seen(self) -> list[int]:
         """Tokens fed so far, per stream."""
-        return self.cache.seen.tolist()
+        return list(self.cache.seen_host)
 
     def feed(self, tokens, lengths: torch.Tensor | Sequence[int] | None = None, all_logits: bool = True) -> torch.Tensor:
         """Append tokens to the streams and return their logits.
@@ -88,52 +119,73 @@ class Session:
         n, vocab = tokens.shape[1], self.model.config.vocab_size
         logits = torch.zeros(self.batch, n, vocab, device=self.model.device) if all_logits else None
         for lo in range(0, n, self.max_chunk):
-            part = (lengths - lo).clamp(min=0, max=self.max_chunk)
-            width = int(part.max())
+            part = [min(max(length - lo, 0), self.max_chunk) for length in lengths]
+            width = max(part)
             if width == 0:
                 break
-            fed = part > 0
+            chunk = tokens[:, lo : lo + width]
             if not all_logits:
                 # Chunks only ever hold a stream's newest tokens, so each row's last valid one is it.
-                self._set_last(self.model(tokens[:, lo : lo + width], self.cache, part, last_only=True), fed)
+                self._set_last(self.model(chunk, self.cache, part, last_only=True), part)
                 continue
-            out = self.model(tokens[:, lo : lo + width], self.cache, part)
+            out = self.model(chunk, self.cache, part)
             logits[:, lo : lo + width] = out
-            self._set_last(out[torch.arange(self.batch, device=out.device), (part - 1).clamp(min=0)], fed)
+            rows = torch.arange(self.batch, device=out.device)
+            self._set_last(out[rows, torch.tensor([max(p - 1, 0) for p in part], device=out.device)], part)
         return logits if all_logits else self.last_logits
 
-    def _set_last(self, newest: torch.Tensor, fed: torch.Tensor) -> None:
-        if self.last_logits is None:
-            self.last_logits = torch.zeros_like(newest)
+    def _set_last(self, newest: torch.Tensor, part: list[int]) -> None:
+        if self.last_logits is None or all(part):
+            self.last_logits = newest if all(part) else torch.zeros_like(newest)
+            if all(part):
+                return
+        fed = torch.tensor([p > 0 for p in part], device=newest.device)
         self.last_logits = torch.where(fed.view(-1, 1), newest, self.last_logits)
 
-    def _as_batch(self, tokens, lengths) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.model.device
+    def _as_batch(self, tokens, lengths) -> tuple[torch.Tensor, list[int]]:
+        """Validated ``[batch, n]`` int64 ids on the model's device and host-side lengths."""
+        vocab = self.model.config.vocab_size
         if isinstance(tokens, torch.Tensor):
+            if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+                raise UserError(f"token ids must be integers, got a {tokens.dtype} tensor")
             if tokens.dim() == 1:
                 tokens = tokens.view(1, -1)
             if tokens.dim() != 2 or tokens.shape[0] != self.batch:
                 raise UserError(f"tokens must have shape [batch={self.batch}, n], got {list(tokens.shape)}")
-            lengths = (torch.full((self.batch,), tokens.shape[1]) if lengths is None else torch.as_tensor(lengths))
+            n = tokens.shape[1]
+            if lengths is None:
+                lengths = [n] * self.batch
+            else:
+                lengths = lengths.tolist() if isinstance(lengths, torch.Tensor) else list(lengths)
+                if len(lengths) != self.batch or not all(_is_int(x) and 0 <= x <= n for x in lengths):
+                    raise UserError(f"lengths must be {self.batch} integers in 0..{n}, got {lengths}")
+            host = tokens.to("cpu", torch.int64)
+            valid = torch.arange(n).view(1, -1) < torch.tensor(lengths).view(-1, 1)
+            bad = valid & ((host < 0) | (host >= vocab))
+            if bool(bad.any()):
+                raise UserError(f"token id {int(host[bad][0])} is outside the vocabulary (0..{vocab - 1})")
+            tokens = torch.where(valid, host, 0)
         else:
-            rows = [list(tokens)] if self.batch == 1 and (len(tokens) == 0 or not isinstance(tokens[0], (list, tuple)))\
-                else [list(r) for r in tokens]
+            if lengths is not None:
+                raise UserError("lengths goes with a token tensor; token lists carry their own lengths")
+            if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (list, tuple)):
+                raise UserError(f"tokens must be a list of token ids (or one list per stream, or a tensor), "
+                                f"got {type(tokens).__name__}; encode text with the tokenizer first")
+            nested = len(tokens) > 0 and all(isinstance(r, (list, tuple)) for r in tokens)
+            rows = [list(r) for r in tokens] if nested or self.batch > 1 else [list(tokens)]
             if len(rows) != self.batch:
                 raise UserError(f"got token lists for {len(rows)} streams, the session has batch={self.batch}")
-            width = max(len(r) for r in rows)
-            tokens = torch.zeros(self.batch, width, dtype=torch.int64)
+            for r in rows:
+                for x in r:
+                    if not _is_int(x):
+                        raise UserError(f"token ids must be integers, got {x!r} ({type(x).__name__})")
+                    if not 0 <= x < vocab:
+                        raise UserError(f"token id {x} is outside the vocabulary (0..{vocab - 1})")
+            lengths = [len(r) for r in rows]
+            tokens = torch.zeros(self.batch, max(lengths), dtype=torch.int64)
             for b, r in enumerate(rows):
-                tokens[b, : len(r)] = torch.as_tensor(r, dtype=torch.int64)
-            lengths = torch.tensor([len(r) for r in rows])
-        tokens, lengths = tokens.to(device=device, dtype=torch.int64), lengths.to(device=device, dtype=torch.int64)
-        if lengths.shape != (self.batch,) or bool((lengths < 0).any()) or bool((lengths > tokens.shape[1]).any()):
-            raise UserError(f"lengths must be {self.batch} values in 0..{tokens.shape[1]}, got {lengths.tolist()}")
-        valid = torch.arange(tokens.shape[1], device=device).view(1, -1) < lengths.view(-1, 1)
-        vocab = self.model.config.vocab_size
-        bad = valid & ((tokens < 0) | (tokens >= vocab))
-        if bool(bad.any()):
-            raise UserError(f"token id {int(tokens[bad][0])} is outside the vocabulary (0..{vocab - 1})")
-        return torch.where(valid, tokens, 0), lengths
+                tokens[b, : len(r)] = torch.tensor(r, dtype=torch.int64)
+        return tokens.to(self.model.device), lengths
 
     def reset(self, rows: list[int] | None = None) -> None:
         """Start streams ``rows`` (all when None) afresh."""
@@ -144,7 +196,8 @@ class Session:
             self.last_logits[rows] = 0
 
     def save(self, path: str | Path) -> None:
-        """Write the whole state (cache, counters, newest logits) to one safetensors file."""
+        """Write the whole state (cache, counters, newest logits) to one safetensors file,
+        atomically, with the model's fingerprint and a checksum over everything in it."""
         from safetensors import SafetensorError
         from safetensors.torch import save_file
 
@@ -152,20 +205,24 @@ class Session:
         tensors = {"keys": c.keys, "values": c.values, "seen": c.seen}
         if self.last_logits is not None:
             tensors["last_logits"] = self.last_logits
+        tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
         meta = {
             "format": FORMAT,
-            "model": self.model.config.fingerprint(),
-            "sink_tokens": str(c.sink_tokens),
-            "window": str(c.window),
+            "version": str(VERSION),
+            "model": model_fingerprint(self.model),
+            "model_shape": self.model.config.fingerprint(),
+            "sink_tokens": str(c.geometry.sink_tokens),
+            "window": str(c.geometry.window),
             "max_chunk": str(self.max_chunk),
-            "cache_fill": str(c.fill_value),
+            "cache_fill": repr(float(c.fill_value)),
         }
+        meta["checksum"] = _checksum(tensors, meta)
         path = Path(path)
         if not path.parent.is_dir():
             raise UserError(f"{path}: cannot save the session, directory {path.parent} does not exist")
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f".{path.name}.tmp")
         try:
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+            save_file(tensors, str(tmp), metadata=meta)
             tmp.replace(path)
         except (OSError, SafetensorError) as e:
             tmp.unlink(missing_ok=True)
@@ -173,7 +230,11 @@ class Session:
 
     @classmethod
     def load(cls, path: str | Path, model) -> "Session":
-        """Restore a session written by :meth:`save`; it continues exactly where it stopped."""
+        """Restore a session written by :meth:`save`; it continues exactly where it stopped.
+
+        Refuses (``UserError`` naming what differs) a file of another version, another model
+        (by content, not only shape), or one whose contents were changed or are inconsistent.
+        """
         from safetensors import SafetensorError, safe_open
 
         try:
@@ -182,18 +243,50 @@ class Session:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError) as e:
             raise UserError(f"{path}: cannot be read as a saved session ({e})") from None
-        if meta.get("format") != FORMAT:
+        if meta.get("format") not in (FORMAT, f"{FORMAT}/1"):
             raise UserError(f"{path}: not a streaming-trt session file")
-        if meta.get("model") != model.config.fingerprint():
-            raise UserError(
-                f"{path}: saved for model {meta.get('model')}, but the loaded model is {model.config.fingerprint()}"
-            )
-        keys = tensors["keys"]
-        session = cls(model, int(meta["sink_tokens"]), int(meta["window"]), batch=keys.shape[1],
-                      max_chunk=int(meta["max_chunk"]), cache_fill=float(meta.get("cache_fill", 0.0)))
+        version = meta.get("version", "1")
+        if version != str(VERSION):
+            raise UserError(f"{path}: a session file of format version {version}, written by another version of "
+                            f"streaming-trt; this one reads version {VERSION} (its caches store keys rotated), so "
+                            "the conversation must be started again")
+        if meta.get("checksum") != _checksum(tensors, meta):
+            raise UserError(f"{path}: the file's contents do not match its checksum: it was changed or damaged")
+        if meta.get("model") != model_fingerprint(model):
+            raise UserError(f"{path}: saved for another model ({meta.get('model_shape')}, weights "
+                            f"{str(meta.get('model'))[:12]}), but the loaded model is "
+                            f"{model.config.fingerprint()}, weights {model_fingerprint(model)[:12]}")
+        try:
+            sink_tokens, window, max_chunk = (int(meta[k]) for k in ("sink_tokens", "window", "max_chunk"))
+            fill = float(meta["cache_fill"])
+            keys, values, seen = tensors["keys"], tensors["values"], tensors["seen"]
+        except (KeyError, ValueError) as e:
+            raise UserError(f"{path}: the session file lacks or mangles {e}") from None
+        geometry = Geometry(sink_tokens, window)
+        c = model.config
+        shape = (c.num_layers, seen.shape[0] if seen.dim() == 1 else -1, c.num_kv_heads, geometry.capacity, c.head_dim)
+        problems = []
+        if seen.dim() != 1 or seen.dtype != torch.int64 or seen.numel() < 1 or bool((seen < 0).any()):
+            problems.append(f"stream counters {seen.tolist()} must be one integer >= 0 per stream")
+        for name, t in (("keys", keys), ("values", values)):
+            if tuple(t.shape) != shape or t.dtype != model.dtype:
+                problems.append(f"{name} are {list(t.shape)} {t.dtype}, the model needs {list(shape)} {model.dtype}")
+        last = tensors.get("last_logits")
+        if last is not None and (tuple(last.shape) != (seen.shape[0], c.vocab_size) or not bool(last.isfinite().all())):
+            problems.append("the newest logits are mis-shaped or not finite")
+        if problems:
+            raise UserError(f"{path}: " + "; ".join(problems))
+        written = geometry.slot_tokens(seen) >= 0  # [batch, capacity]
+        for name, t in (("keys", keys), ("values", values)):
+            if not bool(t.float().isfinite().all(-1).all(2).all(0)[written].all()):
+                raise UserError(f"{path}: the cached {name} hold non-finite values")
+        if not math.isnan(fill) and not bool((keys.float().isfinite()).all()):
+            raise UserError(f"{path}: the cache holds non-finite values")
+        session = cls(model, sink_tokens, window, batch=seen.shape[0], max_chunk=max_chunk, cache_fill=fill)
         session.cache.keys.copy_(keys)
-        session.cache.values.copy_(tensors["values"])
-        session.cache.seen.copy_(tensors["seen"])
-        if "last_logits" in tensors:
-            session.last_logits = tensors["last_logits"].to(model.device)
+        session.cache.values.copy_(values)
+        session.cache.seen = seen.to(model.device)
+        session.cache.seen_host = seen.tolist()
+        if last is not None:
+            session.last_logits = last.to(model.device)
         return session

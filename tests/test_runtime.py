@@ -143,7 +143,7 @@ def test_restore_refuses_another_model(checkpoints, tmp_path):
     s = st.load_model(path).session(sink_tokens=1, window=4)
     s.feed([1, 2, 3])
     s.save(tmp_path / "s.safetensors")
-    with pytest.raises(st.UserError, match="saved for model"):
+    with pytest.raises(st.UserError, match="saved for another model"):
         st.Session.load(tmp_path / "s.safetensors", st.load_model(other))
     (tmp_path / "junk").write_bytes(b"not a session")
     with pytest.raises(st.UserError, match="cannot be read"):
