@@ -18,26 +18,21 @@ from pathlib import Path
 
 import torch
 
-from .convert import (ARCHITECTURE, DTYPES, Mapping, check_mapping, expected_rank_shapes, merge_trtllm_checkpoint,
-                      model_config_from_trtllm, padded_vocab, rank_tensors, read_trtllm_checkpoint, trtllm_config,
-                      write_trtllm_checkpoint)
+from .convert import DTYPES, Mapping, check_mapping, merge_trtllm_checkpoint, read_trtllm_checkpoint, write_trtllm_checkpoint
 from .emulate import TrtllmSinkEmulator, expected_agreement, hf_weights
-from .engine import Toolchain, find_toolchain, run_build, supports_sinks
-from .files import atomic_dir, check_output_dir
-from .settings import (SINK_VERSIONS, EngineOptions, SinkSettings, check_engine_options, run_py_flags,
-                       runtime_settings, sink_settings, trtllm_build_command)
-from .support import SourceModel, check_sink_engine, read_source, sink_engine_problems
-from .triton import TritonOptions, model_parameters, parse_model_config, write_triton_repo
+from .engine import Toolchain, find_toolchain, supports_sinks
+from .files import atomic_dir
+from .settings import SINK_VERSIONS, EngineOptions, SinkSettings, sink_settings, trtllm_build_command
+from .support import SourceModel, check_sink_engine, read_source
+from .triton import TritonOptions, write_triton_repo
 
+# The user API. Everything else is an implementation detail of its submodule (import it from
+# there: ``streaming_trt.export.settings.runtime_settings``); the command line is ``export.cli``.
 __all__ = [
-    "ARCHITECTURE", "DTYPES", "SINK_VERSIONS", "EngineOptions", "ExportPlan", "ExportResult", "Mapping", "SinkSettings",
-    "SourceModel", "Toolchain", "TritonOptions", "TrtllmSinkEmulator", "atomic_dir", "check_engine_options",
-    "check_mapping", "check_output_dir", "check_sink_engine", "expected_agreement", "expected_rank_shapes",
-    "export_checkpoint", "find_toolchain", "hf_weights", "load_trtllm_checkpoint", "merge_trtllm_checkpoint",
-    "model_config_from_trtllm", "model_parameters", "padded_vocab", "parse_model_config", "plan_export", "rank_tensors",
-    "read_source", "read_trtllm_checkpoint", "resolve_export_dtype", "run_build", "run_py_flags",
-    "runtime_settings", "sink_engine_problems", "sink_settings", "supports_sinks", "trtllm_build_command",
-    "trtllm_config", "write_checkpoint_from_hf", "write_trtllm_checkpoint", "write_triton_repo",
+    "SINK_VERSIONS", "EngineOptions", "ExportPlan", "ExportResult", "Mapping", "SinkSettings", "SourceModel",
+    "Toolchain", "TritonOptions", "TrtllmSinkEmulator", "expected_agreement", "export_checkpoint", "find_toolchain",
+    "hf_weights", "load_trtllm_checkpoint", "merge_trtllm_checkpoint", "plan_export", "read_trtllm_checkpoint",
+    "sink_settings", "supports_sinks", "trtllm_build_command", "write_triton_repo",
 ]
 
 

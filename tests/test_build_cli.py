@@ -9,10 +9,11 @@ import textwrap
 
 import pytest
 
-import streaming_trt.export as export
+import streaming_trt.export.cli as export_cli
 from checkpoints import make_checkpoint
 from streaming_trt.build import main
-from streaming_trt.export import Toolchain, parse_model_config, model_parameters
+from streaming_trt.export import Toolchain
+from streaming_trt.export.triton import model_parameters, parse_model_config
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def llama(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def no_toolchain(monkeypatch):
     """This machine has no TensorRT-LLM; make that explicit (and independent of the machine)."""
-    monkeypatch.setattr(export, "find_toolchain", lambda: Toolchain(
+    monkeypatch.setattr(export_cli, "find_toolchain", lambda: Toolchain(
         version=None, cuda=False, build_exe=None,
         missing="the tensorrt_llm package is not installed (stand-in); no CUDA GPU is visible to torch"))
 
@@ -174,7 +175,7 @@ def fake_toolchain(tmp_path, fail=False):
 def test_with_a_toolchain_the_engine_is_built_with_sink_options(llama, tmp_path, capsys, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
-    monkeypatch.setattr(export, "find_toolchain", lambda: fake_toolchain(tmp_path))
+    monkeypatch.setattr(export_cli, "find_toolchain", lambda: fake_toolchain(tmp_path))
     code, err = run(capsys, "--model", llama, "--output", work / "out", "--sink-tokens", 4, "--window", 12,
                     "--gather-logits")
     assert code == 0, err
@@ -192,7 +193,7 @@ def test_with_a_toolchain_the_engine_is_built_with_sink_options(llama, tmp_path,
 def test_a_failed_build_leaves_nothing(llama, tmp_path, capsys, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
-    monkeypatch.setattr(export, "find_toolchain", lambda: fake_toolchain(tmp_path, fail=True))
+    monkeypatch.setattr(export_cli, "find_toolchain", lambda: fake_toolchain(tmp_path, fail=True))
     code, err = run(capsys, "--model", llama, "--output", work / "out", "--sink-tokens", 4, "--window", 12,
                     "--triton-repo", work / "repo")
     assert code == 2

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from streaming_trt.errors import UserError
-from streaming_trt.export import TritonOptions, model_parameters, parse_model_config, sink_settings, write_triton_repo
+from streaming_trt.export import TritonOptions, sink_settings, write_triton_repo
+from streaming_trt.export.triton import model_parameters, parse_model_config
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] (ships the ModelConfig protobuf) is not installed")
 
