@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from streaming_trt.kernels.geometry import Geometry
+
 
 def attended(t: int, sink_tokens: int, window: int) -> list[int]:
     """A(t) of the contract, in order."""
-    return list(range(min(sink_tokens, t + 1))) + list(range(max(sink_tokens, t - window + 1), t + 1))
+    return Geometry(sink_tokens, window).attended(t)
 
 
 @torch.no_grad()
