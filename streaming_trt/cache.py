@@ -149,10 +149,21 @@ class StreamingCache:
             self.ops.cache_write(k, v, k_cache, v_cache, plan.start, plan.lengths, self.geometry)
         return out
 
-    def advance(self, plan: StepPlan, lengths: list[int]) -> None:
-        """Count the step's tokens as stored (after every layer has attended)."""
-        self.seen = plan.seen_after
-        self.seen_host = [s + n for s, n in zip(self.seen_host, lengths)]
+    def decode_plan(self, full: bool) -> StepPlan:
+        """The plan of a decode step (one token per stream) from device state only, with no host
+        reads: what a CUDA graph captures. Rank angles are always formed (equal to the text ones
+        while ``t < C``); ``full`` must hold for every stream when True."""
+        g, start = self.geometry, self.seen
+        t = start.view(-1, 1)
+        text = tuple(x.unsqueeze(2) for x in rotary_angles(self.inv_freq, t))
+        rank = tuple(x.unsqueeze(2) for x in rotary_angles(self.inv_freq, g.rank(t)))
+        return StepPlan(start=start, lengths=torch.ones_like(start), seen_after=start + 1, text=text, rank=rank,
+                        decode=True, full=full, slots=g.slot(start))
+
+    def advance(self, plan: StepPlan) -> None:
+        """Count the step's tokens as stored on the device (after every layer has attended); in
+        place, so a captured decode step updates the same tensor. The caller moves ``seen_host``."""
+        self.seen.copy_(plan.seen_after)
 
     def reset(self, rows: list[int] | None = None) -> None:
         """Forget streams ``rows`` (all when None); their slots are refilled, memory is kept."""
@@ -160,6 +171,6 @@ class StreamingCache:
         index = torch.as_tensor(rows, dtype=torch.int64, device=self.seen.device)
         self.keys[:, index] = self.fill_value
         self.values[:, index] = self.fill_value
-        self.seen = self.seen.index_fill(0, index, 0)
+        self.seen.index_fill_(0, index, 0)
         for r in rows:
             self.seen_host[r] = 0

@@ -153,19 +153,24 @@ class Transformer(nn.Module):
         """
         n = tokens.shape[1]
         plan = cache.plan(lengths, n)
+        logits = self.run(tokens, cache, plan, last_only)
+        cache.seen_host = [s + length for s, length in zip(cache.seen_host, lengths)]
+        return logits
+
+    def run(self, tokens: torch.Tensor, cache: "StreamingCache", plan: "StepPlan", last_only: bool) -> torch.Tensor:
+        """The forward of :meth:`forward` over a ready plan; touches only device state (a decode
+        step with :meth:`StreamingCache.decode_plan` can be captured in a CUDA graph)."""
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, i, cache, plan)
-        cache.advance(plan, lengths)
+        cache.advance(plan)
         head = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        n = tokens.shape[1]
         if last_only:
-            if n > 1:
-                x = x[torch.arange(x.shape[0], device=x.device), (plan.lengths - 1).clamp(min=0)]
-            else:
-                x = x[:, 0]
+            x = x[:, 0] if n == 1 else x[torch.arange(x.shape[0], device=x.device), (plan.lengths - 1).clamp(min=0)]
             return F.linear(self.norm(x), head).float()
         logits = F.linear(self.norm(x), head).float()
-        if min(lengths) < n:
+        if not plan.decode:
             valid = torch.arange(n, device=x.device).view(1, -1, 1) < plan.lengths.view(-1, 1, 1)
             logits.masked_fill_(~valid, 0.0)
         return logits

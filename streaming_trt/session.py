@@ -65,10 +65,12 @@ class Session:
         max_chunk: longer inputs are fed in pieces of this many tokens (the contract makes chunking
             invisible; it bounds the memory of one forward).
         cache_fill: value of never-written cache slots (tests use NaN to expose masking bugs).
+        capture_decode: on CUDA, replay decode steps (one token per stream) from CUDA graphs
+            captured on first use (:mod:`streaming_trt.graphs`); ignored on a CPU.
     """
 
     def __init__(self, model, sink_tokens: int = 4, window: int = 1020, batch: int = 1, max_chunk: int = 512,
-                 cache_fill: float = 0.0):
+                 cache_fill: float = 0.0, capture_decode: bool = False):
         geometry = Geometry(sink_tokens, window)
         geometry.check_positions(model.config.max_position_embeddings)
         if not _is_int(batch) or batch < 1:
@@ -80,6 +82,11 @@ class Session:
         self.cache = StreamingCache(model.config, batch, geometry, model.dtype, model.device, ops(model.backend),
                                     model.inv_freq, cache_fill)
         self.last_logits: torch.Tensor | None = None  # [batch, vocab] logits of each stream's newest token
+        self.graphs = None
+        if capture_decode and model.device.type == "cuda":
+            from .graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, self.cache)
 
     @property
     def geometry(self) -> Geometry:
@@ -124,6 +131,12 @@ class Session:
             if width == 0:
                 break
             chunk = tokens[:, lo : lo + width]
+            if self.graphs is not None and width == 1 and all(part):
+                newest = self.graphs(chunk).clone()
+                if all_logits:
+                    logits[:, lo] = newest
+                self._set_last(newest, part)
+                continue
             if not all_logits:
                 # Chunks only ever hold a stream's newest tokens, so each row's last valid one is it.
                 self._set_last(self.model(chunk, self.cache, part, last_only=True), part)
@@ -285,7 +298,7 @@ class Session:
         session = cls(model, sink_tokens, window, batch=seen.shape[0], max_chunk=max_chunk, cache_fill=fill)
         session.cache.keys.copy_(keys)
         session.cache.values.copy_(values)
-        session.cache.seen = seen.to(model.device)
+        session.cache.seen.copy_(seen)
         session.cache.seen_host = seen.tolist()
         if last is not None:
             session.last_logits = last.to(model.device)

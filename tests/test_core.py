@@ -280,3 +280,43 @@ class _nothing:
 
     def __exit__(self, *a):
         return False
+
+
+# The decode step as a CUDA graph captures it ------------------------------------------------
+
+
+def test_device_only_decode_plan_equals_planned_decode(tiny):
+    """The step a CUDA graph captures (plan from device state only, rank angles always formed,
+    the cache-full variant without a mask), run eagerly, equals the host-planned decode."""
+    from streaming_trt.graphs import DecodeGraphs
+
+    path, _ = tiny("llama")
+    model = st.load_model(path, backend="torch")
+    sink_tokens, window = 2, 5
+    ids = torch.randint(0, 97, (4 * (sink_tokens + window),))
+    planned = model.session(sink_tokens=sink_tokens, window=window, batch=2, cache_fill=NAN)
+    captured = model.session(sink_tokens=sink_tokens, window=window, batch=2, cache_fill=NAN)
+    graphs = DecodeGraphs(model, captured.cache)
+    planned.feed([[1, 2], [3]]), captured.feed([[1, 2], [3]])
+    for token in ids.tolist():
+        want = planned.feed([[token], [token]], all_logits=False)
+        full = min(captured.cache.seen_host) + 1 >= captured.cache.capacity
+        got = graphs.step(torch.tensor([[token], [token]]), full)
+        captured.cache.seen_host = [s + 1 for s in captured.cache.seen_host]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert captured.seen == planned.seen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: CUDA-graph capture needs one")
+def test_captured_decode_equals_eager_on_cuda(tiny):
+    path, _ = tiny("llama")
+    model = st.load_model(path, device="cuda")
+    ids = torch.randint(0, 97, (3 * 12,)).tolist()
+    eager = model.session(sink_tokens=4, window=8, batch=2)
+    graphed = model.session(sink_tokens=4, window=8, batch=2, capture_decode=True)
+    eager.feed([[5, 6, 7], [8]]), graphed.feed([[5, 6, 7], [8]])
+    for token in ids:
+        want = eager.feed([[token], [token]], all_logits=False).clone()
+        got = graphed.feed([[token], [token]], all_logits=False)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert set(graphed.graphs.graphs) == {False, True}
