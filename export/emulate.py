@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from streaming_trt.config import ModelConfig
 from streaming_trt.errors import UserError
+from streaming_trt.kernels.geometry import Geometry
 from streaming_trt.rope import inverse_frequencies
 
 from .settings import CONVENTIONS
@@ -211,12 +212,13 @@ def expected_agreement(prompt_len: int, total_len: int, sink_tokens: int, window
     model agrees on every generated row, and deeper models agree again once the window has moved
     past the long prompt's tail by as many windows as the difference needs layers to fade.
     """
-    capacity = sink_tokens + window
+    geometry = Geometry(sink_tokens, window)
+    capacity = geometry.capacity
     # dirty[l][u]: the keys/values token u stores at layer l differ from the contract's.
     dirty = [[False] * total_len for _ in range(num_layers + 1)]
     rows = torch.zeros(total_len, dtype=torch.bool)
     for t in range(total_len):
-        visible = list(range(min(sink_tokens, t + 1))) + list(range(max(sink_tokens, t - window + 1), t + 1))
+        visible = geometry.attended(t)
         for layer in range(num_layers):
             if t < prompt_len:
                 out = t >= capacity  # dense context phase vs A(t); before that both see 0..t, all clean

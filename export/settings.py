@@ -27,6 +27,7 @@ import dataclasses
 import shlex
 
 from streaming_trt.errors import UserError
+from streaming_trt.kernels.geometry import Geometry
 
 SINK_VERSIONS = "0.9.0 to 0.21.x"
 CONVENTIONS = ("exclusive", "inclusive")
@@ -41,8 +42,12 @@ class SinkSettings:
     convention: str = "exclusive"  # how the engine counts max_attention_window_size; see the module doc
 
     @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.sink_tokens, self.window)
+
+    @property
     def capacity(self) -> int:
-        return self.sink_tokens + self.window
+        return self.geometry.capacity
 
     @property
     def sink_token_length(self) -> int:
@@ -64,11 +69,10 @@ class SinkSettings:
 
 def sink_settings(sink_tokens: int, window: int, convention: str = "exclusive") -> SinkSettings:
     """Validated settings; UserError with the reason otherwise."""
-    if not isinstance(sink_tokens, int) or sink_tokens < 0:
-        raise UserError(f"--sink-tokens must be an integer >= 0, got {sink_tokens!r}")
-    if not isinstance(window, int) or window < 2:
+    Geometry(sink_tokens, window)  # the contract's own validation
+    if window < 2:
         raise UserError(
-            f"--window must be an integer >= 2 for a TensorRT-LLM engine, got {window!r}: the engine keeps "
+            f"--window must be an integer >= 2 for a TensorRT-LLM engine, got {window}: the engine keeps "
             "window - 1 past tokens in a ring next to the sinks, and a ring of 0 slots is not supported")
     if convention not in CONVENTIONS:
         raise UserError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
