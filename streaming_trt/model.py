@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import resolve_backend
+from .kernel_backend import resolve_backend
 from .checkpoint import check_state_dict, load_checkpoint
 from .config import ModelConfig
 from .errors import UserError

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from .attention import ops
+from .kernel_backend import kernel_ops
 from .cache import StreamingCache
 from .errors import UserError
 from .kernels.geometry import Geometry
@@ -79,7 +79,7 @@ class Session:
             raise UserError(f"max_chunk must be an integer >= 1, got {max_chunk!r}")
         self.model = model
         self.max_chunk = max_chunk
-        self.cache = StreamingCache(model.config, batch, geometry, model.dtype, model.device, ops(model.backend),
+        self.cache = StreamingCache(model.config, batch, geometry, model.dtype, model.device, kernel_ops(model.backend),
                                     model.inv_freq, cache_fill)
         self.last_logits: torch.Tensor | None = None  # [batch, vocab] logits of each stream's newest token
         self.graphs = None

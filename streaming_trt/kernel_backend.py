@@ -1,7 +1,8 @@
-"""The attention backend switch: PyTorch references or Triton kernels, one interface.
+"""Which implementation of the cache's attention kernels a model uses: the PyTorch references or
+the Triton kernels, behind one interface.
 
-Both backends provide ``cache_write``, ``decode_attention`` and ``prefill_attention`` with the
-signatures of :mod:`streaming_trt.kernels.reference`.
+Both provide ``cache_write``, ``decode_attention`` and ``prefill_attention`` with the signatures
+of :mod:`streaming_trt.kernels.reference`.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def ops(backend: str) -> ModuleType:
+def kernel_ops(backend: str) -> ModuleType:
     """The module whose functions implement attention for a resolved backend name."""
     from . import kernels
 
