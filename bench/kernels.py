@@ -34,11 +34,10 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from bench.common import ROOT, CheckFailed, info, int_list, resolve_device, resolve_dtype, script_main
+from bench.common import CheckFailed, info, int_list, out_dir, resolve_device, resolve_dtype, script_main
 from streaming_trt.errors import UserError
 
 HEADS = {  # name -> (num_heads, num_kv_heads, head_dim)
@@ -334,8 +333,7 @@ def run(args, argv) -> int:
     iters = args.iters if args.iters is not None else (20 if gpu else 2)
     if warmup < 0 or iters < 1:
         raise UserError("--warmup must be >= 0 and --iters >= 1")
-    out = Path(args.out) if args.out else ROOT / "runs" / "kernels"
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir(args, "kernels")
 
     from tqdm import tqdm
 

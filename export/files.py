@@ -20,9 +20,16 @@ def check_output_dir(path: str | Path, overwrite: bool, flag: str = "--overwrite
         raise UserError(f"{path}: exists and is not a directory")
     parent = path.absolute().parent
     if not parent.is_dir():
-        raise UserError(f"{parent}: parent directory of the output does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{parent}: not writable")
+        above = parent
+        while not above.exists() and above != above.parent:
+            above = above.parent
+        if above.exists() and not above.is_dir():
+            raise UserError(f"{path}: cannot be created, {above} is a file, not a directory")
+        raise UserError(f"{path}: cannot be created, its parent directory {parent} does not exist (create it first)")
+    try:  # os.access says yes to root even on read-only file systems such as /proc: ask by doing
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=parent))
+    except OSError as e:
+        raise UserError(f"{path}: cannot be created, {parent} is not writable ({e.strerror})") from None
     return path
 
 
@@ -34,7 +41,10 @@ def atomic_dir(path: str | Path, overwrite: bool = False, flag: str = "--overwri
     ``overwrite`` an existing ``path`` is replaced only after everything else succeeded.
     """
     path = check_output_dir(path, overwrite, flag).absolute()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as e:
+        raise UserError(f"{path}: cannot be created ({e.strerror})") from None
     try:
         yield tmp
         if path.exists():
@@ -44,6 +54,9 @@ def atomic_dir(path: str | Path, overwrite: bool = False, flag: str = "--overwri
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
+    except OSError as e:  # a disk that filled up, a directory made read-only meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{path}: writing failed ({e.strerror or e}{': ' + e.filename if e.filename else ''})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

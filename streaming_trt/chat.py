@@ -132,9 +132,14 @@ def _chat(args) -> int:
     def lines():
         while True:
             try:
-                yield input("you> " if interactive else "")
+                with clock.waiting():  # the user's typing is not the model's time
+                    line = input("you> " if interactive else "")
             except EOFError:
+                if interactive:  # Ctrl-D leaves the cursor after "you> "
+                    sys.stdout.write("\n")
+                    sys.stdout.flush()
                 return
+            yield line
 
     def write(text: str) -> None:
         sys.stdout.write(text)

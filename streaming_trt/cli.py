@@ -48,9 +48,41 @@ def run(job) -> int:
     except UserError as e:
         info(f"error: {e}")
         return 2
+    except OSError as e:  # a file or folder that cannot be read or written, a full disk
+        where = f"{e.filename}: " if e.filename else ""
+        info(f"error: {where}{e.strerror or e}")
+        return 2
     except KeyboardInterrupt:
         info("interrupted")
         return 130
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """Refuse, before any work, an output file ``path`` that cannot be written: its folder is
+    missing, is a file, or is read-only, or ``path`` is a folder."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    if path is None:
+        return
+    target = Path(path)
+    parent = target.absolute().parent
+    if target.is_dir():
+        raise UserError(f"{flag} {path}: is a directory; name a file inside it")
+    if not parent.is_dir():
+        above = parent
+        while not above.exists() and above != above.parent:
+            above = above.parent
+        if above.exists() and not above.is_dir():
+            raise UserError(f"{flag} {path}: cannot be written, {above} is a file, not a directory")
+        raise UserError(f"{flag} {path}: cannot be written, the directory {parent} does not exist")
+    try:  # os.access says yes to root even on read-only file systems: ask by doing
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot be written, {parent} is not writable ({e.strerror})") from None
 
 
 def load(args):
@@ -91,12 +123,27 @@ class Clock:
         self.session = session
         self.start_tokens = session.seen[0]
         self.start = time.perf_counter()
+        self.idle = 0.0  # seconds spent waiting for the user, not counted
+
+    def waiting(self):
+        """``with clock.waiting(): input()``: time inside is left out of the tokens per second."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def idle():
+            began = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.idle += time.perf_counter() - began
+
+        return idle()
 
     def report(self) -> None:
-        """One line: tokens fed (prompt and generated alike) per second, and the cache."""
+        """One line: tokens fed (prompt and generated alike) per second of work, and the cache."""
         s = self.session
         tokens = s.seen[0] - self.start_tokens
-        seconds = time.perf_counter() - self.start
+        seconds = time.perf_counter() - self.start - self.idle
         info(f"[streaming-trt] {tokens} tokens fed in {seconds:.2f} s ({tokens / max(seconds, 1e-9):.1f} tok/s); "
              f"stream length {s.seen[0]}, cache {s.cache.capacity} slots "
              f"(sink_tokens={s.sink_tokens}, window={s.window}), {s.cache.nbytes() / 2**20:.1f} MiB")

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 def _generate(args) -> int:
     from . import cli
 
+    cli.check_output_file(args.save_session, "--save-session")  # before the model loads and generates
     model, tokenizer = cli.load(args)
     session = cli.open_session(args, model)
     prompt = args.prompt

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import torch
 
@@ -12,10 +13,18 @@ from .errors import UserError
 GREEDY_BELOW = 1e-5  # smaller temperatures would overflow the scaled logits; they mean greedy
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 @dataclasses.dataclass
 class SamplingParams:
     """How tokens are drawn. ``temperature == 0`` (or below 1e-5) is greedy; ``top_k == 0`` and
-    ``top_p == 1`` are off."""
+    ``top_p == 1`` are off. Order: temperature, then top-k, then top-p on what top-k kept."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -23,12 +32,14 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise UserError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise UserError(f"top_k must be >= 0 (0 keeps every token), got {self.top_k}")
-        if not 0 < self.top_p <= 1:  # also refuses NaN
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (_is_real(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UserError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise UserError(f"top_k must be an integer >= 0 (0 keeps every token), got {self.top_k!r}")
+        if not (_is_real(self.top_p) and 0 < self.top_p <= 1):  # also refuses NaN
+            raise UserError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise UserError(f"seed must be an integer or None, got {self.seed!r}")
 
 
 class Sampler:
@@ -42,11 +53,11 @@ class Sampler:
         else:
             self.generator.manual_seed(params.seed)
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits [batch, vocab]`` float -> token ids ``[batch]`` int64."""
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits [batch, vocab]`` -> float32 probabilities ``[batch, vocab]`` the next token is
+        drawn from (not for greedy parameters): the smallest set of most likely tokens whose
+        probability reaches ``top_p`` is kept, so the token that crosses the threshold stays."""
         p = self.params
-        if p.temperature < GREEDY_BELOW:
-            return logits.argmax(dim=-1)
         logits = logits.float() / p.temperature
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -57,5 +68,10 @@ class Sampler:
             # drop a token when the tokens ranked above it already reach top_p
             drop = probs.cumsum(-1) - probs >= p.top_p
             logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-        probs = torch.softmax(logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=self.generator).view(-1)
+        return torch.softmax(logits, dim=-1)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits [batch, vocab]`` float -> token ids ``[batch]`` int64."""
+        if self.params.temperature < GREEDY_BELOW:
+            return logits.argmax(dim=-1)
+        return torch.multinomial(self.distribution(logits), 1, generator=self.generator).view(-1)

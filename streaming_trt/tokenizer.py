@@ -63,6 +63,14 @@ def load_tokenizer(path: str | Path | None):
     """The tokenizer of checkpoint directory ``path`` (via transformers), or the built-in one."""
     if path is None:
         return BuiltinTokenizer()
+    folder = Path(path)
+    if not folder.is_dir():  # else transformers takes it for a hub name and talks about repo ids
+        raise CheckpointError(f"{path}: {'not a directory' if folder.exists() else 'no such directory'}; "
+                              "pass the checkpoint directory that holds the tokenizer files")
+    known = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+    if not any((folder / name).is_file() for name in known):
+        raise CheckpointError(f"{path}: no tokenizer files ({', '.join(known)}); copy the checkpoint's "
+                              "tokenizer files into this directory")
     try:
         from transformers import AutoTokenizer
 
