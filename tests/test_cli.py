@@ -34,7 +34,8 @@ def run_cli(*args, stdin: str = ""):
 
 
 def test_generate_builtin_default_end_to_end():
-    r = run_cli("streaming_trt.generate", "--max-new-tokens", "40", "--window", "16", "--sink-tokens", "2")
+    r = run_cli("streaming_trt.generate", "--model", "builtin:random", "--max-new-tokens", "40", "--window", "16",
+                "--sink-tokens", "2")
     assert r.returncode == 0, r.stderr
     assert "RANDOM weights" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stdout.strip()) > 0
@@ -134,18 +135,18 @@ BAD_ARGS = [
 @pytest.mark.parametrize("argv,message", BAD_ARGS, ids=[a[0][0] for a in BAD_ARGS])
 def test_cli_errors(argv, message, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert generate_cli.main(argv + ["--max-new-tokens", "2"]) == 2
+    assert generate_cli.main(["--model", "builtin:random"] + argv + ["--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert f"error: " in err and message in err and "Traceback" not in err
 
 
 def test_cli_error_in_subprocess_has_no_traceback():
-    r = run_cli("streaming_trt.chat", "--window", "0")
+    r = run_cli("streaming_trt.chat", "--model", "builtin:random", "--window", "0")
     assert r.returncode == 2 and "window must be" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_capacity_beyond_trained_positions_warns(capsys):
-    assert generate_cli.main(["--window", "5000", "--max-new-tokens", "2"]) == 0
+    assert generate_cli.main(["--model", "builtin:random", "--window", "5000", "--max-new-tokens", "2"]) == 0
     assert "warning: capacity" in capsys.readouterr().err
 
 
