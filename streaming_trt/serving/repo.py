@@ -1,0 +1,194 @@
+"""Writing the Triton model repository, and finding and running a ``tritonserver``."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from importlib import resources, util
+from pathlib import Path
+
+from ..errors import UserError
+
+MODEL_NAME = "streaming_llm"
+
+CONFIG = """\
+# Written by `python -m streaming_trt.serve`: the eager streaming-trt runtime on the Python backend.
+# One request = one chat turn; the conversation is the sequence (correlation id); replies stream.
+# MESSAGES is the UTF-8 bytes of a JSON list of {{"role", "content"}} messages; TEXT and FINISH are
+# UTF-8 too (UINT8 rather than BYTES: the wheel's backend stub mishandles numpy 2 arrays).
+name: "{name}"
+backend: "python"
+max_batch_size: 0
+model_transaction_policy {{ decoupled: true }}
+input [
+  {{ name: "MESSAGES" data_type: TYPE_UINT8 dims: [ -1 ] }},
+  {{ name: "MAX_TOKENS" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
+  {{ name: "TEMPERATURE" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
+  {{ name: "TOP_K" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
+  {{ name: "TOP_P" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
+  {{ name: "SEED" data_type: TYPE_INT64 dims: [ 1 ] optional: true }},
+  {{ name: "RESUME" data_type: TYPE_BOOL dims: [ 1 ] optional: true }}
+]
+output [
+  {{ name: "TOKEN_ID" data_type: TYPE_INT64 dims: [ 1 ] }},
+  {{ name: "TEXT" data_type: TYPE_UINT8 dims: [ -1 ] }},
+  {{ name: "PROMPT_TOKENS" data_type: TYPE_INT32 dims: [ 1 ] }},
+  {{ name: "SEEN" data_type: TYPE_INT64 dims: [ 1 ] }},
+  {{ name: "FINISH" data_type: TYPE_UINT8 dims: [ -1 ] }}
+]
+sequence_batching {{
+  max_sequence_idle_microseconds: {idle_us}
+  oldest {{ max_candidate_sequences: {candidates} }}
+  control_input [
+    {{ name: "START" control [ {{ kind: CONTROL_SEQUENCE_START fp32_false_true: [ 0, 1 ] }} ] }},
+    {{ name: "END" control [ {{ kind: CONTROL_SEQUENCE_END fp32_false_true: [ 0, 1 ] }} ] }},
+    {{ name: "CORRID" control [ {{ kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 }} ] }}
+  ]
+}}
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+"""
+
+
+def write_repo(repo: str | os.PathLike, settings: dict, name: str = MODEL_NAME, idle_hours: float = 24.0,
+               candidates: int = 4096) -> Path:
+    """Write ``repo/<name>/{config.pbtxt, serve.json, 1/model.py}``; return the model directory.
+
+    ``settings`` are the backend's (see ``serve.py``): model, dtype, device, backend, seed,
+    sink_tokens, window, session_dir, max_resident, max_new_tokens, max_new_tokens_limit,
+    max_input_bytes, threads. One model instance: every conversation lives in one process, so the
+    LRU of resident sessions and their files stay consistent.
+    """
+    model_dir = Path(repo) / name
+    try:
+        (model_dir / "1").mkdir(parents=True, exist_ok=True)
+        (model_dir / "config.pbtxt").write_text(CONFIG.format(name=name, idle_us=int(idle_hours * 3600e6),
+                                                              candidates=candidates))
+        (model_dir / "serve.json").write_text(json.dumps(settings, indent=2) + "\n")
+        template = resources.files("streaming_trt.serving").joinpath("templates/model.py").read_text()
+        (model_dir / "1" / "model.py").write_text(template)
+    except OSError as e:
+        raise UserError(f"cannot write the model repository in {repo} ({e})") from None
+    return model_dir
+
+
+def _pytriton_dir() -> Path | None:
+    spec = util.find_spec("pytriton")  # found without importing PyTriton's Python API
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+
+
+def find_tritonserver(explicit: str | None = None) -> Path:
+    """The binary: ``explicit``, else the one inside the nvidia-pytriton wheel, else ``tritonserver`` on PATH."""
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise UserError(f"--tritonserver {explicit}: no such file")
+        return path
+    base = _pytriton_dir()
+    if base is not None and (base / "bin" / "tritonserver").is_file():
+        return base / "bin" / "tritonserver"
+    found = shutil.which("tritonserver")
+    if found:
+        return Path(found)
+    raise UserError("no tritonserver found: pip install nvidia-pytriton --no-deps (it bundles one), put "
+                    "tritonserver on PATH, or pass --tritonserver PATH; --write-repo DIR only writes the repository")
+
+
+def backend_dir(binary: Path, into: Path) -> Path | None:
+    """For the wheel's binary: a backend directory whose ``python/`` holds the backend library and
+    the stub built for the running Python (the wheel keeps stubs per version elsewhere). Other
+    binaries (NGC containers) use their own backends: None."""
+    base = binary.parent.parent
+    stub = base / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / "triton_python_backend_stub"
+    lib = base / "backends" / "python"
+    if not stub.is_file() or not lib.is_dir():
+        return None
+    target = into / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    for src in (lib / "libtriton_python.so", lib / "triton_python_backend_utils.py", stub):
+        dst = target / src.name
+        if not dst.exists():
+            os.symlink(src, dst)
+    return into
+
+
+def server_env() -> dict:
+    """Environment for the server: the running interpreter first on PATH (the stub runs model.py
+    with it), its ``libpython`` and the wheel's bundled libraries on LD_LIBRARY_PATH."""
+    env = dict(os.environ)
+    libs = [sysconfig.get_config_var("LIBDIR") or ""]
+    base = _pytriton_dir()
+    if base is not None:
+        libs.append(str(base.parent.parent / "nvidia_pytriton.libs"))
+    old = env.get("LD_LIBRARY_PATH")
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([p for p in libs if p] + ([old] if old else []))
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+class TritonServer:
+    """A ``tritonserver`` child process serving ``repo`` on ``host`` only."""
+
+    def __init__(self, repo: Path, host: str, http_port: int, grpc_port: int, binary: Path, work: Path,
+                 log_path: Path | None = None, exit_timeout: int = 5):
+        self.repo, self.host, self.http_port, self.grpc_port = repo, host, http_port, grpc_port
+        cmd = [str(binary), "--model-repository", str(repo), "--http-address", host, "--grpc-address", host,
+               "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--allow-metrics", "false",
+               "--exit-timeout-secs", str(exit_timeout), "--log-verbose", "0"]
+        backends = backend_dir(binary, work / "backends")
+        if backends is not None:
+            cmd += ["--backend-directory", str(backends)]
+        self.log_path = log_path or work / "tritonserver.log"
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=server_env(),
+                                     start_new_session=True)
+
+    def ready(self) -> bool:
+        try:
+            url = f"http://{self.host}:{self.http_port}/v2/health/ready"
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise UserError(f"tritonserver exited with status {self.proc.returncode} before it was ready; "
+                                f"its log ends:\n{self.log_tail()}")
+            if self.ready():
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise UserError(f"tritonserver was not ready after {timeout:.0f} s; its log ends:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL (the process group: the backend stub too) if it does not exit."""
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # leftover stubs of this server only
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
