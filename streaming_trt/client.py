@@ -164,9 +164,13 @@ class Conversation:
 
     def tokens(self, text: str, **sampling) -> Iterator[Token]:
         """The reply to ``text``, token by token; :attr:`last` holds the turn's summary afterwards."""
+        system = [{"role": "system", "content": self.system}] if not self.started and self.system else []
+        yield from self.message_tokens(system + [{"role": "user", "content": text}], **sampling)
+
+    def message_tokens(self, messages: list[dict], **sampling) -> Iterator[Token]:
+        """The reply to ``messages``: any history ending with a user message for a conversation not
+        yet started, exactly one user message for one that is."""
         first = not self.started
-        messages = ([{"role": "system", "content": self.system}] if first and self.system else []) + \
-            [{"role": "user", "content": text}]
         try:
             yield from self._turn(messages, start=first, **sampling)
         except ServerError as e:

@@ -36,6 +36,7 @@ def build_parser():
     g.add_argument("--http-port", type=int, default=8000, help="Triton HTTP port (health, metadata)")
     g.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port (streaming chat)")
     g.add_argument("--openai-port", type=int, default=0, help="port of the OpenAI-compatible gateway (0: off)")
+    g.add_argument("--served-model-name", default="streaming-trt", help="the model id the OpenAI endpoint lists")
     g.add_argument("--session-dir", default="sessions", help="where conversations are saved after every turn")
     g.add_argument("--max-resident", type=int, default=64,
                    help="conversations kept in memory; the least recently used wait on disk")
@@ -108,7 +109,9 @@ def _serve(args) -> int:
         if args.openai_port:
             from .serving.gateway import GatewayThread
 
-            gateway = GatewayThread(f"{args.host}:{args.grpc_port}", args.host, args.openai_port)
+            gateway = GatewayThread(f"{args.host}:{args.grpc_port}", args.host, args.openai_port,
+                                    model_id=args.served_model_name, max_tokens_limit=args.max_tokens_limit,
+                                    max_body_bytes=args.max_input_bytes)
             gateway.start()
         print(f"[streaming-trt] ready: gRPC {args.host}:{args.grpc_port}, HTTP http://{args.host}:{args.http_port}"
               + (f", OpenAI http://{args.host}:{args.openai_port}/v1" if gateway else "")

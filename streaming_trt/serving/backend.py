@@ -93,8 +93,11 @@ class TritonPythonModel:
             cid = int(request.correlation_id())
             try:
                 kwargs = self._kwargs(request)
+                loads = self.engine.store.loads
                 result = self.engine.turn(cid, emit=lambda token, piece: sender.send(self._response(token, piece)),
                                           cancelled=sender.is_cancelled, **kwargs)
+                if self.engine.store.loads > loads:
+                    _log(f"conversation {cid} restored from {self.engine.store.path(cid)}")
                 sender.send(self._response(-1, "", result.prompt_tokens, result.seen, result.finish_reason),
                             flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             except UserError as e:

@@ -132,6 +132,17 @@ def server_env() -> dict:
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGKILL it when the process that started it dies (even by SIGKILL)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 class TritonServer:
     """A ``tritonserver`` child process serving ``repo`` on ``host`` only."""
 
@@ -147,7 +158,7 @@ class TritonServer:
         self.log_path = log_path or work / "tritonserver.log"
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=server_env(),
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
 
     def ready(self) -> bool:
         try:
