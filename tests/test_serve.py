@@ -1,0 +1,240 @@
+"""Serving on a real tritonserver (the one nvidia-pytriton bundles), bound to 127.0.0.1.
+
+Every reply is checked token by token against the same conversation run in-process with
+``Session`` (the chat loop's TurnEncoder + generate_tokens), greedy, on a tiny random checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+import streaming_trt as st
+from checkpoints import make_checkpoint, save_tokenizer
+from streaming_trt.errors import UserError
+
+pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
+try:
+    from streaming_trt.serving.repo import find_tritonserver
+
+    find_tritonserver()
+except UserError as e:
+    pytest.skip(f"no tritonserver to test against: {e}", allow_module_level=True)
+
+from streaming_trt.client import Client, Conversation, ServerError  # noqa: E402
+
+SINK, WINDOW, TOKENS = 4, 40, 6   # the cache rolls after about two turns
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class Server:
+    """``python -m streaming_trt.serve`` in its own process group; ports chosen free."""
+
+    def __init__(self, model_dir: Path, session_dir: Path, log: Path, max_resident: int = 64, openai: bool = False):
+        self.http, self.grpc, self.openai = free_ports(3)
+        cmd = [sys.executable, "-m", "streaming_trt.serve", "--model", str(model_dir), "--sink-tokens", str(SINK),
+               "--window", str(WINDOW), "--threads", "1", "--max-new-tokens", str(TOKENS), "--host", "127.0.0.1",
+               "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--session-dir", str(session_dir),
+               "--max-resident", str(max_resident), "--max-input-bytes", str(64 * 1024)]
+        if openai:
+            cmd += ["--openai-port", str(self.openai)]
+        self.stderr_path = log
+        self._stderr = open(log, "w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._stderr, text=True, start_new_session=True)
+        ready = threading.Event()
+        threading.Thread(target=lambda: (self.proc.stdout.readline(), ready.set()), daemon=True).start()
+        if not ready.wait(180) or self.proc.poll() is not None:
+            self.stop()
+            pytest.fail(f"the server did not become ready; stderr:\n{log.read_text()[-3000:]}")
+        self.url = f"127.0.0.1:{self.grpc}"
+
+    def triton_log(self) -> str:
+        text = self.stderr_path.read_text()
+        path = text.split("(log: ", 1)[1].split(")", 1)[0]
+        return Path(path).read_text(errors="replace")
+
+    def pids(self) -> dict[int, int]:
+        """pid -> parent pid of every process."""
+        out = {}
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    out[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    pass
+        return out
+
+    def stub_pid(self) -> int:
+        parents = self.pids()
+        triton = [p for p, pp in parents.items() if pp == self.proc.pid]
+        stubs = [p for p, pp in parents.items() if pp in triton]
+        assert stubs, "no backend stub process found"
+        return stubs[0]
+
+    def kill(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+        self._stderr.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(40)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._stderr.close()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve-ckpt")
+    make_checkpoint(path, "llama", seed=3)
+    save_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local(checkpoint):
+    """The in-process model and tokenizer the server loads, for the reference runs."""
+    return st.load_model(checkpoint), st.load_tokenizer(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve-main")
+    s = Server(checkpoint, d / "sessions", d / "serve.log", openai=True)
+    yield s
+    s.stop()
+
+
+def reference(local, texts: list[str], max_tokens: int = TOKENS) -> list[list[int]]:
+    """Reply tokens (stop tokens left out) of one conversation run in-process, greedy."""
+    from streaming_trt.chat import TurnEncoder
+    from streaming_trt.generation import eos_ids
+
+    model, tok = local
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the server runs
+    try:
+        turns, stop = TurnEncoder(tok), eos_ids(tok, model.config)
+        session = model.session(SINK, WINDOW)
+        out = []
+        for i, text in enumerate(texts):
+            ids = turns.first_turn(text) if i == 0 else turns.next_turn(text)
+            toks = list(st.generate_tokens(session, ids, max_tokens, stop_token_ids=stop))
+            closing = turns.after_reply(toks[-1] if toks and toks[-1] in stop else None)
+            if closing:
+                session.feed(closing, all_logits=False)
+            out.append([t for t in toks if t not in stop])
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def texts_of(c: int, turns: int) -> list[str]:
+    words = ["sky", "blue", "cat", "runs", "42", "zeta", "lamp", "ok?", "moon", "rain"]
+    return [f"c{c} t{t} {words[(c + t) % 10]} {words[(3 * c + t) % 10]}" for t in range(turns)]
+
+
+def run_turns(client: Client, conv: Conversation, texts: list[str], **kw) -> list[list[int]]:
+    return [[t.id for t in conv.tokens(text, **kw)] for text in texts]
+
+
+def test_sixteen_concurrent_conversations_match_in_process(server, local):
+    n, turns = 16, 10
+    got: dict[int, list] = {}
+    errors = []
+
+    def worker(c):
+        try:
+            with Client(server.url, timeout=120) as client:
+                conv = client.conversation(1000 + c)
+                got[c] = run_turns(client, conv, texts_of(c, turns))
+                conv.end()
+        except Exception as e:  # reported below
+            errors.append(f"conversation {c}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(240)
+    assert not errors, errors
+    replies = set()
+    for c in range(n):
+        want = reference(local, texts_of(c, turns))
+        assert got[c] == want, f"conversation {c} differs from the in-process run"
+        replies.update(tuple(r) for r in want)
+    assert len(replies) > 10, "replies barely vary: the test would not see crossed conversations"
+
+
+def test_end_deletes_the_conversation(server):
+    with Client(server.url) as client:
+        conv = client.conversation(77)
+        run_turns(client, conv, ["hello"])
+        files = list((Path(server.stderr_path).parent / "sessions").glob("*77.session"))
+        assert len(files) == 1
+        conv.end()
+        assert not files[0].exists()
+        with pytest.raises(ServerError, match="unknown or has ended"):
+            run_turns(client, conv, ["again"])
+
+
+def test_sigkill_and_restart_continue_bit_exactly(checkpoint, local, tmp_path):
+    n, turns, kill_after = 4, 8, 5
+    a = Server(checkpoint, tmp_path / "sessions", tmp_path / "a.log")
+    try:
+        with Client(a.url) as client:
+            first = {c: run_turns(client, client.conversation(500 + c), texts_of(c, kill_after)) for c in range(n)}
+    finally:
+        a.kill()  # SIGKILL: no shutdown code runs
+    assert len(list((tmp_path / "sessions").glob("*.session"))) == n
+    b = Server(checkpoint, tmp_path / "sessions", tmp_path / "b.log")
+    try:
+        with Client(b.url) as client:
+            rest = {c: run_turns(client, Conversation(client, 500 + c, started=True), texts_of(c, turns)[kill_after:])
+                    for c in range(n)}
+    finally:
+        b.stop()
+    for c in range(n):
+        assert first[c] + rest[c] == reference(local, texts_of(c, turns)), f"conversation {c}"
+
+
+def test_eviction_to_disk_changes_no_reply(checkpoint, local, tmp_path):
+    n, turns = 16, 3
+    s = Server(checkpoint, tmp_path / "sessions", tmp_path / "s.log", max_resident=4)
+    try:
+        with Client(s.url) as client:
+            convs = [client.conversation(900 + c) for c in range(n)]
+            got = {c: [] for c in range(n)}
+            for t in range(turns):  # round robin: every later turn finds its session evicted
+                for c in range(n):
+                    got[c].append([tok.id for tok in convs[c].tokens(texts_of(c, turns)[t])])
+        restored = s.triton_log().count("restored from")
+    finally:
+        s.stop()
+    assert restored == n * (turns - 1)
+    for c in range(n):
+        assert got[c] == reference(local, texts_of(c, turns)), f"conversation {c}"
