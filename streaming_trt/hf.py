@@ -384,10 +384,21 @@ def streaming_attention(module, query, key, value, attention_mask=None, *, scali
         allowed = torch.where(pad_rows[:, :, None], own, allowed)
 
     g = H // KVH
+    needs_rank = S > 0 and bool((qpos >= C).any())
+    if not softcap and (q == 1 or not needs_rank) and not dropout:
+        # SDPA: a decode step moves its second rotation onto the S sink keys instead (q_rank . k_i ==
+        # q_text . R(t - rank) k_i), a chunk that needs none takes the mask alone
+        if needs_rank:
+            ang = _exact_angles(qpos[:, 0] - qrank[:, 0], cache.layer_freqs[module.layer_idx])  # [B, F]
+            sinks = _rotate(key[:, :, :S], ang[:, None, :].expand(B, S, ang.shape[-1]))
+            key = torch.cat([sinks, key[:, :, S:]], dim=2)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=allowed[:, None], scale=scaling, enable_gqa=g > 1)
+        return out.transpose(1, 2).contiguous(), None
     k = key.repeat_interleave(g, dim=1) if g > 1 else key
     v = value.repeat_interleave(g, dim=1) if g > 1 else value
     scores = torch.matmul(query, k.transpose(-1, -2)) * scaling  # [B, H, q, L]
-    if S > 0 and bool((qpos >= C).any()):
+    if needs_rank:
         # second rotation, text position -> rank, for the scores against the S sink slots only
         delta = _exact_angles(qrank - qpos, cache.layer_freqs[module.layer_idx])  # [B, q, F]
         q_rank = _rotate(query, delta)
@@ -521,3 +532,116 @@ def enable_streaming(model, sink_tokens: int = 4, window: int = 1020, max_chunk:
         model.generate = _wrap_generate(model, model.generate)
     model._streaming_trt = dict(sink_tokens=sink_tokens, window=window, max_chunk=max_chunk)
     return model
+
+
+# --------------------------------------------------------------------------------------- cost CLI
+_BENCH_ARCHS = ("llama", "gpt_neox", "phi3", "qwen3", "gemma2")
+
+
+def _bench_config(arch: str, hidden: int, layers: int, heads: int, kv_heads: int, vocab: int):
+    import transformers as tf
+
+    kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden if arch == "gpt_neox" else
+              (8 * hidden) // 3, num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=4096)
+    if arch == "gpt_neox":  # Pythia: partial rotary 0.25, parallel residual, MHA
+        return tf.GPTNeoXConfig(partial_rotary_factor=0.25, use_parallel_residual=True, **kw)
+    kw.update(num_key_value_heads=kv_heads)
+    if arch == "llama":
+        return tf.LlamaConfig(**kw)
+    if arch == "phi3":
+        return tf.Phi3Config(pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw)
+    if arch == "qwen3":
+        return tf.Qwen3Config(head_dim=hidden // heads, **kw)
+    if arch == "gemma2":
+        return tf.Gemma2Config(head_dim=hidden // heads, pad_token_id=0, **kw)
+    raise UserError(f"--archs: unknown architecture {arch!r}; choose from {', '.join(_BENCH_ARCHS)}")
+
+
+def main(argv=None) -> int:
+    """``python -m streaming_trt.hf``: decode cost through streaming_trt.hf vs the native runtime."""
+    import argparse
+    import sys
+    import tempfile
+    import time
+
+    p = argparse.ArgumentParser(
+        prog="python -m streaming_trt.hf",
+        description="Time greedy decoding, per token, after the cache is full: the native runtime (Llama) "
+                    "against transformers models streaming through streaming_trt.hf, all with random weights of "
+                    "the same shape. Prints a markdown table.")
+    p.add_argument("--archs", default=",".join(_BENCH_ARCHS), help="comma-separated transformers architectures "
+                   f"to run through streaming_trt.hf (default: {','.join(_BENCH_ARCHS)})")
+    p.add_argument("--hidden", type=int, default=768, help="hidden size (default 768: Pythia-160M)")
+    p.add_argument("--layers", type=int, default=12, help="decoder layers (default 12)")
+    p.add_argument("--heads", type=int, default=12, help="attention heads (default 12)")
+    p.add_argument("--kv-heads", type=int, default=12, help="key/value heads where the architecture has GQA")
+    p.add_argument("--vocab", type=int, default=50304, help="vocabulary size (default 50304)")
+    p.add_argument("--sink-tokens", type=int, default=4, help="attention sinks S (default 4)")
+    p.add_argument("--window", type=int, default=508, help="window W, current token included (default 508)")
+    p.add_argument("--tokens", type=int, default=64, help="decode steps timed after the cache is full (default 64)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = p.parse_args(argv)
+    try:
+        from tqdm import tqdm
+
+        import streaming_trt as st
+
+        archs = [a for a in args.archs.split(",") if a]
+        _check_geometry(args.sink_tokens, args.window)
+        if args.tokens < 1 or args.hidden % args.heads or args.heads % max(1, args.kv_heads):
+            raise UserError("--tokens must be >= 1, --hidden a multiple of --heads, --heads of --kv-heads")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        import transformers as tf
+
+        cap = args.sink_tokens + args.window
+        prompt = torch.randint(3, args.vocab, (1, cap), generator=torch.Generator().manual_seed(0)).tolist()[0]
+        rows = []
+
+        def timed(step):
+            for _ in range(3):
+                step()
+            t0 = time.perf_counter()
+            for _ in tqdm(range(args.tokens), leave=False, file=sys.stderr):
+                step()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            return 1000 * (time.perf_counter() - t0) / args.tokens
+
+        for arch in tqdm(["native llama"] + archs, desc="models", file=sys.stderr):
+            torch.manual_seed(0)
+            cfg = _bench_config("llama" if arch == "native llama" else arch, args.hidden, args.layers, args.heads,
+                                args.kv_heads, args.vocab)
+            hf = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().to(args.device)
+            if arch == "native llama":
+                with tempfile.TemporaryDirectory() as d:
+                    hf.save_pretrained(d)
+                    native = st.load_model(d, device=args.device)
+                session = native.session(sink_tokens=args.sink_tokens, window=args.window)
+                session.feed(prompt, all_logits=False)
+                ms = timed(lambda: session.feed([7], all_logits=False))
+                rows.append(("llama", "native runtime", ms))
+                continue
+            enable_streaming(hf, args.sink_tokens, args.window)
+            cache = StreamingCache(hf)
+            with torch.inference_mode():
+                hf(torch.tensor([prompt], device=args.device), cache=cache, logits_to_keep=1)
+                tok = torch.tensor([[7]], device=args.device)
+                ms = timed(lambda: hf(tok, cache=cache, logits_to_keep=1))
+            rows.append((arch, "streaming_trt.hf", ms))
+        base = rows[0][2]
+        print(f"decode after {cap} tokens (S={args.sink_tokens}, W={args.window}), hidden {args.hidden}, "
+              f"{args.layers} layers, {args.heads} heads, vocab {args.vocab}, {args.device}, "
+              f"{torch.get_num_threads()} threads, transformers {tf.__version__}")
+        print("| architecture | path | ms / token | vs native Llama |\n| --- | --- | --- | --- |")
+        for arch, path, ms in rows:
+            print(f"| {arch} | {path} | {ms:.1f} | {ms / base:.2f}x |")
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
