@@ -20,8 +20,9 @@ import time
 
 import torch
 
-from . import common as C
-from .common import CheckFailed, UserError
+from . import baselines as B, harness as H, report as R
+from .harness import CheckFailed
+from .harness import UserError
 
 EPILOG = """examples:
   python -m bench.endless                          # built-in model, CPU, a few minutes
@@ -31,7 +32,7 @@ EPILOG = """examples:
 
 
 def arguments(argv):
-    p = C.parser("endless", __doc__, EPILOG)
+    p = H.parser("endless", __doc__, EPILOG)
     g = p.add_argument_group("stream")
     g.add_argument("--tokens", type=int, metavar="N", help="length of the stream (default: 30000 on CPU, 100000 on CUDA)")
     g.add_argument("--cache", type=int, metavar="N", default=1024, help="cache size C = sinks + window (default: %(default)s)")
@@ -47,12 +48,12 @@ def arguments(argv):
 
 
 def validate(args):
-    cuda = C.resolve_device(args.device).type == "cuda"
-    args.tokens = args.tokens or (100_000 if cuda else 30_000)
+    cuda = H.resolve_device(args.device).type == "cuda"
+    args.tokens = (100_000 if cuda else 30_000) if args.tokens is None else args.tokens
     for flag in ("tokens", "cache", "chunk", "samples"):
-        C.positive("--" + flag.replace("_", "-"), getattr(args, flag))
-    C.positive("--sink-tokens", args.sink_tokens, 0)
-    C.positive("--settle", args.settle, 0)
+        H.positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    H.positive("--sink-tokens", args.sink_tokens, 0)
+    H.positive("--settle", args.settle, 0)
     if args.cache <= args.sink_tokens:
         raise UserError(f"--cache ({args.cache}) must exceed --sink-tokens ({args.sink_tokens})")
     if args.settle >= args.tokens:
@@ -83,23 +84,23 @@ def memory(device: torch.device) -> dict:
                  cuda_peak_bytes=torch.cuda.max_memory_allocated(device))
         torch.cuda.reset_peak_memory_stats(device)
         return m
-    return dict(rss_bytes=C.rss_bytes())
+    return dict(rss_bytes=H.rss_bytes())
 
 
 def run(args, argv=None, wrap_session=None) -> dict:
     """``wrap_session``: optional callable applied to the session before streaming (tests inject
     leaks and NaNs through it)."""
     validate(args)
-    out = C.out_dir(args, "endless")
-    built = C.build(args)
+    out = H.out_dir(args, "endless")
+    built = H.build(args)
     dev = built.device
-    text, text_name = C.load_text_ids(args.text, built.tokenizer, min(args.tokens + 1, 1 << 20))
+    text, text_name = H.load_text_ids(args.text, built.tokenizer, min(args.tokens + 1, 1 << 20))
     text = text.clamp(max=built.config.vocab_size - 1)
-    s, w = C.cache_shape("streaming", args.cache, args.sink_tokens)
+    s, w = B.cache_shape("streaming", args.cache, args.sink_tokens)
     session = built.model.session(sink_tokens=s, window=w, max_chunk=max(args.chunk, 1))
     if wrap_session is not None:
         session = wrap_session(session)
-    C.info(f"[bench.endless] {built.source}, {str(built.dtype).removeprefix('torch.')} on {dev}; {args.tokens} tokens "
+    H.info(f"[bench.endless] {built.source}, {str(built.dtype).removeprefix('torch.')} on {dev}; {args.tokens} tokens "
            f"of {text_name}, cache {args.cache} (S={s}, W={w}), {args.chunk} token(s) per feed")
     every = max(args.chunk, -(-args.tokens // args.samples))
     mem_key = "cuda_allocated_bytes" if dev.type == "cuda" else "rss_bytes"
@@ -107,7 +108,7 @@ def run(args, argv=None, wrap_session=None) -> dict:
     rows, baseline, failure = [], None, None
     sampler = Sampler()
     cache_bytes0 = session.cache.nbytes()
-    bar = C.progress(args.tokens, "endless", args.no_progress)
+    bar = H.progress(args.tokens, "endless", args.no_progress)
     start = time.perf_counter()
     pos, n_text, next_sample = 0, text.shape[0], every
     try:
@@ -115,10 +116,10 @@ def run(args, argv=None, wrap_session=None) -> dict:
             k = min(args.chunk, args.tokens - pos)
             idx = torch.arange(pos, pos + k + 1) % n_text
             ids, targets = text[idx[:-1]], text[idx[1:]]
-            C.sync(dev)
+            H.sync(dev)
             t0 = time.perf_counter()
             logits = session.feed(ids.view(1, -1))[0]
-            C.sync(dev)
+            H.sync(dev)
             seconds = time.perf_counter() - t0
             if not bool(torch.isfinite(logits).all()):
                 bad = (~torch.isfinite(logits)).any(-1).nonzero()
@@ -132,8 +133,8 @@ def run(args, argv=None, wrap_session=None) -> dict:
             if pos >= next_sample or pos >= args.tokens:
                 next_sample += every
                 lat, nll = sampler.take()
-                row = dict(tokens=pos, median_ms=1e3 * C.median(lat), p10_ms=1e3 * C.quantile(lat, 0.1),
-                           p90_ms=1e3 * C.quantile(lat, 0.9), cache_bytes=session.cache.nbytes(), nll=nll,
+                row = dict(tokens=pos, median_ms=1e3 * H.median(lat), p10_ms=1e3 * H.quantile(lat, 0.1),
+                           p90_ms=1e3 * H.quantile(lat, 0.9), cache_bytes=session.cache.nbytes(), nll=nll,
                            elapsed_s=time.perf_counter() - start, **memory(dev))
                 rows.append(row)
                 if row["cache_bytes"] != cache_bytes0:
@@ -143,9 +144,9 @@ def run(args, argv=None, wrap_session=None) -> dict:
                     baseline = row
                 elif baseline is not None and row[mem_key] > baseline[mem_key] + tol:
                     raise CheckFailed(
-                        f"memory grew: {mem_key.replace('_bytes', '')} {C.human_bytes(row[mem_key])} at token {pos} "
-                        f"against {C.human_bytes(baseline[mem_key])} at token {baseline['tokens']} "
-                        f"(+{C.human_bytes(row[mem_key] - baseline[mem_key])} > tolerance {args.mem_tolerance:g} MiB)")
+                        f"memory grew: {mem_key.replace('_bytes', '')} {R.human_bytes(row[mem_key])} at token {pos} "
+                        f"against {R.human_bytes(baseline[mem_key])} at token {baseline['tokens']} "
+                        f"(+{R.human_bytes(row[mem_key] - baseline[mem_key])} > tolerance {args.mem_tolerance:g} MiB)")
     except CheckFailed as e:
         failure = str(e)
     finally:
@@ -156,12 +157,12 @@ def run(args, argv=None, wrap_session=None) -> dict:
 def finish(args, argv, built, rows, baseline, failure, out, text_name, mem_key, shape) -> dict:
     fields = ["tokens", "median_ms", "p10_ms", "p90_ms", "cache_bytes", mem_key] + \
         (["cuda_peak_bytes"] if mem_key.startswith("cuda") else []) + ["nll", "elapsed_s"]
-    C.write_csv(out / "endless.csv", rows, fields)
+    R.write_csv(out / "endless.csv", rows, fields)
     after = [r for r in rows if baseline is not None and r["tokens"] >= baseline["tokens"]]
     # latency drift: the middle value of the last few samples against the first few (one sample is
     # at the mercy of whatever else the machine was doing then)
     k = max(1, min(5, len(after) // 4))
-    drift = (C.median([r["median_ms"] for r in after[-k:]]) / C.median([r["median_ms"] for r in after[:k]])
+    drift = (H.median([r["median_ms"] for r in after[-k:]]) / H.median([r["median_ms"] for r in after[:k]])
              if len(after) > 1 else float("nan"))
     mem_growth = after[-1][mem_key] - after[0][mem_key] if len(after) > 1 else float("nan")
     lat_after = [r["median_ms"] for r in after]
@@ -172,9 +173,9 @@ def finish(args, argv, built, rows, baseline, failure, out, text_name, mem_key, 
             values = [r[key] for r in after]
             return f"{fmt(min(values))} - {fmt(max(values))}"
 
-        mb = C.human_bytes
+        mb = R.human_bytes
         mem_name = mem_key.replace("_bytes", "").replace("_", " ")
-        body += C.markdown_table(
+        body += R.markdown_table(
             ["", f"at token {after[0]['tokens']}", f"at token {after[-1]['tokens']}",
              f"end against start" + (f" (median of {k} samples each)" if k > 1 else ""),
              f"range over the {len(after)} samples"],
@@ -187,30 +188,30 @@ def finish(args, argv, built, rows, baseline, failure, out, text_name, mem_key, 
              ["mean NLL of the interval", f"{after[0]['nll']:.3f}", f"{after[-1]['nll']:.3f}",
               f"{after[-1]['nll'] - after[0]['nll']:+.3f}", span("nll", lambda v: f"{v:.3f}")]])
     verdict = f"FAILED: {failure}" if failure else (
-        f"PASSED: no NaN, the cache kept its {C.human_bytes(rows[-1]['cache_bytes'])} and "
+        f"PASSED: no NaN, the cache kept its {R.human_bytes(rows[-1]['cache_bytes'])} and "
         f"{mem_key.replace('_bytes', '').replace('_', ' ')} stayed within {args.mem_tolerance:g} MiB of its level at "
         f"token {baseline['tokens'] if baseline else '-'}")
     body += f"\n\n**{verdict}**"
     if drift == drift and drift > 1.5 and not failure:
         body += f"\n\nWarning: the median latency at the end is {drift:.2f}x the one at the start."
-        C.info(f"warning: latency drifted {drift:.2f}x from token {after[0]['tokens']} to the end")
+        H.info(f"warning: latency drifted {drift:.2f}x from token {after[0]['tokens']} to the end")
     if built.random_weights:
         body += "\n\nThe model has random weights: the NLL column only shows that the logits stay finite and steady."
-    cmd = C.command("endless", argv)
-    report = C.write_report(out / "endless.md", "Endless stream", cmd, built, body)
+    cmd = R.command("endless", argv)
+    report = R.write_report(out / "endless.md", "Endless stream", cmd, built, body)
     plot(rows, baseline, failure, args, built, mem_key, out / "endless.png")
     print(report)
-    C.info(f"[bench.endless] wrote {out / 'endless.csv'}, {out / 'endless.png'}, {out / 'endless.md'}")
+    H.info(f"[bench.endless] wrote {out / 'endless.csv'}, {out / 'endless.png'}, {out / 'endless.md'}")
     if failure:
         raise CheckFailed(failure)
     return dict(rows=rows, baseline=baseline, out=out, drift=drift)
 
 
 def plot(rows, baseline, failure, args, built, mem_key, path) -> None:
-    plt = C.pyplot()
+    plt = R.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.0))
     x = [r["tokens"] for r in rows]
-    color = C.STYLES["streaming"][0]
+    color = R.STYLES["streaming"][0]
     ax = axes[0]
     ax.plot(x, [r["median_ms"] for r in rows], color=color, label="median of the interval")
     ax.fill_between(x, [r["p10_ms"] for r in rows], [r["p90_ms"] for r in rows], color=color, alpha=0.15,
@@ -246,11 +247,11 @@ def plot(rows, baseline, failure, args, built, mem_key, path) -> None:
                     color="#555555")
     title = ("FAILED: " + failure) if failure else f"StreamingLLM, one stream of {x[-1] if x else 0} tokens, cache {args.cache}"
     fig.suptitle(title, color="#b00000" if failure else "black", fontsize=10)
-    C.save_figure(fig, path, C.footer(built))
+    R.save_figure(fig, path, R.footer(built))
 
 
 def main(argv=None) -> int:
-    return C.script_main(arguments, run, argv)
+    return H.script_main(arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,6 @@ exits 1 on a mismatch.
 from __future__ import annotations
 
 import argparse
-import csv
-import math
 import os
 import statistics
 import sys
@@ -37,7 +35,9 @@ import time
 
 import torch
 
-from bench.common import CheckFailed, info, int_list, out_dir, resolve_device, resolve_dtype, script_main
+from bench.harness import (CheckFailed, copy_bandwidth, info, int_list, out_dir, resolve_device, resolve_dtype,
+                           script_main)
+from bench.report import cell, command, markdown_table, write_csv
 from streaming_trt.errors import UserError
 
 HEADS = {  # name -> (num_heads, num_kv_heads, head_dim)
@@ -265,33 +265,9 @@ class Timer:
         return statistics.median(times)
 
 
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes/s of a device-to-device copy, bytes read plus bytes written, best of 5."""
-    nbytes = (1 << 30) if device.type == "cuda" else (64 << 20)
-    a = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    best = float("inf")
-    for _ in range(5):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        b.copy_(a)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best
-
-
 # --------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------
-
-
-def _fmt(v):
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.4g}"
-    return "" if v is None else str(v)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -299,10 +275,7 @@ def markdown(rows: list[dict]) -> str:
             "x sdpa+gather", "GB/s", "% copy", "target"]
     keys = ["op", "heads", "batch", "capacity", "chunk", "triton_ms", "sdpa_ms", "sdpa_gather_ms", "speedup_vs_sdpa",
             "speedup_vs_sdpa_gather", "triton_gbps", "pct_of_copy", "meets_target"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(head))) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(k)) or "-" for k in keys) + " |")
-    return "\n".join(lines)
+    return markdown_table(head, ([str(cell(r.get(k), 4)) or "-" for k in keys] for r in rows))
 
 
 def run(args, argv) -> int:
@@ -389,12 +362,8 @@ def run(args, argv) -> int:
         rows.append(row)
     bar.close()
 
-    with open(out / "kernels.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(r.get(k)) for k in FIELDS})
-    cmd = " ".join(["python", "-m", "bench.kernels", *(sys.argv[1:] if argv is None else argv)])
+    write_csv(out / "kernels.csv", rows, FIELDS)
+    cmd = command("kernels", argv)
     report = (f"`{cmd}`\n\n- machine: {machine}, torch {torch.__version__}\n"
               f"- copy bandwidth: {copy_bps / 1e9:.0f} GB/s; dtype {row['dtype']}; {SINK_TOKENS} sink tokens; "
               f"median of {iters} calls after {warmup} warm-up\n\n{markdown(rows)}\n")

@@ -25,8 +25,9 @@ import sys
 
 import torch
 
-from . import common as C
-from .common import LABELS, UserError
+from . import baselines as B, harness as H, report as R
+from .report import LABELS
+from .harness import UserError
 
 PAPER = {  # StreamingLLM paper, Llama-2-7B, per-token ms: (re-computation, streaming)
     256: (63.0, 31.0),
@@ -43,10 +44,10 @@ EPILOG = """examples:
 
 
 def arguments(argv):
-    p = C.parser("latency", __doc__, EPILOG)
+    p = H.parser("latency", __doc__, EPILOG)
     g = p.add_argument_group("benchmark")
     g.add_argument("--cache-sizes", metavar="LIST", default="256,512,1024,2048,4096", help="cache sizes C (default: %(default)s)")
-    g.add_argument("--methods", metavar="LIST", default=",".join(C.METHODS), help="comma-separated, from: " + ", ".join(C.METHODS))
+    g.add_argument("--methods", metavar="LIST", default=",".join(B.METHODS), help="comma-separated, from: " + ", ".join(B.METHODS))
     g.add_argument("--sink-tokens", type=int, metavar="N", default=4, help="S of streaming and re-computation (default: %(default)s)")
     g.add_argument("--tokens", type=int, metavar="N", help="timed tokens per point for the O(C) methods (default: 48 on CPU, 100 on CUDA)")
     g.add_argument("--slow-tokens", type=int, metavar="N",
@@ -67,13 +68,13 @@ def arguments(argv):
 
 
 def validate(args):
-    cuda = C.resolve_device(args.device).type == "cuda"
-    sizes = C.int_list(args.cache_sizes, "--cache-sizes")
-    methods = C.method_list(args.methods)
-    C.positive("--sink-tokens", args.sink_tokens, 0)
+    cuda = H.resolve_device(args.device).type == "cuda"
+    sizes = H.int_list(args.cache_sizes, "--cache-sizes")
+    methods = H.method_list(args.methods)
+    H.positive("--sink-tokens", args.sink_tokens, 0)
     for flag in ("tokens", "slow_tokens", "max_chunk"):
-        C.positive("--" + flag.replace("_", "-"), getattr(args, flag))
-    C.positive("--warmup", args.warmup, 0)
+        H.positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    H.positive("--warmup", args.warmup, 0)
     if args.slow_budget <= 0:
         raise UserError(f"--slow-budget must be > 0, got {args.slow_budget}")
     args.tokens = args.tokens or (100 if cuda else 48)
@@ -103,8 +104,8 @@ def make_stream(method: str, capacity: int, args, built, planned: int, rng: torc
     model, dev = built.model, built.device
     random_ids = lambda n: torch.randint(0, min(built.config.vocab_size, 100), (n,), generator=rng)  # noqa: E731
     if method in ("streaming", "window"):
-        s, w = C.cache_shape(method, capacity, args.sink_tokens)
-        stream = C.RuntimeStream(method, model, s, w, args.max_chunk)
+        s, w = B.cache_shape(method, capacity, args.sink_tokens)
+        stream = B.RuntimeStream(method, model, s, w, args.max_chunk)
         past = 2 * capacity + 3  # tokens already evicted: the steady state of an endless stream
         if args.fill == "random":
             stream.fill_random(past, seed=args.seed)
@@ -112,21 +113,21 @@ def make_stream(method: str, capacity: int, args, built, planned: int, rng: torc
             stream.feed(random_ids(past))
     elif method == "dense":
         # the window holds every token this point will see: nothing is ever evicted
-        stream = C.RuntimeStream(method, model, 0, capacity + planned, args.max_chunk)
+        stream = B.RuntimeStream(method, model, 0, capacity + planned, args.max_chunk)
         if args.fill == "random":
             stream.fill_random(capacity - 1, seed=args.seed)
         elif capacity > 1:
             stream.feed(random_ids(capacity - 1))
     elif method in ("recompute", "hf-recompute"):
-        s, w = C.cache_shape(method, capacity, args.sink_tokens)
+        s, w = B.cache_shape(method, capacity, args.sink_tokens)
         if method == "recompute":
-            stream = C.RecomputeStream(model, s, w, args.max_chunk)
+            stream = B.RecomputeStream(model, s, w, args.max_chunk)
         else:
-            stream = C.HFRecomputeStream(built.hf(), s, w, dev)
+            stream = B.HFRecomputeStream(built.hf(), s, w, dev)
         for t in random_ids(2 * capacity).tolist():
             stream.push(t)
     elif method == "hf-dense":
-        stream = C.HFDenseStream(built.hf(), dev, args.max_chunk)
+        stream = B.HFDenseStream(built.hf(), dev, args.max_chunk)
         if capacity > 1:
             stream.feed(random_ids(capacity - 1), keep_logits=False)
     else:  # pragma: no cover - method_list guards this
@@ -135,7 +136,7 @@ def make_stream(method: str, capacity: int, args, built, planned: int, rng: torc
 
 
 def step(stream, token: torch.Tensor) -> None:
-    if isinstance(stream, C.RecomputeStream):
+    if isinstance(stream, B.RecomputeStream):
         stream.encode(stream.push(int(token)))
     else:
         stream.feed(token)
@@ -143,27 +144,27 @@ def step(stream, token: torch.Tensor) -> None:
 
 def run(args, argv=None) -> dict:
     sizes, methods = validate(args)
-    out = C.out_dir(args, "latency")
-    built = C.build(args, need_tokenizer=False)
+    out = H.out_dir(args, "latency")
+    built = H.build(args, need_tokenizer=False)
     cuda = built.device.type == "cuda"
     if max(sizes) > built.config.max_position_embeddings:
-        C.info(f"note: cache sizes above the model's max_position_embeddings ({built.config.max_position_embeddings}) "
+        H.info(f"note: cache sizes above the model's max_position_embeddings ({built.config.max_position_embeddings}) "
                f"use positions it never saw; latency is still meaningful")
-    C.info(f"[bench.latency] {built.source}, {str(built.dtype).removeprefix('torch.')} on {built.device}; "
+    H.info(f"[bench.latency] {built.source}, {str(built.dtype).removeprefix('torch.')} on {built.device}; "
            f"methods {', '.join(methods)}; cache sizes {', '.join(map(str, sizes))}")
     if any(m.startswith("hf-") for m in methods):
         built.hf(strict=False)  # build and check it before timing anything
-    bandwidth = C.copy_bandwidth(built.device)
+    bandwidth = H.copy_bandwidth(built.device)
     per_token_kv = 2 * built.config.num_layers * built.config.num_kv_heads * built.config.head_dim * \
         torch.empty(0, dtype=built.dtype).element_size()
     weights_read = built.weight_bytes_read_per_token()
 
     def plan(method):
-        slow = method in C.SLOW_METHODS
+        slow = method in B.SLOW_METHODS
         return (1 if slow else args.warmup), (args.slow_tokens if slow else args.tokens), slow
 
     total = len(sizes) * sum(sum(plan(m)[:2]) for m in methods)
-    bar = C.progress(total, "latency", args.no_progress)
+    bar = H.progress(total, "latency", args.no_progress)
     rng = torch.Generator().manual_seed(args.seed)
     rows = []
     for capacity in sizes:
@@ -179,7 +180,7 @@ def run(args, argv=None) -> dict:
                     continue
                 bar.set_postfix_str(f"C={capacity} {p.method}", refresh=False)
                 token = torch.randint(0, min(built.config.vocab_size, 100), (1,), generator=rng)
-                seconds, extra = C.timed(lambda: step(p.stream, token), built.device)
+                seconds, extra = H.timed(lambda: step(p.stream, token), built.device)
                 if p.done_warmup < p.warmup:
                     p.done_warmup += 1
                 else:
@@ -197,8 +198,8 @@ def run(args, argv=None) -> dict:
             floor = (weights_read + capacity * per_token_kv) / bandwidth if decode else float("nan")
             rows.append(dict(
                 cache=capacity, method=p.method, label=LABELS[p.method],
-                median_ms=1e3 * C.median(p.samples), p25_ms=1e3 * C.quantile(p.samples, 0.25),
-                p75_ms=1e3 * C.quantile(p.samples, 0.75), timed_tokens=len(p.samples), warmup_tokens=p.warmup,
+                median_ms=1e3 * H.median(p.samples), p25_ms=1e3 * H.quantile(p.samples, 0.25),
+                p75_ms=1e3 * H.quantile(p.samples, 0.75), timed_tokens=len(p.samples), warmup_tokens=p.warmup,
                 cache_bytes=cache_bytes,
                 peak_bytes=(built.weight_bytes + cache_bytes + max(p.extra)) if p.extra else None,
                 floor_ms=1e3 * floor,
@@ -214,13 +215,13 @@ def run(args, argv=None) -> dict:
         r.update(device=str(built.device), dtype=str(built.dtype).removeprefix("torch."))
     fields = ["cache", "method", "median_ms", "p25_ms", "p75_ms", "ratio_to_streaming", "timed_tokens",
               "warmup_tokens", "cache_bytes", "peak_bytes", "floor_ms", "device", "dtype", "label"]
-    C.write_csv(out / "latency.csv", rows, fields)
-    cmd = C.command("latency", argv)
-    report = C.write_report(out / "latency.md", "Latency", cmd, built,
+    R.write_csv(out / "latency.csv", rows, fields)
+    cmd = R.command("latency", argv)
+    report = R.write_report(out / "latency.md", "Latency", cmd, built,
                             tables(rows, sizes, methods, cuda, bandwidth, args))
     plot(rows, sizes, methods, out / "latency.png", built, cuda)
     print(report)
-    C.info(f"[bench.latency] wrote {out / 'latency.csv'}, {out / 'latency.png'}, {out / 'latency.md'}")
+    H.info(f"[bench.latency] wrote {out / 'latency.csv'}, {out / 'latency.png'}, {out / 'latency.md'}")
     return dict(rows=rows, out=out)
 
 
@@ -233,27 +234,27 @@ def tables(rows, sizes, methods, cuda, bandwidth, args) -> str:
         cells = [str(c)]
         for m in methods:
             r = get[(c, m)]
-            cell = C.ms(r["median_ms"] / 1e3)
+            cell = R.ms(r["median_ms"] / 1e3)
             if has_stream and m != "streaming":
                 cell += f" ({r['ratio_to_streaming']:.1f}x)"
             cells.append(cell)
         body.append(cells)
     text = ("Per-token latency, median over timed tokens"
             + (" (ratio to streaming at the same cache size)" if has_stream else "") + ":\n\n"
-            + C.markdown_table(header, body))
+            + R.markdown_table(header, body))
     mem = "peak memory (weights + own cache + step's transient peak)" if cuda else \
         "key/value bytes held between tokens (CPU: activations not counted)"
     header = ["cache C"] + [m for m in methods]
-    body = [[str(c)] + [C.human_bytes(get[(c, m)]["peak_bytes" if cuda else "cache_bytes"]) for m in methods]
+    body = [[str(c)] + [R.human_bytes(get[(c, m)]["peak_bytes" if cuda else "cache_bytes"]) for m in methods]
             for c in sizes]
-    text += f"\n\nMemory, {mem}:\n\n" + C.markdown_table(header, body)
+    text += f"\n\nMemory, {mem}:\n\n" + R.markdown_table(header, body)
     if has_stream:
-        floor_rows = [[str(c), C.ms(get[(c, 'streaming')]["median_ms"] / 1e3),
+        floor_rows = [[str(c), R.ms(get[(c, 'streaming')]["median_ms"] / 1e3),
                        f"{get[(c, 'streaming')]['floor_ms']:.3g}",
                        f"{get[(c, 'streaming')]['median_ms'] / get[(c, 'streaming')]['floor_ms']:.1f}x"] for c in sizes]
         text += (f"\n\nStreaming against the memory floor (weights + cache read once per token at the measured "
                  f"copy bandwidth, {bandwidth / 1e9:.1f} GB/s read+write):\n\n"
-                 + C.markdown_table(["cache C", "streaming ms", "floor ms", "streaming / floor"], floor_rows))
+                 + R.markdown_table(["cache C", "streaming ms", "floor ms", "streaming / floor"], floor_rows))
     if has_stream and "recompute" in methods:
         big = sizes[-1]
         ratios = [get[(c, "recompute")]["ratio_to_streaming"] for c in sizes]
@@ -270,7 +271,7 @@ def tables(rows, sizes, methods, cuda, bandwidth, args) -> str:
 
 
 def plot(rows, sizes, methods, path, built, cuda) -> None:
-    plt = C.pyplot()
+    plt = R.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     get = {(r["cache"], r["method"]): r for r in rows}
     ax = axes[0]
@@ -278,11 +279,11 @@ def plot(rows, sizes, methods, path, built, cuda) -> None:
         y = [get[(c, m)]["median_ms"] for c in sizes]
         lo = [get[(c, m)]["p25_ms"] for c in sizes]
         hi = [get[(c, m)]["p75_ms"] for c in sizes]
-        ax.plot(sizes, y, **C.style(m))
-        ax.fill_between(sizes, lo, hi, color=C.style(m)["color"], alpha=0.12, linewidth=0)
+        ax.plot(sizes, y, **R.style(m))
+        ax.fill_between(sizes, lo, hi, color=R.style(m)["color"], alpha=0.12, linewidth=0)
     ax.set(yscale="log", xlabel="cache size C (tokens)", ylabel="ms per token (median, band: 25-75%)",
            title="Per-token decode latency")
-    C.log2_axis(ax, sizes)
+    R.log2_axis(ax, sizes)
     ax.legend()
 
     ax = axes[1]
@@ -290,7 +291,7 @@ def plot(rows, sizes, methods, path, built, cuda) -> None:
         for m in methods:
             if m == "streaming":
                 continue
-            ax.plot(sizes, [get[(c, m)]["ratio_to_streaming"] for c in sizes], **C.style(m))
+            ax.plot(sizes, [get[(c, m)]["ratio_to_streaming"] for c in sizes], **R.style(m))
         ax.axhline(PAPER_HEADLINE, color="black", linewidth=0.8, linestyle="--")
         ax.text(sizes[-1], PAPER_HEADLINE * 0.85, f"paper's headline {PAPER_HEADLINE}x ", fontsize=7, ha="right",
                 va="top")
@@ -300,7 +301,7 @@ def plot(rows, sizes, methods, path, built, cuda) -> None:
         ax.axhline(1.0, color="#d62728", linewidth=0.8)
         ax.set(yscale="log", xlabel="cache size C (tokens)", ylabel="latency / streaming latency",
                title="Slow-down relative to StreamingLLM")
-        C.log2_axis(ax, sizes)
+        R.log2_axis(ax, sizes)
         ax.legend()
     else:
         ax.set_axis_off()
@@ -311,16 +312,16 @@ def plot(rows, sizes, methods, path, built, cuda) -> None:
         y = [get[(c, m)][key] for c in sizes]
         if all(v is None or v == 0 for v in y):
             continue
-        ax.plot(sizes, [(v or 0) / 2**20 for v in y], **C.style(m))
+        ax.plot(sizes, [(v or 0) / 2**20 for v in y], **R.style(m))
     ax.set(xlabel="cache size C (tokens)", ylabel="MiB",
            title="Peak memory (CUDA)" if cuda else "Key/value memory held between tokens")
-    C.log2_axis(ax, sizes)
+    R.log2_axis(ax, sizes)
     ax.legend()
-    C.save_figure(fig, path, C.footer(built))
+    R.save_figure(fig, path, R.footer(built))
 
 
 def main(argv=None) -> int:
-    return C.script_main(arguments, run, argv)
+    return H.script_main(arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ import warnings
 
 import torch
 
-from . import common as C
-from .common import LABELS, CheckFailed, UserError
+from . import baselines as B, harness as H, report as R
+from .report import LABELS
+from .harness import CheckFailed
+from .harness import UserError
 
 EPILOG = """examples:
   python -m bench.long_ppl                                  # built-in model and text, CPU, a few minutes
@@ -42,14 +44,14 @@ CHUNKED = ("streaming", "window", "dense", "hf-dense")
 
 
 def arguments(argv):
-    p = C.parser("long_ppl", __doc__, EPILOG)
+    p = H.parser("long_ppl", __doc__, EPILOG)
     g = p.add_argument_group("evaluation")
     g.add_argument("--text", metavar="FILE", help="UTF-8 text file (default: the built-in text, bench/data/builtin_text.txt)")
     g.add_argument("--tokens", type=int, metavar="N", help="tokens of the text to read (default: 5000 on CPU, 20000 on CUDA)")
     g.add_argument("--cache", type=int, metavar="N", help="cache size C of streaming, window and re-computation "
                                              "(default: 256 on CPU, 1024 on CUDA)")
     g.add_argument("--sink-tokens", type=int, metavar="N", default=4, help="S of streaming and re-computation (default: %(default)s)")
-    g.add_argument("--methods", metavar="LIST", default=",".join(C.METHODS), help="comma-separated, from: " + ", ".join(C.METHODS))
+    g.add_argument("--methods", metavar="LIST", default=",".join(B.METHODS), help="comma-separated, from: " + ", ".join(B.METHODS))
     g.add_argument("--chunk", type=int, metavar="N", default=128,
                    help="tokens per feed call of streaming, window, dense and hf-dense (1: token by token) "
                         "(default: %(default)s)")
@@ -62,14 +64,14 @@ def arguments(argv):
 
 
 def validate(args):
-    cuda = C.resolve_device(args.device).type == "cuda"
-    methods = C.method_list(args.methods)
-    args.tokens = args.tokens or (20000 if cuda else 5000)
+    cuda = H.resolve_device(args.device).type == "cuda"
+    methods = H.method_list(args.methods)
+    args.tokens = (20000 if cuda else 5000) if args.tokens is None else args.tokens
     args.cache = args.cache or (1024 if cuda else 256)
     for flag in ("tokens", "cache", "chunk", "recompute_stride"):
-        C.positive("--" + flag.replace("_", "-"), getattr(args, flag))
-    C.positive("--sink-tokens", args.sink_tokens, 0)
-    C.positive("--tokens", args.tokens, 2)
+        H.positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    H.positive("--sink-tokens", args.sink_tokens, 0)
+    H.positive("--tokens", args.tokens, 2)
     if args.cache <= args.sink_tokens:
         raise UserError(f"--cache ({args.cache}) must exceed --sink-tokens ({args.sink_tokens})")
     if args.check_tokens is None:
@@ -90,11 +92,11 @@ def nll_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def chunked_stream(method: str, built, args, n_tokens: int):
     """A fresh stream of a chunk-fed method."""
     if method == "hf-dense":
-        return C.HFDenseStream(built.hf(), built.device, args.chunk)
+        return B.HFDenseStream(built.hf(), built.device, args.chunk)
     if method == "dense":
-        return C.RuntimeStream("dense", built.model, 0, max(n_tokens, 1), args.chunk)
-    s, w = C.cache_shape(method, args.cache, args.sink_tokens)
-    return C.RuntimeStream(method, built.model, s, w, args.chunk)
+        return B.RuntimeStream("dense", built.model, 0, max(n_tokens, 1), args.chunk)
+    s, w = B.cache_shape(method, args.cache, args.sink_tokens)
+    return B.RuntimeStream(method, built.model, s, w, args.chunk)
 
 
 def feed_all(stream, ids: torch.Tensor, chunk: int, bar=None) -> torch.Tensor:
@@ -112,7 +114,7 @@ def check_chunking(make_stream, ids: torch.Tensor, chunk: int, tol: float, name:
     CheckFailed if the logits differ. Returns the error found (relative to the largest logit)."""
     one = feed_all(make_stream(), ids, 1, bar)
     many = feed_all(make_stream(), ids, chunk)
-    err = C.max_rel_error(many, one)
+    err = H.max_rel_error(many, one)
     if not err <= tol:
         bad = ((many - one).abs().amax(-1) > tol * max(one.abs().max().item(), 1.0)).nonzero()
         first = int(bad[0]) if len(bad) else -1
@@ -127,12 +129,12 @@ def recompute_scores(method: str, built, args, ids: torch.Tensor, bar=None) -> t
     """NLLs of re-computation at the tokens it scores: all t < C from one causal pass (A(t) is the
     whole prefix there), then every stride-th t with A(t) re-encoded from scratch."""
     n, cap = ids.shape[0], args.cache
-    s, w = C.cache_shape(method, cap, args.sink_tokens)
+    s, w = B.cache_shape(method, cap, args.sink_tokens)
     if method == "recompute":
-        stream = C.RecomputeStream(built.model, s, w, max_chunk=max(cap, 1))
+        stream = B.RecomputeStream(built.model, s, w, max_chunk=max(cap, 1))
         first = lambda x: stream.session.feed(x.view(1, -1).to(built.device))[0]  # noqa: E731
     else:
-        stream = C.HFRecomputeStream(built.hf(), s, w, built.device)
+        stream = B.HFRecomputeStream(built.hf(), s, w, built.device)
         hf = built.hf()
 
         def first(x):
@@ -158,7 +160,7 @@ def recompute_scores(method: str, built, args, ids: torch.Tensor, bar=None) -> t
 
 def scored_count(method: str, args) -> int:
     n = args.tokens - 1
-    if method in C.SLOW_METHODS:
+    if method in B.SLOW_METHODS:
         head = min(args.cache, n)
         return head + len(range(args.cache, args.tokens - 1, args.recompute_stride))
     return n
@@ -168,18 +170,18 @@ def run(args, argv=None, methods_override: dict | None = None) -> dict:
     """``methods_override``: name -> callable returning a fresh stream, replacing a chunk-fed
     method (tests use it to hand the check a broken method)."""
     methods = validate(args)
-    out = C.out_dir(args, "long_ppl")
-    built = C.build(args)
-    ids, text_name = C.load_text_ids(args.text, built.tokenizer, args.tokens)
+    out = H.out_dir(args, "long_ppl")
+    built = H.build(args)
+    ids, text_name = H.load_text_ids(args.text, built.tokenizer, args.tokens)
     ids = ids.clamp(max=built.config.vocab_size - 1)
     n = ids.shape[0]
-    tol = C.tolerance(built.dtype)
-    C.info(f"[bench.long_ppl] {built.source}, {str(built.dtype).removeprefix('torch.')} on {built.device}; "
+    tol = H.tolerance(built.dtype)
+    H.info(f"[bench.long_ppl] {built.source}, {str(built.dtype).removeprefix('torch.')} on {built.device}; "
            f"{n} tokens of {text_name}; cache {args.cache} (S={args.sink_tokens}); methods {', '.join(methods)}")
     if built.random_weights:
-        C.info("[bench.long_ppl] note: random weights, so these perplexities only exercise the pipeline")
+        H.info("[bench.long_ppl] note: random weights, so these perplexities only exercise the pipeline")
     if n > built.config.max_position_embeddings and "dense" in methods:
-        C.info(f"[bench.long_ppl] note: dense attention goes past the model's max_position_embeddings "
+        H.info(f"[bench.long_ppl] note: dense attention goes past the model's max_position_embeddings "
                f"({built.config.max_position_embeddings}) after that many tokens")
     overrides = methods_override or {}
 
@@ -191,7 +193,7 @@ def run(args, argv=None, methods_override: dict | None = None) -> dict:
     prefix = ids[: args.check_tokens]
     to_check = [m for m in methods if m in ("streaming", "window", "dense")] if args.chunk > 1 else []
     total = len(to_check) * prefix.shape[0] + sum(scored_count(m, args) for m in methods)
-    bar = C.progress(total, "long_ppl", args.no_progress)
+    bar = H.progress(total, "long_ppl", args.no_progress)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="capacity sink_tokens")
         for m in to_check:
@@ -200,22 +202,22 @@ def run(args, argv=None, methods_override: dict | None = None) -> dict:
         # transformers' references must compute their runtime twins' functions
         if "hf-dense" in methods and "dense" in methods:
             a = feed_all(maker("dense", n)(), prefix, args.chunk)
-            b = feed_all(C.HFDenseStream(built.hf(), built.device, args.chunk), prefix, args.chunk)
-            checks["hf-dense"] = C.assert_close(a, b, tol, "hf-dense against dense on the check prefix")
+            b = feed_all(B.HFDenseStream(built.hf(), built.device, args.chunk), prefix, args.chunk)
+            checks["hf-dense"] = H.assert_close(a, b, tol, "hf-dense against dense on the check prefix")
         if "hf-recompute" in methods and "recompute" in methods and n - 1 > args.cache:
-            s, w = C.cache_shape("recompute", args.cache, args.sink_tokens)
+            s, w = B.cache_shape("recompute", args.cache, args.sink_tokens)
             t = n - 2
             window = ids[:s].tolist() + ids[max(s, t - w + 1) : t + 1].tolist()
-            a = C.RecomputeStream(built.model, s, w, max_chunk=args.cache).encode(window)
-            b = C.HFRecomputeStream(built.hf(), s, w, built.device).encode(window)
-            checks["hf-recompute"] = C.assert_close(a.view(1, -1), b.view(1, -1), tol,
+            a = B.RecomputeStream(built.model, s, w, max_chunk=args.cache).encode(window)
+            b = B.HFRecomputeStream(built.hf(), s, w, built.device).encode(window)
+            checks["hf-recompute"] = H.assert_close(a.view(1, -1), b.view(1, -1), tol,
                                                     "hf-recompute against recompute on one window")
 
         # 2. the evaluation
         scores: dict[str, tuple[list[int], list[float]]] = {}
         for m in methods:
             bar.set_description(m)
-            if m in C.SLOW_METHODS:
+            if m in B.SLOW_METHODS:
                 scores[m] = recompute_scores(m, built, args, ids, bar)
             else:
                 logits = feed_all(maker(m, n)(), ids[:-1], args.chunk, bar)
@@ -232,16 +234,16 @@ def run(args, argv=None, methods_override: dict | None = None) -> dict:
             total_nll += v
             rows.append(dict(method=m, token=t + 1, nll=v, running_ppl=math.exp(total_nll / (i + 1))))
         summary.append(summarize(m, tokens, nll, args, checks.get(m)))
-    C.write_csv(out / "long_ppl.csv", rows, ["method", "token", "nll", "running_ppl"])
-    C.write_csv(out / "long_ppl_summary.csv", summary,
+    R.write_csv(out / "long_ppl.csv", rows, ["method", "token", "nll", "running_ppl"])
+    R.write_csv(out / "long_ppl_summary.csv", summary,
                 ["method", "tokens_scored", "ppl", "ppl_before_eviction", "ppl_after_eviction", "ppl_last_1000",
                  "check_error"])
-    cmd = C.command("long_ppl", argv)
+    cmd = R.command("long_ppl", argv)
     body = report_body(summary, args, built, text_name, n, checks)
-    report = C.write_report(out / "long_ppl.md", "Long-text perplexity", cmd, built, body)
+    report = R.write_report(out / "long_ppl.md", "Long-text perplexity", cmd, built, body)
     plot(scores, methods, args, built, n, text_name, out / "long_ppl.png")
     print(report)
-    C.info(f"[bench.long_ppl] wrote {out / 'long_ppl.csv'}, {out / 'long_ppl_summary.csv'}, {out / 'long_ppl.png'}, "
+    H.info(f"[bench.long_ppl] wrote {out / 'long_ppl.csv'}, {out / 'long_ppl_summary.csv'}, {out / 'long_ppl.png'}, "
            f"{out / 'long_ppl.md'}")
     return dict(summary=summary, checks=checks, out=out, scores=scores)
 
@@ -273,11 +275,11 @@ def report_body(summary, args, built, text_name, n, checks) -> str:
     text = (f"{n} tokens of {text_name}; cache {args.cache} tokens (streaming: {args.sink_tokens} sinks + "
             f"{args.cache - args.sink_tokens}; window: 0 + {args.cache}; dense: all); fed in chunks of {args.chunk}"
             + (f"; re-computation scores every {args.recompute_stride}th token once the cache is full"
-               if any(m in C.SLOW_METHODS for m in (r["method"] for r in summary)) else "") + ".\n\n"
-            + C.markdown_table(header, rows))
+               if any(m in B.SLOW_METHODS for m in (r["method"] for r in summary)) else "") + ".\n\n"
+            + R.markdown_table(header, rows))
     if checks:
         lines = [f"- {m}: max relative logit difference {v:.2g}" for m, v in checks.items()]
-        text += (f"\n\nSelf-checks passed (tolerance {C.tolerance(built.dtype):g}): chunked (size {args.chunk}) against "
+        text += (f"\n\nSelf-checks passed (tolerance {H.tolerance(built.dtype):g}): chunked (size {args.chunk}) against "
                  f"token-by-token feeding on the first {args.check_tokens} tokens for the runtime's chunk-fed methods, "
                  f"and transformers' references against their runtime twins:\n" + "\n".join(lines))
     if args.chunk == 1:
@@ -293,7 +295,7 @@ def report_body(summary, args, built, text_name, n, checks) -> str:
 
 
 def plot(scores, methods, args, built, n, text_name, path) -> None:
-    plt = C.pyplot()
+    plt = R.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     smooth = max(32, n // 40)
     skip = min(64, n // 4)  # the running mean of the first few tokens swings too widely to share an axis
@@ -306,7 +308,7 @@ def plot(scores, methods, args, built, n, text_name, path) -> None:
         for i, v in enumerate(nll):
             total += v
             run.append(math.exp(total / (i + 1)))
-        st = C.style(m)
+        st = R.style(m)
         st.pop("marker")
         hf = m.startswith("hf-")
         if hf:
@@ -318,7 +320,7 @@ def plot(scores, methods, args, built, n, text_name, path) -> None:
             highs.append(max(tail))
         # moving average of NLL over the last `span` tokens of the text (strided methods: wider,
         # so that each point averages as many scored tokens)
-        span = smooth * (args.recompute_stride if m in C.SLOW_METHODS else 1)
+        span = smooth * (args.recompute_stride if m in B.SLOW_METHODS else 1)
         avg_x, avg_y, window, acc, lo = [], [], [], 0.0, 0
         for t, v in zip(x, nll):
             window.append((t, v))
@@ -346,13 +348,13 @@ def plot(scores, methods, args, built, n, text_name, path) -> None:
     axes[1].set(ylabel=f"mean NLL over the last {smooth} tokens", title="Local negative log-likelihood")
     axes[0].legend()
     note = "RANDOM WEIGHTS: exercises the pipeline only. " if built.random_weights else ""
-    if built.config.num_layers > 1 and any(m in methods for m in C.SLOW_METHODS):
+    if built.config.num_layers > 1 and any(m in methods for m in B.SLOW_METHODS):
         note += "Re-computation is a different function from streaming for >1 layer (see RESULTS.md). "
-    C.save_figure(fig, path, C.footer(built, f"{note}{n} tokens of {text_name}; "))
+    R.save_figure(fig, path, R.footer(built, f"{note}{n} tokens of {text_name}; "))
 
 
 def main(argv=None) -> int:
-    return C.script_main(arguments, run, argv)
+    return H.script_main(arguments, run, argv)
 
 
 if __name__ == "__main__":

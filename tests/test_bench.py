@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import common, endless, latency, long_ppl  # noqa: E402
+from bench import baselines, endless, harness, latency, long_ppl  # noqa: E402
 from streaming_trt.builtin import builtin_config, builtin_state_dict  # noqa: E402
 from streaming_trt.model import Transformer  # noqa: E402
 
@@ -44,7 +44,7 @@ def test_latency_smoke(tmp_path, capsys):
                        "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     rows = read_csv(tmp_path / "latency.csv")
-    assert {(int(r["cache"]), r["method"]) for r in rows} == {(c, m) for c in (32, 64) for m in common.METHODS}
+    assert {(int(r["cache"]), r["method"]) for r in rows} == {(c, m) for c in (32, 64) for m in baselines.METHODS}
     for r in rows:
         assert float(r["median_ms"]) > 0 and int(r["timed_tokens"]) >= 2
         if r["method"] == "streaming":
@@ -96,7 +96,7 @@ def test_long_ppl_smoke(tmp_path):
                         "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     summary = {r["method"]: r for r in read_csv(tmp_path / "long_ppl_summary.csv")}
-    assert set(summary) == set(common.METHODS)
+    assert set(summary) == set(baselines.METHODS)
     for m in ("streaming", "window", "dense"):
         assert int(summary[m]["tokens_scored"]) == 259 and float(summary[m]["check_error"]) < 1e-4
     # transformers' references compute their twins' functions
@@ -106,19 +106,19 @@ def test_long_ppl_smoke(tmp_path):
     before = {float(summary[m]["ppl_before_eviction"]) for m in ("streaming", "dense", "recompute")}
     assert max(before) / min(before) < 1 + 1e-4
     rows = read_csv(tmp_path / "long_ppl.csv")
-    assert {r["method"] for r in rows} == set(common.METHODS)
+    assert {r["method"] for r in rows} == set(baselines.METHODS)
     assert_png(tmp_path / "long_ppl.png")
     text = (tmp_path / "long_ppl.md").read_text()
     assert "random weights" in text and "Self-checks passed" in text
 
 
-class SinksLostInChunks(common.RuntimeStream):
+class SinksLostInChunks(baselines.RuntimeStream):
     """A streaming method with a subtle bug: its chunked path keeps no sink tokens (a window of the
     same capacity instead), which only shows once tokens are evicted."""
 
     def __init__(self, model):
         super().__init__("streaming", model, 4, 20, 16)
-        self.chunked = common.RuntimeStream("window", model, 0, 24, 16)
+        self.chunked = baselines.RuntimeStream("window", model, 0, 24, 16)
 
     def feed(self, ids):
         return super().feed(ids) if ids.shape[0] == 1 else self.chunked.feed(ids)
@@ -127,13 +127,13 @@ class SinksLostInChunks(common.RuntimeStream):
 def test_long_ppl_check_catches_chunking_mismatch(tmp_path, capsys):
     args = long_ppl.arguments(["--tokens", "120", "--cache", "24", "--chunk", "16", "--methods", "streaming",
                                "--out", str(tmp_path), "--no-progress"])
-    built = common.build(args)
+    built = harness.build(args)
     broken = lambda: SinksLostInChunks(built.model)  # noqa: E731
-    with pytest.raises(common.CheckFailed, match="chunked feeding cannot be trusted"):
+    with pytest.raises(harness.CheckFailed, match="chunked feeding cannot be trusted"):
         long_ppl.run(args, methods_override={"streaming": broken})
     assert not (tmp_path / "long_ppl.csv").exists()  # no perplexity from an untrusted path
     # and the same method, unbroken, passes
-    fine = lambda: common.RuntimeStream("streaming", built.model, 4, 20, 16)  # noqa: E731
+    fine = lambda: baselines.RuntimeStream("streaming", built.model, 4, 20, 16)  # noqa: E731
     result = long_ppl.run(args, methods_override={"streaming": fine})
     assert result["checks"]["streaming"] < 1e-4
 
@@ -180,7 +180,7 @@ class Poisoned:
 
 @pytest.mark.parametrize("wrapper,message", [(Leaky, "memory grew"), (Poisoned, "NaN or infinite logits at token")])
 def test_endless_fails_loudly(tmp_path, wrapper, message, capsys):
-    with pytest.raises(common.CheckFailed, match=message):
+    with pytest.raises(harness.CheckFailed, match=message):
         endless.run(endless_args(tmp_path), wrap_session=wrapper)
     # what was measured up to the failure is still written, marked as failed
     assert read_csv(tmp_path / "endless.csv")
@@ -207,33 +207,33 @@ def test_recompute_baseline_equals_streaming_for_one_layer():
     S, W = 2, 14
     ids = torch.randint(6, 100, (3 * (S + W) + 5,), generator=torch.Generator().manual_seed(0))
     one = _model(1)
-    streaming = common.RuntimeStream("streaming", one, S, W).feed(ids)
-    recompute = common.RecomputeStream(one, S, W).feed(ids)
-    common.assert_close(recompute, streaming, 1e-4, "one layer")
+    streaming = baselines.RuntimeStream("streaming", one, S, W).feed(ids)
+    recompute = baselines.RecomputeStream(one, S, W).feed(ids)
+    harness.assert_close(recompute, streaming, 1e-4, "one layer")
     deep = _model(2)
-    streaming = common.RuntimeStream("streaming", deep, S, W).feed(ids)
-    recompute = common.RecomputeStream(deep, S, W).feed(ids)
-    common.assert_close(recompute[: S + W], streaming[: S + W], 1e-4, "two layers, before eviction")
-    assert common.max_rel_error(recompute[-1:], streaming[-1:]) > 1e-3
+    streaming = baselines.RuntimeStream("streaming", deep, S, W).feed(ids)
+    recompute = baselines.RecomputeStream(deep, S, W).feed(ids)
+    harness.assert_close(recompute[: S + W], streaming[: S + W], 1e-4, "two layers, before eviction")
+    assert harness.max_rel_error(recompute[-1:], streaming[-1:]) > 1e-3
 
 
 def test_hf_twin_shares_weights_and_is_checked():
     args = latency.arguments(["--layers", "1"])
-    built = common.build(args, need_tokenizer=False)
+    built = harness.build(args, need_tokenizer=False)
     hf = built.hf()
     assert hf.model.embed_tokens.weight.data_ptr() == built.model.embed_tokens.weight.data_ptr()
     S, W = 2, 10
     ids = torch.randint(6, 100, (30,), generator=torch.Generator().manual_seed(1))
-    a = common.HFRecomputeStream(hf, S, W, built.device).feed(ids)
-    b = common.RuntimeStream("streaming", built.model, S, W).feed(ids)
-    common.assert_close(a, b, 1e-4, "transformers' re-computation against streaming, one layer")
+    a = baselines.HFRecomputeStream(hf, S, W, built.device).feed(ids)
+    b = baselines.RuntimeStream("streaming", built.model, S, W).feed(ids)
+    harness.assert_close(a, b, 1e-4, "transformers' re-computation against streaming, one layer")
     with torch.no_grad():
         built.model.norm.weight.mul_(2.0)  # the runtime's weights are transformers' weights
     assert hf.model.norm.weight[0].item() == 2.0
 
 
 def test_builtin_text_is_there_and_plain():
-    text = common.BUILTIN_TEXT.read_text(encoding="ascii")
+    text = harness.BUILTIN_TEXT.read_text(encoding="ascii")
     assert 200_000 < len(text) < 1_000_000
     from streaming_trt.tokenizer import load_tokenizer
 

@@ -1,0 +1,181 @@
+"""The methods a benchmark compares, as streams of token ids in, logits out.
+
+The methods (names used in every CSV, table and plot):
+
+- ``streaming``: this library's StreamingLLM cache, ``sink_tokens`` sinks plus a rolling window.
+- ``recompute``: sliding window with re-computation, the contract's expensive baseline, on the
+  same model and kernels: for every token t a fresh session re-encodes the tokens of A(t)
+  (``Geometry.attended``, the contract's attended set) at positions 0..|A(t)|-1 in one ``feed``
+  call and its last logits are kept. For a one-layer model it computes the same function as
+  ``streaming``; with more layers it does not (the window's deeper-layer keys are re-derived from
+  the truncated context), so its perplexity is its own line.
+- ``dense``: a session whose window holds the whole text (the cache grows with the text).
+- ``window``: window attention, ``sink_tokens = 0`` (ranked positions, as in the contract).
+- ``hf-recompute``: outside reference, transformers' own model re-encoding A(t) for every token.
+- ``hf-dense``: outside reference, transformers' own model with its ordinary growing cache
+  (the dense decode a user of the installed transformers gets).
+- ``attention-sinks``: the peer a user would pick instead, the ``attention_sinks`` package
+  (needs transformers 4.34, so it runs in its own environment: see ``bench.peer_sinks``).
+
+Runtime methods use the public session API only (``model.session``, ``feed``, ``reset``); the one
+exception is :meth:`RuntimeStream.fill_random`, a timing shortcut that writes the cache's state
+directly (documented there).
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import torch
+
+from streaming_trt.errors import UserError
+from streaming_trt.kernels.geometry import Geometry
+
+METHODS = ("streaming", "recompute", "dense", "window", "hf-recompute", "hf-dense")
+RUNTIME_METHODS = ("streaming", "recompute", "dense", "window")
+SLOW_METHODS = ("recompute", "hf-recompute")  # O(C^2) per token
+
+
+class Stream:
+    """One stream of one method. ``feed(ids [n]) -> float32 logits [n, vocab]``."""
+
+    name = "?"
+
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def cache_bytes(self) -> int:
+        """Bytes of key/value state the method holds between tokens."""
+        return 0
+
+
+class RuntimeStream(Stream):
+    """streaming / window / dense: one session of the runtime; chunks are fed as they come."""
+
+    def __init__(self, name: str, model, sink_tokens: int, window: int, max_chunk: int = 512):
+        self.name = name
+        with warnings.catch_warnings():
+            # dense windows may exceed max_position_embeddings: that is what the baseline measures
+            warnings.filterwarnings("ignore", message="capacity sink_tokens")
+            self.session = model.session(sink_tokens=sink_tokens, window=window, max_chunk=max_chunk)
+
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.session.feed(ids.view(1, -1))[0]
+
+    def cache_bytes(self) -> int:
+        return self.session.cache.nbytes()
+
+    def fill_random(self, seen: int, seed: int = 0) -> None:
+        """Put the cache in the state it has after ``seen`` tokens, with random keys/values
+        (attention time does not depend on their values); instant where feeding takes minutes.
+
+        The one place the bench writes the cache's state directly (timing only, never for a
+        perplexity): the key/value tensors and the stream counter on the device and on the host."""
+        cache = self.session.cache
+        g = torch.Generator(device=cache.keys.device).manual_seed(seed)
+        for t in (cache.keys, cache.values):
+            t.normal_(generator=g)
+        cache.seen = torch.full_like(cache.seen, seen)
+        cache.seen_host = [seen] * len(cache.seen_host)
+
+
+class RecomputeStream(Stream):
+    """Sliding window with re-computation on the runtime: per token t, a fresh session re-encodes
+    the tokens of A(t) (the contract's attended set, ``Geometry.attended``) at positions
+    0..|A(t)|-1 in one ``feed`` call. Keeps the ids of the tokens it may still need."""
+
+    name = "recompute"
+
+    def __init__(self, model, sink_tokens: int, window: int, max_chunk: int = 512):
+        self.geometry = Geometry(sink_tokens, window)  # validates S and W with the runtime's message
+        self.session = model.session(sink_tokens=sink_tokens, window=window, max_chunk=max_chunk)
+        self.device = model.device
+        self._reset_tokens()
+
+    def _reset_tokens(self) -> None:
+        self.tokens: dict[int, int] = {}  # text position u -> token id, only those A(t) may still hold
+        self.t = -1
+
+    def push(self, token: int) -> list[int]:
+        """Record token t of the stream; return A(t)'s token ids in order."""
+        self.t += 1
+        self.tokens[self.t] = token
+        attended = self.geometry.attended(self.t)
+        gone = self.t - self.geometry.window  # left the window for good (unless a sink)
+        if gone >= self.geometry.sink_tokens:
+            self.tokens.pop(gone, None)
+        return [self.tokens[u] for u in attended]
+
+    def encode(self, ids: list[int]) -> torch.Tensor:
+        """Logits of the last token of ``ids`` encoded from scratch: float32 ``[vocab]``."""
+        self.session.reset()
+        return self.session.feed(torch.tensor(ids, device=self.device).view(1, -1))[0, -1]
+
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.encode(self.push(int(t))) for t in ids.tolist()])
+
+    def cache_bytes(self) -> int:
+        return self.session.cache.nbytes()
+
+
+class HFRecomputeStream(RecomputeStream):
+    """transformers' model re-encoding A(t) from scratch for every token (no cache kept)."""
+
+    name = "hf-recompute"
+
+    def __init__(self, hf_model, sink_tokens: int, window: int, device: torch.device):
+        self.hf, self.device = hf_model, device
+        self.geometry = Geometry(sink_tokens, window)
+        self._reset_tokens()
+
+    @torch.inference_mode()
+    def encode(self, ids: list[int]) -> torch.Tensor:
+        x = torch.tensor(ids, device=self.device).view(1, -1)
+        return self.hf(input_ids=x, use_cache=False, logits_to_keep=1).logits[0, -1].float()
+
+    def cache_bytes(self) -> int:
+        return 0
+
+
+class HFDenseStream(Stream):
+    """transformers' model with its ordinary growing cache (DynamicCache)."""
+
+    name = "hf-dense"
+
+    def __init__(self, hf_model, device: torch.device, max_chunk: int = 512):
+        from transformers import DynamicCache
+
+        self.hf, self.device, self.max_chunk = hf_model, device, max_chunk
+        self.cache = DynamicCache(config=hf_model.config)
+        # transformers >= 5.2x calls it ``cache``; older versions ``past_key_values``
+        params = inspect.signature(type(hf_model).forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    @torch.inference_mode()
+    def feed(self, ids: torch.Tensor, keep_logits: bool = True) -> torch.Tensor | None:
+        out = []
+        ids = ids.to(self.device).view(1, -1)
+        for lo in range(0, ids.shape[1], self.max_chunk):
+            r = self.hf(input_ids=ids[:, lo : lo + self.max_chunk], use_cache=True,
+                        logits_to_keep=0 if keep_logits else 1, **{self.cache_kw: self.cache})
+            out.append(r.logits[0].float())
+        return torch.cat(out) if keep_logits else None
+
+    def cache_bytes(self) -> int:
+        total = 0
+        for layer in getattr(self.cache, "layers", []):
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor):
+                    total += t.nbytes
+        return total
+
+
+def cache_shape(method: str, capacity: int, sink_tokens: int) -> tuple[int, int]:
+    """(sink_tokens, window) of a method whose cache holds ``capacity`` tokens."""
+    if method == "window":
+        return 0, capacity
+    if capacity <= sink_tokens:
+        raise UserError(f"a cache of {capacity} tokens cannot hold {sink_tokens} sink tokens plus a window")
+    geometry = Geometry(sink_tokens, capacity - sink_tokens)
+    return geometry.sink_tokens, geometry.window
