@@ -588,6 +588,9 @@ def main(argv=None) -> int:
         import streaming_trt as st
 
         archs = [a for a in args.archs.split(",") if a]
+        for a in archs:
+            if a not in _BENCH_ARCHS:
+                raise UserError(f"--archs: unknown architecture {a!r}; choose from {', '.join(_BENCH_ARCHS)}")
         _check_geometry(args.sink_tokens, args.window)
         if args.tokens < 1 or args.hidden % args.heads or args.heads % max(1, args.kv_heads):
             raise UserError("--tokens must be >= 1, --hidden a multiple of --heads, --heads of --kv-heads")
