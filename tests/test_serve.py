@@ -238,3 +238,93 @@ def test_eviction_to_disk_changes_no_reply(checkpoint, local, tmp_path):
     assert restored == n * (turns - 1)
     for c in range(n):
         assert got[c] == reference(local, texts_of(c, turns)), f"conversation {c}"
+
+
+def raw_turn(url: str, inputs: list[tuple[str, object, str]], seq: int, start: bool = True) -> str:
+    """Send hand-made inputs [(name, numpy array, triton dtype)]; returns the error message ('' if none)."""
+    import queue
+
+    import tritonclient.grpc as g
+
+    q: queue.Queue = queue.Queue()
+    client = g.InferenceServerClient(url)
+    client.start_stream(callback=lambda result=None, error=None: q.put((result, error)))
+    try:
+        tensors = []
+        for name, array, dtype in inputs:
+            t = g.InferInput(name, list(array.shape), dtype)
+            t.set_data_from_numpy(array)
+            tensors.append(t)
+        client.async_stream_infer("streaming_llm", tensors, sequence_id=seq, sequence_start=start)
+        while True:
+            result, error = q.get(timeout=60)
+            if error is not None:
+                return error.message()
+            if int(result.as_numpy("TOKEN_ID")[0]) < 0:
+                return ""
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def test_bad_inputs_get_clear_errors_and_touch_no_other_conversation(server, local):
+    import numpy as np
+
+    def msg(text):
+        return np.frombuffer(json.dumps([{"role": "user", "content": text}]).encode(), dtype=np.uint8)
+
+    texts = texts_of(5, 4)
+    with Client(server.url) as client:
+        bystander = client.conversation(4242)
+        got = run_turns(client, bystander, texts[:2])
+        cases = {
+            "unknown conversation": (lambda: raw_turn(server.url, [("MESSAGES", msg("hi"), "UINT8")], 31337, start=False),
+                                     "START flag"),
+            "missing input": (lambda: raw_turn(server.url, [("TOP_P", np.array([0.5], np.float32), "FP32")], 31338),
+                              "MESSAGES"),
+            "mistyped input": (lambda: raw_turn(server.url, [("MESSAGES", np.zeros(4, np.float32), "FP32")], 31339),
+                               "MESSAGES"),
+            "empty message": (lambda: raw_turn(server.url, [("MESSAGES", msg("  "), "UINT8")], 31340), "empty"),
+            "1 MB message": (lambda: raw_turn(server.url, [("MESSAGES", msg("x" * (1 << 20)), "UINT8")], 31341),
+                             "limit"),
+            "invalid JSON": (lambda: raw_turn(server.url, [("MESSAGES", np.frombuffer(b"[{oops", np.uint8), "UINT8")],
+                                              31342), "not valid JSON"),
+            "temperature": (lambda: raw_turn(server.url, [("MESSAGES", msg("hi"), "UINT8"),
+                                                          ("TEMPERATURE", np.array([-1], np.float32), "FP32")], 31343),
+                            "temperature must be"),
+            "max tokens": (lambda: raw_turn(server.url, [("MESSAGES", msg("hi"), "UINT8"),
+                                                         ("MAX_TOKENS", np.array([10**6], np.int32), "INT32")], 31344),
+                           "max_tokens must be in"),
+        }
+        for name, (call, expected) in cases.items():
+            message = call()
+            assert expected in message, f"{name}: {message!r}"
+        # a client that disconnects mid-stream
+        quitter = Client(server.url)
+        stream = quitter.conversation(4343).tokens("talk for long", max_tokens=400)
+        next(stream)
+        quitter.close(cancel=True)
+        got += run_turns(client, bystander, texts[2:])
+        bystander.end()
+    assert got == reference(local, texts)
+
+
+def test_memory_flat_over_500_turns(server):
+    def rss_kib(pid):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    stub = server.stub_pid()
+    with Client(server.url) as client:
+        conv = client.conversation(5005)
+        for turn in range(500):
+            for _ in conv.tokens(f"turn {turn % 7}", max_tokens=2):
+                pass
+            if turn == 99:
+                early = rss_kib(stub)
+        late = rss_kib(stub)
+        assert conv.last.seen > 500 * 10  # the stream went far past its window
+        conv.end()
+    assert late - early < 16 * 1024, f"backend RSS grew {late - early} KiB from turn 100 to 500"
