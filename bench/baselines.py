@@ -24,14 +24,20 @@ directly (documented there).
 from __future__ import annotations
 
 import inspect
+import json
+import os
+import subprocess
+import tempfile
 import warnings
+from pathlib import Path
 
 import torch
 
 from streaming_trt.errors import UserError
 from streaming_trt.kernels.geometry import Geometry
 
-METHODS = ("streaming", "recompute", "dense", "window", "hf-recompute", "hf-dense")
+METHODS = ("streaming", "recompute", "dense", "window", "hf-recompute", "hf-dense", "attention-sinks")
+DEFAULT_METHODS = METHODS[:-1]  # attention-sinks needs its own environment (--sinks-python)
 RUNTIME_METHODS = ("streaming", "recompute", "dense", "window")
 SLOW_METHODS = ("recompute", "hf-recompute")  # O(C^2) per token
 
@@ -169,6 +175,68 @@ class HFDenseStream(Stream):
                 if isinstance(t, torch.Tensor):
                     total += t.nbytes
         return total
+
+
+class SinksPeerStream(Stream):
+    """The ``attention_sinks`` package (transformers 4.34) on the same weights, in its own Python
+    (``python``: that environment's interpreter), driven token by token through
+    :mod:`bench.peer_sinks`. Weights travel once as safetensors + config.json in a temp folder."""
+
+    name = "attention-sinks"
+
+    def __init__(self, python: str, built, sink_tokens: int, window: int, fill: int, seed: int, threads: int):
+        from safetensors.torch import save_file
+
+        if built.device.type != "cpu":
+            raise UserError("attention-sinks is only run on the CPU here; drop it from --methods on CUDA")
+        self._dir = tempfile.TemporaryDirectory(prefix="bench-sinks-")
+        cfg = dict(built.config.to_hf_dict(), architectures=["LlamaForCausalLM"], torch_dtype="float32")
+        cfg.pop("rope_parameters", None)  # transformers 4.34 reads rope_theta / rope_scaling
+        Path(self._dir.name, "config.json").write_text(json.dumps(cfg))
+        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in built.tensors.items()},
+                  str(Path(self._dir.name, "model.safetensors")), metadata={"format": "pt"})
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+        try:
+            self.proc = subprocess.Popen([python, "-m", "bench.peer_sinks"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        except OSError as e:
+            raise UserError(f"--sinks-python {python}: cannot start it ({e.strerror})") from None
+        self.version = self.ask(cmd="load", dir=self._dir.name, dtype="float32", threads=threads)["transformers"]
+        self.ask(cmd="prepare", sink_tokens=sink_tokens, window=window, fill=fill, seed=seed)
+        self.capacity = sink_tokens + window
+        self.last_seconds = float("nan")
+
+    def ask(self, **msg) -> dict:
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise UserError("the attention_sinks worker died; check --sinks-python's environment "
+                            "(python -m bench.peer_sinks --help shows how to build it)")
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            raise UserError(f"attention_sinks worker: {reply.get('error')}")
+        return reply
+
+    def step(self, token: int) -> float:
+        """One decode step in the worker; returns its own timing of the model call (seconds)."""
+        return self.ask(cmd="step", token=int(token))["seconds"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps(dict(cmd="quit")) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+        self._dir.cleanup()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 def cache_shape(method: str, capacity: int, sink_tokens: int) -> tuple[int, int]:

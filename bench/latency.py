@@ -21,6 +21,7 @@ tokens are reported (activations are not counted there).
 from __future__ import annotations
 
 import gc
+import os
 import sys
 
 import torch
@@ -47,13 +48,23 @@ def arguments(argv):
     p = H.parser("latency", __doc__, EPILOG)
     g = p.add_argument_group("benchmark")
     g.add_argument("--cache-sizes", metavar="LIST", default="256,512,1024,2048,4096", help="cache sizes C (default: %(default)s)")
-    g.add_argument("--methods", metavar="LIST", default=",".join(B.METHODS), help="comma-separated, from: " + ", ".join(B.METHODS))
+    g.add_argument("--methods", metavar="LIST",
+                   help="comma-separated, from: " + ", ".join(B.METHODS) + " (default: all but attention-sinks, "
+                        "which is added when --sinks-python is given)")
+    g.add_argument("--sinks-python", metavar="PYTHON", default=os.environ.get("STREAMING_TRT_SINKS_PYTHON"),
+                   help="the Python of an environment with attention_sinks 0.4.0 and transformers 4.34 (they "
+                        "cannot share this one's transformers 5); runs the attention-sinks peer there, "
+                        "interleaved with the others on the same weights; see python -m bench.peer_sinks "
+                        "(default: $STREAMING_TRT_SINKS_PYTHON)")
     g.add_argument("--sink-tokens", type=int, metavar="N", default=4, help="S of streaming and re-computation (default: %(default)s)")
     g.add_argument("--tokens", type=int, metavar="N", help="timed tokens per point for the O(C) methods (default: 48 on CPU, 100 on CUDA)")
     g.add_argument("--slow-tokens", type=int, metavar="N",
                    help="timed tokens per point for the two re-computation methods (default: 3 on CPU, 10 on CUDA)")
     g.add_argument("--warmup", type=int, metavar="N", default=4,
                    help="untimed tokens per point before timing (re-computation methods: 1) (default: %(default)s)")
+    g.add_argument("--runs", type=int, metavar="N", default=1,
+                   help="repeat the interleaved measurement N times per cache size; the figure is the median of "
+                        "the N per-run medians, and the table shows their range (default: %(default)s)")
     g.add_argument("--slow-budget", type=float, metavar="SECONDS", default=60.0,
                    help="seconds: a re-computation method stops timing at a cache size once its timed tokens "
                         "took this long and at least 2 were timed (default: %(default)s)")
@@ -70,9 +81,14 @@ def arguments(argv):
 def validate(args):
     cuda = H.resolve_device(args.device).type == "cuda"
     sizes = H.int_list(args.cache_sizes, "--cache-sizes")
+    if args.methods is None:
+        args.methods = ",".join(B.DEFAULT_METHODS + (("attention-sinks",) if args.sinks_python else ()))
     methods = H.method_list(args.methods)
+    if "attention-sinks" in methods and not args.sinks_python:
+        raise UserError("--methods attention-sinks needs --sinks-python PYTHON (an environment with "
+                        "attention_sinks and transformers 4.34; see python -m bench.peer_sinks)")
     H.positive("--sink-tokens", args.sink_tokens, 0)
-    for flag in ("tokens", "slow_tokens", "max_chunk"):
+    for flag in ("tokens", "slow_tokens", "max_chunk", "runs"):
         H.positive("--" + flag.replace("_", "-"), getattr(args, flag))
     H.positive("--warmup", args.warmup, 0)
     if args.slow_budget <= 0:
@@ -130,6 +146,10 @@ def make_stream(method: str, capacity: int, args, built, planned: int, rng: torc
         stream = B.HFDenseStream(built.hf(), dev, args.max_chunk)
         if capacity > 1:
             stream.feed(random_ids(capacity - 1), keep_logits=False)
+    elif method == "attention-sinks":
+        s, w = B.cache_shape("streaming", capacity, args.sink_tokens)
+        stream = B.SinksPeerStream(args.sinks_python, built, s, w, fill=capacity + 3, seed=args.seed,
+                                   threads=args.threads)
     else:  # pragma: no cover - method_list guards this
         raise UserError(f"unknown method {method}")
     return stream
@@ -163,7 +183,7 @@ def run(args, argv=None) -> dict:
         slow = method in B.SLOW_METHODS
         return (1 if slow else args.warmup), (args.slow_tokens if slow else args.tokens), slow
 
-    total = len(sizes) * sum(sum(plan(m)[:2]) for m in methods)
+    total = len(sizes) * args.runs * sum(sum(plan(m)[:2]) for m in methods)
     bar = H.progress(total, "latency", args.no_progress)
     rng = torch.Generator().manual_seed(args.seed)
     rows = []
@@ -172,38 +192,54 @@ def run(args, argv=None) -> dict:
         for m in methods:
             warm, timed, slow = plan(m)
             bar.set_postfix_str(f"C={capacity} preparing {m}", refresh=False)
-            stream = make_stream(m, capacity, args, built, warm + timed, rng)
+            stream = make_stream(m, capacity, args, built, (warm + timed) * args.runs, rng)
             points.append(Point(m, stream, warm, timed, slow))
-        while not all(p.finished for p in points):
+        all_samples = {id(p): [] for p in points}
+        run_medians = {id(p): [] for p in points}
+        for _ in range(args.runs):  # each run: every method in turn, token by token (interleaved)
             for p in points:
-                if p.finished:
-                    continue
-                bar.set_postfix_str(f"C={capacity} {p.method}", refresh=False)
-                token = torch.randint(0, min(built.config.vocab_size, 100), (1,), generator=rng)
-                seconds, extra = H.timed(lambda: step(p.stream, token), built.device)
-                if p.done_warmup < p.warmup:
-                    p.done_warmup += 1
-                else:
-                    p.samples.append(seconds)
-                    if extra is not None:
-                        p.extra.append(extra)
-                bar.update(1)
-                if p.slow and len(p.samples) >= min(2, p.timed) and sum(p.samples) >= args.slow_budget \
-                        and len(p.samples) < p.timed:
-                    bar.update(p.timed - len(p.samples))
-                    p.cut = True
+                p.samples, p.done_warmup, p.cut = [], 0, False
+            while not all(p.finished for p in points):
+                for p in points:
+                    if p.finished:
+                        continue
+                    bar.set_postfix_str(f"C={capacity} {p.method}", refresh=False)
+                    token = torch.randint(0, min(built.config.vocab_size, 100), (1,), generator=rng)
+                    if isinstance(p.stream, B.SinksPeerStream):  # the worker times its own model call
+                        seconds, extra = p.stream.step(int(token)), None
+                    else:
+                        seconds, extra = H.timed(lambda: step(p.stream, token), built.device)
+                    if p.done_warmup < p.warmup:
+                        p.done_warmup += 1
+                    else:
+                        p.samples.append(seconds)
+                        if extra is not None:
+                            p.extra.append(extra)
+                    bar.update(1)
+                    if p.slow and len(p.samples) >= min(2, p.timed) and sum(p.samples) >= args.slow_budget \
+                            and len(p.samples) < p.timed:
+                        bar.update(p.timed - len(p.samples))
+                        p.cut = True
+            for p in points:
+                all_samples[id(p)] += p.samples
+                run_medians[id(p)].append(H.median(p.samples))
         for p in points:
+            p.samples, medians = all_samples[id(p)], run_medians[id(p)]
             cache_bytes = p.stream.cache_bytes()
-            decode = p.method in ("streaming", "dense", "window", "hf-dense")
+            decode = p.method in ("streaming", "dense", "window", "hf-dense", "attention-sinks")
             floor = (weights_read + capacity * per_token_kv) / bandwidth if decode else float("nan")
             rows.append(dict(
                 cache=capacity, method=p.method, label=LABELS[p.method],
-                median_ms=1e3 * H.median(p.samples), p25_ms=1e3 * H.quantile(p.samples, 0.25),
+                median_ms=1e3 * H.median(medians), run_min_ms=1e3 * min(medians), run_max_ms=1e3 * max(medians),
+                runs=len(medians), p25_ms=1e3 * H.quantile(p.samples, 0.25),
                 p75_ms=1e3 * H.quantile(p.samples, 0.75), timed_tokens=len(p.samples), warmup_tokens=p.warmup,
                 cache_bytes=cache_bytes,
                 peak_bytes=(built.weight_bytes + cache_bytes + max(p.extra)) if p.extra else None,
                 floor_ms=1e3 * floor,
             ))
+        for p in points:
+            if isinstance(p.stream, B.SinksPeerStream):
+                p.stream.close()
         del points
         gc.collect()
         if cuda:
@@ -213,7 +249,7 @@ def run(args, argv=None) -> dict:
     for r in rows:
         r["ratio_to_streaming"] = r["median_ms"] / stream_ms[r["cache"]] if r["cache"] in stream_ms else float("nan")
         r.update(device=str(built.device), dtype=str(built.dtype).removeprefix("torch."))
-    fields = ["cache", "method", "median_ms", "p25_ms", "p75_ms", "ratio_to_streaming", "timed_tokens",
+    fields = ["cache", "method", "median_ms", "run_min_ms", "run_max_ms", "runs", "p25_ms", "p75_ms", "ratio_to_streaming", "timed_tokens",
               "warmup_tokens", "cache_bytes", "peak_bytes", "floor_ms", "device", "dtype", "label"]
     R.write_csv(out / "latency.csv", rows, fields)
     cmd = R.command("latency", argv)
@@ -264,6 +300,28 @@ def tables(rows, sizes, methods, cuda, bandwidth, args) -> str:
                  f"{PAPER_HEADLINE}x headline); streaming faster at every size: "
                  f"{'yes' if all(r > 1 for r in ratios) else 'NO'}; ratio growing with the cache: "
                  f"{'yes' if growing else 'NO'}.")
+    peers = [m for m in ("hf-dense", "attention-sinks", "recompute") if m in methods]
+    if has_stream and peers:
+        def rng(r):
+            return f"{R.ms(r['median_ms'] / 1e3)} ({R.ms(r['run_min_ms'] / 1e3)}-{R.ms(r['run_max_ms'] / 1e3)})"
+
+        header = ["cache C", "streaming ms (run range)"]
+        for m in peers:
+            header += [f"{m} ms (run range)", "streaming / hf-dense (target <= 1.0)" if m == "hf-dense" else
+                       f"{m} / streaming" + (" (target >= 2 at 4096)" if m == "attention-sinks" else
+                                             " (target >= 22.2 at 4096)")]
+        body = []
+        for c in sizes:
+            st = get[(c, "streaming")]
+            cells = [str(c), rng(st)]
+            for m in peers:
+                r = get[(c, m)]
+                ratio = st["median_ms"] / r["median_ms"] if m == "hf-dense" else r["median_ms"] / st["median_ms"]
+                cells += [rng(r), f"{ratio:.2f}x"]
+            body.append(cells)
+        text += (f"\n\nPeers on the same weights, per-token ratios (median of {args.runs} interleaved run"
+                 f"{'s' if args.runs != 1 else ''}; each run's figure is the median over its timed tokens):\n\n"
+                 + R.markdown_table(header, body))
     text += (f"\n\nTimed tokens per point: {args.tokens} (O(C) methods, after {args.warmup} warm-up tokens), "
              f"{args.slow_tokens} for re-computation (after 1 warm-up token; fewer once {args.slow_budget:g} s "
              f"were spent); runtime caches brought to C tokens by '{args.fill}' fill.")

@@ -51,7 +51,7 @@ def arguments(argv):
     g.add_argument("--cache", type=int, metavar="N", help="cache size C of streaming, window and re-computation "
                                              "(default: 256 on CPU, 1024 on CUDA)")
     g.add_argument("--sink-tokens", type=int, metavar="N", default=4, help="S of streaming and re-computation (default: %(default)s)")
-    g.add_argument("--methods", metavar="LIST", default=",".join(B.METHODS), help="comma-separated, from: " + ", ".join(B.METHODS))
+    g.add_argument("--methods", metavar="LIST", default=",".join(B.DEFAULT_METHODS), help="comma-separated, from: " + ", ".join(B.DEFAULT_METHODS))
     g.add_argument("--chunk", type=int, metavar="N", default=128,
                    help="tokens per feed call of streaming, window, dense and hf-dense (1: token by token) "
                         "(default: %(default)s)")
@@ -65,7 +65,7 @@ def arguments(argv):
 
 def validate(args):
     cuda = H.resolve_device(args.device).type == "cuda"
-    methods = H.method_list(args.methods)
+    methods = H.method_list(args.methods, B.DEFAULT_METHODS)
     args.tokens = (20000 if cuda else 5000) if args.tokens is None else args.tokens
     args.cache = args.cache or (1024 if cuda else 256)
     for flag in ("tokens", "cache", "chunk", "recompute_stride"):

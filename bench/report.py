@@ -27,6 +27,7 @@ LABELS = {
     "window": "window attention (no sinks)",
     "hf-recompute": "transformers: re-encode window",
     "hf-dense": "transformers: growing cache",
+    "attention-sinks": "attention_sinks 0.4.0 (transformers 4.34)",
 }
 STYLES = {  # colour, marker, line style: one look per method in every plot
     "streaming": ("#d62728", "o", "-"),
@@ -35,6 +36,7 @@ STYLES = {  # colour, marker, line style: one look per method in every plot
     "window": ("#2ca02c", "v", "-"),
     "hf-recompute": ("#0b3d66", "s", ":"),
     "hf-dense": ("#222222", "^", ":"),
+    "attention-sinks": ("#9467bd", "D", "--"),
 }
 
 
