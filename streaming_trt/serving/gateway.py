@@ -257,7 +257,7 @@ class GatewayThread:
         except ImportError:
             raise UserError("the OpenAI gateway needs starlette and uvicorn: pip install 'streaming-trt[serve]'") from None
         config = uvicorn.Config(create_app(triton_url, **app_kwargs), host=host, port=port, log_level="warning",
-                                lifespan="off")
+                                lifespan="off", timeout_graceful_shutdown=3)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
