@@ -10,4 +10,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install --quiet torch==2.13.0
 fi
 "$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+# Serving tests: the tritonserver binary bundled in nvidia-pytriton. --no-deps: the wheel pins
+# numpy<2 for PyTriton's own Python API, which is not used (only its binary and Python backend).
+"$PY" -m pip install --quiet --disable-pip-version-check --no-deps "nvidia-pytriton==0.7.0"
 "$PY" -c "import streaming_trt, torch; print(f'[setup] streaming-trt {streaming_trt.__version__} ready (torch {torch.__version__})')"
