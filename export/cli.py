@@ -60,13 +60,15 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("input and output")
-    g.add_argument("--model", required=True, metavar="DIR",
+    g.add_argument("--model", required=True, metavar="DIR|FILE.gguf",
                    help="Hugging Face checkpoint directory (config.json + *.safetensors, tokenizer files if any)")
     g.add_argument("--output", required=True, metavar="DIR",
                    help="directory to create: checkpoint/, engine/ (when built), runtime.json, build_engine.sh")
     g.add_argument("--format", default="trtllm", choices=sorted(FORMATS),
                    help="what to write: trtllm = TensorRT-LLM checkpoint, sink-token engine (or its build "
-                        "command) and run-time settings")
+                        "command) and run-time settings; onnx = one ONNX graph of the streaming step with explicit "
+                        "K/V caches, a trtexec command and Triton repositories (docs/onnx.md; --max-input-len is "
+                        "then the longest chunk per call, default 512)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace --output (and --triton-repo) if they exist, once everything else succeeded")
     g = p.add_argument_group("streaming cache (the contract: capacity = sink tokens + window)")
@@ -279,6 +281,16 @@ def build_trtllm(args) -> int:
 
 # name -> writer(args) -> exit status; a writer refuses every bad input before writing anything.
 FORMATS: dict[str, Callable[[argparse.Namespace], int]] = {"trtllm": build_trtllm}
+
+
+def _build_onnx(args) -> int:
+    """``--format onnx``: one ONNX graph of the streaming step, onnxruntime/TensorRT/Triton files (docs/onnx.md)."""
+    from .onnx import build_onnx
+
+    return build_onnx(args)
+
+
+FORMATS["onnx"] = _build_onnx
 
 
 def _check_outputs(args) -> tuple[Path, Path | None]:

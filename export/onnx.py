@@ -107,8 +107,8 @@ class StreamingStep(nn.Module):
         slot = torch.arange(C, device=dev)[None, :]  # [1, C]
         ring = slot - S  # [b, C]
         in_ring = (seen[:, None] - S).clamp(min=0)  # tokens that went to the ring so far
-        q_div = torch.div((in_ring - 1 - ring).clamp(min=0), W, rounding_mode="floor")
-        tok = torch.where(ring < 0, slot, S + ring + W * q_div)
+        back = (in_ring - 1 - ring).clamp(min=0)  # >= 0: integer Mod only (no float division of positions)
+        tok = torch.where(ring < 0, slot, S + ring + back - back % W)
         written = ((ring < 0) & (slot < seen[:, None])) | ((ring >= 0) & (ring < in_ring))
         # A(t) over the old cache [b, n, C] and over the chunk itself [b, n, n].
         tq, S3, W3 = t[:, :, None], S[:, :, None], W[:, :, None]
@@ -131,7 +131,7 @@ class StreamingStep(nn.Module):
         cos_t, sin_t = cos_text[:, :, None], sin_text[:, :, None]
         cos_r, sin_r = cos_rank[:, :, None], sin_rank[:, :, None]
         scale = d ** -0.5
-        x = m.embed_tokens.weight[input_ids]
+        x = F.embedding(input_ids, m.embed_tokens.weight)
         presents = []
         for layer_i, layer in enumerate(m.layers):
             a = layer.self_attn
@@ -509,10 +509,13 @@ class OnnxSession:
         provider: ``cpu``, ``cuda`` or an onnxruntime provider name.
         max_chunk: longer feeds run in pieces of this many tokens (default: the export profile's).
         threads: intra-op threads (None: onnxruntime's default).
+        sink_tokens, window: another geometry than the export's (the graph takes ``sink_tokens``
+            as an input and the capacity from the caches' shape; a TensorRT engine is built for one
+            capacity, see ``build_trt_engine.sh``).
     """
 
     def __init__(self, path: str | Path, batch: int = 1, provider: str = "cpu", max_chunk: int | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, sink_tokens: int | None = None, window: int | None = None):
         import numpy as np
         import onnxruntime as ort
 
@@ -524,7 +527,12 @@ class OnnxSession:
             raise UserError(f"batch must be an integer >= 1, got {batch!r}")
         self.config = ModelConfig.from_hf_dict(m["config"], source=str(self.path / "manifest.json"))
         self.model = _ModelInfo(self.config)
-        self.sink_tokens, self.window, self.capacity = m["sink_tokens"], m["window"], m["capacity"]
+        from streaming_trt.kernels.geometry import Geometry
+
+        geometry = Geometry(m["sink_tokens"] if sink_tokens is None else sink_tokens,
+                            m["window"] if window is None else window)
+        self.geometry = geometry
+        self.sink_tokens, self.window, self.capacity = geometry.sink_tokens, geometry.window, geometry.capacity
         self.max_chunk = max_chunk or m["profile"]["max_chunk"]
         self.inv_freq = torch.tensor(m["rotary"]["inv_freq"], dtype=torch.float64)
         names = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -656,3 +664,66 @@ def onnx_step_latency(path: str | Path, prompt_tokens: int, decode_tokens: int, 
         per.append((time.perf_counter() - t0) * 1e3)
         tok = int(out[0].argmax())
     return {"prefill_s": prefill, "per_token_ms": per, "median_ms": statistics.median(per) if per else float("nan")}
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line: python -m streaming_trt.build --format onnx
+# ------------------------------------------------------------------------------------------------
+
+def build_onnx(args) -> int:
+    """The ``--format onnx`` writer of :mod:`streaming_trt.export.cli`: refuses TensorRT-LLM-only
+    flags, loads ``--model`` (directory or .gguf) on the CPU in float32 and calls :func:`export_onnx`."""
+    from pathlib import Path as _P
+
+    refused = [flag for flag, bad in (("--tp", getattr(args, "tp", 1) != 1), ("--pp", getattr(args, "pp", 1) != 1),
+                                      ("--gather-logits", getattr(args, "gather_logits", False)),
+                                      ("--checkpoint-only", getattr(args, "checkpoint_only", False)),
+                                      ("--allow-dense-context", getattr(args, "allow_dense_context", False)),
+                                      ("--triton-repo", bool(getattr(args, "triton_repo", None))),
+                                      ("--triton-decoupled", getattr(args, "triton_decoupled", False))) if bad]
+    if refused:
+        raise UserError(f"{', '.join(refused)}: TensorRT-LLM options; --format onnx writes one graph for one device "
+                        "(its Triton repositories go to OUTPUT/triton); drop them or use --format trtllm")
+    dtype = "float32" if args.dtype == "auto" else args.dtype
+    profile = Profile(max_batch=args.max_batch_size,
+                      max_chunk=512 if args.max_input_len is None else args.max_input_len)
+    from streaming_trt.kernels.geometry import Geometry
+
+    Geometry(args.sink_tokens, args.window)
+    check_export_dtype = dtype  # refused inside export_onnx before anything loads
+    if check_export_dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: --format onnx writes float32 or float16 (bfloat16 has no onnxruntime CPU "
+                        "kernels; TensorRT can build bfloat16 from the float32 graph with trtexec --bf16)")
+    from streaming_trt.export.files import check_output_dir
+
+    check_output_dir(args.output, args.overwrite)
+    from streaming_trt.model import load_model
+
+    if not _P(args.model).exists():
+        raise UserError(f"--model {args.model}: no such directory or file")
+    model = load_model(args.model, dtype="float32", device="cpu", backend="torch")
+    export_onnx(model, args.output, args.sink_tokens, args.window, dtype=dtype, profile=profile,
+                tokenizer_source=args.model, overwrite=args.overwrite, source=str(args.model))
+    _say(f"run it: python -m streaming_trt.generate --engine {args.output}; TensorRT: sh {args.output}/build_trt_engine.sh")
+    return 0
+
+
+def open_engine(args):
+    """``python -m streaming_trt.generate --engine DIR``: ``(OnnxSession, tokenizer)`` for the flags;
+    refuses the flags an onnxruntime session cannot honour."""
+    from streaming_trt.tokenizer import load_tokenizer
+
+    for flag, value in (("--save-session", getattr(args, "save_session", None)),
+                        ("--load-session", getattr(args, "load_session", None))):
+        if value:
+            raise UserError(f"{flag} works with the eager runtime only; an onnxruntime session is not saved")
+    m = load_manifest(args.engine)
+    provider = "cuda" if str(getattr(args, "device", "cpu")).startswith("cuda") else "cpu"
+    session = OnnxSession(args.engine, provider=provider, threads=getattr(args, "threads", None))
+    tok_dir = Path(args.engine) / m["tokenizer"] if m.get("tokenizer") else None
+    if tok_dir is None:
+        _say("the export has no tokenizer/: using the built-in character tokenizer")
+    tokenizer = load_tokenizer(None if tok_dir is None else tok_dir)
+    _say(f"onnxruntime {provider}: {args.engine} (sink_tokens={session.sink_tokens}, window={session.window}, "
+         f"{m['dtype']})")
+    return session, tokenizer

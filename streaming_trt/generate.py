@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop once the output contains TEXT (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    parser.add_argument("--engine", metavar="DIR",
+                        help="run an ONNX export (python -m streaming_trt.build --format onnx) on onnxruntime "
+                             "instead of the eager model; its sink/window settings are used (docs/onnx.md)")
     parser.add_argument("--save-session", metavar="FILE", help="write the session state here when done")
     parser.add_argument("--load-session", metavar="FILE",
                         help="continue a session saved with --save-session (its sink/window settings are used)")
@@ -41,8 +44,13 @@ def _generate(args) -> int:
     from . import cli
 
     cli.check_output_file(args.save_session, "--save-session")  # before the model loads and generates
-    model, tokenizer = cli.load(args)
-    session = cli.open_session(args, model)
+    if getattr(args, "engine", None):
+        from .export.onnx import open_engine
+
+        session, tokenizer = open_engine(args)
+    else:
+        model, tokenizer = cli.load(args)
+        session = cli.open_session(args, model)
     prompt = args.prompt
     if prompt is None:
         prompt = DEFAULT_PROMPT if args.load_session is None else ""
