@@ -230,8 +230,11 @@ def _repl(args) -> int:
 
     try:
         client = Client(args.url)
+        if not client._client.is_server_ready():
+            raise RuntimeError("the server is not ready")
     except Exception as e:  # tritonclient raises its own types for a bad address
-        raise UserError(f"cannot connect to {args.url} ({e})") from None
+        raise UserError(f"cannot reach a ready server at {args.url} ({e}); is `python -m streaming_trt.serve` "
+                        "running?") from None
     resumed = args.conversation is not None
     chat = client.conversation(args.conversation, args.system)
     chat.started = resumed

@@ -98,15 +98,16 @@ class TritonPythonModel:
                                           cancelled=sender.is_cancelled, **kwargs)
                 if self.engine.store.loads > loads:
                     _log(f"conversation {cid} restored from {self.engine.store.path(cid)}")
-                sender.send(self._response(-1, "", result.prompt_tokens, result.seen, result.finish_reason),
-                            flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                final = self._response(-1, "", result.prompt_tokens, result.seen, result.finish_reason)
             except UserError as e:
-                sender.send(pb.InferenceResponse(error=pb.TritonError(str(e))),
-                            flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            except Exception as e:  # a bug: report it, keep serving the other conversations
+                final = pb.InferenceResponse(error=pb.TritonError(str(e)))
+            except Exception as e:  # a bug, or a client gone mid-send: report it, serve the others
                 _log(f"conversation {cid}: {type(e).__name__}: {e}")
-                sender.send(pb.InferenceResponse(error=pb.TritonError(f"internal error: {type(e).__name__}: {e}")),
-                            flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                final = pb.InferenceResponse(error=pb.TritonError(f"internal error: {type(e).__name__}: {e}"))
+            try:
+                sender.send(final, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except Exception as e:  # the client cancelled: nobody to tell
+                _log(f"conversation {cid}: final response not delivered ({type(e).__name__}: {e})")
         return None
 
     def finalize(self):
