@@ -15,6 +15,26 @@ import os as _os
 # torch loads, hence before the first torch import; an explicit setting wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+
+def _check_installed() -> None:
+    """Before set-up (a fresh clone), say what to run instead of an ImportError traceback."""
+    import importlib.util
+    import sys
+
+    needed = ("torch", "safetensors", "numpy", "tokenizers", "transformers", "tqdm")
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if not missing:
+        return
+    message = (f"streaming-trt needs {', '.join(missing)}, not installed for {sys.executable}: "
+               "run `bash scripts/setup.sh` first (it installs them and this package)")
+    if sys.argv[:1] == ["-m"]:  # `python -m streaming_trt.<command>` is importing us: one line, exit 2
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+    raise ImportError(message)
+
+
+_check_installed()
+
 from .builtin import builtin_model, default_model  # noqa: E402
 from .config import ModelConfig
 from .errors import CheckpointError, UnsupportedModelError, UserError
