@@ -610,46 +610,52 @@ def main(argv=None) -> int:
         prompt = torch.randint(3, args.vocab, (1, cap), generator=torch.Generator().manual_seed(0)).tolist()[0]
         rows = []
 
-        def timed(step):
+        def interleaved(step, ref):
+            """Median ms of ``step`` and of the native ``ref`` step, taken alternately so that both see the
+            same load from other jobs sharing the machine."""
             for _ in range(3):
-                step()
-            times = []  # the median step: robust to other jobs sharing the machine
+                step(), ref()
+            a, b = [], []
             for _ in tqdm(range(args.tokens), leave=False, file=sys.stderr):
-                t0 = time.perf_counter()
-                step()
-                if args.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            return 1000 * sorted(times)[len(times) // 2]
+                for fn, out in ((step, a), (ref, b)):
+                    t0 = time.perf_counter()
+                    fn()
+                    if args.device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    out.append(time.perf_counter() - t0)
+            med = lambda x: 1000 * sorted(x)[len(x) // 2]  # noqa: E731
+            return med(a), med(b)
 
-        for arch in tqdm(["native llama"] + archs, desc="models", file=sys.stderr):
+        torch.manual_seed(0)
+        hf = tf.AutoModelForCausalLM.from_config(_bench_config("llama", args.hidden, args.layers, args.heads,
+                                                               args.kv_heads, args.vocab), dtype=torch.float32)
+        with tempfile.TemporaryDirectory() as d:
+            hf.save_pretrained(d)
+            native = st.load_model(d, device=args.device)
+        del hf
+        session = native.session(sink_tokens=args.sink_tokens, window=args.window)
+        session.feed(prompt, all_logits=False)
+        native_step = lambda: session.feed([7], all_logits=False)  # noqa: E731
+        for arch in tqdm(archs, desc="models", file=sys.stderr):
             torch.manual_seed(0)
-            cfg = _bench_config("llama" if arch == "native llama" else arch, args.hidden, args.layers, args.heads,
-                                args.kv_heads, args.vocab)
+            cfg = _bench_config(arch, args.hidden, args.layers, args.heads, args.kv_heads, args.vocab)
             hf = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().to(args.device)
-            if arch == "native llama":
-                with tempfile.TemporaryDirectory() as d:
-                    hf.save_pretrained(d)
-                    native = st.load_model(d, device=args.device)
-                session = native.session(sink_tokens=args.sink_tokens, window=args.window)
-                session.feed(prompt, all_logits=False)
-                ms = timed(lambda: session.feed([7], all_logits=False))
-                rows.append(("llama", "native runtime", ms))
-                continue
             enable_streaming(hf, args.sink_tokens, args.window)
             cache = StreamingCache(hf)
             with torch.inference_mode():
                 hf(torch.tensor([prompt], device=args.device), cache=cache, logits_to_keep=1)
                 tok = torch.tensor([[7]], device=args.device)
-                ms = timed(lambda: hf(tok, cache=cache, logits_to_keep=1))
-            rows.append((arch, "streaming_trt.hf", ms))
-        base = rows[0][2]
+                ms, ref = interleaved(lambda: hf(tok, cache=cache, logits_to_keep=1), native_step)
+            rows.append((arch, ms, ref))
+            del hf, cache
         print(f"decode after {cap} tokens (S={args.sink_tokens}, W={args.window}), hidden {args.hidden}, "
               f"{args.layers} layers, {args.heads} heads, vocab {args.vocab}, {args.device}, "
-              f"{torch.get_num_threads()} threads, transformers {tf.__version__}")
-        print("| architecture | path | ms / token (median) | vs native Llama |\n| --- | --- | --- | --- |")
-        for arch, path, ms in rows:
-            print(f"| {arch} | {path} | {ms:.1f} | {ms / base:.2f}x |")
+              f"{torch.get_num_threads()} threads, transformers {tf.__version__}; median step, each "
+              f"architecture timed alternately with the native runtime's Llama of the same shape")
+        print("| architecture | streaming_trt.hf ms / token | native Llama ms / token (same run) | ratio |\n"
+              "| --- | --- | --- | --- |")
+        for arch, ms, ref in rows:
+            print(f"| {arch} | {ms:.1f} | {ref:.1f} | {ms / ref:.2f}x |")
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
