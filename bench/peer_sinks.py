@@ -29,6 +29,9 @@ import warnings
 
 
 def main() -> int:
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(__doc__)
+        return 0
     import torch
 
     warnings.simplefilter("ignore")

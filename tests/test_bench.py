@@ -44,7 +44,7 @@ def test_latency_smoke(tmp_path, capsys):
                        "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     rows = read_csv(tmp_path / "latency.csv")
-    assert {(int(r["cache"]), r["method"]) for r in rows} == {(c, m) for c in (32, 64) for m in baselines.METHODS}
+    assert {(int(r["cache"]), r["method"]) for r in rows} == {(c, m) for c in (32, 64) for m in baselines.DEFAULT_METHODS}
     for r in rows:
         assert float(r["median_ms"]) > 0 and int(r["timed_tokens"]) >= 2
         if r["method"] == "streaming":
@@ -239,3 +239,109 @@ def test_builtin_text_is_there_and_plain():
 
     ids = load_tokenizer(None).encode(text[:5000])
     assert 0 not in ids  # the character tokenizer knows every character
+
+
+# ----------------------------------------------------------------------------------------------
+# The real text, the paper's tables and figure, the attention_sinks peer
+# ----------------------------------------------------------------------------------------------
+
+def _rdb_record(lines: list[str | None]) -> bytes:
+    """One record of an R lazy-load DB as R writes it: XDR serialization v3 of a character vector."""
+    import struct
+    import zlib
+
+    body = b"X\n" + struct.pack(">iii", 3, 0x040201, 0x030500) + struct.pack(">i", 5) + b"UTF-8"
+    body += struct.pack(">ii", 16, len(lines))
+    for line in lines:
+        if line is None:
+            body += struct.pack(">ii", 9, -1)
+        else:
+            raw = line.encode()
+            body += struct.pack(">ii", 0x00040009, len(raw)) + raw
+    return struct.pack(">I", len(body)) + zlib.compress(body)
+
+
+def test_text_reads_r_lazy_load_db(tmp_path, monkeypatch):
+    from bench import text
+
+    novels = [[f"BOOK {i}", "", None, f"It is a truth universally acknowledged, {i}."] for i in range(6)]
+    rdb = tmp_path / text.INSIDE
+    rdb.parent.mkdir(parents=True)
+    rdb.write_bytes(b"".join(_rdb_record(n) for n in novels))
+    monkeypatch.setenv("STREAMING_TRT_TEXT_DIR", str(tmp_path))
+    assert text.locate(allow_fetch=False) == rdb
+    assert text.book("pride") == "BOOK 4\n\n\nIt is a truth universally acknowledged, 4."
+    assert text.book("all").count("BOOK") == 6 and text.book("all").startswith("BOOK 0")
+    with pytest.raises(harness.UserError, match="unknown book"):
+        text.book("ulysses")
+    rdb.write_bytes(_rdb_record(["only one"]))
+    with pytest.raises(harness.UserError, match="holds 1 objects"):
+        text.book("pride")
+
+
+@pytest.mark.skipif(not Path("/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb").is_file()
+                    and not (Path.home() / ".cache/streaming-trt/text/r-cran-janeaustenr").is_dir(),
+                    reason="the Debian package r-cran-janeaustenr is neither installed nor fetched "
+                           "(python -m bench.text fetches it)")
+def test_text_real_austen():
+    from bench import text
+
+    pride = text.book("pride", allow_fetch=False)
+    assert pride.startswith("PRIDE AND PREJUDICE") and len(pride.split()) > 120_000
+    assert "It is a truth universally acknowledged" in pride
+
+
+def test_sinks_table_smoke(tmp_path):
+    from bench import sinks_table
+
+    rc = sinks_table.main(["--tokens", "120", "--capacity", "32", "--sinks", "0,4", "--capacities", "16,32",
+                           "--chunk", "16", "--text", str(harness.BUILTIN_TEXT), "--out", str(tmp_path),
+                           "--no-progress"])
+    assert rc == 0
+    rows = read_csv(tmp_path / "sinks_table.csv")
+    assert [(r["table"], int(r["sink_tokens"]), int(r["capacity"])) for r in rows] == \
+        [("2", 0, 32), ("2", 4, 32), ("6", 4, 16), ("6", 4, 32)]
+    assert all(int(r["tokens_scored"]) == 120 - 1 - 32 and float(r["ppl"]) > 1 for r in rows)
+    assert_png(tmp_path / "sinks_table.png")
+    assert sinks_table.main(["--sinks", "0,40", "--capacity", "32", "--out", str(tmp_path)]) == 2
+
+
+def test_attention_map_smoke(tmp_path):
+    from bench import attention_map
+
+    rc = attention_map.main(["--tokens", "40", "--late", "8", "--skip", "0", "--heatmap-tokens", "8",
+                             "--text", str(harness.BUILTIN_TEXT), "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    rows = read_csv(tmp_path / "attention_map.csv")
+    assert [int(r["layer"]) for r in rows] == list(range(builtin_config().num_layers))
+    for r in rows:
+        assert 0 < float(r["share_token0"]) <= float(r["share_first4"]) <= 1
+        assert float(r["share_token0"]) <= float(r["max_head_share_token0"]) <= 1
+    assert_png(tmp_path / "attention_map.png")
+
+
+def test_fill_random_sets_the_stream_counter():
+    """The latency shortcut must leave the session where a real stream of that length would be."""
+    model = Transformer.from_state_dict(builtin_config(), builtin_state_dict(builtin_config(), 0))
+    stream = baselines.RuntimeStream("streaming", model, 4, 28)
+    stream.fill_random(100)
+    assert stream.session.seen == [100]
+    stream.feed(torch.tensor([5]))
+    assert stream.session.seen == [101]
+
+
+def test_attention_sinks_peer_needs_its_python(tmp_path, capsys):
+    assert latency.main(["--methods", "streaming,attention-sinks", "--out", str(tmp_path)]) == 2
+    assert "--sinks-python" in capsys.readouterr().err
+    assert long_ppl.main(["--methods", "attention-sinks", "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.skipif(not os.environ.get("STREAMING_TRT_SINKS_PYTHON"),
+                    reason="STREAMING_TRT_SINKS_PYTHON names no environment with attention_sinks 0.4.0 and "
+                           "transformers 4.34 (python -m bench.peer_sinks shows how to build one)")
+def test_attention_sinks_peer_runs(tmp_path):
+    rc = latency.main(["--cache-sizes", "32", "--methods", "streaming,attention-sinks", "--tokens", "3",
+                       "--warmup", "1", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    rows = {r["method"]: r for r in read_csv(tmp_path / "latency.csv")}
+    assert float(rows["attention-sinks"]["median_ms"]) > 0
