@@ -1,6 +1,7 @@
 """Text generation over a streaming session: token ids or decoded text, streamed as drawn."""
 from __future__ import annotations
 
+import numbers
 from typing import Iterable, Iterator
 
 from .errors import UserError
@@ -20,6 +21,19 @@ def eos_ids(tokenizer, config) -> set[int]:
     return ids
 
 
+def _token_set(ids: Iterable[int], name: str) -> set[int]:
+    if isinstance(ids, (str, bytes)):
+        raise UserError(f"{name} must be token ids (integers), got text {ids!r}")
+    try:
+        values = list(ids)
+    except TypeError:
+        raise UserError(f"{name} must be a collection of token ids, got {type(ids).__name__}") from None
+    bad = [v for v in values if not isinstance(v, numbers.Integral) or isinstance(v, bool)]
+    if bad:
+        raise UserError(f"{name} must be integers, got {bad[0]!r}")
+    return {int(v) for v in values}
+
+
 def generate_tokens(
     session,
     prompt_ids: list[int],
@@ -35,10 +49,12 @@ def generate_tokens(
     """
     if session.batch != 1:
         raise UserError("generate_tokens works on a batch-1 session; use Session.feed for batches")
-    if max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if isinstance(prompt_ids, (str, bytes)):
+        raise UserError("prompt_ids must be token ids, got text; encode it with the tokenizer or use generate_text")
+    stop = _token_set(stop_token_ids, "stop_token_ids")
     sampler = sampler or Sampler(sampling or SamplingParams(), session.model.device)
-    stop = set(stop_token_ids)
     if prompt_ids:
         session.feed(list(prompt_ids), all_logits=False)
     elif session.last_logits is None:
@@ -70,10 +86,13 @@ def generate_text(
         stop_token_ids: ends generation (default: the tokenizer's and config's eos ids).
         stop_strings: generation ends once the text produced contains one of these.
     """
+    if prompt is not None and not isinstance(prompt, str):
+        raise UserError(f"prompt must be text (str), got {type(prompt).__name__}; for token ids use generate_tokens")
     if not prompt and session.last_logits is None:
         raise UserError("the prompt is empty: give some text to start from")
     ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens) if prompt else []
-    stop_ids = eos_ids(tokenizer, session.model.config) if stop_token_ids is None else set(stop_token_ids)
+    stop_ids = (eos_ids(tokenizer, session.model.config) if stop_token_ids is None
+                else _token_set(stop_token_ids, "stop_token_ids"))
     decoder = IncrementalDecoder(tokenizer)
     stop_strings = [s for s in stop_strings if s]
     held = ""  # text that may be the start of a stop string, not yielded yet

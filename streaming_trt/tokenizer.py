@@ -65,6 +65,8 @@ def load_tokenizer(path: str | Path | None):
     the random model's character tokenizer for ``None`` / ``builtin:random``."""
     if path is None or str(path) == "builtin:random":
         return BuiltinTokenizer()
+    if not isinstance(path, (str, Path)):
+        raise CheckpointError(f"the tokenizer path must be a str or Path (or None), got {type(path).__name__}")
     if str(path) == "builtin:smollm2":
         from .builtin import INSTALL_HINT, smollm2_path
 

@@ -210,3 +210,50 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "streaming_trt.build", "--model", "x"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "required" in proc.stderr
+
+
+@pytest.mark.parametrize("window,warns", [(252, False), (253, True)])
+def test_trained_positions_warning_boundary(llama, tmp_path, capsys, window, warns):
+    """The checkpoint has max_position_embeddings 256: capacity 4 + 252 is fine, one more warns."""
+    code, err = run(capsys, "--model", llama, "--output", tmp_path / "out", "--sink-tokens", 4, "--window", window,
+                    "--checkpoint-only")
+    assert code == 0, err
+    assert ("exceeds the model's max_position_embeddings (256)" in err) == warns, err
+    if warns:
+        assert "choose a window <= 252" in err
+
+
+@pytest.mark.parametrize("sizes,message", [
+    (["--sink-tokens", 4, "--window", 1_000_000_000], "no GPU has more than 288.0 GB: choose --window <= "),
+    (["--sink-tokens", 1_000_000_000, "--window", 8], "no GPU has more than"),
+    (["--sink-tokens", 4, "--window", 3_000_000_000], "32-bit integers"),
+    (["--sink-tokens", 4, "--window", 100_000, "--max-input-len", 2_000_000_000, "--allow-dense-context",
+      "--dtype", "float32"], "lower --max-input-len"),  # 2e9 prompt tokens x 512 bytes of activations
+])
+def test_sizes_no_gpu_holds_are_refused_before_writing(llama, tmp_path, capsys, sizes, message):
+    code, err = run(capsys, "--model", llama, "--output", tmp_path / "out", *sizes)
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err and not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_the_suggested_window_fits_and_one_more_does_not(llama, tmp_path, capsys):
+    """The refusal's suggestion is exact: the suggested window is accepted, one more is refused."""
+    code, err = run(capsys, "--model", llama, "--output", tmp_path / "a", "--sink-tokens", 4, "--window",
+                    1_000_000_000, "--max-batch-size", 1)
+    fit = int(err.split("choose --window <= ")[1].split(" ")[0].replace(",", ""))
+    code, err = run(capsys, "--model", llama, "--output", tmp_path / "b", "--sink-tokens", 4, "--window", fit + 1,
+                    "--max-batch-size", 1)
+    assert code == 2 and "no GPU has more than" in err
+    code, err = run(capsys, "--model", llama, "--output", tmp_path / "c", "--sink-tokens", 4, "--window", fit,
+                    "--max-batch-size", 1, "--checkpoint-only")
+    assert code == 0, err
+    assert "--max-batch-size" not in err  # one sequence: no batch warning
+
+
+def test_a_batch_that_cannot_be_held_at_once_warns(llama, tmp_path, capsys):
+    # float16, 2 layers x 2 KV heads x 16 dims: 256 bytes of K+V per token, and 2 x 64 x 2 = 256 bytes of
+    # prompt activations; 200M tokens: one sequence needs 102.4 GB, each further one 51.2 GB, so 4 fit in 288 GB
+    code, err = run(capsys, "--model", llama, "--output", tmp_path / "out", "--sink-tokens", 4, "--window",
+                    200_000_000, "--checkpoint-only")
+    assert code == 0, err
+    assert "warning: --max-batch-size 8 sequences" in err and "holds at most 4 at once" in err
