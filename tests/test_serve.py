@@ -301,7 +301,7 @@ def test_bad_inputs_get_clear_errors_and_touch_no_other_conversation(server, loc
             assert expected in message, f"{name}: {message!r}"
         # a client that disconnects mid-stream
         quitter = Client(server.url)
-        stream = quitter.conversation(4343).tokens("talk for long", max_tokens=400)
+        stream = quitter.conversation(4343).tokens("talk for long", max_tokens=100)
         next(stream)
         quitter.close(cancel=True)
         got += run_turns(client, bystander, texts[2:])
@@ -406,7 +406,7 @@ def test_openai_bad_requests(server):
         assert status == want_status and words in body["error"]["message"], body
     # a client that goes away mid-stream; the next request is served
     conn = urllib.request.urlopen(urllib.request.Request(url, data=json.dumps(
-        {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 300, "stream": True}).encode()), timeout=60)
+        {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 100, "stream": True}).encode()), timeout=60)
     assert conn.readline().startswith(b"data: ")
     conn.close()
     status, body = chat()
@@ -430,3 +430,34 @@ def test_serve_cli_bad_flags_and_write_repo(tmp_path):
     settings = json.loads((tmp_path / "repo" / "streaming_llm" / "serve.json").read_text())
     assert settings["session_dir"] == str((tmp_path / "s").resolve())
     assert "TritonPythonModel" in (tmp_path / "repo" / "streaming_llm" / "1" / "model.py").read_text()
+
+
+def test_nothing_listens_beyond_loopback(server):
+    """Every listening TCP socket of the server's processes is bound to 127.0.0.1."""
+    parents = server.pids()
+    family = {server.proc.pid}
+    while True:
+        more = {p for p, pp in parents.items() if pp in family} - family
+        if not more:
+            break
+        family |= more
+    inodes = set()
+    for pid in family:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            pass
+    listening = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:  # LISTEN
+                listening.append((table, f[1]))
+    ports = {server.http, server.grpc, server.openai}
+    assert {int(addr.split(":")[1], 16) for _, addr in listening} == ports
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1, and as IPv4-mapped IPv6
+    for table, addr in listening:
+        assert addr.split(":")[0] in loopback, f"{table}: listens on {addr}"
