@@ -647,7 +647,6 @@ def main(argv=None) -> int:
                 tok = torch.tensor([[7]], device=args.device)
                 ms, ref = interleaved(lambda: hf(tok, cache=cache, logits_to_keep=1), native_step)
             rows.append((arch, ms, ref))
-            del hf, cache
         print(f"decode after {cap} tokens (S={args.sink_tokens}, W={args.window}), hidden {args.hidden}, "
               f"{args.layers} layers, {args.heads} heads, vocab {args.vocab}, {args.device}, "
               f"{torch.get_num_threads()} threads, transformers {tf.__version__}; median step, each "

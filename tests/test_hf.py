@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 import io
 import contextlib
-import math
-import os
 from pathlib import Path
 
 import pytest
@@ -221,8 +219,8 @@ def test_memory_flat_over_20x_capacity():
     n = cache.seen[0]
     assert sorted(held) == list(range(sinks)) + list(range(n - window, n))
     # generate() through 20 x capacity keeps the same allocation
-    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=20 * (sinks + window), cache=cache2 if (
-        cache2 := sthf.StreamingCache(model)) else None, **GREEDY)
+    cache2 = sthf.StreamingCache(model)
+    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=20 * (sinks + window), cache=cache2, **GREEDY)
     assert out.shape[1] == 3 + 20 * (sinks + window)
     assert all(tuple(l.keys.shape)[2] == sinks + window for l in cache2.layers)
 
