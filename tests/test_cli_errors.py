@@ -183,12 +183,16 @@ def tree(path: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def results(fixtures, tmp_path_factory):
-    """Run every case; returns ``{id: (exit status, stderr)}`` after checking nothing was left behind."""
+def results(fixtures, tmp_path_factory, request):
+    """Run the selected cases (``-k`` picks some); ``{id: (exit status, stderr, files left)}``."""
     work = tmp_path_factory.mktemp("cli-cases")
     before = tree(fixtures)
+    selected = {item.callspec.params["case_id"] for item in request.session.items
+                if hasattr(item, "callspec") and "case_id" in item.callspec.params}
     cases = []
     for case_id, module, argv, _ in CASES:
+        if case_id not in selected:
+            continue
         cwd = work / case_id
         cwd.mkdir()
         cases.append({"id": case_id, "module": module, "argv": expand(argv, fixtures), "cwd": str(cwd),
