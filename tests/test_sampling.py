@@ -66,6 +66,14 @@ def test_top_p_keeps_the_token_that_crosses_the_threshold():
         assert kept(reference(logits[0].tolist(), 1.0, 0, top_p)) == expected
 
 
+def test_top_p_stops_once_the_threshold_is_reached_exactly():
+    """Four equal logits: probabilities exactly 0.25, so two tokens reach top_p = 0.5 exactly and
+    the third is not needed."""
+    for top_p, count in [(0.5, 2), (0.25, 1), (0.75, 3), (0.5000001, 3)]:
+        dist = Sampler(SamplingParams(temperature=1.0, top_p=top_p)).distribution(torch.zeros(1, 4))[0]
+        assert len(kept(dist.tolist())) == count == len(kept(reference([0.0] * 4, 1.0, 0, top_p))), top_p
+
+
 def test_top_k_keeps_exactly_k():
     for k in range(1, len(LOGITS) + 1):
         dist = Sampler(SamplingParams(temperature=1.0, top_k=k)).distribution(torch.tensor([LOGITS]))[0]
@@ -88,7 +96,7 @@ def test_draws_follow_the_distribution():
 
 def test_greedy_is_argmax():
     logits = torch.tensor([LOGITS, LOGITS[::-1]])
-    for t in (0.0, 1e-6):
+    for t in (0.0, 1e-6, 1e-40):  # 1e-40 would overflow the scaled logits to inf if it were not greedy
         assert Sampler(SamplingParams(temperature=t)).__call__(logits).tolist() == [4, 3]
 
 
