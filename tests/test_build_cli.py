@@ -227,6 +227,7 @@ def test_trained_positions_warning_boundary(llama, tmp_path, capsys, window, war
     (["--sink-tokens", 4, "--window", 1_000_000_000], "no GPU has more than 288.0 GB: choose --window <= "),
     (["--sink-tokens", 1_000_000_000, "--window", 8], "no GPU has more than"),
     (["--sink-tokens", 4, "--window", 3_000_000_000], "32-bit integers"),
+    (["--sink-tokens", 4, "--window", 3_000_000_000, "--max-input-len", 8], "32-bit integers"),
     (["--sink-tokens", 4, "--window", 100_000, "--max-input-len", 2_000_000_000, "--allow-dense-context",
       "--dtype", "float32"], "lower --max-input-len"),  # 2e9 prompt tokens x 512 bytes of activations
 ])
