@@ -1,4 +1,4 @@
-"""Pieces shared by the Triton kernels: rotary loads, the online-softmax step, launch plumbing.
+"""Pieces shared by the Triton kernels: row loads, the online-softmax step, launch plumbing.
 
 Importing this module imports triton. Under ``TRITON_INTERPRET=1`` the ``@triton.jit`` functions
 here and in the kernel modules become interpreted functions, so the variable must be set before the
@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
+from .geometry import Geometry
 
 LOG2E = 1.4426950408889634
 LOG2E_C = tl.constexpr(LOG2E)  # the same, readable inside @triton.jit functions
@@ -40,8 +41,8 @@ _TRITON_DTYPE_NAMES = {
 
 def block_d(head_dim: int) -> int:
     """Tile width for a head: a power of two, at least 64 (head dims below 64 only occur in tiny
-    test models; sharing the 64 tile keeps the list of compiled variants short, and each rotary
-    half stays >= 16 wide, the smallest K dimension tl.dot accepts on the GPU)."""
+    test models; sharing the 64 tile keeps the list of compiled variants short and well above
+    16, the smallest K dimension tl.dot accepts on the GPU)."""
     return max(64, triton.next_power_of_2(head_dim))
 
 
@@ -88,24 +89,6 @@ def sink_logits_or_none(sink_logits: torch.Tensor | None, num_heads: int, device
     return sink_logits.to(device=device, dtype=torch.float32).contiguous()
 
 
-def rotary_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int, need_positions: int,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Check ``cos``/``sin [num_positions, rotary_dim // 2]`` and return them float32 contiguous with
-    ``rotary_dim // 2``."""
-    if cos.device != device or sin.device != device:
-        raise ValueError(f"cos/sin are on {cos.device}/{sin.device}, the other tensors on {device}")
-    if cos.shape != sin.shape or cos.dim() != 2:
-        raise ValueError(f"cos/sin must both be [num_positions, rotary_dim // 2], got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    half = cos.shape[1]
-    if not 1 <= 2 * half <= head_dim:
-        raise ValueError(f"rotary_dim = {2 * half} must be in [2, head_dim = {head_dim}]")
-    if cos.shape[0] < need_positions:
-        raise ValueError(f"the rotary table has {cos.shape[0]} positions, {need_positions} are needed")
-    cos = cos.to(torch.float32).contiguous()
-    sin = sin.to(torch.float32).contiguous()
-    return cos, sin, half
-
-
 def last_dim_contiguous(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     x = x.to(dtype)
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -117,13 +100,15 @@ def check_kernel_dtype(dtype: torch.dtype, what: str) -> None:
                         "(float64 is for the references in streaming_trt.kernels.reference)")
 
 
-def check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, sink_tokens: int, window: int) -> torch.dtype:
+def check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, geometry: Geometry) -> torch.dtype:
     """Check what every host wrapper asks of the caches ``[batch, num_kv_heads, capacity, head_dim]``
-    (shapes already checked): ``capacity = sink_tokens + window``, one kernel dtype for both.
+    (shapes already checked): ``capacity = geometry.capacity``, one kernel dtype for both.
     Returns that dtype."""
-    capacity = k_cache.shape[2]
-    if capacity != sink_tokens + window or window < 1 or sink_tokens < 0:
-        raise ValueError(f"capacity {capacity} != sink_tokens {sink_tokens} + window {window}")
+    if not isinstance(geometry, Geometry):
+        raise TypeError(f"geometry must be a streaming_trt.kernels.geometry.Geometry, got {type(geometry).__name__}")
+    if k_cache.shape[2] != geometry.capacity:
+        raise ValueError(f"the caches have {k_cache.shape[2]} slots but the geometry's capacity is "
+                         f"{geometry.capacity} (sink_tokens {geometry.sink_tokens} + window {geometry.window})")
     dtype = k_cache.dtype
     check_kernel_dtype(dtype, "k_cache")
     if v_cache.dtype != dtype:
@@ -169,8 +154,8 @@ class LaunchConfig:
 
     ``pointers`` maps pointer arguments to their element type (``"fp16"``, ``"i32"``, ...); every
     other non-constexpr argument is an ``i32`` unless named in ``floats`` (``fp32``). Pointers,
-    ``stride_*``, ``head_dim`` and ``half`` carry the 16-divisibility hint the JIT gives them at run
-    time for head_dim 64, 128 or 256 with full rotary (the JIT builds a variant without the hint,
+    ``stride_*`` and ``head_dim`` carry the 16-divisibility hint the JIT gives them at run
+    time for head_dim 64, 128 or 256 (the JIT builds a variant without the hint,
     same code, less vectorized loads, for e.g. head_dim 80).
     """
 
@@ -195,7 +180,7 @@ class LaunchConfig:
                 sig[arg] = "fp32"
             else:
                 sig[arg] = "i32"
-                if arg.startswith("stride_") or arg in ("head_dim", "half"):
+                if arg.startswith("stride_") or arg == "head_dim":
                     attrs[(i,)] = [["tt.divisibility", 16]]
         return sig, attrs
 
@@ -220,47 +205,11 @@ def launch(fn: Callable, grid: tuple, cfg: LaunchConfig, *args) -> None:
 
 
 @triton.jit
-def load_halves(row_ptr, row_ok, half, BLOCK_H: tl.constexpr):
-    """The rotary halves ``x[:, :half]`` and ``x[:, half:2 half]`` of the rows starting at
-    ``row_ptr [R]`` as ``[R, BLOCK_H]`` tiles; masked rows and columns are 0 (never the memory,
-    which may hold NaN)."""
-    dh = tl.arange(0, BLOCK_H)
-    m = row_ok[:, None] & (dh < half)[None, :]
-    p = row_ptr[:, None] + dh[None, :]
-    x1 = tl.load(p, mask=m, other=0.0)
-    x2 = tl.load(p + half, mask=m, other=0.0)
-    return x1, x2
-
-
-@triton.jit
-def load_pass(row_ptr, row_ok, rot_dim, head_dim, BLOCK_D: tl.constexpr):
-    """The columns ``rot_dim <= d < head_dim`` that partial rotary leaves alone, in a
-    ``[R, BLOCK_D]`` tile (zero elsewhere)."""
-    d = tl.arange(0, BLOCK_D)
-    m = row_ok[:, None] & ((d >= rot_dim) & (d < head_dim))[None, :]
-    return tl.load(row_ptr[:, None] + d[None, :], mask=m, other=0.0)
-
-
-@triton.jit
 def load_rows(row_ptr, row_ok, head_dim, BLOCK_D: tl.constexpr):
     """Whole rows (``d < head_dim``) as a ``[R, BLOCK_D]`` tile, zero where masked."""
     d = tl.arange(0, BLOCK_D)
     m = row_ok[:, None] & (d < head_dim)[None, :]
     return tl.load(row_ptr[:, None] + d[None, :], mask=m, other=0.0)
-
-
-@triton.jit
-def rotate(x1, x2, cos_ptr, sin_ptr, pos, row_ok, half, BLOCK_H: tl.constexpr):
-    """Rotate-half RoPE of the halves ``x1, x2 [R, BLOCK_H]`` at positions ``pos [R]``, in float32:
-    ``[x1 cos - x2 sin, x2 cos + x1 sin]`` with ``cos/sin [num_positions, half]`` float32."""
-    dh = tl.arange(0, BLOCK_H)
-    m = row_ok[:, None] & (dh < half)[None, :]
-    off = pos[:, None] * half + dh[None, :]
-    c = tl.load(cos_ptr + off, mask=m, other=0.0)
-    s = tl.load(sin_ptr + off, mask=m, other=0.0)
-    x1 = x1.to(tl.float32)
-    x2 = x2.to(tl.float32)
-    return x1 * c - x2 * s, x2 * c + x1 * s
 
 
 @triton.jit

@@ -1,16 +1,12 @@
 """Decode attention over a sink + ring KV cache (Triton), flash-decoding style.
 
 Specification: :func:`streaming_trt.kernels.reference.decode_attention` (same signature, same
-result). One new query per stream attends to every written slot of its cache; keys are stored
-unrotated and rotated here at their rank in the cache. The slots ``0 .. min(seen, capacity) - 1``
-are exactly the written ones, so the work of a stream is a prefix of its cache, which long caches
-split across programs (``num_splits``) whose partial softmax sums a second kernel combines.
-
-Positions, for the query token ``t = seen - 1`` and ``q_pos = min(t, capacity - 1)``:
-
-* sink slot ``j < sink_tokens``: position ``j``;
-* ring slot ``j``: it holds the token ``(t - j) mod window`` steps before ``t``, at position
-  ``q_pos - ((t - j) mod window)``.
+result). One new query per stream attends to every written slot of its cache. Keys are stored
+rotated at their text positions by the caller and the query comes rotated twice, so no rotation
+happens here: sink slots (``j < sink_tokens``) score with ``q_rank``, ring slots with ``q_text``.
+The slots ``0 .. min(seen, capacity) - 1`` are exactly the written ones, so the work of a stream is
+a prefix of its cache, which long caches split across programs (``num_splits``, chosen from shapes
+alone) whose partial softmax sums a second kernel combines.
 """
 from __future__ import annotations
 
@@ -19,8 +15,8 @@ import triton
 import triton.language as tl
 
 from . import _common as C
-from ._common import (DOT_PRECISION, LOG2E, LOG2E_C, LaunchConfig, load_halves, load_pass, load_rows, rotate,
-                      softmax_step, to_dot)
+from ._common import DOT_PRECISION, LOG2E, LOG2E_C, LaunchConfig, load_rows, softmax_step, to_dot
+from .geometry import Geometry
 
 __all__ = ["decode_attention", "launch_configs"]
 
@@ -32,16 +28,15 @@ PROGRAMS_PER_SM = 4  # split until the grid has about this many programs per SM
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, seen_ptr, cos_ptr, sin_ptr, sinks_ptr,
+    qt_ptr, qr_ptr, k_ptr, v_ptr, seen_ptr, sinks_ptr,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-    stride_qb, stride_qh,
+    stride_qtb, stride_qth, stride_qrb, stride_qrh,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, seen_step,
-    num_kv_heads, group, head_dim, half, sink_tokens, window, split_len, num_splits, num_gblocks,
+    num_kv_heads, group, head_dim, sink_tokens, capacity, full, split_len, num_splits, num_gblocks,
     scale_log2,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_PASS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
 ):
     split = tl.program_id(0)
     pid = tl.program_id(1)
@@ -51,27 +46,17 @@ def _decode_kernel(
     b = bk // num_kv_heads
     num_heads = num_kv_heads * group
 
-    capacity = sink_tokens + window
-    t = tl.load(seen_ptr + b * seen_step) - 1
-    n = tl.minimum(t + 1, capacity)  # written slots: 0 .. n-1
-    q_pos = tl.minimum(t, capacity - 1)
-    # (t - j) mod window for ring slot j = sink_tokens + r is (t_ring - r) mod window.
-    t_ring = tl.maximum(t - sink_tokens, 0) % window
+    # Written slots: 0 .. n-1 (all of them once the stream is full).
+    n = tl.where(full != 0, capacity, tl.minimum(tl.load(seen_ptr + b * seen_step), capacity))
     lo = split * split_len
     hi = tl.minimum(lo + split_len, n)
 
     g = gblk * BLOCK_G + tl.arange(0, BLOCK_G)
     g_ok = g < group
     head = kvh * group + g
-    rot_dim = 2 * half  # HAS_PASS: partial rotary, columns rot_dim.. are dotted unrotated
 
-    q_base = q_ptr + b.to(tl.int64) * stride_qb
-    q1, q2 = load_halves(q_base + head * stride_qh, g_ok, half, BLOCK_H)
-    q1, q2 = rotate(q1, q2, cos_ptr, sin_ptr, tl.zeros([BLOCK_G], tl.int32) + q_pos, g_ok, half, BLOCK_H)
-    q1 = to_dot(q1, k_ptr, UPCAST)
-    q2 = to_dot(q2, k_ptr, UPCAST)
-    if HAS_PASS:
-        qp = to_dot(load_pass(q_base + head * stride_qh, g_ok, rot_dim, head_dim, BLOCK_D), k_ptr, UPCAST)
+    b64 = b.to(tl.int64)
+    qt = to_dot(load_rows(qt_ptr + b64 * stride_qtb + head * stride_qth, g_ok, head_dim, BLOCK_D), k_ptr, UPCAST)
 
     # Without splits the learned sink logit starts the sums as a key of value zero; with splits
     # it joins once, in the reduce kernel.
@@ -80,22 +65,31 @@ def _decode_kernel(
     l_i = tl.where(num_splits > 1, 0.0, 1.0) + tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
 
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
-    # Every tile of [lo, hi) holds at least one written slot, so m_i is finite after the first.
-    for n0 in range(lo, hi, BLOCK_N):
+    k_base = k_ptr + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
+    v_base = v_ptr + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
+    # 1. Tiles holding sink slots (j < sink_tokens): those score with the query at its rank.
+    sink_hi = tl.minimum(hi, sink_tokens)
+    if sink_hi > lo:
+        qr = to_dot(load_rows(qr_ptr + b64 * stride_qrb + head * stride_qrh, g_ok, head_dim, BLOCK_D), k_ptr, UPCAST)
+        for n0 in range(lo, sink_hi, BLOCK_N):
+            j = n0 + tl.arange(0, BLOCK_N)
+            j_ok = j < hi
+            k = tl.trans(to_dot(load_rows(k_base + j * stride_ks, j_ok, head_dim, BLOCK_D), k_ptr, UPCAST))
+            s_text = tl.dot(qt, k, input_precision=DOT_PRECISION)
+            s_rank = tl.dot(qr, k, input_precision=DOT_PRECISION)
+            s = tl.where((j < sink_tokens)[None, :], s_rank, s_text)
+            s = tl.where(j_ok[None, :], s * scale_log2, float("-inf"))
+            p, alpha, m_i, l_i = softmax_step(s, m_i, l_i)
+            v = to_dot(load_rows(v_base + j * stride_vs, j_ok, head_dim, BLOCK_D), v_ptr, UPCAST)
+            acc = acc * alpha[:, None] + tl.dot(to_dot(p, v_ptr, UPCAST), v, input_precision=DOT_PRECISION)
+    # 2. The remaining tiles hold window slots only: the query at its text position. Every tile
+    #    of [lo, hi) holds at least one written slot, so m_i is finite after the first.
+    w_lo = lo + tl.maximum(sink_hi - lo + BLOCK_N - 1, 0) // BLOCK_N * BLOCK_N
+    for n0 in range(w_lo, hi, BLOCK_N):
         j = n0 + tl.arange(0, BLOCK_N)
         j_ok = j < hi
-        r = j - sink_tokens
-        dist = tl.where(r <= t_ring, t_ring - r, t_ring - r + window)
-        k_pos = tl.where(r < 0, j, q_pos - dist)
-        k1, k2 = load_halves(k_base + j * stride_ks, j_ok, half, BLOCK_H)
-        k1, k2 = rotate(k1, k2, cos_ptr, sin_ptr, k_pos, j_ok, half, BLOCK_H)
-        s = tl.dot(q1, tl.trans(to_dot(k1, k_ptr, UPCAST)), input_precision=DOT_PRECISION)
-        s = tl.dot(q2, tl.trans(to_dot(k2, k_ptr, UPCAST)), s, input_precision=DOT_PRECISION)
-        if HAS_PASS:
-            kp = to_dot(load_pass(k_base + j * stride_ks, j_ok, rot_dim, head_dim, BLOCK_D), k_ptr, UPCAST)
-            s = tl.dot(qp, tl.trans(kp), s, input_precision=DOT_PRECISION)
+        k = tl.trans(to_dot(load_rows(k_base + j * stride_ks, j_ok, head_dim, BLOCK_D), k_ptr, UPCAST))
+        s = tl.dot(qt, k, input_precision=DOT_PRECISION)
         s = tl.where(j_ok[None, :], s * scale_log2, float("-inf"))
         p, alpha, m_i, l_i = softmax_step(s, m_i, l_i)
         v = to_dot(load_rows(v_base + j * stride_vs, j_ok, head_dim, BLOCK_D), v_ptr, UPCAST)
@@ -110,7 +104,7 @@ def _decode_kernel(
         tl.store(part_acc_ptr + row[:, None] * head_dim + d[None, :], acc, mask=g_ok[:, None] & (d < head_dim)[None, :])
     else:
         out = acc / l_i[:, None]
-        o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + head[:, None] * stride_oh + d[None, :]
+        o_ptrs = out_ptr + b64 * stride_ob + head[:, None] * stride_oh + d[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & (d < head_dim)[None, :])
 
 
@@ -153,17 +147,16 @@ def _decode_reduce_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-def _main_config(dtype: torch.dtype, head_dim: int, has_pass: bool, upcast: bool = False) -> LaunchConfig:
+def _main_config(dtype: torch.dtype, head_dim: int, upcast: bool = False) -> LaunchConfig:
     bd = C.block_d(head_dim)
     name = C.dtype_name(dtype)
     wide = dtype == torch.float32 or bd > 128  # smaller key tiles keep shared memory and registers in check
     return LaunchConfig(
-        name=f"decode[{name},D{bd}{',pass' if has_pass else ''}]",
+        name=f"decode[{name},D{bd}]",
         fn=_decode_kernel,
-        constexprs=dict(BLOCK_G=BLOCK_G, BLOCK_N=32 if wide else 64, BLOCK_H=bd // 2, BLOCK_D=bd, HAS_PASS=has_pass,
-                        UPCAST=upcast),
-        pointers=dict(q_ptr=name, k_ptr=name, v_ptr=name, seen_ptr="i32", cos_ptr="fp32", sin_ptr="fp32",
-                      sinks_ptr="fp32", out_ptr=name, part_acc_ptr="fp32", part_m_ptr="fp32", part_l_ptr="fp32"),
+        constexprs=dict(BLOCK_G=BLOCK_G, BLOCK_N=32 if wide else 64, BLOCK_D=bd, UPCAST=upcast),
+        pointers=dict(qt_ptr=name, qr_ptr=name, k_ptr=name, v_ptr=name, seen_ptr="i32", sinks_ptr="fp32",
+                      out_ptr=name, part_acc_ptr="fp32", part_m_ptr="fp32", part_l_ptr="fp32"),
         floats=("scale_log2",),
         num_warps=4 if bd <= 128 else 8,
         num_stages=1 if dtype == torch.float32 else 2,
@@ -184,13 +177,12 @@ def _reduce_config(dtype: torch.dtype, head_dim: int) -> LaunchConfig:
 
 
 def launch_configs() -> list[LaunchConfig]:
-    """Every kernel variant :func:`decode_attention` can launch on a GPU (any head_dim <= 256, any
-    rotary_dim, split or not), for the compile test."""
+    """Every kernel variant :func:`decode_attention` can launch on a GPU (any head_dim <= 256,
+    split or not), for the compile test."""
     out: dict[str, LaunchConfig] = {}
     for dtype in C.KERNEL_DTYPES:
         for head_dim in C.SUPPORTED_HEAD_DIMS:
-            for cfg in (_main_config(dtype, head_dim, False), _main_config(dtype, head_dim, True),
-                        _reduce_config(dtype, head_dim)):
+            for cfg in (_main_config(dtype, head_dim), _reduce_config(dtype, head_dim)):
                 out.setdefault(cfg.name, cfg)
     return list(out.values())
 
@@ -199,8 +191,8 @@ def plan_splits(programs: int, capacity: int, block_n: int, sm_count: int) -> tu
     """``(num_splits, split_len)`` for a grid of ``programs`` (batch x kv heads x head blocks).
 
     Splits only when the grid would leave SMs idle: up to ``PROGRAMS_PER_SM`` programs per SM,
-    each split at least ``SPLIT_MIN_TILES`` key tiles long. Based on ``capacity`` only (``seen``
-    lives on the device); splits past a short stream's written slots exit at once.
+    each split at least ``SPLIT_MIN_TILES`` key tiles long. Based on shapes only (``seen`` lives
+    on the device and is never read here); splits past a short stream's written slots exit at once.
     """
     tiles = C.cdiv(capacity, block_n)
     want = C.cdiv(PROGRAMS_PER_SM * sm_count, programs)
@@ -210,84 +202,92 @@ def plan_splits(programs: int, capacity: int, block_n: int, sm_count: int) -> tu
 
 
 def decode_attention(
-    q: torch.Tensor,
+    q_text: torch.Tensor,
+    q_rank: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     seen: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    sink_tokens: int,
-    window: int,
+    geometry: Geometry,
     sm_scale: float,
     sink_logits: torch.Tensor | None = None,
+    full: bool = False,
 ) -> torch.Tensor:
     """Attention of one new query per stream over its sink + ring cache (Triton).
 
     Same contract as :func:`streaming_trt.kernels.reference.decode_attention`; the cache already
-    holds the current token's key and value (write them with ``cache_write`` first).
+    holds the current token's key and value (write them with ``cache_write`` first). No rotation
+    happens here, and nothing is read back from the device: the launch depends on shapes only, so
+    a CUDA graph can capture it.
 
     Args:
-        q: ``[batch, num_heads, head_dim]``, float16 / bfloat16 / float32, unrotated query of token
-            ``t = seen - 1``. Last dim contiguous (other strides free).
-        k_cache, v_cache: ``[batch, num_kv_heads, capacity, head_dim]``, ``capacity = sink_tokens +
-            window``, unrotated keys / values in slot order (see ``reference.py``). Last dim
-            contiguous, other strides free (a per-layer view of a larger buffer is fine).
-            ``num_heads % num_kv_heads == 0`` (MHA, GQA, MQA). Unwritten slots are never read.
+        q_text, q_rank: ``[batch, num_heads, head_dim]``, float16 / bfloat16 / float32, the query
+            of token ``t = seen - 1`` rotated at ``t`` (scored against window keys) and at
+            ``min(t, capacity - 1)`` (scored against sink keys, slots ``< sink_tokens``). Last dim
+            contiguous (other strides free).
+        k_cache, v_cache: ``[batch, num_kv_heads, capacity, head_dim]``, ``capacity =
+            geometry.capacity``, keys rotated at their text positions, in slot order (see
+            ``reference.py``). Last dim contiguous, other strides free (a per-layer view of a
+            larger buffer is fine). ``num_heads % num_kv_heads == 0`` (MHA, GQA, MQA). Unwritten
+            slots are never read.
         seen: ``[batch]`` int32 or int64 (read in place, values < 2**31), tokens stored including
-            the current one, ``>= 1``, on the device of ``q``.
-        cos, sin: ``[num_positions >= capacity, rotary_dim // 2]`` float32 (converted otherwise),
-            rotate-half convention, ``rotary_dim <= head_dim``; dims past ``rotary_dim`` are not
-            rotated.
-        sink_tokens, window: cache geometry (``window >= 1``).
+            the current one, ``>= 1``, on the device of ``q_text``.
+        geometry: the cache's :class:`~streaming_trt.kernels.geometry.Geometry`.
         sm_scale: score scale, usually ``head_dim ** -0.5``.
         sink_logits: optional ``[num_heads]`` learned per-head logit joining each softmax
             denominator (gpt-oss), any float dtype.
+        full: the caller knows every stream has ``seen >= capacity``: every slot is read without
+            looking at ``seen``.
     Returns:
-        ``[batch, num_heads, head_dim]`` contiguous, in ``q.dtype``.
+        ``[batch, num_heads, head_dim]`` contiguous, in ``q_text.dtype``.
 
-    q, k_cache and v_cache share one dtype (``q`` is converted to the cache's otherwise, and the
-    output back). ``head_dim`` even and <= 256.
+    The queries and caches share one dtype (the queries are converted to the cache's otherwise,
+    and the output back). ``head_dim`` even and <= 256.
     """
-    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError(f"expected q [b, h, d] and caches [b, kvh, capacity, d], got {tuple(q.shape)}, "
-                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
-    batch, num_heads, head_dim = q.shape
+    if (q_text.dim() != 3 or q_rank.shape != q_text.shape or k_cache.dim() != 4
+            or v_cache.shape != k_cache.shape):
+        raise ValueError(f"expected q_text, q_rank [b, h, d] and caches [b, kvh, capacity, d], got "
+                         f"{tuple(q_text.shape)}, {tuple(q_rank.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    batch, num_heads, head_dim = q_text.shape
     _, num_kv_heads, capacity, _ = k_cache.shape
     if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim or num_heads % num_kv_heads:
-        raise ValueError(f"q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)}")
-    dtype = C.check_caches(k_cache, v_cache, sink_tokens, window)
+        raise ValueError(f"q {tuple(q_text.shape)} does not fit the cache {tuple(k_cache.shape)}")
+    dtype = C.check_caches(k_cache, v_cache, geometry)
     C.check_head_dim(head_dim)
-    cos, sin, half = C.rotary_tables(cos, sin, head_dim, capacity, q.device)
-    out_dtype = q.dtype
-    q = C.last_dim_contiguous(q, dtype)
+    device = q_text.device
+    out_dtype = q_text.dtype
+    q_text = C.last_dim_contiguous(q_text, dtype)
+    q_rank = C.last_dim_contiguous(q_rank, dtype)
     k_cache = C.last_dim_contiguous(k_cache, dtype)
     v_cache = C.last_dim_contiguous(v_cache, dtype)
-    seen, seen_step = C.int_tensor(seen, batch, "seen", q.device)
-    sinks = C.sink_logits_or_none(sink_logits, num_heads, q.device)
+    seen, seen_step = C.int_tensor(seen, batch, "seen", device)
+    sinks = C.sink_logits_or_none(sink_logits, num_heads, device)
 
     group = num_heads // num_kv_heads
     num_gblocks = C.cdiv(group, BLOCK_G)
-    cfg = _main_config(dtype, head_dim, 2 * half < head_dim, C.upcast(dtype))
+    cfg = _main_config(dtype, head_dim, C.upcast(dtype))
     programs = batch * num_kv_heads * num_gblocks
-    num_splits, split_len = plan_splits(programs, capacity, cfg.constexprs["BLOCK_N"], C.sm_count(q.device))
+    num_splits, split_len = plan_splits(programs, capacity, cfg.constexprs["BLOCK_N"], C.sm_count(device))
     split = num_splits > 1
 
-    out = torch.empty(batch, num_heads, head_dim, device=q.device, dtype=torch.float32 if cfg.constexprs["UPCAST"] else dtype)
+    out = torch.empty(batch, num_heads, head_dim, device=device, dtype=torch.float32 if cfg.constexprs["UPCAST"] else dtype)
+    if batch == 0:
+        return out.to(out_dtype)
     if split:
         rows = batch * num_heads * num_splits
-        part_acc = torch.empty(rows, head_dim, device=q.device, dtype=torch.float32)
-        part_m = torch.empty(rows, device=q.device, dtype=torch.float32)
-        part_l = torch.empty(rows, device=q.device, dtype=torch.float32)
+        part_acc = torch.empty(rows, head_dim, device=device, dtype=torch.float32)
+        part_m = torch.empty(rows, device=device, dtype=torch.float32)
+        part_l = torch.empty(rows, device=device, dtype=torch.float32)
     else:
         part_acc = part_m = part_l = sinks  # unused, float32 like the real ones
     C.launch(
         _decode_kernel, (num_splits, programs), cfg,
-        q, k_cache, v_cache, seen, cos, sin, sinks, out, part_acc, part_m, part_l,
-        q.stride(0), q.stride(1),
+        q_text, q_rank, k_cache, v_cache, seen, sinks, out, part_acc, part_m, part_l,
+        q_text.stride(0), q_text.stride(1), q_rank.stride(0), q_rank.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), seen_step,
-        num_kv_heads, group, head_dim, half, sink_tokens, window, split_len, num_splits, num_gblocks,
+        num_kv_heads, group, head_dim, geometry.sink_tokens, capacity, int(bool(full)), split_len, num_splits,
+        num_gblocks,
         float(sm_scale) * LOG2E,
     )
     if split:

@@ -1,15 +1,14 @@
 """Cache write: a chunk of new keys / values into their sink or ring slots (Triton).
 
 Specification: :func:`streaming_trt.kernels.reference.cache_write` (same signature, in place).
-Token ``u`` goes to slot ``u`` when ``u < sink_tokens``, else to ring slot ``sink_tokens + (u -
-sink_tokens) % window``. Of a chunk longer than the window only the last ``window`` non-sink
-tokens are written (earlier ones would be overwritten within the same chunk anyway), so no two
+Token ``u`` goes to slot ``geometry.slot(u)``: ``u`` when ``u < sink_tokens``, else ring slot
+``sink_tokens + (u - sink_tokens) % window``. Keys arrive rotated; they are copied as they are.
+Of a chunk longer than the window only the last ``window`` non-sink tokens are written (earlier ones would be overwritten within the same chunk anyway), so no two
 kept rows share a slot and programs never race. Other slots are not touched.
 
 The copy is bitwise: tensors of the cache's dtype are moved as 16- or 32-bit integers.
 """
 from __future__ import annotations
-
 
 import torch
 import triton
@@ -17,6 +16,7 @@ import triton.language as tl
 
 from . import _common as C
 from ._common import LaunchConfig
+from .geometry import Geometry
 
 __all__ = ["cache_write", "launch_configs"]
 
@@ -94,22 +94,23 @@ def cache_write(
     v_cache: torch.Tensor,
     start: torch.Tensor,
     lengths: torch.Tensor,
-    sink_tokens: int,
-    window: int,
+    geometry: Geometry,
 ) -> None:
     """Store a chunk of new keys / values in their sink or ring slots, in place (Triton).
 
     Same contract as :func:`streaming_trt.kernels.reference.cache_write`.
 
     Args:
-        k, v: ``[batch, chunk, num_kv_heads, head_dim]``, unrotated, rows right-padded; any float
-            dtype (converted to the cache's), last dim contiguous (other strides free).
+        k, v: ``[batch, chunk, num_kv_heads, head_dim]``, keys already rotated (at their text
+            positions, by the caller; nothing is rotated here), rows right-padded; any float dtype
+            (converted to the cache's), last dim contiguous (other strides free).
         k_cache, v_cache: ``[batch, num_kv_heads, capacity, head_dim]``, float16 / bfloat16 /
-            float32, ``capacity = sink_tokens + window``, last dim contiguous (other strides free,
+            float32, ``capacity = geometry.capacity``, last dim contiguous (other strides free,
             so a per-layer view of a larger buffer is written in place).
         start: ``[batch]`` int32 or int64 (read in place, values < 2**31), tokens the stream had
             stored before the chunk.
         lengths: ``[batch]`` int32 or int64, valid rows per stream (``<= chunk``).
+        geometry: the cache's :class:`~streaming_trt.kernels.geometry.Geometry`.
     Only the last ``window`` non-sink tokens of a long chunk survive; every other slot is left as it
     was. Returns nothing.
     """
@@ -119,7 +120,7 @@ def cache_write(
     batch, chunk, num_kv_heads, head_dim = k.shape
     if k_cache.shape[0] != batch or k_cache.shape[1] != num_kv_heads or k_cache.shape[3] != head_dim:
         raise ValueError(f"k {tuple(k.shape)} does not fit the cache {tuple(k_cache.shape)}")
-    dtype = C.check_caches(k_cache, v_cache, sink_tokens, window)
+    dtype = C.check_caches(k_cache, v_cache, geometry)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("the caches are written in place and must have a contiguous last dim")
     C.check_head_dim(head_dim)
@@ -140,6 +141,6 @@ def cache_write(
         kc.stride(0), kc.stride(1), kc.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2),
         start_step, len_step,
-        num_kv_heads, head_dim, sink_tokens, window,
+        num_kv_heads, head_dim, geometry.sink_tokens, geometry.window,
     )
 

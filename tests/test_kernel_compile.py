@@ -118,11 +118,9 @@ def test_every_wrapper_config_is_listed():
     names = set(CONFIG_NAMES)
     for dtype in _common.KERNEL_DTYPES:
         for head_dim in range(2, _common.MAX_HEAD_DIM + 1, 2):
-            for has_pass in (False, True):
-                assert decode._main_config(dtype, head_dim, has_pass).name in names
+            assert decode._main_config(dtype, head_dim).name in names
             assert decode._reduce_config(dtype, head_dim).name in names
-            for has_pass in (False, True):
-                assert prefill._config(dtype, head_dim, has_pass).name in names
+            assert prefill._config(dtype, head_dim).name in names
             assert write._config(dtype.itemsize, head_dim).name in names
     assert len(names) == len(CONFIG_NAMES)
     assert torch.bfloat16 in _common.KERNEL_DTYPES

@@ -4,18 +4,22 @@ Without CUDA the kernels run under TRITON_INTERPRET=1 (set by conftest.py) on CP
 GPU the same tests run natively, and the whole grid runs in float16 and bfloat16 as well.
 
 Every comparison feeds the reference the very inputs the kernel got (rounded to the kernel's
-dtype, then widened to float64, with the rotary table the kernel used) so that the difference is
-the kernel's arithmetic alone. Unwritten cache slots hold NaN, which must never leak.
+dtype, then widened to float64) so that the difference is the kernel's arithmetic alone. The
+kernels rotate nothing: ``q_text``, ``q_rank`` and the keys are drawn independently (the contract
+between kernel and caller does not need them to be real rotations, and independent draws catch a
+sink scored with the wrong query); one end-to-end test rotates real queries and keys at text
+positions near t = 4,000,000 and compares with a float64 attention at the contract's rank
+positions. Unwritten cache slots hold NaN, which must never leak.
 
 Tolerances, on max |kernel - reference| over outputs of size ~1 (values and q/k ~ N(0, 1),
 sm_scale = head_dim ** -0.5):
 
 * float32: 1e-4 absolute + 1e-4 relative (tf32x3 dots on a GPU; ~1e-6 is typical);
-* float16: 4e-3 + 4e-3 (rotated q/k and the probabilities are rounded to float16 for tl.dot);
+* float16: 4e-3 + 4e-3 (the probabilities are rounded to float16 for tl.dot);
 * bfloat16: 2e-2 + 2e-2 (the same in bfloat16, 8x coarser; under the interpreter bfloat16 is
   upcast to float32 in the kernel and only the output is rounded).
 
-A wrong position, a leaked NaN, a missed or extra key, or a lost sink logit all give errors of
+A sink scored with the wrong query, a leaked NaN, a missed or extra key, or a lost sink logit all give errors of
 order 0.1 to 1 at these sizes.
 """
 from __future__ import annotations
@@ -29,6 +33,7 @@ import pytest
 import torch
 
 from streaming_trt.kernels import reference as R
+from streaming_trt.kernels.geometry import Geometry
 
 triton = pytest.importorskip("triton")
 
@@ -61,13 +66,6 @@ needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs native
 # --------------------------------------------------------------------------------------------------
 
 
-def rope(num_positions: int, rotary_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 cos/sin tables ``[num_positions, rotary_dim // 2]`` (what a runtime would pass)."""
-    inv = 1.0 / base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
-    ang = torch.arange(num_positions, dtype=torch.float64)[:, None] * inv[None, :]
-    return ang.cos().float().to(DEVICE), ang.sin().float().to(DEVICE)
-
-
 def randn(*shape, dtype) -> torch.Tensor:
     return torch.randn(*shape, dtype=torch.float64).to(dtype).to(DEVICE)
 
@@ -75,7 +73,7 @@ def randn(*shape, dtype) -> torch.Tensor:
 def nan_cache(batch, kv_heads, sink_tokens, window, head_dim, stored, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Random k/v caches holding ``stored[b]`` tokens per stream; unwritten slots are NaN."""
     capacity = sink_tokens + window
-    written = R.slot_tokens(stored.cpu(), sink_tokens, window) >= 0
+    written = Geometry(sink_tokens, window).slot_tokens(stored.cpu()) >= 0
     mask = written.view(batch, 1, capacity, 1).to(DEVICE)
     nan = torch.full((), float("nan"), dtype=dtype, device=DEVICE)
     k = torch.where(mask, randn(batch, kv_heads, capacity, head_dim, dtype=dtype), nan)
@@ -124,19 +122,19 @@ HEADS = {  # GQA ratio -> (num_heads, num_kv_heads)
 # --------------------------------------------------------------------------------------------------
 
 
-def run_decode(seen, sink_tokens, window, heads, head_dim, dtype, rotary_dim=None, with_sink_logits=False):
+def run_decode(seen, sink_tokens, window, heads, head_dim, dtype, with_sink_logits=False, full=False):
     num_heads, kv_heads = HEADS[heads] if isinstance(heads, str) else heads
     seen = torch.tensor(seen, dtype=torch.int64, device=DEVICE)
     batch = seen.numel()
-    capacity = sink_tokens + window
-    cos, sin = rope(capacity + 3, rotary_dim or head_dim)
+    geometry = Geometry(sink_tokens, window)
     k_cache, v_cache = nan_cache(batch, kv_heads, sink_tokens, window, head_dim, seen, dtype)
-    q = randn(batch, num_heads, head_dim, dtype=dtype)
+    q_text = randn(batch, num_heads, head_dim, dtype=dtype)
+    q_rank = randn(batch, num_heads, head_dim, dtype=dtype)
     sinks = randn(num_heads, dtype=torch.float32) if with_sink_logits else None
     scale = head_dim**-0.5
-    out = K.decode_attention(q, k_cache, v_cache, seen, cos, sin, sink_tokens, window, scale, sinks)
-    ref = R.decode_attention(f64(q), f64(k_cache), f64(v_cache), seen, f64(cos), f64(sin), sink_tokens, window,
-                             scale, f64(sinks))
+    out = K.decode_attention(q_text, q_rank, k_cache, v_cache, seen, geometry, scale, sinks, full=full)
+    ref = R.decode_attention(f64(q_text), f64(q_rank), f64(k_cache), f64(v_cache), seen, geometry, scale, f64(sinks),
+                             full=full)
     return out, ref
 
 
@@ -162,7 +160,7 @@ def test_decode_long_cache_split(monkeypatch, with_sink_logits):
     monkeypatch.setattr(_common, "CPU_SM_COUNT", 64)
     monkeypatch.setattr(decode_mod, "SPLIT_MIN_TILES", 1)
     sink_tokens, window = 4, 196
-    block_n = decode_mod._main_config(torch.float32, 128, False).constexprs["BLOCK_N"]
+    block_n = decode_mod._main_config(torch.float32, 128).constexprs["BLOCK_N"]
     num_splits, _ = decode_mod.plan_splits(3 * 2, sink_tokens + window, block_n, 64)
     assert num_splits >= 3
     torch.manual_seed(1)
@@ -179,12 +177,26 @@ def test_decode_long_cache_no_split():
     check(out, ref, torch.float32, "multi-tile decode")
 
 
-@pytest.mark.parametrize("head_dim,rotary_dim", [(64, 32), (80, 32), (128, 64), (96, 96), (256, 256), (16, 16)])
-def test_decode_head_dims_and_partial_rotary(head_dim, rotary_dim):
-    torch.manual_seed(head_dim + rotary_dim)
+@pytest.mark.parametrize("head_dim", [16, 96, 256])
+def test_decode_head_dims(head_dim):
+    torch.manual_seed(head_dim)
     seen = stream_lengths(4, 7)
-    out, ref = run_decode(seen, 4, 7, (8, 2), head_dim, torch.float32, rotary_dim=rotary_dim, with_sink_logits=True)
-    check(out, ref, torch.float32, f"decode D={head_dim} rot={rotary_dim}")
+    out, ref = run_decode(seen, 4, 7, (8, 2), head_dim, torch.float32, with_sink_logits=True)
+    check(out, ref, torch.float32, f"decode D={head_dim}")
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("sink_tokens", [0, 4])
+def test_decode_full(monkeypatch, sink_tokens, split):
+    """``full=True`` (every stream at or past capacity): every slot is read without ``seen``."""
+    if split:
+        monkeypatch.setattr(_common, "CPU_SM_COUNT", 64)
+        monkeypatch.setattr(decode_mod, "SPLIT_MIN_TILES", 1)
+    torch.manual_seed(11 + sink_tokens)
+    window = 70 - sink_tokens
+    seen = [70, 71, 139, 1000]
+    out, ref = run_decode(seen, sink_tokens, window, (8, 2), 64, torch.float32, with_sink_logits=True, full=True)
+    check(out, ref, torch.float32, "full decode")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -208,10 +220,11 @@ def test_decode_strided_views():
     stacked[1, 0], stacked[1, 1] = k_layer, v_layer
     qkv = randn(batch, num_heads + 2 * kv_heads, head_dim, dtype=torch.float32)
     q = qkv[:, :num_heads]
-    cos, sin = rope(40, head_dim)
+    q_rank = qkv[:, num_heads:num_heads + kv_heads].repeat(1, num_heads // kv_heads, 1)
+    geometry = Geometry(sink_tokens, window)
     seen_i32_strided = torch.stack([seen, seen * 0], 1).to(torch.int32)[:, 0]  # every other int32
-    out = K.decode_attention(q, stacked[1, 0], stacked[1, 1], seen_i32_strided, cos, sin, sink_tokens, window, 0.1)
-    ref = R.decode_attention(f64(q), f64(k_layer), f64(v_layer), seen, f64(cos), f64(sin), sink_tokens, window, 0.1)
+    out = K.decode_attention(q, q_rank, stacked[1, 0], stacked[1, 1], seen_i32_strided, geometry, 0.1)
+    ref = R.decode_attention(f64(q), f64(q_rank), f64(k_layer), f64(v_layer), seen, geometry, 0.1)
     check(out, ref, torch.float32, "strided decode")
 
 
@@ -220,23 +233,22 @@ def test_decode_strided_views():
 # --------------------------------------------------------------------------------------------------
 
 
-def run_prefill(start, lengths, chunk, sink_tokens, window, heads, head_dim, dtype, rotary_dim=None,
-                with_sink_logits=False):
+def run_prefill(start, lengths, chunk, sink_tokens, window, heads, head_dim, dtype, with_sink_logits=False):
     num_heads, kv_heads = HEADS[heads] if isinstance(heads, str) else heads
     start = torch.tensor(start, dtype=torch.int64, device=DEVICE)
     lengths = torch.tensor(lengths, dtype=torch.int64, device=DEVICE)
     batch = start.numel()
-    capacity = sink_tokens + window
-    cos, sin = rope(max(capacity, window + chunk - 1), rotary_dim or head_dim)
+    geometry = Geometry(sink_tokens, window)
     k_cache, v_cache = nan_cache(batch, kv_heads, sink_tokens, window, head_dim, start, dtype)
-    q = randn(batch, chunk, num_heads, head_dim, dtype=dtype)
+    q_text = randn(batch, chunk, num_heads, head_dim, dtype=dtype)
+    q_rank = randn(batch, chunk, num_heads, head_dim, dtype=dtype)
     k = randn(batch, chunk, kv_heads, head_dim, dtype=dtype)
     v = randn(batch, chunk, kv_heads, head_dim, dtype=dtype)
     sinks = randn(num_heads, dtype=torch.float32) if with_sink_logits else None
     scale = head_dim**-0.5
-    out = K.prefill_attention(q, k, v, k_cache, v_cache, start, lengths, cos, sin, sink_tokens, window, scale, sinks)
-    ref = R.prefill_attention(f64(q), f64(k), f64(v), f64(k_cache), f64(v_cache), start, lengths, f64(cos), f64(sin),
-                              sink_tokens, window, scale, f64(sinks))
+    out = K.prefill_attention(q_text, q_rank, k, v, k_cache, v_cache, start, lengths, geometry, scale, sinks)
+    ref = R.prefill_attention(f64(q_text), f64(q_rank), f64(k), f64(v), f64(k_cache), f64(v_cache), start, lengths,
+                              geometry, scale, f64(sinks))
     return out, ref
 
 
@@ -291,13 +303,12 @@ def test_prefill_window_over_tiles():
     check(out, ref, torch.float32, "wide-window prefill")
 
 
-@pytest.mark.parametrize("head_dim,rotary_dim", [(64, 32), (80, 32), (128, 64), (96, 96), (256, 256), (16, 16)])
-def test_prefill_head_dims_and_partial_rotary(head_dim, rotary_dim):
-    torch.manual_seed(head_dim * 3 + rotary_dim)
+@pytest.mark.parametrize("head_dim", [16, 96, 256])
+def test_prefill_head_dims(head_dim):
+    torch.manual_seed(head_dim * 3)
     start, lengths = prefill_streams(4, 6, 7)
-    out, ref = run_prefill(start, lengths, 7, 4, 6, (4, 2), head_dim, torch.float32, rotary_dim=rotary_dim,
-                           with_sink_logits=True)
-    check(out, ref, torch.float32, f"prefill D={head_dim} rot={rotary_dim}")
+    out, ref = run_prefill(start, lengths, 7, 4, 6, (4, 2), head_dim, torch.float32, with_sink_logits=True)
+    check(out, ref, torch.float32, f"prefill D={head_dim}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -310,14 +321,23 @@ def test_prefill_16bit(sink_tokens, window, chunk, heads, head_dim, dtype):
     check(out, ref, dtype, f"prefill {dtype}")
 
 
-def test_prefill_rejects_short_rotary_table():
+def test_wrappers_check_the_geometry():
+    """The caches' slot count must be the geometry's capacity; a bare (S, W) pair is refused."""
     q = torch.zeros(1, 9, 2, 64, device=DEVICE)
     kv = torch.zeros(1, 9, 2, 64, device=DEVICE)
     cache = torch.zeros(1, 2, 8, 64, device=DEVICE)
-    cos, sin = rope(8 + 4, 64)  # window 6 + chunk 9 - 1 = 14 positions needed
-    with pytest.raises(ValueError, match="positions"):
-        K.prefill_attention(q, kv, kv, cache, cache, torch.zeros(1, dtype=torch.int32, device=DEVICE),
-                            torch.full((1,), 9, dtype=torch.int32, device=DEVICE), cos, sin, 2, 6, 0.1)
+    start = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    lengths = torch.full((1,), 9, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="capacity is 9"):
+        K.prefill_attention(q, q, kv, kv, cache, cache, start, lengths, Geometry(2, 7), 0.1)
+    with pytest.raises(ValueError, match="capacity is 9"):
+        K.decode_attention(q[:, 0], q[:, 0], cache, cache, lengths, Geometry(2, 7), 0.1)
+    with pytest.raises(ValueError, match="capacity is 9"):
+        K.cache_write(kv, kv, cache, cache, start, lengths, Geometry(2, 7))
+    with pytest.raises(TypeError, match="Geometry"):
+        K.cache_write(kv, kv, cache, cache, start, lengths, (2, 6))
+    with pytest.raises(ValueError, match="q_text, q_rank"):
+        K.decode_attention(q[:, 0], q[:, 0, :1], cache, cache, lengths, Geometry(2, 6), 0.1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,8 +365,8 @@ def test_cache_write(sink_tokens, window, chunk_kind, dtype):
     k = randn(batch, chunk, kv_heads, head_dim, dtype=dtype)
     v = randn(batch, chunk, kv_heads, head_dim, dtype=dtype)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    R.cache_write(k, v, k_ref, v_ref, start, lengths, sink_tokens, window)
-    K.cache_write(k, v, k_cache, v_cache, start, lengths, sink_tokens, window)
+    R.cache_write(k, v, k_ref, v_ref, start, lengths, Geometry(sink_tokens, window))
+    K.cache_write(k, v, k_cache, v_cache, start, lengths, Geometry(sink_tokens, window))
     assert same_with_nan(k_cache, k_ref) and same_with_nan(v_cache, v_ref)
 
 
@@ -361,8 +381,9 @@ def test_cache_write_converts_dtype_and_strides():
     k = randn(4, 9, kv_heads, head_dim, dtype=torch.float32)
     v = randn(4, 9, kv_heads, head_dim, dtype=torch.float32)
     k_ref, v_ref = buf[1].clone(), buf[0].clone()
-    R.cache_write(k, v, k_ref, v_ref, start, lengths, sink_tokens, window)
-    K.cache_write(k, v, buf[1], buf[0], start, lengths.to(torch.int32), sink_tokens, window)
+    geometry = Geometry(sink_tokens, window)
+    R.cache_write(k, v, k_ref, v_ref, start, lengths, geometry)
+    K.cache_write(k, v, buf[1], buf[0], start, lengths.to(torch.int32), geometry)
     assert same_with_nan(buf[1], k_ref) and same_with_nan(buf[0], v_ref)
     assert not torch.equal(buf, before)
 
@@ -375,50 +396,155 @@ def test_cache_write_converts_dtype_and_strides():
 @pytest.mark.parametrize("sink_tokens,window,chunk", [(4, 5, 1), (0, 6, 7), (1, 4, 11)])
 def test_chunking_matches_token_by_token(sink_tokens, window, chunk):
     """Feed two streams (different lengths) through prefill + cache_write in chunks of ``chunk``
-    (chunk 1: decode + cache_write); compare every token's output to the reference run token by
+    (chunk 1: cache_write + decode); compare every token's output to the reference run token by
     token in float64."""
     torch.manual_seed(9 + chunk)
     num_heads, kv_heads, head_dim, total = 4, 2, 64, 23
     batch = 2
-    capacity = sink_tokens + window
-    cos, sin = rope(max(capacity, window + chunk - 1), head_dim)
-    q = randn(batch, total, num_heads, head_dim, dtype=torch.float32)
+    geometry = Geometry(sink_tokens, window)
+    q_text = randn(batch, total, num_heads, head_dim, dtype=torch.float32)
+    q_rank = randn(batch, total, num_heads, head_dim, dtype=torch.float32)
     k = randn(batch, total, kv_heads, head_dim, dtype=torch.float32)
     v = randn(batch, total, kv_heads, head_dim, dtype=torch.float32)
     sinks = randn(num_heads, dtype=torch.float32)
     n_tokens = torch.tensor([total, total - 5], device=DEVICE)
     scale = head_dim**-0.5
 
-    def step_all(attn, write, cache_dtype, width):
-        k_cache = torch.full((batch, kv_heads, capacity, head_dim), float("nan"), dtype=cache_dtype, device=DEVICE)
+    def step_all(ops, cache_dtype, width):
+        cast = (lambda x: x) if cache_dtype == torch.float32 else f64
+        k_cache = torch.full((batch, kv_heads, geometry.capacity, head_dim), float("nan"), dtype=cache_dtype,
+                             device=DEVICE)
         v_cache = torch.full_like(k_cache, float("nan"))
         outs = torch.zeros(batch, total, num_heads, head_dim, dtype=cache_dtype, device=DEVICE)
-        cs, sn = (cos, sin) if cache_dtype == torch.float32 else (f64(cos), f64(sin))
-        cast = (lambda x: x) if cache_dtype == torch.float32 else f64
-        lg = cast(sinks)
         for s0 in range(0, total, width):
             start = torch.full((batch,), s0, device=DEVICE)
             lengths = (n_tokens - s0).clamp(0, width)
             sl = slice(s0, s0 + width)
-            n = q[:, sl].shape[1]
-            if attn == "decode":
-                write(cast(k[:, sl]), cast(v[:, sl]), k_cache, v_cache, start, lengths, sink_tokens, window)
-                live = lengths > 0
-                o = decode_fn(cast(q[:, s0]), k_cache, v_cache, (start + 1), cs, sn, sink_tokens, window, scale, lg)
-                outs[:, s0] = torch.where(live.view(-1, 1, 1), o, 0)
+            n = q_text[:, sl].shape[1]
+            kc, vc = cast(k[:, sl]), cast(v[:, sl])
+            if width == 1:
+                ops.cache_write(kc, vc, k_cache, v_cache, start, lengths, geometry)
+                o = ops.decode_attention(cast(q_text[:, s0]), cast(q_rank[:, s0]), k_cache, v_cache, start + 1,
+                                         geometry, scale, cast(sinks))
+                outs[:, s0] = torch.where((lengths > 0).view(-1, 1, 1), o, 0)
             else:
-                o = prefill_fn(cast(q[:, sl]), cast(k[:, sl]), cast(v[:, sl]), k_cache, v_cache, start, lengths, cs,
-                               sn, sink_tokens, window, scale, lg)
-                write(cast(k[:, sl]), cast(v[:, sl]), k_cache, v_cache, start, lengths, sink_tokens, window)
+                o = ops.prefill_attention(cast(q_text[:, sl]), cast(q_rank[:, sl]), kc, vc, k_cache, v_cache, start,
+                                          lengths, geometry, scale, cast(sinks))
+                ops.cache_write(kc, vc, k_cache, v_cache, start, lengths, geometry)
                 outs[:, s0:s0 + n] = o
         return outs
 
-    decode_fn, prefill_fn = R.decode_attention, R.prefill_attention
-    ref = step_all("decode", R.cache_write, torch.float64, 1)
-    decode_fn, prefill_fn = K.decode_attention, K.prefill_attention
-    out = step_all("decode" if chunk == 1 else "prefill", K.cache_write, torch.float32, chunk)
+    ref = step_all(R, torch.float64, 1)
+    out = step_all(K, torch.float32, chunk)
     valid = torch.arange(total, device=DEVICE).view(1, -1) < n_tokens.view(-1, 1)
     check(out, torch.where(valid.view(batch, total, 1, 1), ref, 0), torch.float32, f"chunk {chunk}")
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end at t ~ 4,000,000: real rotations, against attention at the contract's rank positions
+# --------------------------------------------------------------------------------------------------
+
+
+def _inv_freq(head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    return 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+
+
+def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rotate-half RoPE of ``x [..., rows, heads, d]`` at int ``positions [..., rows]``: angles in
+    float64 reduced mod 2 pi, cos/sin cast to ``dtype`` (float32 as a runtime would; float64 for
+    the reference, where positions are small ranks)."""
+    ang = torch.remainder(positions.to(torch.float64).unsqueeze(-1) * inv_freq.to(positions.device), 2 * torch.pi)
+    cos, sin = ang.cos().to(dtype).unsqueeze(-2), ang.sin().to(dtype).unsqueeze(-2)
+    x = x.to(dtype)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def _rank_attention(q, keys, vals, tokens, t, geometry, inv_freq, scale, sink_logits):
+    """float64 attention of one query ``q [heads, d]`` (unrotated) of token ``t`` over ``keys,
+    vals [kv_heads, n, d]`` (unrotated) of ``tokens [n]``, every key at its rank in A(t) and the
+    query at ``min(t, C - 1)``, as the contract defines positions (written out independently of
+    ``reference.py``)."""
+    attended = geometry.attended(t)
+    idx = [tokens.index(u) for u in attended]
+    ranks = torch.arange(len(attended), device=q.device)
+    assert len(attended) - 1 == geometry.rank(t)
+    kk = _rotate(keys[:, idx].transpose(0, 1), ranks, inv_freq, torch.float64).transpose(0, 1)  # [kvh, n, d]
+    qq = _rotate(q.unsqueeze(0), ranks[-1:], inv_freq, torch.float64)[0]  # [heads, d]
+    group = q.shape[0] // keys.shape[0]
+    kk, vv = kk.repeat_interleave(group, 0), vals[:, idx].double().repeat_interleave(group, 0)
+    scores = torch.einsum("hd,hnd->hn", qq, kk) * scale
+    scores = torch.cat([scores, sink_logits.double().view(-1, 1)], 1)
+    return torch.einsum("hn,hnd->hd", torch.softmax(scores, -1)[:, :-1], vv)
+
+
+@pytest.mark.parametrize("sink_tokens", [0, 4])
+def test_rotated_far_into_the_stream(sink_tokens):
+    """Streams near t = 4,000,000: keys rotated at their text positions (float64 angles mod 2 pi,
+    cos/sin in float32), queries at text position and rank, through cache_write + decode and
+    through a prefill chunk; every row equals float64 attention at rank positions."""
+    torch.manual_seed(21 + sink_tokens)
+    window, num_heads, kv_heads, head_dim = 9, 4, 2, 64
+    geometry = Geometry(sink_tokens, window)
+    inv = _inv_freq(head_dim)
+    scale = head_dim**-0.5
+    sinks = randn(num_heads, dtype=torch.float32)
+    base = 4_000_000
+    start = torch.tensor([base, base + 7, base + 3], device=DEVICE)  # tokens stored before the step
+    batch, chunk = start.numel(), 5
+    lengths = torch.tensor([5, 3, 1], device=DEVICE)
+    span = base + 7 + chunk
+    # One unrotated key/value/query per token we need: the sinks and the last C + chunk tokens.
+    wanted = sorted(set(range(sink_tokens)) | set(range(base - geometry.capacity, span)))
+    pos = {u: i for i, u in enumerate(wanted)}
+    k_raw = randn(batch, len(wanted), kv_heads, head_dim, dtype=torch.float64)
+    v_raw = randn(batch, len(wanted), kv_heads, head_dim, dtype=torch.float64)
+    q_raw = randn(batch, len(wanted), num_heads, head_dim, dtype=torch.float64)
+
+    def rows(x, b, tokens):
+        return x[b, [pos[u] for u in tokens]]
+
+    # The caches as the runtime leaves them: each token's key rotated at its text position.
+    stored = geometry.slot_tokens(start.cpu())
+    k_cache = torch.full((batch, kv_heads, geometry.capacity, head_dim), float("nan"), device=DEVICE)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    for b in range(batch):
+        tok = stored[b].tolist()
+        text = torch.tensor(tok, device=DEVICE)
+        k_cache[b] = _rotate(rows(k_raw, b, tok), text, inv, torch.float32).transpose(0, 1)
+        v_cache[b] = rows(v_raw, b, tok).float().transpose(0, 1)
+
+    t = start.view(-1, 1) + torch.arange(chunk, device=DEVICE).view(1, -1)  # [batch, chunk]
+    toks = [t[b].tolist() for b in range(batch)]
+    q = torch.stack([rows(q_raw, b, toks[b]) for b in range(batch)])
+    k = torch.stack([rows(k_raw, b, toks[b]) for b in range(batch)])
+    v = torch.stack([rows(v_raw, b, toks[b]) for b in range(batch)]).float()
+    q_text, q_rank = _rotate(q, t, inv, torch.float32), _rotate(q, geometry.rank(t), inv, torch.float32)
+    k_rot = _rotate(k, t, inv, torch.float32)
+
+    def expected(b, i):
+        tt = toks[b][i]
+        tokens = [u for u in stored[b].tolist() if u >= 0] + toks[b][: i + 1]
+        keys = torch.stack([rows(k_raw, b, [u])[0] for u in tokens], 1)
+        vals = torch.stack([rows(v_raw, b, [u])[0] for u in tokens], 1)
+        return _rank_attention(q[b, i], keys, vals, tokens, tt, geometry, inv, scale, sinks)
+
+    # A prefill chunk.
+    out = K.prefill_attention(q_text, q_rank, k_rot, v, k_cache, v_cache, start, lengths, geometry, scale, sinks)
+    ref = torch.zeros(batch, chunk, num_heads, head_dim, dtype=torch.float64, device=DEVICE)
+    for b in range(batch):
+        for i in range(int(lengths[b])):
+            ref[b, i] = expected(b, i)
+    check(out, ref, torch.float32, "prefill at t ~ 4e6")
+
+    # Decode of row 0 after writing it (every stream is past capacity: full=True is allowed).
+    one = torch.ones_like(lengths)
+    K.cache_write(k_rot[:, :1], v[:, :1], k_cache, v_cache, start, one, geometry)
+    for full in (False, True):
+        out = K.decode_attention(q_text[:, 0], q_rank[:, 0], k_cache, v_cache, start + 1, geometry, scale, sinks,
+                                 full=full)
+        check(out, torch.stack([expected(b, 0) for b in range(batch)]), torch.float32, f"decode at t ~ 4e6 full={full}")
 
 
 # --------------------------------------------------------------------------------------------------
