@@ -258,3 +258,15 @@ def test_a_batch_that_cannot_be_held_at_once_warns(llama, tmp_path, capsys):
                     200_000_000, "--checkpoint-only")
     assert code == 0, err
     assert "warning: --max-batch-size 8 sequences" in err and "holds at most 4 at once" in err
+
+
+def test_tensor_parallel_splits_the_kv_cache_in_the_estimate(llama, tmp_path, capsys):
+    """Each of 2 ranks holds 1 of the 2 KV heads: 128 instead of 256 cache bytes per token beside the
+    256 bytes of (replicated) prompt activations, so the window that fits grows by 512 / 384."""
+    fits = []
+    for tp in (1, 2):
+        code, err = run(capsys, "--model", llama, "--output", tmp_path / f"tp{tp}", "--sink-tokens", 4, "--window",
+                        1_000_000_000, "--tp", tp)
+        assert code == 2, err
+        fits.append(int(err.split("choose --window <= ")[1].split(" ")[0].replace(",", "")) + 4)
+    assert abs(fits[1] / fits[0] - 512 / 384) < 1e-6
