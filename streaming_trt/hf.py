@@ -33,13 +33,14 @@ sequence length and cannot be frozen), architectures whose attention does not go
 from __future__ import annotations
 
 import functools
-import math
 import threading
 
 import torch
 from torch import nn
 
 from .errors import UserError
+from .kernels.geometry import Geometry
+from .rope import exact_angles
 
 SUPPORTED_TRANSFORMERS = ((5, 0), (6, 0))  # [min, max): the hooks below were checked against 5.x
 ATTN_NAME = "streaming_trt"
@@ -117,10 +118,7 @@ def check_transformers(version: str | None = None) -> None:
 
 # --------------------------------------------------------------------------------------- rotary
 def _exact_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """``positions [...]`` (any integer dtype, may be huge) x ``inv_freq [F]`` -> float64 angles
-    ``[..., F]`` in [0, 2*pi)."""
-    ang = positions.to(torch.float64).unsqueeze(-1) * inv_freq.to(device=positions.device, dtype=torch.float64)
-    return torch.remainder(ang, 2 * math.pi)
+    return exact_angles(inv_freq, positions)
 
 
 class ExactRotary(nn.Module):
@@ -251,7 +249,8 @@ def _make_classes():
             S = geo["sink_tokens"] if sink_tokens is None else sink_tokens
             W = geo["window"] if window is None else window
             _check_geometry(S, W)
-            self.sink_tokens, self.window, self.capacity = int(S), int(W), int(S) + int(W)
+            self.geometry = _check_geometry(S, W)
+            self.sink_tokens, self.window, self.capacity = S, W, self.geometry.capacity
             self.max_chunk = geo["max_chunk"]
             self.rotary = model.base_model.rotary_emb
             cfg = model.config.get_text_config()
@@ -339,11 +338,8 @@ def streaming_cache_class():
     return _classes()[1]
 
 
-def _check_geometry(S, W):
-    if not isinstance(S, int) or isinstance(S, bool) or S < 0:
-        raise UserError(f"sink_tokens must be an integer >= 0, got {S!r}")
-    if not isinstance(W, int) or isinstance(W, bool) or W < 1:
-        raise UserError(f"window must be an integer >= 1 (it counts the current token), got {W!r}")
+def _check_geometry(S, W) -> Geometry:
+    return Geometry(S, W)
 
 
 # --------------------------------------------------------------------------------------- attention
@@ -599,14 +595,14 @@ def main(argv=None) -> int:
         for a in archs:
             if a not in _BENCH_ARCHS:
                 raise UserError(f"--archs: unknown architecture {a!r}; choose from {', '.join(_BENCH_ARCHS)}")
-        _check_geometry(args.sink_tokens, args.window)
+        geometry = _check_geometry(args.sink_tokens, args.window)
         if args.tokens < 1 or args.hidden % args.heads or args.heads % max(1, args.kv_heads):
             raise UserError("--tokens must be >= 1, --hidden a multiple of --heads, --heads of --kv-heads")
         if args.threads:
             torch.set_num_threads(args.threads)
         import transformers as tf
 
-        cap = args.sink_tokens + args.window
+        cap = geometry.capacity
         prompt = torch.randint(3, args.vocab, (1, cap), generator=torch.Generator().manual_seed(0)).tolist()[0]
         rows = []
 

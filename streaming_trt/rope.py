@@ -33,12 +33,19 @@ def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     return inv
 
 
+def exact_angles(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """float64 angles ``[*positions.shape, rotary_dim // 2]`` in [0, 2*pi) at int ``positions``
+    (any size, any sign): ``position * inv_freq`` formed in float64, then reduced."""
+    inv_freq = inv_freq.to(device=positions.device, dtype=torch.float64)
+    return torch.remainder(positions.to(torch.float64).unsqueeze(-1) * inv_freq, 2 * math.pi)
+
+
 def rotary_angles(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin ``[*positions.shape, rotary_dim // 2]`` float32 at int ``positions`` (any size).
 
-    ``inv_freq``: ``[rotary_dim // 2]`` float64 on the device of ``positions``.
+    ``inv_freq``: ``[rotary_dim // 2]`` float64 inverse frequencies.
     """
-    angles = torch.remainder(positions.to(torch.float64).unsqueeze(-1) * inv_freq, 2 * math.pi)
+    angles = exact_angles(inv_freq, positions)
     return angles.cos().float(), angles.sin().float()
 
 
