@@ -272,6 +272,7 @@ def test_chat_tokens_per_second_leave_out_the_users_typing():
                             env=env, cwd=ROOT)
     proc.stdin.write("hi\n")
     proc.stdin.flush()
+    proc.stdout.readline()  # the first reply has been written: the chat now waits for the user
     time.sleep(3.0)
     out, err = proc.communicate("there\n", timeout=300)
     assert proc.returncode == 0, err
