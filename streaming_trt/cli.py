@@ -91,21 +91,18 @@ def check_output_file(path: str | None, flag: str) -> None:
         raise UserError(f"{flag} {path}: cannot be written, {parent} is not writable ({e.strerror})") from None
 
 
-DEFAULT_THREADS_HELP = "1 on machines with up to 2 cores, otherwise the physical cores minus one"
+DEFAULT_THREADS_HELP = "every CPU this process may use, at most 4, half of them beyond that"
 
 
 def default_threads() -> int:
     """PyTorch CPU threads when --threads is not given.
 
-    Decoding a small model is bound by memory and by OpenMP synchronisation: on 2 cores one thread
-    is as fast as two when idle and several times faster when another process wants a core (see
-    README, Threads). Larger machines get their physical cores minus one (one left for the rest).
+    With OpenMP waiting passively (set by ``import streaming_trt``), using both cores of a 2-core
+    machine was faster than one thread both idle and next to a busy process (README, Threads); a
+    larger machine gets half its CPUs (SMT siblings add little to decoding), at least 4.
     """
-    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if logical <= 2:
-        return 1
-    physical = max(1, logical // 2)  # assumes 2-way SMT; a bound, not a count
-    return max(1, physical - 1)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cpus if cpus <= 4 else max(4, cpus // 2)
 
 
 def set_threads(threads: int | None) -> int:
