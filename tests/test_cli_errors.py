@@ -308,3 +308,14 @@ def test_chat_ctrl_d_puts_the_report_on_its_own_line():
     assert sent, text
     report = next(l for l in text.split("\n") if "tokens fed in" in l)
     assert report.startswith("[streaming-trt]"), text  # not "you> [streaming-trt] ..."
+
+
+def test_an_unforeseen_os_error_is_one_line(capsys):
+    """The last line of defence: a file error no check anticipated still ends as one line, exit 2."""
+    from streaming_trt import cli
+
+    def job():
+        raise PermissionError(13, "Permission denied", "/somewhere/file")
+
+    assert cli.run(job) == 2
+    assert capsys.readouterr().err == "error: /somewhere/file: Permission denied\n"
