@@ -96,7 +96,7 @@ def test_long_ppl_smoke(tmp_path):
                         "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     summary = {r["method"]: r for r in read_csv(tmp_path / "long_ppl_summary.csv")}
-    assert set(summary) == set(baselines.METHODS)
+    assert set(summary) == set(baselines.DEFAULT_METHODS)
     for m in ("streaming", "window", "dense"):
         assert int(summary[m]["tokens_scored"]) == 259 and float(summary[m]["check_error"]) < 1e-4
     # transformers' references compute their twins' functions
@@ -106,7 +106,7 @@ def test_long_ppl_smoke(tmp_path):
     before = {float(summary[m]["ppl_before_eviction"]) for m in ("streaming", "dense", "recompute")}
     assert max(before) / min(before) < 1 + 1e-4
     rows = read_csv(tmp_path / "long_ppl.csv")
-    assert {r["method"] for r in rows} == set(baselines.METHODS)
+    assert {r["method"] for r in rows} == set(baselines.DEFAULT_METHODS)
     assert_png(tmp_path / "long_ppl.png")
     text = (tmp_path / "long_ppl.md").read_text()
     assert "random weights" in text and "Self-checks passed" in text
