@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import dataclasses
 import os
 import subprocess
@@ -345,3 +346,29 @@ def test_attention_sinks_peer_runs(tmp_path):
     assert rc == 0
     rows = {r["method"]: r for r in read_csv(tmp_path / "latency.csv")}
     assert float(rows["attention-sinks"]["median_ms"]) > 0
+
+
+def test_figure3_from_long_ppl_csvs(tmp_path):
+    from bench import figure3
+
+    def write(folder, methods):
+        folder.mkdir()
+        rows = [dict(method=m, token=t, nll=v, running_ppl=0) for m, pts in methods.items() for t, v in pts]
+        long_ppl_csv = folder / "long_ppl.csv"
+        with open(long_ppl_csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["method", "token", "nll", "running_ppl"])
+            w.writeheader()
+            w.writerows(rows)
+
+    write(tmp_path / "a", {"streaming": [(t, 2.0) for t in range(1, 400)], "window": [(t, 3.0) for t in range(1, 400)],
+                           "recompute": [(t, 2.5) for t in range(1, 400, 50)]})
+    write(tmp_path / "d", {"dense": [(t, 1.0) for t in range(1, 500)]})
+    rc = figure3.main(["--run", f"32={tmp_path / 'a'}", "--dense", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
+    assert rc == 0
+    got = {r["method"]: r for r in read_csv(tmp_path / "o" / "figure3.csv")}
+    # scored on the tokens every method has after the cache: recompute's strided subset
+    assert {int(r["tokens_scored"]) for r in got.values()} == {len(range(51, 400, 50))}
+    assert float(got["window"]["ppl"]) == pytest.approx(math.exp(3.0), rel=1e-5)
+    assert float(got["dense"]["ppl"]) == pytest.approx(math.exp(1.0), rel=1e-5)
+    assert_png(tmp_path / "o" / "figure3.png")
+    assert figure3.main(["--run", "x=y", "--out", str(tmp_path / "o")]) == 2
