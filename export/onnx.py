@@ -335,7 +335,7 @@ def export_onnx(model, output: str | Path, sink_tokens: int, window: int, dtype:
             "inputs": _io_specs(c, capacity, dtype)[0], "outputs": _io_specs(c, capacity, dtype)[1],
             "input_names": inputs, "output_names": outputs,
             "state": [{"input": f"past_{k}.{i}", "output": f"present_{k}.{i}"}
-                      for i in range(c.num_layers) for k in ("key", "value")] + [{"input": "seen", "output": "seen_out"}],
+                      for i in range(c.num_layers) for k in ("key", "value")],
             "profile": dataclasses.asdict(profile),
             "tokenizer": "tokenizer" if tok_dir else None,
             "trtexec": cmd,
@@ -403,8 +403,9 @@ _TRITON_TYPES = {"int64": "TYPE_INT64", "float32": "TYPE_FP32", "float16": "TYPE
 
 def triton_config(manifest: dict, backend: str, profile: Profile) -> str:
     """config.pbtxt text for the ``onnxruntime`` or ``tensorrt`` backend: the sequence batcher
-    holds every layer's caches and ``seen`` as implicit state, one batch slot per conversation
-    (``direct``); a client sends input_ids, lengths, logits_index and the four cos/sin tensors."""
+    holds every layer's caches as implicit state, one batch slot per conversation (``direct``); a
+    client sends input_ids, logits_index, seen, lengths, sink_tokens and the four cos/sin tensors
+    (it knows its own position; ``seen_out`` echoes the next one)."""
     name = "streaming_onnx" if backend == "onnxruntime" else "streaming_trt_plan"
     lines = [f'name: "{name}"', f'backend: "{backend}"', f"max_batch_size: {profile.max_batch}",
              f'default_model_filename: "{"model.onnx" if backend == "onnxruntime" else "model.plan"}"']
@@ -413,6 +414,9 @@ def triton_config(manifest: dict, backend: str, profile: Profile) -> str:
 
     def tensor(spec):
         dims = [str(-1 if isinstance(x, str) else x) for x in spec["shape"][1:]]  # batch dim is implicit
+        if not dims:  # one value per stream: Triton needs dims, the graph takes [batch]
+            return (f'  {{ name: "{spec["name"]}" data_type: {_TRITON_TYPES[spec["dtype"]]} dims: [ 1 ] '
+                    'reshape: { shape: [ ] } }')
         return f'  {{ name: "{spec["name"]}" data_type: {_TRITON_TYPES[spec["dtype"]]} dims: [ {", ".join(dims)} ] }}'
 
     ins = [s for s in manifest["inputs"] if s["name"] not in state_inputs]
@@ -423,27 +427,19 @@ def triton_config(manifest: dict, backend: str, profile: Profile) -> str:
     states = []
     for st in manifest["state"]:
         spec = specs[st["input"]]
-        dims = [str(x) for x in spec["shape"][1:]] or []
+        dims = [str(x) for x in spec["shape"][1:]]
         init = ('initial_state: { data_type: %s dims: [ %s ] zero_data: true name: "zeros" }'
-                % (_TRITON_TYPES[spec["dtype"]], ", ".join(dims))) if dims else \
-            'initial_state: { data_type: TYPE_INT64 dims: [ 1 ] zero_data: true name: "zero" }'
-        if not dims:  # scalar per stream: Triton needs a dims list; [1] with reshape
-            dims = ["1"]
+                % (_TRITON_TYPES[spec["dtype"]], ", ".join(dims)))
         states.append(f'    {{ input_name: "{st["input"]}" output_name: "{st["output"]}" '
                       f'data_type: {_TRITON_TYPES[spec["dtype"]]} dims: [ {", ".join(dims)} ] {init} }}')
     lines.append(
         "sequence_batching {\n"
         "  max_sequence_idle_microseconds: 3600000000\n"
         "  direct { }\n"
-        "  control_input [\n"
-        '    { name: "START" control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ] },\n'
-        '    { name: "READY" control [ { kind: CONTROL_SEQUENCE_READY int32_false_true: [ 0, 1 ] } ] }\n'
-        "  ]\n"
         "  state [\n" + ",\n".join(states) + "\n  ]\n}")
-    if backend == "onnxruntime":
-        lines.append('instance_group [ { kind: KIND_GPU count: 1 } ]')
-    else:
-        lines.append('instance_group [ { kind: KIND_GPU count: 1 } ]')
+    # No control inputs: the graph has none, and the state is zeroed by initial_state at START.
+    kind = "KIND_GPU" if backend == "tensorrt" else "KIND_AUTO"
+    lines.append(f'instance_group [ {{ kind: {kind} count: 1 }} ]')
     return "\n".join(lines) + "\n"
 
 
