@@ -232,5 +232,7 @@ def load_model(
     """
     from .gguf import is_gguf, load_gguf
 
+    if not isinstance(path, (str, Path)):
+        raise UserError(f"load_model needs a checkpoint directory or .gguf file path, got {type(path).__name__}")
     config, tensors = load_gguf(path) if is_gguf(path) else load_checkpoint(path)
     return Transformer.from_state_dict(config, tensors, dtype=dtype, device=device, backend=backend, source=str(path))

@@ -122,6 +122,8 @@ class Session:
             float32 logits ``[batch, n, vocab]`` of every token fed (zero past a stream's
             length), or ``[batch, vocab]`` (``last_logits``) when ``all_logits`` is False.
         """
+        if not isinstance(all_logits, bool):
+            raise UserError(f"all_logits must be True or False, got {all_logits!r}")
         tokens, lengths = self._as_batch(tokens, lengths)
         n, vocab = tokens.shape[1], self.model.config.vocab_size
         logits = torch.zeros(self.batch, n, vocab, device=self.model.device) if all_logits else None
@@ -202,6 +204,10 @@ class Session:
 
     def reset(self, rows: list[int] | None = None) -> None:
         """Start streams ``rows`` (all when None) afresh."""
+        if rows is not None:
+            rows = list(rows) if isinstance(rows, (list, tuple, range)) else None
+            if rows is None or not all(_is_int(r) and 0 <= r < self.batch for r in rows):
+                raise UserError(f"reset rows must be a list of stream indices in 0..{self.batch - 1}")
         self.cache.reset(rows)
         if rows is None or set(rows) >= set(range(self.batch)):
             self.last_logits = None
@@ -232,7 +238,8 @@ class Session:
         meta["checksum"] = _checksum(tensors, meta)
         path = Path(path)
         if not path.parent.is_dir():
-            raise UserError(f"{path}: cannot save the session, directory {path.parent} does not exist")
+            what = "is not a directory" if path.parent.exists() else "does not exist"
+            raise UserError(f"{path}: cannot save the session, {path.parent} {what}")
         tmp = path.with_name(f".{path.name}.tmp")
         try:
             save_file(tensors, str(tmp), metadata=meta)

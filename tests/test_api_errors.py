@@ -98,10 +98,8 @@ def test_bad_feed_on_a_batch(model):
     assert session.seen == [0, 0]
 
 
-LEAD = "needs a check in the core (see the issue 9 notes); remove this marker once it is in"
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason="Session.reset: rows outside 0..batch-1 -> UserError; " + LEAD)
 def test_reset_of_a_stream_that_does_not_exist(model):
     session = model.session(2, 8, batch=2)
     with pytest.raises(st.UserError, match="rows"):
@@ -151,7 +149,6 @@ def test_load_tokenizer_in_a_folder_without_tokenizer_files(tmp_path):
         st.load_tokenizer(tmp_path / "config.json")
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="load_model: a path that is not str/Path -> UserError; " + LEAD)
 @pytest.mark.parametrize("path", [None, 5])
 def test_load_model_with_a_path_that_is_not_one(path):
     with pytest.raises(st.UserError):

@@ -320,3 +320,15 @@ def test_captured_decode_equals_eager_on_cuda(tiny):
         got = graphed.feed([[token], [token]], all_logits=False)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert set(graphed.graphs.graphs) == {False, True}
+
+
+def test_feed_flags_and_save_paths_refused_clearly(tiny, tmp_path):
+    path, _ = tiny()
+    s = st.load_model(path).session(1, 4)
+    with pytest.raises(st.UserError, match="all_logits must be True or False"):
+        s.feed([1, 2], all_logits="no")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(st.UserError, match="afile is not a directory"):
+        s.save(tmp_path / "afile" / "s.safetensors")
+    with pytest.raises(st.UserError, match="does not exist"):
+        s.save(tmp_path / "missing" / "s.safetensors")
