@@ -331,7 +331,8 @@ def test_fill_random_sets_the_stream_counter():
     assert stream.session.seen == [101]
 
 
-def test_attention_sinks_peer_needs_its_python(tmp_path, capsys):
+def test_attention_sinks_peer_needs_its_python(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("STREAMING_TRT_SINKS_PYTHON", raising=False)
     assert latency.main(["--methods", "streaming,attention-sinks", "--out", str(tmp_path)]) == 2
     assert "--sinks-python" in capsys.readouterr().err
     assert long_ppl.main(["--methods", "attention-sinks", "--out", str(tmp_path)]) == 2
