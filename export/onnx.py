@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -580,9 +579,9 @@ class OnnxSession:
         raise UserError("an onnxruntime session cannot be saved; use the eager runtime's Session for save/load")
 
     def _as_batch(self, tokens, lengths):
-        from streaming_trt.session import Session
+        from streaming_trt.session import token_batch
 
-        return Session._as_batch(self, tokens, lengths)  # the runtime's validation (needs model, batch)
+        return token_batch(tokens, lengths, self.batch, self.model.config.vocab_size, self.model.device)
 
     def _run(self, ids: torch.Tensor, part: list[int], logits_index):
         """One graph call on ``ids [batch, width]``; returns logits ``[batch, m, vocab]`` (torch, CPU)."""

@@ -54,6 +54,53 @@ def _checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
     return h.hexdigest()
 
 
+def token_batch(tokens, lengths, batch: int, vocab: int, device) -> tuple[torch.Tensor, list[int]]:
+    """What :meth:`Session.feed` accepts, validated: ``[batch, n]`` int64 ids on ``device`` (padding
+    zero) and the host-side valid length of each row; ``UserError`` saying what to change otherwise."""
+    if isinstance(tokens, torch.Tensor):
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise UserError(f"token ids must be integers, got a {tokens.dtype} tensor")
+        if tokens.dim() == 1:
+            tokens = tokens.view(1, -1)
+        if tokens.dim() != 2 or tokens.shape[0] != batch:
+            raise UserError(f"tokens must have shape [batch={batch}, n], got {list(tokens.shape)}")
+        n = tokens.shape[1]
+        if lengths is None:
+            lengths = [n] * batch
+        else:
+            lengths = lengths.tolist() if isinstance(lengths, torch.Tensor) else list(lengths)
+            if len(lengths) != batch or not all(_is_int(x) and 0 <= x <= n for x in lengths):
+                raise UserError(f"lengths must be {batch} integers in 0..{n}, got {lengths}")
+        host = tokens.to("cpu", torch.int64)
+        valid = torch.arange(n).view(1, -1) < torch.tensor(lengths).view(-1, 1)
+        bad = valid & ((host < 0) | (host >= vocab))
+        if bool(bad.any()):
+            raise UserError(f"token id {int(host[bad][0])} is outside the vocabulary (0..{vocab - 1})")
+        tokens = torch.where(valid, host, 0)
+    else:
+        if lengths is not None:
+            raise UserError("lengths goes with a token tensor; token lists carry their own lengths")
+        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (list, tuple)):
+            raise UserError(f"tokens must be a list of token ids (or one list per stream, or a tensor), "
+                            f"got {type(tokens).__name__}; encode text with the tokenizer first")
+        nested = len(tokens) > 0 and all(isinstance(r, (list, tuple)) for r in tokens)
+        rows = [list(r) for r in tokens] if nested or batch > 1 else [list(tokens)]
+        if len(rows) != batch:
+            raise UserError(f"got token lists for {len(rows)} streams, the session has batch={batch}")
+        for r in rows:
+            for x in r:
+                if not _is_int(x):
+                    raise UserError(f"token ids must be integers, got {x!r} ({type(x).__name__})")
+                if not 0 <= x < vocab:
+                    raise UserError(f"token id {x} is outside the vocabulary (0..{vocab - 1})")
+        lengths = [len(r) for r in rows]
+        tokens = torch.zeros(batch, max(lengths), dtype=torch.int64)
+        for b, r in enumerate(rows):
+            tokens[b, : len(r)] = torch.tensor(r, dtype=torch.int64)
+    return tokens.to(device), lengths
+
+
+
 class Session:
     """``batch`` independent streams with their own StreamingLLM caches.
 
@@ -124,7 +171,7 @@ class Session:
         """
         if not isinstance(all_logits, bool):
             raise UserError(f"all_logits must be True or False, got {all_logits!r}")
-        tokens, lengths = self._as_batch(tokens, lengths)
+        tokens, lengths = token_batch(tokens, lengths, self.batch, self.model.config.vocab_size, self.model.device)
         n, vocab = tokens.shape[1], self.model.config.vocab_size
         logits = torch.zeros(self.batch, n, vocab, device=self.model.device) if all_logits else None
         for lo in range(0, n, self.max_chunk):
@@ -156,51 +203,6 @@ class Session:
                 return
         fed = torch.tensor([p > 0 for p in part], device=newest.device)
         self.last_logits = torch.where(fed.view(-1, 1), newest, self.last_logits)
-
-    def _as_batch(self, tokens, lengths) -> tuple[torch.Tensor, list[int]]:
-        """Validated ``[batch, n]`` int64 ids on the model's device and host-side lengths."""
-        vocab = self.model.config.vocab_size
-        if isinstance(tokens, torch.Tensor):
-            if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-                raise UserError(f"token ids must be integers, got a {tokens.dtype} tensor")
-            if tokens.dim() == 1:
-                tokens = tokens.view(1, -1)
-            if tokens.dim() != 2 or tokens.shape[0] != self.batch:
-                raise UserError(f"tokens must have shape [batch={self.batch}, n], got {list(tokens.shape)}")
-            n = tokens.shape[1]
-            if lengths is None:
-                lengths = [n] * self.batch
-            else:
-                lengths = lengths.tolist() if isinstance(lengths, torch.Tensor) else list(lengths)
-                if len(lengths) != self.batch or not all(_is_int(x) and 0 <= x <= n for x in lengths):
-                    raise UserError(f"lengths must be {self.batch} integers in 0..{n}, got {lengths}")
-            host = tokens.to("cpu", torch.int64)
-            valid = torch.arange(n).view(1, -1) < torch.tensor(lengths).view(-1, 1)
-            bad = valid & ((host < 0) | (host >= vocab))
-            if bool(bad.any()):
-                raise UserError(f"token id {int(host[bad][0])} is outside the vocabulary (0..{vocab - 1})")
-            tokens = torch.where(valid, host, 0)
-        else:
-            if lengths is not None:
-                raise UserError("lengths goes with a token tensor; token lists carry their own lengths")
-            if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (list, tuple)):
-                raise UserError(f"tokens must be a list of token ids (or one list per stream, or a tensor), "
-                                f"got {type(tokens).__name__}; encode text with the tokenizer first")
-            nested = len(tokens) > 0 and all(isinstance(r, (list, tuple)) for r in tokens)
-            rows = [list(r) for r in tokens] if nested or self.batch > 1 else [list(tokens)]
-            if len(rows) != self.batch:
-                raise UserError(f"got token lists for {len(rows)} streams, the session has batch={self.batch}")
-            for r in rows:
-                for x in r:
-                    if not _is_int(x):
-                        raise UserError(f"token ids must be integers, got {x!r} ({type(x).__name__})")
-                    if not 0 <= x < vocab:
-                        raise UserError(f"token id {x} is outside the vocabulary (0..{vocab - 1})")
-            lengths = [len(r) for r in rows]
-            tokens = torch.zeros(self.batch, max(lengths), dtype=torch.int64)
-            for b, r in enumerate(rows):
-                tokens[b, : len(r)] = torch.tensor(r, dtype=torch.int64)
-        return tokens.to(self.model.device), lengths
 
     def reset(self, rows: list[int] | None = None) -> None:
         """Start streams ``rows`` (all when None) afresh."""
