@@ -3,12 +3,11 @@
 For each point (op, head layout, batch, capacity) every stream's cache is full and its ring has
 wrapped (the steady state of a long stream). Three ways to get the same attention are timed:
 
-  triton       streaming_trt.kernels: reads the sink + ring cache in place, rotates keys in-kernel
+  triton       streaming_trt.kernels: reads the sink + ring cache in place (keys stored rotated,
+               queries rotated twice, nothing rotated in the kernel)
   sdpa         F.scaled_dot_product_attention on the same live keys and values, already gathered
-               into token order with rotation applied (what a contiguous pre-rotated cache costs;
-               the gather itself is not timed)
-  sdpa+gather  the same, plus the gather into order and the rotation, done per call in PyTorch
-               (what this cache layout costs without the kernel)
+               into token order (what a contiguous cache costs; the gather itself is not timed)
+  sdpa+gather  the same, plus the gather into token order done per call in PyTorch
 
 Decode is bandwidth-bound: its achieved bandwidth counts the live keys and values read (plus q and
 the output) and is compared with the device's measured copy bandwidth (bytes read + written by a
@@ -20,10 +19,9 @@ On a GPU each call is timed alone with CUDA events, after flushing the L2 cache,
 kept. ``--device cpu`` runs a tiny smoke version under the Triton interpreter (TRITON_INTERPRET=1):
 it checks that the script and the comparisons work; its times mean nothing.
 
-Every point also checks the kernel's output (decode: against the sdpa path, the same function;
-prefill: against the PyTorch reference on the first stream; the sdpa prefill path rotates the sink
-keys as if every row were at the window's start, which does not change its cost) and the script
-exits 1 on a mismatch.
+Every point also checks the kernel's output against the PyTorch reference (float32, first stream)
+and the script exits 1 on a mismatch. The sdpa paths score the sinks with the text-position query
+too, which does not change their cost.
 """
 from __future__ import annotations
 
@@ -39,6 +37,7 @@ from bench.harness import (CheckFailed, copy_bandwidth, info, int_list, out_dir,
                            script_main)
 from bench.report import cell, command, markdown_table, write_csv
 from streaming_trt.errors import UserError
+from streaming_trt.kernels.geometry import Geometry
 
 HEADS = {  # name -> (num_heads, num_kv_heads, head_dim)
     "llama2-7b": (32, 32, 128),
@@ -88,26 +87,10 @@ def arguments(argv) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------------
 
 
-def rope(num_positions: int, rotary_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    inv = 1.0 / 10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
-    ang = torch.arange(num_positions, dtype=torch.float64)[:, None] * inv[None, :]
-    return ang.cos().float().to(device), ang.sin().float().to(device)
-
-
-def live_order(seen: int, sink_tokens: int, window: int, device) -> torch.Tensor:
+def live_order(geometry: Geometry, seen: int, device) -> torch.Tensor:
     """Slots of the cache in token order for a stream that stored ``seen >= capacity`` tokens."""
-    ring = torch.arange(window, device=device)
-    oldest = (seen - window - sink_tokens) % window  # ring offset of the oldest window token
-    return torch.cat([torch.arange(sink_tokens, device=device), sink_tokens + (oldest + ring) % window])
-
-
-def gather_rotated(k_cache, v_cache, order, cos, sin, positions):
-    """Keys/values of ``order`` slots, keys rotated at ``positions``: ``[batch, kv_heads, n, d]``."""
-    from streaming_trt.kernels.reference import apply_rotary
-
-    k = k_cache.index_select(2, order)
-    v = v_cache.index_select(2, order)
-    return apply_rotary(k, cos[positions], sin[positions]), v
+    tokens = geometry.slot_tokens(torch.tensor([seen]))[0]
+    return torch.argsort(tokens).to(device)
 
 
 def sdpa(q, k, v, scale, mask=None):
@@ -124,7 +107,13 @@ def sdpa(q, k, v, scale, mask=None):
 
 
 class Point:
-    """One (op, heads, batch, capacity) point: inputs and the three callables."""
+    """One (op, heads, batch, capacity) point: inputs and the three callables.
+
+    The cache holds keys as the runtime stores them (rotated at their text position: random
+    vectors stand in for them) and the queries come rotated twice (``q_text``, ``q_rank``), as
+    the kernels take them. The sdpa paths score every key with ``q_text``: the same work, exact
+    for window keys (softmax does not care about slot order); only the sink scores differ.
+    """
 
     def __init__(self, op, heads, batch, capacity, chunk, dtype, device, seed):
         from streaming_trt import kernels
@@ -132,73 +121,52 @@ class Point:
         num_heads, kv_heads, head_dim = HEADS[heads]
         self.op, self.heads, self.batch, self.capacity, self.chunk = op, heads, batch, capacity, chunk
         self.num_heads, self.kv_heads, self.head_dim, self.dtype = num_heads, kv_heads, head_dim, dtype
-        s, w = SINK_TOKENS, capacity - SINK_TOKENS
-        self.sink_tokens, self.window = s, w
+        self.geometry = geometry = Geometry(SINK_TOKENS, capacity - SINK_TOKENS)
         g = torch.Generator(device="cpu").manual_seed(seed)
 
         def randn(*shape):
             return torch.randn(*shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
 
         self.scale = head_dim**-0.5
-        self.cos, self.sin = rope(max(capacity, w + (chunk if op == "prefill" else 1) - 1), head_dim, device)
         self.k_cache = randn(batch, kv_heads, capacity, head_dim)
         self.v_cache = randn(batch, kv_heads, capacity, head_dim)
         # Every stream full, ring wrapped a few times (steady state).
         seen = 3 * capacity + 17
-        self.order = live_order(seen, s, w, device)
+        self.order = live_order(geometry, seen, device)
         if op == "decode":
             self.seen = torch.full((batch,), seen, dtype=torch.int32, device=device)
-            self.q = randn(batch, num_heads, head_dim)
-            # Ranked positions: token order = position order, query at capacity - 1.
-            self.k_pos = torch.arange(capacity, device=device)
-            self.q_pos = torch.full((1,), capacity - 1, device=device)
-            self.triton = lambda: kernels.decode_attention(self.q, self.k_cache, self.v_cache, self.seen, self.cos,
-                                                           self.sin, s, w, self.scale)
+            self.q_text, self.q_rank = randn(batch, num_heads, head_dim), randn(batch, num_heads, head_dim)
+            self.triton = lambda: kernels.decode_attention(self.q_text, self.q_rank, self.k_cache, self.v_cache,
+                                                           self.seen, geometry, self.scale, full=True)
         else:
             self.start = torch.full((batch,), seen, dtype=torch.int32, device=device)
             self.lengths = torch.full((batch,), chunk, dtype=torch.int32, device=device)
-            self.q = randn(batch, chunk, num_heads, head_dim)
+            self.q_text = randn(batch, chunk, num_heads, head_dim)
+            self.q_rank = randn(batch, chunk, num_heads, head_dim)
             self.k = randn(batch, chunk, kv_heads, head_dim)
             self.v = randn(batch, chunk, kv_heads, head_dim)
-            self.triton = lambda: kernels.prefill_attention(self.q, self.k, self.v, self.k_cache, self.v_cache,
-                                                            self.start, self.lengths, self.cos, self.sin, s, w,
+            self.triton = lambda: kernels.prefill_attention(self.q_text, self.q_rank, self.k, self.v, self.k_cache,
+                                                            self.v_cache, self.start, self.lengths, geometry,
                                                             self.scale)
         self.pre = None  # inputs of the "sdpa" path, built outside the timing on first use
 
     def _gather(self):
+        """The live slots in token order (what a cache without a ring layout would hold)."""
+        k = self.k_cache.index_select(2, self.order)
+        v = self.v_cache.index_select(2, self.order)
         if self.op == "decode":
-            k, v = gather_rotated(self.k_cache, self.v_cache, self.order, self.cos, self.sin, self.k_pos)
-            from streaming_trt.kernels.reference import apply_rotary
-
-            q = apply_rotary(self.q, self.cos[self.q_pos], self.sin[self.q_pos]).unsqueeze(2)
-            return q, k, v, None
-        return self._sdpa_prefill_inputs()
-
-    def _sdpa_prefill_inputs(self):
-        """Keys: sinks at their index, cached window keys and the chunk's keys at text position
-        minus ``start - window + 1`` (the reference's frame); queries in that frame too. Exact for
-        window keys; the sink keys of rows past capacity would need a per-row query rotation that
-        sdpa cannot take, so the sdpa output differs there (its time does not)."""
-        from streaming_trt.kernels.reference import apply_rotary
-
-        s, w, n = self.sink_tokens, self.window, self.chunk
-        dev = self.q.device
-        # Window keys of the cache, oldest first: text positions start - w .. start - 1 -> -1 .. w - 2.
-        k_pos = torch.cat([torch.arange(s, device=dev), torch.arange(-1, w - 1, device=dev).clamp(min=0)])
-        kc, vc = gather_rotated(self.k_cache, self.v_cache, self.order, self.cos, self.sin, k_pos)
-        rows = torch.arange(n, device=dev)
-        kn = apply_rotary(self.k.transpose(1, 2), self.cos[rows + w - 1], self.sin[rows + w - 1])
-        q = apply_rotary(self.q.transpose(1, 2), self.cos[rows + w - 1], self.sin[rows + w - 1])
-        k = torch.cat([kc, kn], 2)
-        v = torch.cat([vc, self.v.transpose(1, 2)], 2)
-        # Row i sees the sinks, cached key p (0-based among the window's w slots, text position
-        # start - w + p) when p >= i + 1, and chunk rows i - w < j <= i.
-        p = torch.arange(w, device=dev)
-        j = torch.arange(n, device=dev)
+            return self.q_text.unsqueeze(2), k, v, None
+        s, w, n = self.geometry.sink_tokens, self.geometry.window, self.chunk
+        dev = k.device
+        # Row i sees the sinks, cached window key p (0-based, oldest first) when p >= i + 1, and
+        # chunk rows i - w < j <= i.
+        rows, p, j = torch.arange(n, device=dev), torch.arange(w, device=dev), torch.arange(n, device=dev)
         see_cache = p.view(1, -1) >= rows.view(-1, 1) + 1
         see_chunk = (j.view(1, -1) <= rows.view(-1, 1)) & (j.view(1, -1) > rows.view(-1, 1) - w)
         mask = torch.cat([torch.ones(n, s, dtype=torch.bool, device=dev), see_cache, see_chunk], 1)
-        return q, k, v, mask.view(1, 1, n, -1)
+        k = torch.cat([k, self.k.transpose(1, 2)], 2)
+        v = torch.cat([v, self.v.transpose(1, 2)], 2)
+        return self.q_text.transpose(1, 2), k, v, mask.view(1, 1, n, -1)
 
     def run_sdpa(self):
         if self.pre is None:
@@ -217,17 +185,18 @@ class Point:
         return kv + 2 * self.batch * self.num_heads * self.head_dim * e
 
     def compare(self) -> float:
-        """Max |triton - x|: x = the sdpa path for decode (the same function); for prefill the
-        PyTorch reference (float32, first stream only: it builds the whole score matrix)."""
-        out = self.triton().float()
-        if self.op == "decode":
-            return (out - self.run_sdpa().float().squeeze(2)).abs().max().item()
+        """Max |triton - reference| (the PyTorch reference in float32, first stream only)."""
         from streaming_trt.kernels import reference
 
+        out = self.triton().float()
         f = lambda x: x[:1].float()  # noqa: E731
-        ref = reference.prefill_attention(f(self.q), f(self.k), f(self.v), f(self.k_cache), f(self.v_cache),
-                                          self.start[:1], self.lengths[:1], self.cos, self.sin, self.sink_tokens,
-                                          self.window, self.scale)
+        if self.op == "decode":
+            ref = reference.decode_attention(f(self.q_text), f(self.q_rank), f(self.k_cache), f(self.v_cache),
+                                             self.seen[:1], self.geometry, self.scale, full=True)
+        else:
+            ref = reference.prefill_attention(f(self.q_text), f(self.q_rank), f(self.k), f(self.v), f(self.k_cache),
+                                              f(self.v_cache), self.start[:1], self.lengths[:1], self.geometry,
+                                              self.scale)
         return (out[:1] - ref).abs().max().item()
 
 
