@@ -36,8 +36,9 @@ import torch
 from streaming_trt.errors import UserError
 from streaming_trt.kernels.geometry import Geometry
 
-METHODS = ("streaming", "recompute", "dense", "window", "hf-recompute", "hf-dense", "attention-sinks")
-DEFAULT_METHODS = METHODS[:-1]  # attention-sinks needs its own environment (--sinks-python)
+METHODS = ("streaming", "recompute", "dense", "window", "hf-recompute", "hf-dense", "attention-sinks", "onnx")
+# attention-sinks needs its own environment (--sinks-python); onnx exports the model first (minutes for big ones)
+DEFAULT_METHODS = METHODS[:-2]
 RUNTIME_METHODS = ("streaming", "recompute", "dense", "window")
 SLOW_METHODS = ("recompute", "hf-recompute")  # O(C^2) per token
 
@@ -141,6 +142,28 @@ class HFRecomputeStream(RecomputeStream):
 
     def cache_bytes(self) -> int:
         return 0
+
+
+class OnnxStream(Stream):
+    """The streaming model exported to ONNX (``streaming_trt.export.onnx``) and run by onnxruntime
+    on the same weights and cache shape; the export is written once to a temporary folder."""
+
+    name = "onnx"
+
+    def __init__(self, model, sink_tokens: int, window: int, threads: int | None = None, provider: str = "cpu"):
+        import tempfile
+
+        from streaming_trt.export.onnx import OnnxSession, export_onnx
+
+        self._dir = tempfile.TemporaryDirectory(prefix="bench-onnx-")
+        path = export_onnx(model, f"{self._dir.name}/onnx", sink_tokens, window, triton=False)
+        self.session = OnnxSession(path, provider=provider, threads=threads)
+
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.session.feed(ids.view(1, -1).cpu())[0]
+
+    def cache_bytes(self) -> int:
+        return self.session.cache.nbytes() if hasattr(self.session, "cache") else 0
 
 
 class HFDenseStream(Stream):

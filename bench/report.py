@@ -28,6 +28,7 @@ LABELS = {
     "hf-recompute": "transformers: re-encode window",
     "hf-dense": "transformers: growing cache",
     "attention-sinks": "attention_sinks 0.4.0 (transformers 4.34)",
+    "onnx": "ONNX export on onnxruntime (CPU)",
 }
 STYLES = {  # colour, marker, line style: one look per method in every plot
     "streaming": ("#d62728", "o", "-"),
@@ -37,6 +38,7 @@ STYLES = {  # colour, marker, line style: one look per method in every plot
     "hf-recompute": ("#0b3d66", "s", ":"),
     "hf-dense": ("#222222", "^", ":"),
     "attention-sinks": ("#9467bd", "D", "--"),
+    "onnx": ("#ff7f0e", "P", "--"),
 }
 
 
