@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 from streaming_trt.errors import UserError
+from streaming_trt.paths import check_parent_writable
 
 
 def check_output_dir(path: str | Path, overwrite: bool, flag: str = "--overwrite") -> Path:
@@ -18,18 +19,7 @@ def check_output_dir(path: str | Path, overwrite: bool, flag: str = "--overwrite
         raise UserError(f"{path}: already exists; choose another directory or pass {flag} to replace it")
     if path.exists() and not path.is_dir():
         raise UserError(f"{path}: exists and is not a directory")
-    parent = path.absolute().parent
-    if not parent.is_dir():
-        above = parent
-        while not above.exists() and above != above.parent:
-            above = above.parent
-        if above.exists() and not above.is_dir():
-            raise UserError(f"{path}: cannot be created, {above} is a file, not a directory")
-        raise UserError(f"{path}: cannot be created, its parent directory {parent} does not exist (create it first)")
-    try:  # os.access says yes to root even on read-only file systems such as /proc: ask by doing
-        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=parent))
-    except OSError as e:
-        raise UserError(f"{path}: cannot be created, {parent} is not writable ({e.strerror})") from None
+    check_parent_writable(path, str(path), "created")
     return path
 
 

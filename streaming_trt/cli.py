@@ -66,29 +66,15 @@ def run(job) -> int:
 def check_output_file(path: str | None, flag: str) -> None:
     """Refuse, before any work, an output file ``path`` that cannot be written: its folder is
     missing, is a file, or is read-only, or ``path`` is a folder."""
-    import os
-    import tempfile
     from pathlib import Path
+
+    from .paths import check_parent_writable
 
     if path is None:
         return
-    target = Path(path)
-    parent = target.absolute().parent
-    if target.is_dir():
+    if Path(path).is_dir():
         raise UserError(f"{flag} {path}: is a directory; name a file inside it")
-    if not parent.is_dir():
-        above = parent
-        while not above.exists() and above != above.parent:
-            above = above.parent
-        if above.exists() and not above.is_dir():
-            raise UserError(f"{flag} {path}: cannot be written, {above} is a file, not a directory")
-        raise UserError(f"{flag} {path}: cannot be written, the directory {parent} does not exist")
-    try:  # os.access says yes to root even on read-only file systems: ask by doing
-        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.probe-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot be written, {parent} is not writable ({e.strerror})") from None
+    check_parent_writable(Path(path), f"{flag} {path}")
 
 
 DEFAULT_THREADS_HELP = "every CPU this process may use, at most 4, half of them beyond that"

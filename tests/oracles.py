@@ -69,3 +69,10 @@ def stream_with_hf_layers(hf_model, ids: torch.Tensor, sink_tokens: int, window:
             for u in [u for u in keys[layer] if u < t - window + 1 and u >= sink_tokens]:
                 del keys[layer][u], values[layer][u]
     return torch.stack(out)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
+    """``|a - b| <= tol * max(|b|_max, 1)``, with the figures in the message."""
+    scale = b.abs().max().item()
+    err = (a - b).abs().max().item()
+    assert err <= tol * max(scale, 1.0), f"max error {err:.3g} > {tol} x scale {scale:.3g}"

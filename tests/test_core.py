@@ -6,7 +6,6 @@ Tests that reach into the cache (``cache.seen``, ``cache.keys``) expect the layo
 """
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -14,30 +13,10 @@ import torch
 
 import streaming_trt as st
 from checkpoints import make_checkpoint
-from oracles import recompute
+from oracles import close, recompute
 from streaming_trt.kernels.geometry import Geometry
 
 NAN = float("nan")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    made = {}
-
-    def get(arch="llama", **kw):
-        key = (arch, tuple(sorted(kw.items())))
-        if key not in made:
-            path = tmp_path_factory.mktemp(arch)
-            made[key] = (path, make_checkpoint(path, arch, **kw))
-        return made[key]
-
-    return get
-
-
-def close(a, b, tol):
-    scale = b.abs().max().item()
-    err = (a - b).abs().max().item()
-    assert err <= tol * max(scale, 1.0), f"max error {err:.3g} > {tol} x scale {scale:.3g}"
 
 
 @pytest.mark.parametrize("sink_tokens,window", [(0, 1), (0, 5), (1, 4), (4, 3), (4, 6)])
@@ -63,8 +42,8 @@ def test_geometry_refuses_bad_sizes(bad):
         Geometry(**bad)
 
 
-def test_capacity_warning_boundary(tiny):
-    path, _ = tiny()
+def test_capacity_warning_boundary(checkpoints):
+    path, _ = checkpoints()
     model = st.load_model(path)
     limit = model.config.max_position_embeddings
     import warnings
@@ -79,12 +58,12 @@ def test_capacity_warning_boundary(tiny):
     assert "-" not in str(caught[0].message).split(";")[-1]  # never a negative suggestion
 
 
-def test_keys_are_stored_rotated_at_their_text_position(tiny):
+def test_keys_are_stored_rotated_at_their_text_position(checkpoints):
     """Layout check: a key read back from the cache, rotated back by its text position, equals the
     unrotated projection; stored keys are never rewritten while they stay in the cache."""
     from streaming_trt.rope import apply_rotary, rotary_angles
 
-    path, _ = tiny("llama", num_hidden_layers=1)
+    path, _ = checkpoints("llama", num_hidden_layers=1)
     model = st.load_model(path, backend="torch")
     s = model.session(sink_tokens=2, window=5, cache_fill=NAN)
     ids = torch.randint(0, 97, (20,))
@@ -104,13 +83,13 @@ def _jump(session, to: int) -> None:
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 11])
-def test_logits_four_million_tokens_in_equal_float64_oracle(tiny, chunk):
+def test_logits_four_million_tokens_in_equal_float64_oracle(checkpoints, chunk):
     """A one-layer model whose stream counter jumps to t = 4,000,000 after its sinks: once the window
     holds only real tokens again, every token's logits (decode steps and chunk rows) equal
     transformers re-run in float64 on A(t) at positions 0..|A(t)|-1, within float32 rounding.
     Naive float32 angles miss by far more (checked below)."""
     sink_tokens, window = 4, 8
-    path, hf = tiny("llama", num_hidden_layers=1)
+    path, hf = checkpoints("llama", num_hidden_layers=1)
     hf64 = make_checkpoint(path.parent / "f64", "llama", num_hidden_layers=1).double()
     hf64.load_state_dict(hf.state_dict())
     model = st.load_model(path, backend="torch")
@@ -134,10 +113,10 @@ def test_logits_four_million_tokens_in_equal_float64_oracle(tiny, chunk):
 
 
 @pytest.mark.parametrize("sink_tokens", [0, 1, 4])
-def test_decode_steps_equal_oracle_token_by_token(tiny, sink_tokens):
+def test_decode_steps_equal_oracle_token_by_token(checkpoints, sink_tokens):
     """Every token fed alone (the decode path), against the contract's re-computation oracle."""
     window = 5
-    path, hf = tiny("llama", num_hidden_layers=1)
+    path, hf = checkpoints("llama", num_hidden_layers=1)
     model = st.load_model(path, backend="torch")
     n = 3 * (sink_tokens + window) + 2
     ids = torch.randint(0, 97, (n,))
@@ -146,10 +125,10 @@ def test_decode_steps_equal_oracle_token_by_token(tiny, sink_tokens):
     close(got, recompute(hf, ids, sink_tokens, window), 1e-5)
 
 
-def test_long_first_chunk_and_ragged_batch(tiny):
+def test_long_first_chunk_and_ragged_batch(checkpoints):
     """A first chunk longer than capacity, chunks longer than the window, and a ragged batch with
     an empty row, all equal token-by-token feeding."""
-    path, _ = tiny("qwen3")
+    path, _ = checkpoints("qwen3")
     model = st.load_model(path, backend="torch")
     sink_tokens, window = 2, 6
     ids = torch.randint(0, 97, (40,))
@@ -172,8 +151,8 @@ def test_long_first_chunk_and_ragged_batch(tiny):
 
 
 @pytest.fixture
-def saved(tiny, tmp_path):
-    path, _ = tiny("llama")
+def saved(checkpoints, tmp_path):
+    path, _ = checkpoints("llama")
     model = st.load_model(path)
     s = model.session(sink_tokens=2, window=6)
     s.feed(torch.randint(0, 97, (15,)).tolist())
@@ -201,7 +180,7 @@ def _resum(tensors, meta):
     meta["checksum"] = _checksum(tensors, meta)
 
 
-def test_session_refuses_same_shape_other_weights(tiny, saved, tmp_path):
+def test_session_refuses_same_shape_other_weights(checkpoints, saved, tmp_path):
     model, file = saved
     other = make_checkpoint(tmp_path / "other", "llama", seed=1)
     del other
@@ -265,8 +244,8 @@ def test_cli_refuses_damaged_session_with_one_line(saved, tmp_path):
 
 @pytest.mark.parametrize("kw", [dict(sink_tokens=4, window=10**9), dict(sink_tokens=10**9, window=4),
                                 dict(sink_tokens=4, window=1000, batch=10**7)])
-def test_impossible_cache_refused_before_allocation(tiny, kw):
-    path, _ = tiny()
+def test_impossible_cache_refused_before_allocation(checkpoints, kw):
+    path, _ = checkpoints()
     model = st.load_model(path)
     with pytest.warns(UserWarning) if kw["sink_tokens"] + kw["window"] > 256 else _nothing():
         with pytest.raises(st.UserError, match=r"the cache needs .* free; ") as e:
@@ -285,12 +264,12 @@ class _nothing:
 # The decode step as a CUDA graph captures it ------------------------------------------------
 
 
-def test_device_only_decode_plan_equals_planned_decode(tiny):
+def test_device_only_decode_plan_equals_planned_decode(checkpoints):
     """The step a CUDA graph captures (plan from device state only, rank angles always formed,
     the cache-full variant without a mask), run eagerly, equals the host-planned decode."""
     from streaming_trt.graphs import DecodeGraphs
 
-    path, _ = tiny("llama")
+    path, _ = checkpoints("llama")
     model = st.load_model(path, backend="torch")
     sink_tokens, window = 2, 5
     ids = torch.randint(0, 97, (4 * (sink_tokens + window),))
@@ -308,8 +287,8 @@ def test_device_only_decode_plan_equals_planned_decode(tiny):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: CUDA-graph capture needs one")
-def test_captured_decode_equals_eager_on_cuda(tiny):
-    path, _ = tiny("llama")
+def test_captured_decode_equals_eager_on_cuda(checkpoints):
+    path, _ = checkpoints("llama")
     model = st.load_model(path, device="cuda")
     ids = torch.randint(0, 97, (3 * 12,)).tolist()
     eager = model.session(sink_tokens=4, window=8, batch=2)
@@ -322,8 +301,8 @@ def test_captured_decode_equals_eager_on_cuda(tiny):
     assert set(graphed.graphs.graphs) == {False, True}
 
 
-def test_feed_flags_and_save_paths_refused_clearly(tiny, tmp_path):
-    path, _ = tiny()
+def test_feed_flags_and_save_paths_refused_clearly(checkpoints, tmp_path):
+    path, _ = checkpoints()
     s = st.load_model(path).session(1, 4)
     with pytest.raises(st.UserError, match="all_logits must be True or False"):
         s.feed([1, 2], all_logits="no")

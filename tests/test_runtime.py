@@ -6,7 +6,7 @@ import torch
 
 import streaming_trt as st
 from checkpoints import ARCHITECTURES, make_checkpoint
-from oracles import recompute, stream_with_hf_layers
+from oracles import close, recompute, stream_with_hf_layers
 
 NAN = float("nan")
 
@@ -23,27 +23,6 @@ SHAPES = [(arch, {}) for arch in ARCHITECTURES] + [
 def _id(shape):
     arch, kw = shape
     return arch + "".join(f"-{k[:8]}{v}" for k, v in kw.items() if k != "hidden_size")
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """Checkpoints are written once per (architecture, overrides) and reused."""
-    made = {}
-
-    def get(arch, **kw):
-        key = (arch, tuple(sorted(kw.items())))
-        if key not in made:
-            path = tmp_path_factory.mktemp(arch)
-            made[key] = (path, make_checkpoint(path, arch, **kw))
-        return made[key]
-
-    return get
-
-
-def close(a, b, tol):
-    scale = b.abs().max().item()
-    err = (a - b).abs().max().item()
-    assert err <= tol * max(scale, 1.0), f"max error {err:.3g} > {tol} x scale {scale:.3g}"
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
