@@ -197,10 +197,11 @@ class Session:
         return logits if all_logits else self.last_logits
 
     def _set_last(self, newest: torch.Tensor, part: list[int]) -> None:
-        if self.last_logits is None or all(part):
-            self.last_logits = newest if all(part) else torch.zeros_like(newest)
-            if all(part):
-                return
+        if all(part):
+            self.last_logits = newest
+            return
+        if self.last_logits is None:
+            self.last_logits = torch.zeros_like(newest)
         fed = torch.tensor([p > 0 for p in part], device=newest.device)
         self.last_logits = torch.where(fed.view(-1, 1), newest, self.last_logits)
 
