@@ -24,16 +24,26 @@ Every token t computes the contract of ``shared/design/semantics.md``: it attend
   counters and the attention mask (left padding is never a sink, never attended, never counts), and
   feeds inputs longer than ``min(max_chunk, window)`` in chunks, so no query ever sees more than A(t).
 
+Falcon and MPT do not call ``AttentionInterface`` (their attention modules run SDPA / eager math and
+add ALiBi themselves), so their attention modules' ``forward`` is replaced by one that projects with
+the module's own weights and calls the same attention function (:data:`ADAPTERS`). ALiBi models
+(MPT, Falcon-RW) rotate nothing: their bias follows the key's rank distance from the query, so the
+sinks sit at distance ``min(t, C-1) - i`` exactly as rotary sinks do.
+
+On CUDA (``backend="auto"``) decode steps and unpadded chunks of plain rotary layers run the
+project's Triton kernels (:mod:`streaming_trt.kernels`) on the same cache tensors; soft-capped,
+sliding-window, ALiBi layers and padded chunks take the PyTorch path.
+
 Refused with :class:`streaming_trt.errors.UserError`: beam search, assisted / prompt-lookup decoding,
 ``cache_implementation=``, dynamic-NTK and longrope rope scaling (their frequencies depend on the
-sequence length and cannot be frozen), architectures whose attention does not go through
-``AttentionInterface`` (Falcon, MPT in transformers 5.x) and transformers versions outside
-:data:`SUPPORTED_TRANSFORMERS`.
+sequence length and cannot be frozen), architectures outside :data:`ARCHITECTURES` and transformers
+versions outside :data:`SUPPORTED_TRANSFORMERS`.
 """
 from __future__ import annotations
 
 import functools
 import threading
+import types
 
 import torch
 from torch import nn
@@ -55,10 +65,8 @@ ARCHITECTURES = {
     "gemma3_text": "rotary with per-layer-type frequencies; sliding layers keep their window in rank distance",
     "phi3": "rotary (partial rotary allowed)",
     "gpt_neox": "rotary, partial rotary, parallel residual",
-}
-REFUSED = {
-    "falcon": "FalconAttention calls SDPA / eager itself instead of going through AttentionInterface",
-    "mpt": "MptAttention adds its ALiBi bias and mask itself instead of going through AttentionInterface",
+    "falcon": "rotary (multi-query or grouped KV) or ALiBi (Falcon-RW); attention module adapted",
+    "mpt": "ALiBi by rank distance, no rotation; attention module adapted",
 }
 
 _ACTIVE = threading.local()  # the StreamingCache of the forward running on this thread
@@ -117,10 +125,6 @@ def check_transformers(version: str | None = None) -> None:
 
 
 # --------------------------------------------------------------------------------------- rotary
-def _exact_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    return exact_angles(inv_freq, positions)
-
-
 class ExactRotary(nn.Module):
     """Drop-in for a transformers rotary module (``forward(x, position_ids[, layer_type]) -> (cos, sin)``,
     each ``[B, q, rotary_dim]`` in ``x.dtype``) with float64 angles reduced mod 2*pi.
@@ -141,7 +145,7 @@ class ExactRotary(nn.Module):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None):
         inv_freq, scale = self.frequencies(layer_type)
-        ang = _exact_angles(position_ids, inv_freq)
+        ang = exact_angles(inv_freq, position_ids)
         emb = torch.cat((ang, ang), dim=-1)
         return (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
 
@@ -182,11 +186,13 @@ def _make_classes():
         is_compileable = False
         is_sliding = False
 
-        def __init__(self, owner):
+        def __init__(self, owner, kernel: bool):
             super().__init__()
             self.owner = owner
+            self.kernel = kernel  # this layer may run the Triton kernels (plain rotary, no softcap / sliding)
             self.slot_pos = None
             self.last_kpos = None
+            self.pending = None  # a kernel chunk's (keys, values) [B, KVH, q, D], written by the attention
 
         def lazy_initialization(self, key_states, value_states):
             B, KVH, _, D = key_states.shape
@@ -207,15 +213,20 @@ def _make_classes():
             if pos is None or tuple(pos.shape) != (key_states.shape[0], key_states.shape[2]):
                 raise UserError("StreamingCache was updated outside a streaming forward; call the model "
                                 "enabled by streaming_trt.hf.enable_streaming")
+            if self.kernel and owner.chunk_dense:
+                # the kernels read the cache slots themselves and the attention writes the chunk there
+                # (after a prefill, before a decode step): nothing is concatenated
+                self.pending = (key_states, value_states)
+                self.slot_pos.scatter_(1, owner.geometry.slot(pos), pos)
+                return self.keys, self.values
             keys = torch.cat([self.keys, key_states], dim=2)
             values = torch.cat([self.values, value_states], dim=2)
             kpos = torch.where(valid, pos, torch.full_like(pos, -1))
             self.last_kpos = torch.cat([self.slot_pos, kpos], dim=1)
             b_idx, t_idx = valid.nonzero(as_tuple=True)
             if b_idx.numel():
-                S, W = owner.sink_tokens, owner.window
                 p = pos[b_idx, t_idx]
-                slot = torch.where(p < S, p, S + (p - S) % W)
+                slot = owner.geometry.slot(p)
                 self.keys[b_idx, :, slot] = key_states[b_idx, :, t_idx]
                 self.values[b_idx, :, slot] = value_states[b_idx, :, t_idx]
                 self.slot_pos[b_idx, slot] = p
@@ -248,23 +259,26 @@ def _make_classes():
             geo = model._streaming_trt
             S = geo["sink_tokens"] if sink_tokens is None else sink_tokens
             W = geo["window"] if window is None else window
-            _check_geometry(S, W)
             self.geometry = _check_geometry(S, W)
             self.sink_tokens, self.window, self.capacity = S, W, self.geometry.capacity
             self.max_chunk = geo["max_chunk"]
-            self.rotary = model.base_model.rotary_emb
+            self.ops = geo["ops"]  # the Triton kernels, or None for the PyTorch path
             cfg = model.config.get_text_config()
             n = cfg.num_hidden_layers
-            super().__init__(layers=[StreamingLayer(self) for _ in range(n)])
-            layer_types = getattr(cfg, "layer_types", None)
-            self.layer_freqs = []
-            for i in range(n):
-                lt = layer_types[i] if layer_types is not None else None
-                self.layer_freqs.append(self.rotary.frequencies(lt)[0])
+            layer_types = getattr(cfg, "layer_types", None) or [None] * n
+            plain = not geo["alibi"] and not getattr(cfg, "attn_logit_softcapping", None)
+            sliding = [lt == "sliding_attention" or (lt is None and bool(getattr(cfg, "sliding_window", None)))
+                       for lt in layer_types]
+            super().__init__(layers=[StreamingLayer(self, self.ops is not None and plain and not sliding[i])
+                                     for i in range(n)])
+            # ALiBi models rotate nothing: no second rotation for their sinks, only the rank-distance bias
+            rotary = None if geo["alibi"] else model.base_model.rotary_emb
+            self.layer_freqs = [None if rotary is None else rotary.frequencies(lt)[0] for lt in layer_types]
             self.columns = 0  # input columns consumed (padding included): what generate() slices by
             self.counts = None  # [B] long: real tokens seen per stream
             self.chunk_pos = self.chunk_valid = None
-            self.masks = {}  # (sliding_window, keys) -> [B, q, keys] bool, for the chunk being fed
+            self.chunk_dense = False  # the chunk has no padding (the kernels' precondition)
+            self.masks = {}  # per-chunk masks and distances shared by every layer
 
         # ---- per-forward bookkeeping (called by the wrapped base forward)
         def begin_chunk(self, valid: torch.Tensor) -> torch.Tensor:
@@ -277,6 +291,7 @@ def _make_classes():
             pos = self.counts.to(valid.device)[:, None] + valid.long().cumsum(1) - 1
             self.chunk_valid = valid
             self.chunk_pos = torch.where(valid, pos, torch.zeros_like(pos))
+            self.chunk_dense = self.ops is not None and bool(valid.all())
             self.masks = {}
             return self.chunk_pos
 
@@ -344,56 +359,63 @@ def _check_geometry(S, W) -> Geometry:
 
 # --------------------------------------------------------------------------------------- attention
 def streaming_attention(module, query, key, value, attention_mask=None, *, scaling=None, dropout=0.0,
-                        softcap=None, sliding_window=None, **kwargs):
+                        softcap=None, sliding_window=None, alibi_slopes=None, **kwargs):
     """The ``"streaming_trt"`` attention function.
 
     ``query [B, H, q, D]`` rotated at text positions; ``key / value [B, KVH, S+W+q, D]`` from
     :class:`StreamingLayer.update` (cache slots, then the chunk). Returns ``([B, q, H, D], None)``.
     Token t attends to A(t); its scores against sink slots use the query rotated at ``min(t, C-1)``.
     ``softcap`` (Gemma 2) is applied to the scores; ``sliding_window`` (Gemma, Mistral, Qwen2 sliding
-    layers) is measured in rank distance, as re-computation on A(t) would.
+    layers) is measured in rank distance, as re-computation on A(t) would. ``alibi_slopes [H]`` (MPT,
+    Falcon-RW, already scaled like the scores) adds ``-slope * rank distance``; such queries come unrotated.
     """
     cache = getattr(_ACTIVE, "cache", None)
     if cache is None:
         raise UserError("the streaming_trt attention runs only inside a forward with a StreamingCache "
                         "(model enabled by streaming_trt.hf.enable_streaming)")
     layer = cache.layers[module.layer_idx]
-    S, W, C = cache.sink_tokens, cache.window, cache.capacity
+    S, C = cache.sink_tokens, cache.capacity
     B, H, q, D = query.shape
-    KVH = key.shape[1]
-    qpos, qvalid = cache.chunk_pos, cache.chunk_valid  # [B, q]
-    kpos = layer.last_kpos  # [B, L]
-    L = kpos.shape[1]
+    qpos = cache.chunk_pos  # [B, q]
+    qrank = qpos.clamp(max=C - 1)
     if scaling is None:
         scaling = D ** -0.5
-    qrank = qpos.clamp(max=C - 1)
-    key_mask = (int(sliding_window or 0), L)
-    allowed = cache.masks.get(key_mask)  # every layer holds the same positions: one mask per chunk
+    freqs = cache.layer_freqs[module.layer_idx]
+    needs_rank = cache.masks.get("rank")
+    if needs_rank is None:  # one host sync per chunk, not per layer
+        needs_rank = cache.masks["rank"] = S > 0 and bool((qpos >= C).any())
+    needs_rank = needs_rank and freqs is not None
+    if layer.pending is not None:
+        return _kernel_attention(cache, layer, query, qpos, qrank, freqs if needs_rank else None, scaling), None
+
+    kpos = layer.last_kpos  # [B, L]
+    L = kpos.shape[1]
+    allowed = cache.masks.get(("allowed", L))  # every layer holds the same positions: one mask per chunk
     if allowed is None:
-        # ranks of the keys relative to the query: sinks at their index, window keys at text distance
-        kp, qp, qr = kpos[:, None, :], qpos[:, :, None], qrank[:, :, None]
+        kp, qp = kpos[:, None, :], qpos[:, :, None]
         is_sink = (kp >= 0) & (kp < S)
-        allowed = (kp >= 0) & (kp <= qp) & (is_sink | (kp >= qp - W + 1))
-        if sliding_window:
-            dist = torch.where(is_sink, qr - kp, qp - kp)
-            allowed &= dist < int(sliding_window)
+        allowed = (kp >= 0) & (kp <= qp) & (is_sink | (kp >= qp - cache.window + 1))
         # padding queries attend to themselves only (finite output, never read)
-        pad_rows = ~qvalid
+        pad_rows = ~cache.chunk_valid
         if bool(pad_rows.any()):
             own = torch.zeros(B, q, L, dtype=torch.bool, device=allowed.device)
             own[:, torch.arange(q), L - q + torch.arange(q)] = True
             allowed = torch.where(pad_rows[:, :, None], own, allowed)
-        cache.masks[key_mask] = allowed
+        cache.masks[("allowed", L)] = allowed
+    if sliding_window or alibi_slopes is not None:
+        dist = cache.masks.get(("dist", L))  # rank distance query - key: sinks from the rank, window keys in text
+        if dist is None:
+            kp = kpos[:, None, :]
+            dist = cache.masks[("dist", L)] = torch.where((kp >= 0) & (kp < S), qrank[:, :, None] - kp, qpos[:, :, None] - kp)
+        if sliding_window:
+            allowed = allowed & (dist < int(sliding_window))
 
-    g = H // KVH
-    needs_rank = cache.masks.get("rank")
-    if needs_rank is None:  # one host sync per chunk, not per layer
-        needs_rank = cache.masks["rank"] = S > 0 and bool((qpos >= C).any())
-    if not softcap and (q == 1 or not needs_rank) and not dropout:
+    g = H // key.shape[1]
+    if not softcap and alibi_slopes is None and (q == 1 or not needs_rank) and not dropout:
         # SDPA: a decode step moves its second rotation onto the S sink keys instead (q_rank . k_i ==
         # q_text . R(t - rank) k_i), a chunk that needs none takes the mask alone
         if needs_rank:
-            ang = _exact_angles(qpos[:, 0] - qrank[:, 0], cache.layer_freqs[module.layer_idx])  # [B, F]
+            ang = exact_angles(freqs, qpos[:, 0] - qrank[:, 0])  # [B, F]
             sinks = _rotate(key[:, :, :S], ang[:, None, :].expand(B, S, ang.shape[-1]))
             key = torch.cat([sinks, key[:, :, S:]], dim=2)
         out = torch.nn.functional.scaled_dot_product_attention(
@@ -404,15 +426,119 @@ def streaming_attention(module, query, key, value, attention_mask=None, *, scali
     scores = torch.matmul(query, k.transpose(-1, -2)) * scaling  # [B, H, q, L]
     if needs_rank:
         # second rotation, text position -> rank, for the scores against the S sink slots only
-        delta = _exact_angles(qrank - qpos, cache.layer_freqs[module.layer_idx])  # [B, q, F]
-        q_rank = _rotate(query, delta)
+        q_rank = _rotate(query, exact_angles(freqs, qrank - qpos))
         scores[..., :S] = torch.matmul(q_rank, k[:, :, :S].transpose(-1, -2)) * scaling
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.float().masked_fill(~allowed[:, None], float("-inf"))
+    scores = scores.float()
+    if alibi_slopes is not None:
+        scores = scores - alibi_slopes.float().view(1, H, 1, 1) * dist[:, None].float()
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     out = torch.matmul(probs, v)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _kernel_attention(cache, layer, query, qpos, qrank, freqs, scaling) -> torch.Tensor:
+    """The project's kernels (``cache.ops``) on an unpadded chunk: ``query [B, H, q, D]`` -> ``[B, q, H, D]``.
+
+    ``layer.pending`` holds the chunk's keys/values; the cache slots hold the stream before it. A
+    decode step is written first and attends over the cache; a longer chunk attends over cache + chunk,
+    then is written.
+    """
+    ops, geo = cache.ops, cache.geometry
+    k_new, v_new = (x.transpose(1, 2) for x in layer.pending)  # [B, q, KVH, D]
+    layer.pending = None
+    B, H, q, D = query.shape
+    q_text = query.transpose(1, 2)  # [B, q, H, D]
+    q_rank = q_text if freqs is None else _rotate(query, exact_angles(freqs, qrank - qpos)).transpose(1, 2)
+    start = cache.counts
+    lengths = torch.full_like(start, q)
+    if q == 1:
+        ops.cache_write(k_new, v_new, layer.keys, layer.values, start, lengths, geo)
+        out = ops.decode_attention(q_text[:, 0], q_rank[:, 0], layer.keys, layer.values, start + 1, geo, scaling)
+        return out.view(B, 1, H, D)
+    out = ops.prefill_attention(q_text, q_rank, k_new, v_new, layer.keys, layer.values, start, lengths, geo, scaling)
+    ops.cache_write(k_new, v_new, layer.keys, layer.values, start, lengths, geo)
+    return out
+
+
+# --------------------------------------------------------------------------------------- adapters
+# Falcon and MPT run their own attention math instead of calling AttentionInterface; their attention
+# modules get a forward that projects with the module's own weights and calls streaming_attention.
+
+def _falcon_qkv(module, hidden_states):
+    """Falcon's fused projection -> ``q [B, H, L, D]``, ``k, v [B, KVH, L, D]`` (KV heads not broadcast)."""
+    B, L, _ = hidden_states.shape
+    H, D = module.num_heads, module.head_dim
+    fused = module.query_key_value(hidden_states)
+    if module.new_decoder_architecture:  # [B, L, KVH, group + 2, D]: each KV head after its query group
+        kvh = module.num_kv_heads
+        qkv = fused.view(B, L, kvh, H // kvh + 2, D)
+        q, k, v = qkv[:, :, :, :-2].flatten(2, 3), qkv[:, :, :, -2], qkv[:, :, :, -1]
+    elif module.multi_query:  # [B, L, H + 2, D]: one shared key and value head
+        qkv = fused.view(B, L, H + 2, D)
+        q, k, v = qkv[:, :, :H], qkv[:, :, H:H + 1], qkv[:, :, H + 1:]
+    else:
+        qkv = fused.view(B, L, H, 3, D)
+        q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _falcon_attention(self, hidden_states, alibi=None, attention_mask=None, position_ids=None, layer_past=None,
+                      use_cache=False, output_attentions=False, position_embeddings=None, **kwargs):
+    q, k, v = _falcon_qkv(self, hidden_states)
+    slopes = getattr(self, "_streaming_alibi", None)
+    if slopes is None:
+        from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
+
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k, v = layer_past.update(k, v, self.layer_idx)
+    out, _ = streaming_attention(self, q, k, v, scaling=self.inv_norm_factor, alibi_slopes=slopes)
+    return self.dense(out.reshape(*hidden_states.shape[:2], -1)), None
+
+
+def _mpt_attention(self, hidden_states, position_bias=None, cache=None, attention_mask=None, **kwargs):
+    B, L = hidden_states.shape[:2]
+    qkv = self.Wqkv(hidden_states)
+    if self.clip_qkv:
+        qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+    q, k, v = (x.reshape(B, L, self.n_heads, self.head_dim).transpose(1, 2) for x in qkv.chunk(3, dim=2))
+    k, v = cache.update(k, v, self.layer_idx)
+    out, _ = streaming_attention(self, q, k, v, scaling=self.softmax_scale, alibi_slopes=self._streaming_alibi)
+    return self.out_proj(out.reshape(B, L, -1)), None
+
+
+def _adapt_falcon(model) -> bool:
+    """Replace every Falcon attention forward; returns whether the model uses ALiBi."""
+    from transformers.models.falcon import modeling_falcon as mf
+
+    base, alibi = model.base_model, bool(model.config.alibi)
+    for block in base.h:
+        attn = block.self_attention
+        if alibi:  # the model's slopes (bf16-rounded, as it uses them) times its 1/sqrt(head_dim)
+            ones = torch.ones(1, 2, dtype=torch.long, device=attn.dense.weight.device)
+            slopes = mf.build_alibi_tensor(ones, attn.num_heads, torch.float32)[:, 0, 1]
+            attn._streaming_alibi = slopes * attn.inv_norm_factor
+        attn.forward = types.MethodType(_falcon_attention, attn)
+    base.use_alibi = False  # its own ALiBi tensor grows with the stream and is not used
+    return alibi
+
+
+def _adapt_mpt(model) -> bool:
+    base = model.base_model
+    device = base.wte.weight.device
+    slopes = -base.build_mpt_alibi_tensor(base.num_heads, 2, device=device)[:, 0, 0].float()  # what forward builds
+    for block in base.blocks:
+        block.attn._streaming_alibi = slopes
+        block.attn.forward = types.MethodType(_mpt_attention, block.attn)
+    return True
+
+
+#: model_type -> installs streaming attention in a model that does not call AttentionInterface; returns
+#: whether the model uses ALiBi (no rotation) instead of rotary positions.
+ADAPTERS = {"falcon": _adapt_falcon, "mpt": _adapt_mpt}
 
 
 # --------------------------------------------------------------------------------------- model
@@ -481,6 +607,10 @@ def _wrap_generate(model, orig_generate):
             raise UserError("contrastive search is not supported with streaming: use greedy or sampling")
         if kwargs.get("cache_implementation") is not None:
             raise UserError("cache_implementation cannot be combined with streaming: the StreamingCache is the cache")
+        if kwargs.get("use_cache") is False:
+            raise UserError("use_cache=False re-reads the whole sequence every step, which a bounded cache "
+                            "cannot do: drop use_cache=False")
+        kwargs["use_cache"] = True  # some configs (MPT) default to False
         if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
             kwargs["cache"] = StreamingCache(model)
         return orig_generate(*args, **kwargs)
@@ -495,7 +625,8 @@ def _rope_type(cfg) -> list[str]:
     return [rp.get("rope_type", rp.get("type", "default"))] if isinstance(rp, dict) else ["default"]
 
 
-def enable_streaming(model, sink_tokens: int = 4, window: int = 1020, max_chunk: int = 512):
+def enable_streaming(model, sink_tokens: int = 4, window: int = 1020, max_chunk: int = 512,
+                     backend: str = "auto"):
     """Turn ``model`` (a transformers 5 ``*ForCausalLM`` of a type in :data:`ARCHITECTURES`) into a
     streaming model, in place; returns it.
 
@@ -503,17 +634,18 @@ def enable_streaming(model, sink_tokens: int = 4, window: int = 1020, max_chunk:
     (``cache=``), and ``model(ids, cache=cache)`` continues a stream. ``sink_tokens`` (S >= 0) and
     ``window`` (W >= 1, the current token included) set the default geometry; ``max_chunk`` bounds
     the tokens processed per internal forward (inputs are cut into chunks of ``min(max_chunk, W)``).
+    ``backend``: ``"auto"`` (the Triton kernels on CUDA, PyTorch otherwise), ``"torch"`` or
+    ``"triton"`` (on a CPU only under ``TRITON_INTERPRET=1``, for tests), as in ``st.load_model``.
     Calling it again changes the defaults.
     """
+    from .kernel_backend import kernel_ops, resolve_backend
+
     check_transformers()
     _check_geometry(sink_tokens, window)
     if not isinstance(max_chunk, int) or max_chunk < 1:
         raise UserError(f"max_chunk must be an integer >= 1, got {max_chunk!r}")
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     mt = getattr(cfg, "model_type", None)
-    if mt in REFUSED:
-        raise UserError(f"model_type {mt!r} cannot stream through streaming_trt.hf on transformers 5: "
-                        f"{REFUSED[mt]}")
     if mt not in ARCHITECTURES:
         raise UserError(f"model_type {mt!r} is not supported by streaming_trt.hf; supported: "
                         f"{', '.join(sorted(ARCHITECTURES))}")
@@ -521,25 +653,36 @@ def enable_streaming(model, sink_tokens: int = 4, window: int = 1020, max_chunk:
         if rt in ("dynamic", "longrope"):
             raise UserError(f"rope type {rt!r} changes its frequencies with the sequence length and cannot be "
                             f"frozen for streaming: use a checkpoint with default, linear, llama3 or yarn rope")
+    device = next(model.parameters()).device
+    ops = kernel_ops("triton") if resolve_backend(backend, device) == "triton" else None
     base = model.base_model
-    if not hasattr(base, "rotary_emb"):
-        raise UserError(f"{type(base).__name__} has no rotary_emb module: not the rotary + AttentionInterface pattern")
-    if getattr(model, "_streaming_trt", None) is None:
-        from transformers import AttentionInterface
+    state = getattr(model, "_streaming_trt", None)
+    if state is None:
+        alibi = False
+        if mt in ADAPTERS:
+            alibi = ADAPTERS[mt](model)
+        else:
+            from transformers import AttentionInterface
 
-        AttentionInterface.register(ATTN_NAME, streaming_attention)
-        if not isinstance(base.rotary_emb, ExactRotary):
-            base.rotary_emb = ExactRotary(base.rotary_emb)
-        model.set_attn_implementation(ATTN_NAME)
+            AttentionInterface.register(ATTN_NAME, streaming_attention)
+            model.set_attn_implementation(ATTN_NAME)
+        if not alibi:
+            if not hasattr(base, "rotary_emb"):
+                raise UserError(f"{type(base).__name__} has no rotary_emb module: not the rotary + "
+                                f"AttentionInterface pattern")
+            if not isinstance(base.rotary_emb, ExactRotary):
+                base.rotary_emb = ExactRotary(base.rotary_emb)
         base.__dict__["_streaming_trt_owner"] = model  # not a submodule (no cycle)
         base.forward = _wrap_forward(base, base.forward)
         model.generate = _wrap_generate(model, model.generate)
-    model._streaming_trt = dict(sink_tokens=sink_tokens, window=window, max_chunk=max_chunk)
+    else:
+        alibi = state["alibi"]
+    model._streaming_trt = dict(sink_tokens=sink_tokens, window=window, max_chunk=max_chunk, alibi=alibi, ops=ops)
     return model
 
 
 # --------------------------------------------------------------------------------------- cost CLI
-_BENCH_ARCHS = ("llama", "gpt_neox", "phi3", "qwen3", "gemma2")
+_BENCH_ARCHS = ("llama", "gpt_neox", "phi3", "qwen3", "gemma2", "falcon", "mpt")
 
 
 def _bench_config(arch: str, hidden: int, layers: int, heads: int, kv_heads: int, vocab: int):
@@ -549,6 +692,11 @@ def _bench_config(arch: str, hidden: int, layers: int, heads: int, kv_heads: int
               (8 * hidden) // 3, num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=4096)
     if arch == "gpt_neox":  # Pythia: partial rotary 0.25, parallel residual, MHA
         return tf.GPTNeoXConfig(partial_rotary_factor=0.25, use_parallel_residual=True, **kw)
+    if arch == "falcon":  # Falcon-7B's layout: multi-query, parallel attention
+        return tf.FalconConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                               multi_query=True, parallel_attn=True, bias=False)
+    if arch == "mpt":  # MPT-7B's layout: ALiBi, MHA
+        return tf.MptConfig(vocab_size=vocab, d_model=hidden, n_layers=layers, n_heads=heads, max_seq_len=4096)
     kw.update(num_key_value_heads=kv_heads)
     if arch == "llama":
         return tf.LlamaConfig(**kw)

@@ -18,10 +18,12 @@ transformers = pytest.importorskip("transformers")
 
 import streaming_trt as st  # noqa: E402
 import streaming_trt.hf as sthf  # noqa: E402
+from streaming_trt import kernels  # noqa: E402
 from checkpoints import make_checkpoint, save_tokenizer  # noqa: E402
 from oracles import recompute  # noqa: E402
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt_neox")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt_neox",
+         "falcon", "falcon_gqa", "falcon_rw", "mpt")
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, max_position_embeddings=256)
 
@@ -65,8 +67,22 @@ def hf_config(arch: str, **overrides):
     elif arch == "gpt_neox":  # Pythia: partial rotary, parallel residual, biases
         cls = tf.GPTNeoXConfig
         kw.update(partial_rotary_factor=0.25, use_parallel_residual=True)
+    elif arch.startswith("falcon"):  # adapted attention (FalconAttention does not call AttentionInterface)
+        cls = tf.FalconConfig
+        kw = dict(vocab_size=97, hidden_size=64, num_hidden_layers=kw["num_hidden_layers"], num_attention_heads=4)
+        if arch == "falcon":  # Falcon-7B: multi-query, parallel attention, no biases
+            kw.update(multi_query=True, parallel_attn=True, bias=False)
+        elif arch == "falcon_gqa":  # Falcon-40B / 180B: grouped KV heads, two layer norms
+            kw.update(new_decoder_architecture=True, num_kv_heads=2, bias=True)
+        else:  # Falcon-RW: ALiBi, sequential residual, biases
+            kw.update(alibi=True, multi_query=False, parallel_attn=False, bias=True)
+    elif arch == "mpt":  # ALiBi, adapted attention; use_cache is False by default in its config
+        cls = tf.MptConfig
+        kw = dict(vocab_size=97, d_model=64, n_layers=kw["num_hidden_layers"], n_heads=4, max_seq_len=256)
     else:
         raise ValueError(arch)
+    if arch == "mpt" and "num_hidden_layers" in overrides:
+        overrides = dict(overrides, n_layers=overrides.pop("num_hidden_layers"))
     kw.update(overrides)
     if "layer_types" in kw and len(kw["layer_types"]) != kw["num_hidden_layers"]:
         kw["layer_types"] = kw["layer_types"][: kw["num_hidden_layers"]]
@@ -200,9 +216,59 @@ def test_text_streamers(tmp_path):
     assert pieces == text
 
 
+# ------------------------------------------------------------------ the project's kernels
+@pytest.mark.skipif(not kernels.triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "gemma2"])
+def test_triton_kernels_equal_the_oracle(arch):
+    """backend="triton" (native on CUDA, else the interpreter): decode steps and unpadded chunks run the
+    project's kernels on the StreamingCache's tensors; Gemma 2's soft-capped layers stay on PyTorch."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    plain, model = tiny(arch, num_hidden_layers=1)
+    sinks, window = 4, 7
+    ids = torch.randint(3, 97, (3 * (sinks + window),), generator=torch.Generator().manual_seed(8))
+    want = recompute(plain, ids, sinks, window)
+    model.to(device)
+    sthf.enable_streaming(model, sink_tokens=sinks, window=window, backend="triton")
+    cache = sthf.StreamingCache(model)
+    assert [layer.kernel for layer in cache.layers] == [arch != "gemma2"]
+    x = ids.to(device).view(1, -1)
+    with torch.no_grad():
+        got = [model(x[:, :5], cache=cache).logits[0]]
+        got += [model(x[:, t:t + 1], cache=cache).logits[0] for t in range(5, 20)]
+        got.append(model(x[:, 20:], cache=cache).logits[0])  # a chunk past the capacity
+    close(torch.cat(got).cpu(), want)
+
+
+@pytest.mark.skipif(not kernels.triton_available(), reason="triton is not installed")
+def test_triton_kernels_in_a_left_padded_generate():
+    """The padded first chunk takes the PyTorch path, the decode steps the kernels: same tokens."""
+    _, ref = tiny("llama")
+    fast = copy.deepcopy(ref)
+    sthf.enable_streaming(ref, sink_tokens=2, window=6, backend="torch")
+    sthf.enable_streaming(fast, sink_tokens=2, window=6, backend="triton")
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(3, 97, (2, 9), generator=g)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :4] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=20, output_logits=True, return_dict_in_generate=True, **GREEDY)
+    a, b = ref.generate(ids, **kw), fast.generate(ids, **kw)
+    assert b.sequences.tolist() == a.sequences.tolist()
+    close(torch.stack(b.logits), torch.stack(a.logits))
+
+
+def test_backend_choice_is_checked():
+    _, model = tiny("llama")
+    with pytest.raises(st.UserError, match="backend"):
+        sthf.enable_streaming(model, backend="cudnn")
+    sthf.enable_streaming(model, backend="auto")
+    want_kernel = torch.cuda.is_available() and kernels.triton_available()
+    assert [layer.kernel for layer in sthf.StreamingCache(model).layers] == [want_kernel] * 2
+
+
 # ------------------------------------------------------------------ memory
-def test_memory_flat_over_20x_capacity():
-    _, model = tiny("gpt_neox")
+@pytest.mark.parametrize("arch", ["gpt_neox", "mpt"])
+def test_memory_flat_over_20x_capacity(arch):
+    _, model = tiny(arch)
     sinks, window = 4, 12
     sthf.enable_streaming(model, sink_tokens=sinks, window=window)
     cache = sthf.StreamingCache(model)
@@ -264,14 +330,12 @@ def test_refusals():
     _, dyn = tiny("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     with pytest.raises(st.UserError, match="dynamic"):
         sthf.enable_streaming(dyn)
-    falcon = transformers.AutoModelForCausalLM.from_config(transformers.FalconConfig(
-        vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=2))
-    with pytest.raises(st.UserError, match="AttentionInterface"):
-        sthf.enable_streaming(falcon)
-    mpt = transformers.AutoModelForCausalLM.from_config(transformers.MptConfig(
-        vocab_size=97, d_model=32, n_layers=1, n_heads=2))
-    with pytest.raises(st.UserError, match="AttentionInterface"):
-        sthf.enable_streaming(mpt)
+    with pytest.raises(st.UserError, match="use_cache=False"):
+        model.generate(ids, use_cache=False, max_new_tokens=3)
+    gpt2 = transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(
+        vocab_size=97, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(st.UserError, match="'gpt2' is not supported"):
+        sthf.enable_streaming(gpt2)
 
 
 # ------------------------------------------------------------------ the native runtime
@@ -346,11 +410,11 @@ def test_transformers_version_and_hooks_are_supported():
 
 # ------------------------------------------------------------------ the cost CLI
 def test_cost_cli_runs_and_refuses_bad_input(capsys):
-    assert sthf.main(["--archs", "llama,gpt_neox", "--hidden", "32", "--layers", "1", "--heads", "2",
+    assert sthf.main(["--archs", "llama,gpt_neox,mpt", "--hidden", "32", "--layers", "1", "--heads", "2",
                       "--kv-heads", "2", "--vocab", "64", "--window", "6", "--tokens", "2"]) == 0
     out = capsys.readouterr().out
-    assert "| llama | " in out and "| gpt_neox | " in out and "native" in out
+    assert "| llama | " in out and "| gpt_neox | " in out and "| mpt | " in out and "native" in out
     assert sthf.main(["--window", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "window" in err[0]
-    assert sthf.main(["--archs", "falcon", "--hidden", "32", "--heads", "2", "--kv-heads", "2"]) == 2
+    assert sthf.main(["--archs", "bloom", "--hidden", "32", "--heads", "2", "--kv-heads", "2"]) == 2
