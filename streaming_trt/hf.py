@@ -510,11 +510,25 @@ def _mpt_attention(self, hidden_states, position_bias=None, cache=None, attentio
     return self.out_proj(out.reshape(B, L, -1)), None
 
 
+def _require(module, names: tuple[str, ...]) -> None:
+    """The adapters read these attributes of transformers' modules: say so clearly if a release renamed them."""
+    missing = [n for n in names if not hasattr(module, n)]
+    if missing:
+        import transformers
+
+        raise UserError(f"transformers {transformers.__version__} changed {type(module).__name__} (no "
+                        f"{', '.join(missing)}): streaming_trt.hf's adapter for it was written against 5.24")
+
+
 def _adapt_falcon(model) -> bool:
     """Replace every Falcon attention forward; returns whether the model uses ALiBi."""
     from transformers.models.falcon import modeling_falcon as mf
 
     base, alibi = model.base_model, bool(model.config.alibi)
+    _require(base, ("h", "use_alibi", "rotary_emb"))
+    for block in base.h:  # all checked before any is changed
+        _require(block.self_attention, ("query_key_value", "dense", "num_heads", "head_dim", "num_kv_heads",
+                                        "multi_query", "new_decoder_architecture", "inv_norm_factor", "layer_idx"))
     for block in base.h:
         attn = block.self_attention
         if alibi:  # the model's slopes (bf16-rounded, as it uses them) times its 1/sqrt(head_dim)
@@ -528,6 +542,9 @@ def _adapt_falcon(model) -> bool:
 
 def _adapt_mpt(model) -> bool:
     base = model.base_model
+    _require(base, ("wte", "blocks", "num_heads", "build_mpt_alibi_tensor"))
+    for block in base.blocks:
+        _require(block.attn, ("Wqkv", "out_proj", "n_heads", "head_dim", "softmax_scale", "clip_qkv", "layer_idx"))
     device = base.wte.weight.device
     slopes = -base.build_mpt_alibi_tensor(base.num_heads, 2, device=device)[:, 0, 0].float()  # what forward builds
     for block in base.blocks:

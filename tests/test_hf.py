@@ -403,6 +403,22 @@ def test_transformers_version_and_hooks_are_supported():
     for needle in ("self.rotary_emb(hidden_states", "cache.update(key_states, value_states, self.layer_idx",
                    "ALL_ATTENTION_FUNCTIONS.get_interface"):
         assert needle in src, f"transformers {transformers.__version__} changed its Llama code ({needle!r} gone)"
+    # Falcon and MPT: their attention still projects, updates the cache and applies ALiBi as the adapters assume
+    from transformers.models.falcon import modeling_falcon as mf
+    from transformers.models.mpt import modeling_mpt as mm
+
+    for mod, needles in ((mf, ("self.query_key_value(hidden_states)", "layer_past.update(key_layer, value_layer, self.layer_idx)",
+                               "def build_alibi_tensor(attention_mask", "attention_logits *= self.inv_norm_factor")),
+                         (mm, ("self.Wqkv(hidden_states)", "cache.update(key_states, value_states, self.layer_idx",
+                               "self.build_mpt_alibi_tensor(self.num_heads, self.config.max_seq_len"))):
+        src = inspect.getsource(mod)
+        for needle in needles:
+            assert needle in src, (f"transformers {transformers.__version__} changed {mod.__name__} ({needle!r} gone): "
+                                   f"re-check streaming_trt.hf.ADAPTERS")
+    broken = transformers.AutoModelForCausalLM.from_config(hf_config("mpt", num_hidden_layers=1))
+    del broken.transformer.blocks[0].attn.Wqkv
+    with pytest.raises(st.UserError, match="changed MptAttention"):
+        sthf.enable_streaming(broken)
     # pyproject pins the same range
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert '"transformers>=5.0,<6"' in pyproject
