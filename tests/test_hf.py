@@ -266,7 +266,7 @@ def test_backend_choice_is_checked():
 
 
 # ------------------------------------------------------------------ memory
-@pytest.mark.parametrize("arch", ["gpt_neox", "mpt"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_memory_flat_over_20x_capacity(arch):
     _, model = tiny(arch)
     sinks, window = 4, 12
