@@ -262,7 +262,7 @@ def _make_classes():
             self.geometry = _check_geometry(S, W)
             self.sink_tokens, self.window, self.capacity = S, W, self.geometry.capacity
             self.max_chunk = geo["max_chunk"]
-            self.ops = geo["ops"]  # the Triton kernels, or None for the PyTorch path
+            self.ops = _kernels(geo["backend"], model)  # the Triton kernels, or None for the PyTorch path
             cfg = model.config.get_text_config()
             n = cfg.num_hidden_layers
             layer_types = getattr(cfg, "layer_types", None) or [None] * n
@@ -652,11 +652,10 @@ def enable_streaming(model, sink_tokens: int = 4, window: int = 1020, max_chunk:
     ``window`` (W >= 1, the current token included) set the default geometry; ``max_chunk`` bounds
     the tokens processed per internal forward (inputs are cut into chunks of ``min(max_chunk, W)``).
     ``backend``: ``"auto"`` (the Triton kernels on CUDA, PyTorch otherwise), ``"torch"`` or
-    ``"triton"`` (on a CPU only under ``TRITON_INTERPRET=1``, for tests), as in ``st.load_model``.
+    ``"triton"`` (on a CPU only under ``TRITON_INTERPRET=1``, for tests), as in ``st.load_model``;
+    each new cache resolves it for the device the model is on then.
     Calling it again changes the defaults.
     """
-    from .kernel_backend import kernel_ops, resolve_backend
-
     check_transformers()
     _check_geometry(sink_tokens, window)
     if not isinstance(max_chunk, int) or max_chunk < 1:
@@ -670,8 +669,7 @@ def enable_streaming(model, sink_tokens: int = 4, window: int = 1020, max_chunk:
         if rt in ("dynamic", "longrope"):
             raise UserError(f"rope type {rt!r} changes its frequencies with the sequence length and cannot be "
                             f"frozen for streaming: use a checkpoint with default, linear, llama3 or yarn rope")
-    device = next(model.parameters()).device
-    ops = kernel_ops("triton") if resolve_backend(backend, device) == "triton" else None
+    _kernels(backend, model)  # a backend that cannot run here is refused now, not at the first forward
     base = model.base_model
     state = getattr(model, "_streaming_trt", None)
     if state is None:
@@ -694,8 +692,17 @@ def enable_streaming(model, sink_tokens: int = 4, window: int = 1020, max_chunk:
         model.generate = _wrap_generate(model, model.generate)
     else:
         alibi = state["alibi"]
-    model._streaming_trt = dict(sink_tokens=sink_tokens, window=window, max_chunk=max_chunk, alibi=alibi, ops=ops)
+    model._streaming_trt = dict(sink_tokens=sink_tokens, window=window, max_chunk=max_chunk, alibi=alibi,
+                                backend=backend)
     return model
+
+
+def _kernels(backend: str, model):
+    """The kernel module for ``backend`` on the model's current device (None: the PyTorch path)."""
+    from .kernel_backend import kernel_ops, resolve_backend
+
+    device = next(model.parameters()).device
+    return kernel_ops("triton") if resolve_backend(backend, device) == "triton" else None
 
 
 # --------------------------------------------------------------------------------------- cost CLI
