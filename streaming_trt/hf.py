@@ -432,7 +432,7 @@ def streaming_attention(module, query, key, value, attention_mask=None, *, scali
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.float()
     if alibi_slopes is not None:
-        scores = scores - alibi_slopes.float().view(1, H, 1, 1) * dist[:, None].float()
+        scores = scores - alibi_slopes.to(scores.device, torch.float32).view(1, H, 1, 1) * dist[:, None].float()
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     out = torch.matmul(probs, v)
