@@ -113,6 +113,18 @@ def feed_all(stream, ids: torch.Tensor, chunk: int, bar=None) -> torch.Tensor:
     return torch.cat(out)
 
 
+def feed_nll(stream, ids: torch.Tensor, chunk: int, bar=None) -> torch.Tensor:
+    """NLL (float64, on the CPU) of ``ids[1:]``, each from the logits of the token before, fed ``chunk``
+    at a time: one chunk's logits at a time (a 20k-token text's logits over a 49k vocabulary are 4 GB)."""
+    out = []
+    for lo in range(0, ids.shape[0] - 1, chunk):
+        hi = min(lo + chunk, ids.shape[0] - 1)
+        out.append(nll_of(stream.feed(ids[lo:hi]), ids[lo + 1 : hi + 1]).cpu())
+        if bar is not None:
+            bar.update(hi - lo)
+    return torch.cat(out)
+
+
 def check_chunking(make_stream, ids: torch.Tensor, chunk: int, tol: float, name: str, bar=None) -> float:
     """Feed ``ids`` token by token and in chunks of ``chunk`` to two fresh streams; raise
     CheckFailed if the logits differ. Returns the error found (relative to the largest logit)."""
@@ -224,8 +236,7 @@ def run(args, argv=None, methods_override: dict | None = None) -> dict:
             if m in B.SLOW_METHODS:
                 scores[m] = recompute_scores(m, built, args, ids, bar)
             else:
-                logits = feed_all(maker(m, n)(), ids[:-1], args.chunk, bar)
-                scores[m] = (list(range(n - 1)), nll_of(logits, ids[1:]).tolist())
+                scores[m] = (list(range(n - 1)), feed_nll(maker(m, n)(), ids, args.chunk, bar).tolist())
             if not all(math.isfinite(v) for v in scores[m][1]):
                 raise CheckFailed(f"{m}: a NaN or infinite log-likelihood appeared")
     bar.close()
