@@ -161,8 +161,9 @@ def test_generate_streams_past_capacity_like_the_oracle():
 
 
 # ------------------------------------------------------------------ batches, padding, sampling, streamers
-def test_left_padded_batch_equals_single_streams():
-    _, model = tiny("qwen2", num_hidden_layers=2)
+@pytest.mark.parametrize("arch", ["qwen2", "falcon", "mpt"])
+def test_left_padded_batch_equals_single_streams(arch):
+    _, model = tiny(arch, num_hidden_layers=2)
     sthf.enable_streaming(model, sink_tokens=2, window=6)
     g = torch.Generator().manual_seed(4)
     a, b = torch.randint(3, 97, (12,), generator=g), torch.randint(3, 97, (5,), generator=g)
