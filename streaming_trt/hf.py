@@ -757,6 +757,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=64, help="decode steps timed after the cache is full (default 64)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
+                   help="attention kernels of both paths: auto = the Triton kernels on CUDA, PyTorch otherwise")
     args = p.parse_args(argv)
     try:
         from tqdm import tqdm
@@ -799,7 +801,7 @@ def main(argv=None) -> int:
                                                                args.kv_heads, args.vocab), dtype=torch.float32)
         with tempfile.TemporaryDirectory() as d:
             hf.save_pretrained(d)
-            native = st.load_model(d, device=args.device)
+            native = st.load_model(d, device=args.device, backend=args.backend)
         del hf
         session = native.session(sink_tokens=args.sink_tokens, window=args.window)
         session.feed(prompt, all_logits=False)
@@ -808,7 +810,7 @@ def main(argv=None) -> int:
             torch.manual_seed(0)
             cfg = _bench_config(arch, args.hidden, args.layers, args.heads, args.kv_heads, args.vocab)
             hf = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().to(args.device)
-            enable_streaming(hf, args.sink_tokens, args.window)
+            enable_streaming(hf, args.sink_tokens, args.window, backend=args.backend)
             cache = StreamingCache(hf)
             with torch.inference_mode():
                 hf(torch.tensor([prompt], device=args.device), cache=cache, logits_to_keep=1)
@@ -816,7 +818,7 @@ def main(argv=None) -> int:
                 ms, ref = interleaved(lambda: hf(tok, cache=cache, logits_to_keep=1), native_step)
             rows.append((arch, ms, ref))
         print(f"decode after {cap} tokens (S={args.sink_tokens}, W={args.window}), hidden {args.hidden}, "
-              f"{args.layers} layers, {args.heads} heads, vocab {args.vocab}, {args.device}, "
+              f"{args.layers} layers, {args.heads} heads, vocab {args.vocab}, {args.device}, backend {args.backend}, "
               f"{torch.get_num_threads()} threads, transformers {tf.__version__}; median step, each "
               f"architecture timed alternately with the native runtime's Llama of the same shape")
         print("| architecture | streaming_trt.hf ms / token | native Llama ms / token (same run) | ratio |\n"
