@@ -128,9 +128,7 @@ def run(args, argv=None, wrap_session=None) -> dict:
                 bad = (~torch.isfinite(logits)).any(-1).nonzero()
                 raise CheckFailed(f"NaN or infinite logits at token {pos + int(bad[0])} of the stream")
             sampler.latencies.append(seconds / k)
-            # float32 log-sum-exp, summed in float64: no float64 copy of the chunk's logits
-            nll = torch.logsumexp(logits.float(), -1) - logits.float().gather(-1, targets.view(-1, 1).to(logits.device))[:, 0]
-            sampler.nll += float(nll.double().sum())
+            sampler.nll += float(H.nll_of(logits, targets).sum())
             sampler.count += k
             pos += k
             bar.update(k)
@@ -160,17 +158,11 @@ def run(args, argv=None, wrap_session=None) -> dict:
     return finish(args, argv, built, rows, baseline, failure, out, text_name, mem_key, (s, w))
 
 
-def early_rows(rows, args):
-    """The first sample after --settle tokens: where the tables and the plot start."""
-    return next((r for r in rows if r["tokens"] >= args.settle), None)
-
-
 def finish(args, argv, built, rows, baseline, failure, out, text_name, mem_key, shape) -> dict:
     fields = ["tokens", "median_ms", "p10_ms", "p90_ms", "cache_bytes", mem_key] + \
         (["cuda_peak_bytes"] if mem_key.startswith("cuda") else []) + ["nll", "elapsed_s"]
     R.write_csv(out / "endless.csv", rows, fields)
-    first = early_rows(rows, args)
-    after = [r for r in rows if first is not None and r["tokens"] >= first["tokens"]]
+    after = [r for r in rows if r["tokens"] >= args.settle]
     # latency drift: the middle value of the last few samples against the first few (one sample is
     # at the mercy of whatever else the machine was doing then)
     k = max(1, min(5, len(after) // 4))

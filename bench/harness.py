@@ -335,6 +335,25 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float, what: str) -> flo
     return err
 
 
+def nll_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Token-level negative log-likelihood (float64) of ``targets [n]`` under ``logits [n, vocab]``."""
+    logits = logits.double()
+    return torch.logsumexp(logits, -1) - logits.gather(-1, targets.view(-1, 1).to(logits.device)).squeeze(-1)
+
+
+def stream_nll(stream, ids: torch.Tensor, chunk: int, bar=None) -> torch.Tensor:
+    """NLL (float64, on the CPU) of ``ids[1:]``, each from the logits of the token before, with ``ids``
+    fed to ``stream`` ``chunk`` at a time: one chunk's logits at a time (a 20k-token text's logits over
+    a 49k vocabulary are 4 GB)."""
+    out = []
+    for lo in range(0, ids.shape[0] - 1, chunk):
+        hi = min(lo + chunk, ids.shape[0] - 1)
+        out.append(nll_of(stream.feed(ids[lo:hi]), ids[lo + 1 : hi + 1]).cpu())
+        if bar is not None:
+            bar.update(hi - lo)
+    return torch.cat(out)
+
+
 # --------------------------------------------------------------------------------------------
 # Timing and memory
 # --------------------------------------------------------------------------------------------

@@ -87,12 +87,6 @@ def validate(args):
     return methods
 
 
-def nll_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Token-level negative log-likelihood (float64) of ``targets [n]`` under ``logits [n, vocab]``."""
-    logits = logits.double()
-    return torch.logsumexp(logits, -1) - logits.gather(-1, targets.view(-1, 1).to(logits.device)).squeeze(-1)
-
-
 def chunked_stream(method: str, built, args, n_tokens: int):
     """A fresh stream of a chunk-fed method."""
     if method == "hf-dense":
@@ -110,18 +104,6 @@ def feed_all(stream, ids: torch.Tensor, chunk: int, bar=None) -> torch.Tensor:
         out.append(stream.feed(ids[lo : lo + chunk]).float().cpu())
         if bar is not None:
             bar.update(min(chunk, ids.shape[0] - lo))
-    return torch.cat(out)
-
-
-def feed_nll(stream, ids: torch.Tensor, chunk: int, bar=None) -> torch.Tensor:
-    """NLL (float64, on the CPU) of ``ids[1:]``, each from the logits of the token before, fed ``chunk``
-    at a time: one chunk's logits at a time (a 20k-token text's logits over a 49k vocabulary are 4 GB)."""
-    out = []
-    for lo in range(0, ids.shape[0] - 1, chunk):
-        hi = min(lo + chunk, ids.shape[0] - 1)
-        out.append(nll_of(stream.feed(ids[lo:hi]), ids[lo + 1 : hi + 1]).cpu())
-        if bar is not None:
-            bar.update(hi - lo)
     return torch.cat(out)
 
 
@@ -160,14 +142,14 @@ def recompute_scores(method: str, built, args, ids: torch.Tensor, bar=None) -> t
     head = min(cap, n - 1)
     logits = first(ids[:head]).float().cpu()
     tokens = list(range(head))
-    nll = nll_of(logits, ids[1 : head + 1]).tolist()
+    nll = H.nll_of(logits, ids[1 : head + 1]).tolist()
     if bar is not None:
         bar.update(head)
     ids_list = ids.tolist()
     for t in range(cap, n - 1, args.recompute_stride):
         window = ids_list[:s] + ids_list[max(s, t - w + 1) : t + 1]
         logit = stream.encode(window).float().cpu()
-        nll.append(nll_of(logit.view(1, -1), ids[t + 1 : t + 2]).item())
+        nll.append(H.nll_of(logit.view(1, -1), ids[t + 1 : t + 2]).item())
         tokens.append(t)
         if bar is not None:
             bar.update(1)
@@ -236,7 +218,7 @@ def run(args, argv=None, methods_override: dict | None = None) -> dict:
             if m in B.SLOW_METHODS:
                 scores[m] = recompute_scores(m, built, args, ids, bar)
             else:
-                scores[m] = (list(range(n - 1)), feed_nll(maker(m, n)(), ids, args.chunk, bar).tolist())
+                scores[m] = (list(range(n - 1)), H.stream_nll(maker(m, n)(), ids, args.chunk, bar).tolist())
             if not all(math.isfinite(v) for v in scores[m][1]):
                 raise CheckFailed(f"{m}: a NaN or infinite log-likelihood appeared")
     bar.close()

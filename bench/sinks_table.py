@@ -53,14 +53,7 @@ def _sinks_list(text: str) -> list[int]:
 def nll(built, ids: torch.Tensor, sink_tokens: int, window: int, chunk: int, bar) -> torch.Tensor:
     """Per-token negative log-likelihood (float64 ``[n - 1]``) of ``ids [n]`` under one session."""
     stream = B.RuntimeStream("streaming", built.model, sink_tokens, window, max_chunk=chunk)
-    out = []
-    for lo in range(0, ids.shape[0] - 1, chunk):
-        x = ids[lo : min(lo + chunk, ids.shape[0] - 1)]
-        logits = stream.feed(x).double()
-        y = ids[lo + 1 : lo + 1 + x.shape[0]].to(logits.device)
-        out.append(torch.logsumexp(logits, -1) - logits.gather(-1, y.view(-1, 1))[:, 0])
-        bar.update(x.shape[0])
-    return torch.cat(out).cpu()
+    return H.stream_nll(stream, ids, chunk, bar)
 
 
 def run(args, argv=None) -> dict:
