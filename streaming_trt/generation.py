@@ -4,7 +4,7 @@ from __future__ import annotations
 import numbers
 from typing import Iterable, Iterator
 
-from .errors import UserError
+from .contract import UserError
 from .sampling import Sampler, SamplingParams
 from .tokenizer import IncrementalDecoder
 
@@ -19,6 +19,52 @@ def eos_ids(tokenizer, config) -> set[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return ids
+
+
+class StopStrings:
+    """Stop strings matched over streamed text, across token boundaries.
+
+    ``push(piece)`` returns the text safe to emit now and whether a stop string was hit: text that
+    might begin a stop string is held back until it cannot, and neither the stop string nor
+    anything after it is ever emitted. The reply ends at the first piece after which the text holds
+    a stop string, cut where the earliest one begins. ``flush()`` returns what is still held when
+    generation ends without a hit. Empty strings are ignored.
+    """
+
+    def __init__(self, strings: Iterable[str] = ()):
+        if isinstance(strings, str):
+            strings = [strings]
+        try:
+            values = list(strings)
+        except TypeError:
+            raise UserError(f"stop strings must be a list of text, got {type(strings).__name__}") from None
+        bad = [s for s in values if not isinstance(s, str)]
+        if bad:
+            raise UserError(f"stop strings must be text, got {bad[0]!r}")
+        self.strings = [s for s in dict.fromkeys(values) if s]
+        self.held = ""
+        self.hit = False
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        if self.hit:
+            return "", True
+        held = self.held + piece
+        if not self.strings:
+            self.held = ""
+            return held, False
+        starts = [i for i in (held.find(s) for s in self.strings) if i >= 0]
+        if starts:
+            self.held, self.hit = "", True
+            return held[: min(starts)], True
+        # the longest tail of the text that is the start of some stop string
+        keep = max((k for s in self.strings for k in range(min(len(s) - 1, len(held)), 0, -1)
+                    if held.endswith(s[:k])), default=0)
+        self.held = held[len(held) - keep:]
+        return held[: len(held) - keep], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
 
 
 def _token_set(ids: Iterable[int], name: str) -> set[int]:
@@ -45,7 +91,8 @@ def generate_tokens(
     """Feed ``prompt_ids`` to stream 0 of a batch-1 session, then yield up to ``max_new_tokens`` ids.
 
     A stop token is yielded (and fed into the stream) before generation ends. An empty prompt
-    continues from the session's newest logits.
+    continues from the session's newest logits. The prompt is shown to the sampler
+    (:meth:`Sampler.observe`) so that penalties count it.
     """
     if session.batch != 1:
         raise UserError("generate_tokens works on a batch-1 session; use Session.feed for batches")
@@ -57,6 +104,7 @@ def generate_tokens(
     sampler = sampler or Sampler(sampling or SamplingParams(), session.model.device)
     if prompt_ids:
         session.feed(list(prompt_ids), all_logits=False)
+        sampler.observe(list(prompt_ids))
     elif session.last_logits is None:
         raise UserError("the prompt is empty and the session has no earlier tokens to continue from")
     for _ in range(max_new_tokens):
@@ -94,19 +142,15 @@ def generate_text(
     stop_ids = (eos_ids(tokenizer, session.model.config) if stop_token_ids is None
                 else _token_set(stop_token_ids, "stop_token_ids"))
     decoder = IncrementalDecoder(tokenizer)
-    stop_strings = [s for s in stop_strings if s]
-    held = ""  # text that may be the start of a stop string, not yielded yet
+    stops = StopStrings(stop_strings)
     for token in generate_tokens(session, ids, max_new_tokens, sampling, stop_ids):
         if token in stop_ids:
             break
-        held += decoder.push(token)
-        hits = [held.find(s) for s in stop_strings if s in held]
-        if hits:
-            yield held[: min(hits)]
+        text, hit = stops.push(decoder.push(token))
+        if text:
+            yield text
+        if hit:
             return
-        keep = max((k for s in stop_strings for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
-        if len(held) > keep:
-            yield held[: len(held) - keep]
-            held = held[len(held) - keep :]
-    if held:
-        yield held
+    rest = stops.flush()
+    if rest:
+        yield rest

@@ -1,4 +1,5 @@
-"""Sampling against a reference sampler written here, on fixed logits (temperature, top-k, top-p)."""
+"""Sampling against a reference sampler written here, on fixed and random logits (temperature, top-k,
+top-p, min-p, repetition / frequency / presence penalties over the sampler's token history)."""
 from __future__ import annotations
 
 import math
@@ -114,7 +115,224 @@ def test_greedy_is_argmax():
     (dict(top_p="0.9"), "top_p must be"),
     (dict(seed=1.5), "seed must be"),
     (dict(seed=True), "seed must be"),
+    (dict(min_p=-0.1), "min_p must be"),
+    (dict(min_p=1.5), "min_p must be"),
+    (dict(min_p=float("nan")), "min_p must be"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be"),
+    (dict(repetition_penalty=-1.0), "repetition_penalty must be"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty must be"),
+    (dict(repetition_penalty="1.1"), "repetition_penalty must be"),
+    (dict(frequency_penalty=2.5), "frequency_penalty must be"),
+    (dict(frequency_penalty=float("nan")), "frequency_penalty must be"),
+    (dict(presence_penalty=-2.01), "presence_penalty must be"),
+    (dict(presence_penalty=True), "presence_penalty must be"),
+    (dict(penalty_window=0), "penalty_window must be"),
+    (dict(penalty_window=2.0), "penalty_window must be"),
 ])
 def test_bad_parameters_are_refused(kwargs, message):
     with pytest.raises(UserError, match=message):
         SamplingParams(**kwargs)
+
+
+# --- penalties and min-p, against a float64 reference on random logits ----------------------------------
+
+
+def reference_full(logits, history, window=1024, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                   repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0):
+    """(distribution, smallest margin to a threshold) in float64 Python. Penalties first, over the
+    last ``window`` tokens of ``history``: a seen token's logit is divided by the repetition
+    penalty when positive, multiplied when not; then minus frequency x count and presence once.
+    Then temperature, top-k, top-p (the token crossing the threshold stays), min-p: keep tokens
+    whose probability is at least min_p times the largest. The margin says how close a kept or
+    dropped token sits to a cut-off (the comparison is only meaningful when it is not tiny)."""
+    recent = history[-window:] if window else []
+    count = {}
+    for t in recent:
+        count[t] = count.get(t, 0) + 1
+    z = list(logits)
+    for t, c in count.items():
+        x = z[t]
+        x = x / repetition_penalty if x > 0 else x * repetition_penalty
+        z[t] = x - frequency_penalty * c - presence_penalty
+    z = [x / temperature for x in z]
+    order = sorted(range(len(z)), key=lambda i: -z[i])
+    margin = math.inf
+    if top_k:
+        keep = order[:top_k]
+        if top_k < len(z):
+            margin = min(margin, abs(z[order[top_k - 1]] - z[order[top_k]]))
+    else:
+        keep = order
+    top = z[keep[0]]
+    w = {i: math.exp(z[i] - top) for i in keep}
+    total = sum(w.values())
+    prob = {i: v / total for i, v in w.items()}
+    if top_p < 1:
+        nucleus, mass = [], 0.0
+        for i in keep:
+            nucleus.append(i)
+            margin = min(margin, abs(mass + prob[i] - top_p), abs(mass - top_p))
+            mass += prob[i]
+            if mass >= top_p:
+                break
+        keep = nucleus
+    if min_p > 0:
+        best = max(prob[i] for i in keep)
+        margin = min([margin] + [abs(prob[i] / best - min_p) for i in keep if prob[i] < best])  # the best stays
+        keep = [i for i in keep if prob[i] >= min_p * best]
+    total = sum(prob[i] for i in keep)
+    dist = [prob[i] / total if i in keep else 0.0 for i in range(len(z))]
+    return dist, margin
+
+
+PENALTY_CASES = [  # SamplingParams fields beyond the logits
+    dict(repetition_penalty=1.3),
+    dict(repetition_penalty=0.7),
+    dict(frequency_penalty=0.8),
+    dict(frequency_penalty=-0.5),
+    dict(presence_penalty=1.5),
+    dict(presence_penalty=-1.0, frequency_penalty=0.3),
+    dict(repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=0.5),
+    dict(min_p=0.05),
+    dict(min_p=0.3, temperature=0.7),
+    dict(min_p=1.0),
+    dict(repetition_penalty=1.5, min_p=0.1, top_k=20),
+    dict(frequency_penalty=1.0, top_p=0.8, min_p=0.02, temperature=1.3),
+    dict(presence_penalty=2.0, penalty_window=5),
+    dict(repetition_penalty=1.4, frequency_penalty=2.0, penalty_window=1),
+]
+
+
+def random_case(seed, vocab=64, history_len=40):
+    """Random logits (some positive, some negative) and a history with repeats, from a seed."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(vocab, generator=g, dtype=torch.float64) * 2.5).tolist()
+    history = torch.randint(0, vocab // 4, (history_len,), generator=g).tolist()  # a few tokens, often
+    return logits, history
+
+
+@pytest.mark.parametrize("case", PENALTY_CASES, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in PENALTY_CASES])
+def test_penalties_and_min_p_match_the_reference_on_random_logits(case):
+    kw = dict(dict(temperature=1.0), **case)
+    checked = 0
+    for seed in range(40):
+        logits, history = random_case(seed)
+        expected, margin = reference_full(logits, history, window=kw.get("penalty_window", 1024),
+                                          **{k: v for k, v in kw.items() if k != "penalty_window"})
+        if margin < 1e-4:  # float32 rounding could legitimately flip this token in or out
+            continue
+        sampler = Sampler(SamplingParams(seed=0, **kw))
+        sampler.observe(history)
+        got = sampler.distribution(torch.tensor([logits], dtype=torch.float32))[0]
+        torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), atol=2e-6, rtol=0)
+        assert kept(got.tolist()) == kept(expected), seed
+        checked += 1
+    assert checked >= 30  # the margin filter left almost every case in
+
+
+def test_penalties_change_the_distribution():
+    """The reference itself: each penalty moves probability away from the seen tokens."""
+    logits, history = random_case(1)
+    plain, _ = reference_full(logits, history)
+    seen = set(history)
+    for kw in PENALTY_CASES[:7]:
+        if kw.get("repetition_penalty", 1) < 1 or kw.get("frequency_penalty", 0) < 0 or kw.get("presence_penalty", 0) < 0:
+            continue
+        dist, _ = reference_full(logits, history, **kw)
+        assert sum(dist[i] for i in seen) < sum(plain[i] for i in seen) - 0.01, kw
+
+
+def test_greedy_takes_the_argmax_of_the_penalised_logits():
+    for seed in range(20):
+        logits, history = random_case(seed)
+        for kw in (dict(repetition_penalty=1.8), dict(frequency_penalty=1.5), dict(presence_penalty=2.0)):
+            dist, _ = reference_full(logits, history, temperature=1.0, **kw)
+            expected = max(range(len(dist)), key=dist.__getitem__)
+            sampler = Sampler(SamplingParams(temperature=0.0, **kw))
+            sampler.observe(history)
+            assert int(sampler(torch.tensor([logits]))[0]) == expected, (seed, kw)
+
+
+def test_history_is_bounded_and_records_draws():
+    s = Sampler(SamplingParams(temperature=0.0, penalty_window=4))
+    s.observe([5, 6, 7])
+    assert int(s(torch.tensor([LOGITS]))[0]) == 4
+    assert s.history == [5, 6, 7, 4]
+    s.observe(torch.tensor([1, 2]))
+    assert s.history == [7, 4, 1, 2]
+    # a batch of several streams records nothing: the history is one stream's
+    s(torch.tensor([LOGITS, LOGITS]))
+    assert s.history == [7, 4, 1, 2]
+    with pytest.raises(UserError, match="token ids"):
+        s.observe([1, -3])
+
+
+def test_penalised_sampler_refuses_a_batch():
+    s = Sampler(SamplingParams(temperature=1.0, frequency_penalty=0.5))
+    s.observe([1])
+    with pytest.raises(UserError, match="one Sampler per stream"):
+        s(torch.tensor([LOGITS, LOGITS]))
+
+
+def test_penalised_draws_follow_the_reference_step_by_step():
+    """Sequential seeded draws with presence and repetition penalties over a one-token window:
+    the next token's distribution depends on the previous token only, so the frequency of each
+    (previous, next) pair is compared with the reference's distribution given that history."""
+    kw = dict(temperature=1.0, presence_penalty=1.2, repetition_penalty=1.5, penalty_window=1, min_p=0.02)
+    logits = LOGITS[:6]
+    sampler = Sampler(SamplingParams(seed=7, **kw))
+    sampler.observe([0])
+    prev, pairs = 0, torch.zeros(6, 6, dtype=torch.float64)
+    x = torch.tensor([logits])
+    for _ in range(12_000):
+        t = int(sampler(x)[0])
+        pairs[prev, t] += 1
+        prev = t
+    window = kw.pop("penalty_window")
+    for p in range(6):
+        expected, _ = reference_full(logits, [p], window=window, **kw)
+        if pairs[p].sum() < 1500:
+            continue
+        freq = pairs[p] / pairs[p].sum()
+        torch.testing.assert_close(freq, torch.tensor(expected, dtype=torch.float64), atol=0.035, rtol=0)
+        assert all(pairs[p, i] == 0 for i in range(6) if expected[i] == 0)
+    again = Sampler(SamplingParams(seed=7, penalty_window=1, **kw))
+    again.observe([0])
+    first = Sampler(SamplingParams(seed=7, penalty_window=1, **kw))
+    first.observe([0])
+    assert [int(first(x)[0]) for _ in range(200)] == [int(again(x)[0]) for _ in range(200)]  # seeded
+
+
+def test_generate_tokens_counts_the_prompt_and_the_reply():
+    """On the built-in model, greedy with a frequency penalty: every token equals the argmax of
+    the reference-penalised logits of the runtime, the history being the prompt and the reply."""
+    import streaming_trt as st
+    from streaming_trt.builtin import builtin_model
+
+    model = builtin_model()
+    prompt = [5, 6, 7, 5, 6, 7, 5]
+    params = SamplingParams(temperature=0.0, frequency_penalty=1.0, repetition_penalty=1.3, penalty_window=8)
+    got = list(st.generate_tokens(model.session(2, 32), prompt, 30, params, stop_token_ids=[]))
+    check = model.session(2, 32)
+    logits = check.feed(prompt, all_logits=False)[0].double().tolist()
+    history = list(prompt)
+    for token in got:
+        dist, _ = reference_full(logits, history, window=8, frequency_penalty=1.0, repetition_penalty=1.3)
+        assert token == max(range(len(dist)), key=dist.__getitem__)
+        history.append(token)
+        logits = check.feed([token], all_logits=False)[0].double().tolist()
+    plain = list(st.generate_tokens(model.session(2, 32), prompt, 30, SamplingParams(), stop_token_ids=[]))
+    assert plain[-6:] == [60] * 6 and got[-6:] != [60] * 6  # greedy loops here; the penalty breaks the loop
+
+
+def test_token_logprobs_are_the_log_softmax():
+    from streaming_trt.sampling import token_logprobs
+
+    total = math.log(sum(math.exp(x) for x in LOGITS))
+    chosen, top = token_logprobs(torch.tensor(LOGITS), 3, top=3)
+    assert chosen == pytest.approx(LOGITS[3] - total, abs=1e-6)
+    best = sorted(range(len(LOGITS)), key=lambda i: -LOGITS[i])[:3]
+    assert [i for i, _ in top] == best
+    for i, lp in top:
+        assert lp == pytest.approx(LOGITS[i] - total, abs=1e-6)
+    assert token_logprobs(torch.tensor(LOGITS), 0)[1] == []

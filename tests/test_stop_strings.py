@@ -1,0 +1,153 @@
+"""Stop strings over crafted token sequences: a stop spanning 2, 3 and 4 tokens, streamed piece by
+piece and pushed whole; held back while it may still match, never emitted; generate_text ends at
+the token that completes it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streaming_trt.errors import UserError
+from streaming_trt.generation import StopStrings, generate_text
+
+# token id -> text piece; the stop "STOP" / "<|end|>" split over several of them
+VOCAB = ["Hel", "lo", " wor", "ld", "!", " S", "T", "OP", "ST", "<", "|e", "nd", "|>", " more", "S", "O", "P",
+         "x", "<|", "end|>", "\n"]
+
+
+def streamed(stops, pieces):
+    """Push ``pieces`` one by one: (what was emitted after each push, hit, total emitted)."""
+    s = StopStrings(stops)
+    emitted, hit = [], False
+    for piece in pieces:
+        text, hit = s.push(piece)
+        emitted.append(text)
+        if hit:
+            break
+    tail = "" if hit else s.flush()
+    return emitted, hit, "".join(emitted) + tail
+
+
+def whole(stops, pieces):
+    s = StopStrings(stops)
+    text, hit = s.push("".join(pieces))
+    return text + ("" if hit else s.flush()), hit
+
+
+CASES = [  # (stops, token pieces, expected text, hit)
+    # two tokens: "ST" + "OP"
+    (["STOP"], ["Hel", "lo", " ", "ST", "OP", " more"], "Hello ", True),
+    # three tokens: " S" + "T" + "OP"
+    (["STOP"], ["Hel", "lo", " S", "T", "OP", "x"], "Hello ", True),
+    # four tokens: "<" "|e" "nd" "|>"
+    (["<|end|>"], [" wor", "ld", "<", "|e", "nd", "|>", " more"], " world", True),
+    # four tokens, the stop in the middle of the first and last pieces
+    (["S", "STOP"][1:], ["xS", "T", "O", "Px"], "x", True),
+    # several stops: the earliest in the text wins
+    (["!", "ld"], ["Hel", "lo", " wor", "ld", "!"], "Hello wor", True),
+    # a false start is released once it cannot match: "ST" then "x"
+    (["STOP"], ["Hel", "ST", "x", "S", "T", "O"], "HelSTxSTO", False),
+    # no stop strings: everything passes through
+    ([], ["Hel", "lo"], "Hello", False),
+]
+
+
+@pytest.mark.parametrize("stops,pieces,expected,hit", CASES)
+def test_stream_and_whole_text_agree(stops, pieces, expected, hit):
+    emitted, got_hit, text = streamed(stops, pieces)
+    assert (text, got_hit) == (expected, hit)
+    assert whole(stops, pieces) == (expected, hit)
+    for s in stops:  # never a stop string, never a part of one past the cut
+        assert s not in text
+
+
+@pytest.mark.parametrize("split", [2, 3, 4])
+def test_held_back_exactly_while_the_stop_may_still_match(split):
+    """``<|end|>`` arriving in ``split`` pieces: nothing of it is emitted as it arrives; the text
+    before it is emitted as soon as it cannot start the stop string."""
+    parts = {2: ["<|", "end|>"], 3: ["<", "|e", "nd|>"], 4: ["<", "|e", "nd", "|>"]}[split]
+    s = StopStrings(["<|end|>"])
+    assert s.push("Hello") == ("Hello", False)
+    for part in parts[:-1]:
+        assert s.push(part) == ("", False)
+    assert s.push(parts[-1]) == ("", True)
+    assert s.push("more") == ("", True)  # after a hit nothing more comes out
+    # the same start, then something else: the held text comes out in one piece
+    s = StopStrings(["<|end|>"])
+    s.push("Hi")
+    held = "".join(p for p in parts[:-1])
+    for part in parts[:-1]:
+        s.push(part)
+    assert s.push(" x") == (held + " x", False)
+    # ending without a hit: flush gives back what was held
+    s = StopStrings(["<|end|>"])
+    s.push("Hi")
+    for part in parts[:-1]:
+        s.push(part)
+    assert s.flush() == held and s.flush() == ""
+
+
+def test_a_piece_that_holds_a_stop_and_more():
+    s = StopStrings(["ab", "zzz"])
+    assert s.push("xyz") == ("xy", False)  # "z" may start "zzz"
+    assert s.push("zab") == ("zz", True)  # "zzab": "zzz" can no longer complete; cut at "ab"
+    s = StopStrings(["ab", "zzz"])
+    s.push("xyz")
+    assert s.push("zzq") == ("", True)  # "zzzq": "zzz" starts at 0 of the held text
+
+
+@pytest.mark.parametrize("bad,message", [([1], "must be text"), (5, "list of text")])
+def test_bad_stop_strings(bad, message):
+    with pytest.raises(UserError, match=message):
+        StopStrings(bad)
+
+
+# --- generate_text on a scripted model ------------------------------------------------------------------
+
+
+class Tok:
+    """A tokenizer over VOCAB: decode joins pieces; encode gives one token (the prompt is not the test)."""
+
+    eos_token_id = None
+
+    def decode(self, ids):
+        return "".join(VOCAB[i] for i in ids)
+
+    def encode(self, text, add_special_tokens=True):
+        return [VOCAB.index("x")]
+
+
+class Scripted:
+    """A batch-1 session whose logits make greedy decoding produce ``script`` token by token."""
+
+    batch = 1
+
+    def __init__(self, script):
+        self.script, self.fed = list(script), []
+        self.model = type("M", (), {"config": type("C", (), {"eos_token_id": None})(), "device": "cpu"})()
+        self.last_logits = None
+
+    def feed(self, ids, all_logits=False):
+        self.fed.extend(ids)
+        step = len(self.fed) - 1  # tokens generated so far (the one-token prompt excluded)
+        logits = torch.zeros(1, len(VOCAB))
+        if step < len(self.script):
+            logits[0, self.script[step]] = 10.0
+        self.last_logits = logits
+        return logits
+
+
+@pytest.mark.parametrize("pieces,stop,expected", [
+    (["Hel", "lo", "ST", "OP", " more", "!"], "STOP", "Hello"),
+    (["Hel", "lo", " S", "T", "OP", " more"], "STOP", "Hello "),
+    (["Hel", "lo", "<", "|e", "nd", "|>", " more"], "<|end|>", "Hello"),
+])
+def test_generate_text_ends_at_the_token_completing_the_stop(pieces, stop, expected):
+    ids = [VOCAB.index(p) for p in pieces]
+    session = Scripted(ids)
+    streamed_pieces = list(generate_text(session, Tok(), "x", 20, stop_token_ids=[], stop_strings=[stop]))
+    assert "".join(streamed_pieces) == expected
+    completing = next(i for i in range(len(pieces)) if stop in "".join(pieces[: i + 1]))
+    assert session.fed[1:] == ids[: completing + 1]  # generation stopped there
+    # without the stop string: the whole script
+    full = "".join(generate_text(Scripted(ids), Tok(), "x", len(ids), stop_token_ids=[]))
+    assert full == "".join(pieces)
