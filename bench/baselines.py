@@ -33,8 +33,7 @@ from pathlib import Path
 
 import torch
 
-from streaming_trt.errors import UserError
-from streaming_trt.kernels.geometry import Geometry
+from streaming_trt.contract import Geometry, UserError
 
 METHODS = ("streaming", "recompute", "dense", "window", "hf-recompute", "hf-dense", "attention-sinks", "onnx")
 # attention-sinks needs its own environment (--sinks-python); onnx exports the model first (minutes for big ones)

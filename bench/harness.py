@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from streaming_trt import cli
-from streaming_trt.errors import UserError
+from streaming_trt.contract import UserError
 from streaming_trt.model import resolve_device as runtime_device, resolve_dtype as runtime_dtype
 
 from .baselines import METHODS

@@ -36,8 +36,7 @@ import torch
 from bench.harness import (CheckFailed, copy_bandwidth, info, int_list, out_dir, resolve_device, resolve_dtype,
                            script_main)
 from bench.report import cell, command, markdown_table, write_csv
-from streaming_trt.errors import UserError
-from streaming_trt.kernels.geometry import Geometry
+from streaming_trt.contract import Geometry, UserError
 
 HEADS = {  # name -> (num_heads, num_kv_heads, head_dim)
     "llama2-7b": (32, 32, 128),

@@ -28,7 +28,7 @@ import tempfile
 import zlib
 from pathlib import Path
 
-from streaming_trt.errors import UserError
+from streaming_trt.contract import UserError
 
 PACKAGE = "r-cran-janeaustenr"
 INSIDE = Path("usr/lib/R/site-library/janeaustenr/data/Rdata.rdb")

@@ -50,7 +50,7 @@ def resolve_export_dtype(dtype: str, raw_config: dict) -> str:
         stored = raw_config.get("dtype") or raw_config.get("torch_dtype")
         return stored if stored in ("float16", "bfloat16") else "float16"
     if dtype not in DTYPES:
-        from streaming_trt.errors import UserError
+        from streaming_trt.contract import UserError
 
         raise UserError(f"dtype {dtype!r} is not supported; use auto or one of {', '.join(DTYPES)}")
     return dtype

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from streaming_trt.errors import UserError
+from streaming_trt.contract import UserError
 
 from . import ExportPlan, plan_export
 from .engine import find_toolchain, run_build
@@ -307,7 +307,7 @@ def _check_outputs(args) -> tuple[Path, Path | None]:
 
 def _check_positions(sink_tokens: int, window: int, max_position_embeddings: int | None) -> None:
     """Warn where the engine would use rotary positions the model was never trained on."""
-    from streaming_trt.kernels.geometry import Geometry
+    from streaming_trt.contract import Geometry
 
     Geometry(sink_tokens, window).check_positions(max_position_embeddings)
 

@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import torch
 
 from streaming_trt.config import ModelConfig, read_json_object
-from streaming_trt.errors import CheckpointError, UserError
+from streaming_trt.contract import CheckpointError, UserError
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ARCHITECTURE = "LlamaForCausalLM"

@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from streaming_trt.config import ModelConfig
-from streaming_trt.errors import UserError
-from streaming_trt.kernels.geometry import Geometry
+from streaming_trt.contract import Geometry, UserError
 from streaming_trt.rope import inverse_frequencies
 
 from .settings import CONVENTIONS

@@ -13,9 +13,10 @@ import shutil
 import subprocess
 import sys
 
-from streaming_trt.errors import UserError
+from streaming_trt.contract import UserError
+from streaming_trt.versions import version_tuple
 
-from .settings import SINK_VERSIONS, _version_tuple
+from .settings import SINK_VERSIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Toolchain:
 
 def supports_sinks(version: str | None) -> bool:
     """TensorRT-LLM builds StreamingLLM engines from 0.9.0 through 0.21.x."""
-    v = _version_tuple(version)
+    v = version_tuple(version)
     return v is not None and (0, 9) <= v < (0, 22)
 
 

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from streaming_trt.errors import UserError
+from streaming_trt.contract import UserError
 from streaming_trt.paths import check_parent_writable
 
 

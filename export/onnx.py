@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streaming_trt.errors import UserError
+from streaming_trt.contract import UserError
 
 FORMAT = "streaming-trt-onnx"
 VERSION = 1
@@ -215,7 +215,7 @@ class Profile:
 
 def check_export(model, sink_tokens: int, window: int, dtype: str, profile: Profile) -> None:
     """Refuse (UserError, with the reason) what the graph cannot honour."""
-    from streaming_trt.kernels.geometry import Geometry
+    from streaming_trt.contract import Geometry
 
     Geometry(sink_tokens, window)
     if dtype not in DTYPES:
@@ -522,7 +522,7 @@ class OnnxSession:
             raise UserError(f"batch must be an integer >= 1, got {batch!r}")
         self.config = ModelConfig.from_hf_dict(m["config"], source=str(self.path / "manifest.json"))
         self.model = _ModelInfo(self.config)
-        from streaming_trt.kernels.geometry import Geometry
+        from streaming_trt.contract import Geometry
 
         geometry = Geometry(m["sink_tokens"] if sink_tokens is None else sink_tokens,
                             m["window"] if window is None else window)
@@ -682,7 +682,7 @@ def build_onnx(args) -> int:
     dtype = "float32" if args.dtype == "auto" else args.dtype
     profile = Profile(max_batch=args.max_batch_size,
                       max_chunk=512 if args.max_input_len is None else args.max_input_len)
-    from streaming_trt.kernels.geometry import Geometry
+    from streaming_trt.contract import Geometry
 
     Geometry(args.sink_tokens, args.window)
     check_export_dtype = dtype  # refused inside export_onnx before anything loads

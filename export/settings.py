@@ -26,8 +26,8 @@ from __future__ import annotations
 import dataclasses
 import shlex
 
-from streaming_trt.errors import UserError
-from streaming_trt.kernels.geometry import Geometry
+from streaming_trt.contract import Geometry, UserError
+from streaming_trt.versions import version_tuple
 
 SINK_VERSIONS = "0.9.0 to 0.21.x"
 CONVENTIONS = ("exclusive", "inclusive")
@@ -106,16 +106,6 @@ def check_engine_options(opts: EngineOptions, settings: SinkSettings, allow_dens
             "(docs/export.md quantifies it).")
 
 
-def _version_tuple(version: str | None) -> tuple[int, ...] | None:
-    if not version:
-        return None
-    parts = []
-    for piece in version.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
-
 def trtllm_build_command(checkpoint_dir: str, engine_dir: str, opts: EngineOptions,
                          trtllm_version: str | None = None, dtype: str = "auto") -> list[str]:
     """``trtllm-build`` with sink support on and the options StreamingLLM requires.
@@ -136,7 +126,7 @@ def trtllm_build_command(checkpoint_dir: str, engine_dir: str, opts: EngineOptio
         "--max_batch_size", str(opts.max_batch_size),
         "--max_input_len", str(opts.max_input_len),
     ]
-    version = _version_tuple(trtllm_version)
+    version = version_tuple(trtllm_version)
     if version is not None and version < (0, 11):
         cmd += ["--max_output_len", str(opts.max_output_len)]
     else:

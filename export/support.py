@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 from streaming_trt.config import ModelConfig
-from streaming_trt.errors import CheckpointError, UnsupportedModelError
+from streaming_trt.contract import CheckpointError, UnsupportedModelError
 
 SINK_ROPE_TYPES = ("default", "linear")
 

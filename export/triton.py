@@ -24,7 +24,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from streaming_trt.errors import UserError
+from streaming_trt.contract import UserError
 
 from .settings import SinkSettings
 

@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common as C
+from . import _common
 from ._common import DOT_PRECISION, LOG2E, LOG2E_C, LaunchConfig, load_rows, softmax_step, to_dot
-from .geometry import Geometry
+from streaming_trt.contract import Geometry  # absolute: transformers may import this dir as a top-level "kernels"
 
 __all__ = ["decode_attention", "launch_configs"]
 
@@ -148,8 +148,8 @@ def _decode_reduce_kernel(
 
 
 def _main_config(dtype: torch.dtype, head_dim: int, upcast: bool = False) -> LaunchConfig:
-    bd = C.block_d(head_dim)
-    name = C.dtype_name(dtype)
+    bd = _common.block_d(head_dim)
+    name = _common.dtype_name(dtype)
     wide = dtype == torch.float32 or bd > 128  # smaller key tiles keep shared memory and registers in check
     return LaunchConfig(
         name=f"decode[{name},D{bd}]",
@@ -164,8 +164,8 @@ def _main_config(dtype: torch.dtype, head_dim: int, upcast: bool = False) -> Lau
 
 
 def _reduce_config(dtype: torch.dtype, head_dim: int) -> LaunchConfig:
-    bd = C.block_d(head_dim)
-    name = C.dtype_name(dtype)
+    bd = _common.block_d(head_dim)
+    name = _common.dtype_name(dtype)
     return LaunchConfig(
         name=f"decode_reduce[{name},D{bd}]",
         fn=_decode_reduce_kernel,
@@ -180,8 +180,8 @@ def launch_configs() -> list[LaunchConfig]:
     """Every kernel variant :func:`decode_attention` can launch on a GPU (any head_dim <= 256,
     split or not), for the compile test."""
     out: dict[str, LaunchConfig] = {}
-    for dtype in C.KERNEL_DTYPES:
-        for head_dim in C.SUPPORTED_HEAD_DIMS:
+    for dtype in _common.KERNEL_DTYPES:
+        for head_dim in _common.SUPPORTED_HEAD_DIMS:
             for cfg in (_main_config(dtype, head_dim), _reduce_config(dtype, head_dim)):
                 out.setdefault(cfg.name, cfg)
     return list(out.values())
@@ -194,11 +194,11 @@ def plan_splits(programs: int, capacity: int, block_n: int, sm_count: int) -> tu
     each split at least ``SPLIT_MIN_TILES`` key tiles long. Based on shapes only (``seen`` lives
     on the device and is never read here); splits past a short stream's written slots exit at once.
     """
-    tiles = C.cdiv(capacity, block_n)
-    want = C.cdiv(PROGRAMS_PER_SM * sm_count, programs)
-    num_splits = max(1, min(want, C.cdiv(tiles, SPLIT_MIN_TILES)))
-    split_len = C.cdiv(tiles, num_splits) * block_n
-    return C.cdiv(capacity, split_len), split_len
+    tiles = _common.cdiv(capacity, block_n)
+    want = _common.cdiv(PROGRAMS_PER_SM * sm_count, programs)
+    num_splits = max(1, min(want, _common.cdiv(tiles, SPLIT_MIN_TILES)))
+    split_len = _common.cdiv(tiles, num_splits) * block_n
+    return _common.cdiv(capacity, split_len), split_len
 
 
 def decode_attention(
@@ -251,22 +251,22 @@ def decode_attention(
     _, num_kv_heads, capacity, _ = k_cache.shape
     if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim or num_heads % num_kv_heads:
         raise ValueError(f"q {tuple(q_text.shape)} does not fit the cache {tuple(k_cache.shape)}")
-    dtype = C.check_caches(k_cache, v_cache, geometry)
-    C.check_head_dim(head_dim)
+    dtype = _common.check_caches(k_cache, v_cache, geometry)
+    _common.check_head_dim(head_dim)
     device = q_text.device
     out_dtype = q_text.dtype
-    q_text = C.last_dim_contiguous(q_text, dtype)
-    q_rank = C.last_dim_contiguous(q_rank, dtype)
-    k_cache = C.last_dim_contiguous(k_cache, dtype)
-    v_cache = C.last_dim_contiguous(v_cache, dtype)
-    seen, seen_step = C.int_tensor(seen, batch, "seen", device)
-    sinks = C.sink_logits_or_none(sink_logits, num_heads, device)
+    q_text = _common.last_dim_contiguous(q_text, dtype)
+    q_rank = _common.last_dim_contiguous(q_rank, dtype)
+    k_cache = _common.last_dim_contiguous(k_cache, dtype)
+    v_cache = _common.last_dim_contiguous(v_cache, dtype)
+    seen, seen_step = _common.int_tensor(seen, batch, "seen", device)
+    sinks = _common.sink_logits_or_none(sink_logits, num_heads, device)
 
     group = num_heads // num_kv_heads
-    num_gblocks = C.cdiv(group, BLOCK_G)
-    cfg = _main_config(dtype, head_dim, C.upcast(dtype))
+    num_gblocks = _common.cdiv(group, BLOCK_G)
+    cfg = _main_config(dtype, head_dim, _common.upcast(dtype))
     programs = batch * num_kv_heads * num_gblocks
-    num_splits, split_len = plan_splits(programs, capacity, cfg.constexprs["BLOCK_N"], C.sm_count(device))
+    num_splits, split_len = plan_splits(programs, capacity, cfg.constexprs["BLOCK_N"], _common.sm_count(device))
     split = num_splits > 1
 
     out = torch.empty(batch, num_heads, head_dim, device=device, dtype=torch.float32 if cfg.constexprs["UPCAST"] else dtype)
@@ -279,7 +279,7 @@ def decode_attention(
         part_l = torch.empty(rows, device=device, dtype=torch.float32)
     else:
         part_acc = part_m = part_l = sinks  # unused, float32 like the real ones
-    C.launch(
+    _common.launch(
         _decode_kernel, (num_splits, programs), cfg,
         q_text, q_rank, k_cache, v_cache, seen, sinks, out, part_acc, part_m, part_l,
         q_text.stride(0), q_text.stride(1), q_rank.stride(0), q_rank.stride(1),
@@ -291,7 +291,7 @@ def decode_attention(
         float(sm_scale) * LOG2E,
     )
     if split:
-        C.launch(
+        _common.launch(
             _decode_reduce_kernel, (batch * num_heads,), _reduce_config(dtype, head_dim),
             part_acc, part_m, part_l, sinks, out,
             out.stride(0), out.stride(1),

@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common as C
+from . import _common
 from ._common import DOT_PRECISION, LOG2E, LOG2E_C, LaunchConfig, load_rows, softmax_step, to_dot
-from .geometry import Geometry
+from streaming_trt.contract import Geometry  # absolute: transformers may import this dir as a top-level "kernels"
 
 __all__ = ["prefill_attention", "launch_configs"]
 
@@ -131,8 +131,8 @@ def _prefill_kernel(
 
 
 def _config(dtype: torch.dtype, head_dim: int, upcast: bool = False) -> LaunchConfig:
-    bd = C.block_d(head_dim)
-    name = C.dtype_name(dtype)
+    bd = _common.block_d(head_dim)
+    name = _common.dtype_name(dtype)
     # The float32 accumulator and the query tile limit the tiles (sizes chosen so that ptxas does
     # not spill on sm_80 / sm_90, see the compile test).
     if dtype == torch.float32:  # tf32x3 dots hold each operand twice
@@ -156,8 +156,8 @@ def _config(dtype: torch.dtype, head_dim: int, upcast: bool = False) -> LaunchCo
 def launch_configs() -> list[LaunchConfig]:
     """Every kernel variant :func:`prefill_attention` can launch on a GPU, for the compile test."""
     out: dict[str, LaunchConfig] = {}
-    for dtype in C.KERNEL_DTYPES:
-        for head_dim in C.SUPPORTED_HEAD_DIMS:
+    for dtype in _common.KERNEL_DTYPES:
+        for head_dim in _common.SUPPORTED_HEAD_DIMS:
             cfg = _config(dtype, head_dim)
             out.setdefault(cfg.name, cfg)
     return list(out.values())
@@ -214,24 +214,24 @@ def prefill_attention(
     if (k.shape[:2] != (batch, chunk) or k.shape[2] != num_kv_heads or k.shape[3] != head_dim
             or k_cache.shape[0] != batch or k_cache.shape[3] != head_dim or num_heads % num_kv_heads):
         raise ValueError(f"shapes do not fit: q {tuple(q_text.shape)}, k {tuple(k.shape)}, cache {tuple(k_cache.shape)}")
-    dtype = C.check_caches(k_cache, v_cache, geometry)
-    C.check_head_dim(head_dim)
+    dtype = _common.check_caches(k_cache, v_cache, geometry)
+    _common.check_head_dim(head_dim)
     device = q_text.device
     out_dtype = q_text.dtype
-    q_text, q_rank, k, v = (C.last_dim_contiguous(x, dtype) for x in (q_text, q_rank, k, v))
-    k_cache = C.last_dim_contiguous(k_cache, dtype)
-    v_cache = C.last_dim_contiguous(v_cache, dtype)
-    start, start_step = C.int_tensor(start, batch, "start", device)
-    lengths, len_step = C.int_tensor(lengths, batch, "lengths", device)
-    sinks = C.sink_logits_or_none(sink_logits, num_heads, device)
+    q_text, q_rank, k, v = (_common.last_dim_contiguous(x, dtype) for x in (q_text, q_rank, k, v))
+    k_cache = _common.last_dim_contiguous(k_cache, dtype)
+    v_cache = _common.last_dim_contiguous(v_cache, dtype)
+    start, start_step = _common.int_tensor(start, batch, "start", device)
+    lengths, len_step = _common.int_tensor(lengths, batch, "lengths", device)
+    sinks = _common.sink_logits_or_none(sink_logits, num_heads, device)
 
-    up = C.upcast(dtype)
+    up = _common.upcast(dtype)
     cfg = _config(dtype, head_dim, up)
     out = torch.empty(batch, chunk, num_heads, head_dim, device=device, dtype=torch.float32 if up else dtype)
     if chunk == 0 or batch == 0:
         return out.to(out_dtype)
-    grid = (C.cdiv(chunk, cfg.constexprs["BLOCK_M"]), batch * num_heads)
-    C.launch(
+    grid = (_common.cdiv(chunk, cfg.constexprs["BLOCK_M"]), batch * num_heads)
+    _common.launch(
         _prefill_kernel, grid, cfg,
         q_text, q_rank, k, v, k_cache, v_cache, start, lengths, sinks, out,
         q_text.stride(0), q_text.stride(1), q_text.stride(2),

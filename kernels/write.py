@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common as C
+from . import _common
 from ._common import LaunchConfig
-from .geometry import Geometry
+from streaming_trt.contract import Geometry  # absolute: transformers may import this dir as a top-level "kernels"
 
 __all__ = ["cache_write", "launch_configs"]
 
@@ -65,8 +65,8 @@ _BITS = {2: torch.int16, 4: torch.int32}
 
 
 def _config(element_size: int, head_dim: int) -> LaunchConfig:
-    bd = C.block_d(head_dim)
-    name = C.dtype_name(_BITS[element_size])
+    bd = _common.block_d(head_dim)
+    name = _common.dtype_name(_BITS[element_size])
     return LaunchConfig(
         name=f"cache_write[{name},D{bd}]",
         fn=_cache_write_kernel,
@@ -81,7 +81,7 @@ def launch_configs() -> list[LaunchConfig]:
     """Every kernel variant :func:`cache_write` can launch, for the compile test."""
     out: dict[str, LaunchConfig] = {}
     for size in _BITS:
-        for head_dim in C.SUPPORTED_HEAD_DIMS:
+        for head_dim in _common.SUPPORTED_HEAD_DIMS:
             cfg = _config(size, head_dim)
             out.setdefault(cfg.name, cfg)
     return list(out.values())
@@ -120,21 +120,21 @@ def cache_write(
     batch, chunk, num_kv_heads, head_dim = k.shape
     if k_cache.shape[0] != batch or k_cache.shape[1] != num_kv_heads or k_cache.shape[3] != head_dim:
         raise ValueError(f"k {tuple(k.shape)} does not fit the cache {tuple(k_cache.shape)}")
-    dtype = C.check_caches(k_cache, v_cache, geometry)
+    dtype = _common.check_caches(k_cache, v_cache, geometry)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("the caches are written in place and must have a contiguous last dim")
-    C.check_head_dim(head_dim)
+    _common.check_head_dim(head_dim)
     if batch == 0 or chunk == 0:
         return
-    start, start_step = C.int_tensor(start, batch, "start", k_cache.device)
-    lengths, len_step = C.int_tensor(lengths, batch, "lengths", k_cache.device)
+    start, start_step = _common.int_tensor(start, batch, "start", k_cache.device)
+    lengths, len_step = _common.int_tensor(lengths, batch, "lengths", k_cache.device)
     bits = _BITS[dtype.itemsize]
-    k = C.last_dim_contiguous(k, dtype).view(bits)
-    v = C.last_dim_contiguous(v, dtype).view(bits)
+    k = _common.last_dim_contiguous(k, dtype).view(bits)
+    v = _common.last_dim_contiguous(v, dtype).view(bits)
     kc, vc = k_cache.view(bits), v_cache.view(bits)
     cfg = _config(dtype.itemsize, head_dim)
-    C.launch(
-        _cache_write_kernel, (C.cdiv(chunk, BLOCK_T), batch * num_kv_heads), cfg,
+    _common.launch(
+        _cache_write_kernel, (_common.cdiv(chunk, BLOCK_T), batch * num_kv_heads), cfg,
         k, v, kc, vc, start, lengths,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),

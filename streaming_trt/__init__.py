@@ -35,15 +35,30 @@ def _check_installed() -> None:
 
 _check_installed()
 
-from .builtin import builtin_model, default_model  # noqa: E402
-from .config import ModelConfig
-from .errors import CheckpointError, UnsupportedModelError, UserError
-from .generation import generate_text, generate_tokens
-from .model import Transformer, load_model
-from .sampling import SamplingParams
-from .session import Session
-from .tokenizer import load_tokenizer
-
-__all__ = ["ModelConfig", "Transformer", "Session", "SamplingParams", "load_model", "load_tokenizer",
-           "builtin_model", "default_model", "generate_text", "generate_tokens", "UserError", "CheckpointError", "UnsupportedModelError"]
+# Public names, resolved on first use (PEP 562): ``streaming_trt.kernels`` and
+# ``streaming_trt.contract`` live inside this package, so Python runs this file before either;
+# importing the runtime here would make every kernel import drag in the model, the session and
+# the tokenizers (tests/test_layers.py checks that it does not).
+_PUBLIC = {
+    "ModelConfig": "config", "Transformer": "model", "load_model": "model", "Session": "session",
+    "SamplingParams": "sampling", "load_tokenizer": "tokenizer", "builtin_model": "builtin",
+    "default_model": "builtin", "generate_text": "generation", "generate_tokens": "generation",
+    "UserError": "contract", "CheckpointError": "contract", "UnsupportedModelError": "contract",
+    "Geometry": "contract", "Recall": "recall",
+}
+__all__ = list(_PUBLIC)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

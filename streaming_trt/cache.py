@@ -14,9 +14,8 @@ from types import ModuleType
 import torch
 
 from .config import ModelConfig
-from .errors import UserError
+from .contract import Geometry, UserError
 from .kernels import reference
-from .kernels.geometry import Geometry
 from .rope import apply_rotary, rotary_angles
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .errors import CheckpointError
+from .contract import CheckpointError
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

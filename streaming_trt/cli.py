@@ -7,7 +7,7 @@ import sys
 import time
 import warnings
 
-from .errors import UserError
+from .contract import UserError
 
 
 def info(message: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from .errors import UserError
+from .contract import UserError
 from .generation import generate_text
 
 DEFAULT_PROMPT = "Once upon a time"

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .errors import CheckpointError, UnsupportedModelError
+from .contract import CheckpointError, UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")

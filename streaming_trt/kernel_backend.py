@@ -11,7 +11,7 @@ from types import ModuleType
 
 import torch
 
-from .errors import UserError
+from .contract import UserError
 
 BACKENDS = ("auto", "torch", "triton")
 

@@ -11,7 +11,7 @@ from torch import nn
 from .kernel_backend import resolve_backend
 from .checkpoint import check_state_dict, load_checkpoint
 from .config import ModelConfig
-from .errors import UserError
+from .contract import UserError
 from .rope import inverse_frequencies
 
 if TYPE_CHECKING:

@@ -12,6 +12,7 @@ import math
 import torch
 
 from .config import ModelConfig
+from .contract import exact_angles
 
 
 def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -31,13 +32,6 @@ def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
         mid = (1 - smooth) * inv / factor + smooth * inv
         inv = torch.where(wavelen > old_len / low, inv / factor, torch.where(wavelen < old_len / high, inv, mid))
     return inv
-
-
-def exact_angles(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """float64 angles ``[*positions.shape, rotary_dim // 2]`` in [0, 2*pi) at int ``positions``
-    (any size, any sign): ``position * inv_freq`` formed in float64, then reduced."""
-    inv_freq = inv_freq.to(device=positions.device, dtype=torch.float64)
-    return torch.remainder(positions.to(torch.float64).unsqueeze(-1) * inv_freq, 2 * math.pi)
 
 
 def rotary_angles(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

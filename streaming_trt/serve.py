@@ -15,7 +15,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .errors import UserError
+from .contract import UserError
 
 
 def build_parser():

@@ -11,8 +11,7 @@ import torch
 
 from .kernel_backend import kernel_ops
 from .cache import StreamingCache
-from .errors import UserError
-from .kernels.geometry import Geometry
+from .contract import Geometry, UserError
 
 FORMAT = "streaming-trt-session"
 VERSION = 2  # 2: keys stored rotated at their text position, model fingerprint by content, checksum

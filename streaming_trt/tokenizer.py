@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import CheckpointError
+from .contract import CheckpointError
 
 
 class BuiltinTokenizer:
