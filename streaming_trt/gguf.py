@@ -82,11 +82,87 @@ def unpermute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+# GGUF value types (gguf.GGUFValueType): byte size of each fixed-size one; 8 is STRING, 9 ARRAY.
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+def check_header(path: Path) -> None:
+    """Walk the header (metadata and tensor infos) with every count and length bounded by the bytes
+    left in the file, before ``GGUFReader`` parses it: the reader loops once per array element a
+    header declares, so a crafted count (2**63) would never end."""
+    import mmap
+    import struct
+
+    def bad(why: str):
+        raise CheckpointError(f"{path}: not a readable GGUF file ({why})")
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            bad(f"{size} bytes, shorter than a GGUF header")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            if m[:4] != b"GGUF":
+                bad("no GGUF magic at its start")
+            endian = "<" if struct.unpack_from("<I", m, 4)[0] & 0xFFFF else ">"
+            pos = 8
+
+            def take(fmt: str, what: str):
+                nonlocal pos
+                n = struct.calcsize(fmt)
+                if pos + n > size:
+                    bad(f"{what} at byte {pos} runs past the end of the file ({size} bytes)")
+                value = struct.unpack_from(endian + fmt, m, pos)[0]
+                pos += n
+                return value
+
+            def skip(n: int, what: str):
+                nonlocal pos
+                if n > size - pos:
+                    bad(f"{what} at byte {pos} declares {n} bytes, more than the {size - pos} left in the file")
+                pos += n
+
+            def value(kind: int, what: str, depth: int = 0):
+                if kind in _SCALAR_SIZES:
+                    skip(_SCALAR_SIZES[kind], what)
+                elif kind == _STRING:
+                    skip(take("Q", what), what)
+                elif kind == _ARRAY and depth == 0:
+                    item, count = take("I", what), take("Q", what)
+                    least = _SCALAR_SIZES.get(item, 8)  # a string is at least its 8-byte length
+                    if count > (size - pos) // least:
+                        bad(f"{what}: an array of {count} elements cannot fit in the {size - pos} bytes left")
+                    if item in _SCALAR_SIZES:
+                        skip(count * least, what)
+                    else:
+                        for _ in range(count):
+                            value(item, what, depth + 1)
+                elif kind == _ARRAY:
+                    bad(f"{what} is an array of arrays, which GGUF readers do not support")
+                else:
+                    bad(f"{what} has value type {kind}, which GGUF does not define")
+
+            tensors, fields = take("Q", "the tensor count"), take("Q", "the metadata count")
+            if fields > (size - pos) // 12 or tensors > (size - pos) // 24:
+                bad(f"it declares {fields} metadata fields and {tensors} tensors, more than its {size} bytes hold")
+            for i in range(fields):
+                key_len = take("Q", f"metadata field {i}")
+                skip(key_len, f"metadata field {i}'s key")
+                value(take("I", f"metadata field {i}"), f"metadata field {i}")
+            for i in range(tensors):
+                skip(take("Q", f"tensor {i}'s name"), f"tensor {i}'s name")
+                dims = take("I", f"tensor {i}'s dimension count")
+                if dims > 8:
+                    bad(f"tensor {i} has {dims} dimensions")
+                skip(8 * dims + 4 + 8, f"tensor {i}'s shape, type and offset")
+
+
 def _reader(path: Path):
     try:
         import gguf
     except ImportError:  # pragma: no cover - gguf is a declared dependency
         raise CheckpointError("reading .gguf files needs the gguf package: pip install gguf") from None
+    check_header(path)
     try:
         return gguf.GGUFReader(str(path), "r")
     except Exception as e:  # GGUFReader raises ValueError, struct errors, IndexError on bad bytes

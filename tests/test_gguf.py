@@ -307,3 +307,52 @@ def test_smollm2_logits_equal_transformers_gguf():
     ours = model.session(sink_tokens=4, window=60).feed(ids)[0]
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=2e-4)
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def _crafted_header(*, tensors: int = 0, fields: list[bytes]) -> bytes:
+    """A GGUF v3 header (little-endian) holding ``fields`` (each a key + type + value, raw) and no data."""
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", 3, tensors, len(fields)) + b"".join(fields)
+
+
+def _key(name: str, kind: int) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(name)) + name.encode() + struct.pack("<I", kind)
+
+
+CRAFTED = {  # each would make gguf.GGUFReader loop or read past the end before any validation
+    "array of 2**63 uint8": lambda s: _crafted_header(fields=[_key("x", 9) + s.pack("<IQ", 0, 2**63)]),
+    "array of 2**63 strings": lambda s: _crafted_header(fields=[_key("x", 9) + s.pack("<IQ", 8, 2**63)]),
+    "string of 2**62 bytes": lambda s: _crafted_header(fields=[_key("x", 8) + s.pack("<Q", 2**62)]),
+    "2**60 fields": lambda s: b"GGUF" + s.pack("<IQQ", 3, 0, 2**60),
+    "2**60 tensors": lambda s: b"GGUF" + s.pack("<IQQ", 3, 2**60, 0),
+    "nested array": lambda s: _crafted_header(fields=[_key("x", 9) + s.pack("<IQ", 9, 1) + s.pack("<IQ", 0, 1) + b"\0"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(CRAFTED))
+def test_crafted_header_is_refused_at_once(kind, tmp_path):
+    """Counts and lengths in the header are bounded by the file's size: a CheckpointError, not a
+    loop that never ends (SIGALRM turns a hang into a failure within 5 s)."""
+    import signal
+    import struct
+
+    path = tmp_path / "crafted.gguf"
+    path.write_bytes(CRAFTED[kind](struct))
+
+    class Hang(BaseException):  # not an Exception: no `except Exception` on the way turns it into an error
+        pass
+
+    def hang(*_):
+        raise Hang("reading the crafted header did not stop within 5 s")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(5)
+    try:
+        with pytest.raises(st.CheckpointError, match="not a readable GGUF file"):
+            st.load_model(path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
