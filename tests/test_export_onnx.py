@@ -32,10 +32,13 @@ TOL = 1e-4
 EXPORT_S = 4
 
 
-@pytest.fixture(scope="module", params=ARCHS)
-def exported(request, tmp_path_factory):
-    """``(arch, eager model, export dir)``."""
-    arch = request.param
+_EXPORTS: dict = {}
+
+
+def _export(arch: str, tmp_path_factory):
+    """``(arch, eager model, export dir)``, made once per architecture."""
+    if arch in _EXPORTS:
+        return _EXPORTS[arch]
     base = tmp_path_factory.mktemp(f"onnx-{arch}")
     make_checkpoint(base / "ckpt", arch)
     save_tokenizer(base / "ckpt")
@@ -48,7 +51,20 @@ def exported(request, tmp_path_factory):
                      str(EXPORT_S), "--window", str(WINDOW), "--max-input-len", "64", "--max-batch-size", "4"]) == 0
     else:
         sx.export_onnx(model, out, EXPORT_S, WINDOW, profile=sx.Profile(max_batch=4, max_chunk=64))
-    return arch, model, out
+    _EXPORTS[arch] = arch, model, out
+    return _EXPORTS[arch]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def exported(request, tmp_path_factory):
+    """``(arch, eager model, export dir)`` for every architecture."""
+    return _export(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def exported_llama(tmp_path_factory):
+    """The llama export alone, for what does not depend on the architecture."""
+    return _export("llama", tmp_path_factory)
 
 
 def _stream(vocab: int, batch: int, n: int, seed: int) -> torch.Tensor:
@@ -123,23 +139,21 @@ def test_graph_holds_no_cache_constant(exported):
     assert "ScatterND" in ops and m.opset_import[0].version >= 20
 
 
-def test_generation_on_onnx_equals_eager(exported):
-    arch, model, out = exported
-    if arch != "llama":
-        pytest.skip("generation is architecture-independent; checked once on llama")
+def test_generation_on_onnx_equals_eager(exported_llama):
+    """Generation is architecture-independent: checked once, on llama."""
+    arch, model, out = exported_llama
     prompt = [5, 6, 7, 8, 9]
     eager = list(st.generate_tokens(model.session(EXPORT_S, WINDOW), prompt, 30))
     onnx = list(st.generate_tokens(sx.OnnxSession(out), prompt, 30))
     assert eager == onnx
 
 
-def test_manifest_trtexec_and_triton(exported):
+def test_manifest_trtexec_and_triton(exported_llama):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    arch, model, out = exported
-    if arch != "llama":
-        pytest.skip("the files are architecture-independent; checked once on llama")
+    """The files are architecture-independent: checked once, on llama."""
+    arch, model, out = exported_llama
     m = json.loads((out / "manifest.json").read_text())
     assert (m["sink_tokens"], m["window"], m["capacity"], m["dtype"]) == (EXPORT_S, WINDOW, EXPORT_S + WINDOW, "float32")
     assert [i["name"] for i in m["inputs"]] == m["input_names"]
@@ -159,10 +173,8 @@ def test_manifest_trtexec_and_triton(exported):
         assert cfg.sequence_batching.max_sequence_idle_microseconds >= 10**9
 
 
-def test_generate_cli_engine(exported):
-    arch, model, out = exported
-    if arch != "llama":
-        pytest.skip("checked once on llama")
+def test_generate_cli_engine(exported_llama):
+    arch, model, out = exported_llama
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "streaming_trt.generate", "--engine", str(out), "--prompt", "hello",
                         "--max-new-tokens", "12", "--ignore-eos"], capture_output=True, text=True, env=env, timeout=120)
@@ -173,10 +185,8 @@ def test_generate_cli_engine(exported):
     assert r.returncode == 2 and "eager runtime only" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_refusals(exported, tmp_path):
-    arch, model, out = exported
-    if arch != "llama":
-        pytest.skip("checked once on llama")
+def test_refusals(exported_llama, tmp_path):
+    arch, model, out = exported_llama
     with pytest.raises(st.UserError, match="float32 or float16"):
         sx.export_onnx(model, tmp_path / "x", 4, 8, dtype="bfloat16")
     with pytest.raises(st.UserError, match="window"):
@@ -196,10 +206,9 @@ def test_refusals(exported, tmp_path):
     assert not (tmp_path / "y").exists()
 
 
-def test_float16_export(exported, tmp_path):
-    arch, model, out = exported
-    if arch != "llama":
-        pytest.skip("float16 checked once on llama")
+def test_float16_export(exported_llama, tmp_path):
+    """float16 checked once, on llama."""
+    arch, model, out = exported_llama
     path = sx.export_onnx(model, tmp_path / "fp16", 1, WINDOW, dtype="float16", triton=False)
     ids = _stream(model.config.vocab_size, 1, 30, 3)
     ref = model.session(1, WINDOW).feed(ids)
