@@ -427,11 +427,13 @@ def test_transformers_version_and_hooks_are_supported():
 
 # ------------------------------------------------------------------ the cost CLI
 def test_cost_cli_runs_and_refuses_bad_input(capsys):
-    assert sthf.main(["--archs", "llama,gpt_neox,mpt", "--hidden", "32", "--layers", "1", "--heads", "2",
+    from bench import hf_cost  # python -m bench.hf_cost
+
+    assert hf_cost.main(["--archs", "llama,gpt_neox,mpt", "--hidden", "32", "--layers", "1", "--heads", "2",
                       "--kv-heads", "2", "--vocab", "64", "--window", "6", "--tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert "| llama | " in out and "| gpt_neox | " in out and "| mpt | " in out and "native" in out
-    assert sthf.main(["--window", "0"]) == 2
+    assert hf_cost.main(["--window", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "window" in err[0]
-    assert sthf.main(["--archs", "bloom", "--hidden", "32", "--heads", "2", "--kv-heads", "2"]) == 2
+    assert hf_cost.main(["--archs", "bloom", "--hidden", "32", "--heads", "2", "--kv-heads", "2"]) == 2

@@ -1,0 +1,50 @@
+"""Which transformers releases :mod:`streaming_trt.hf` runs on, checked before any hook is installed."""
+from __future__ import annotations
+
+import inspect
+
+from ..contract import UserError
+from ..versions import version_tuple
+
+SUPPORTED_TRANSFORMERS = ((5, 0), (6, 0))  # [min, max): the hooks of this package were checked against 5.x
+
+
+def check_transformers(version: str | None = None) -> None:
+    """Raise UserError unless the installed transformers has the hooks this package relies on.
+
+    Checks the version against :data:`SUPPORTED_TRANSFORMERS` and the presence of ``CacheLayerMixin``
+    (with ``update / get_seq_length / get_mask_sizes / lazy_initialization / get_max_length``),
+    ``Cache(layers=...)``, ``AttentionInterface.register`` and ``PreTrainedModel.set_attn_implementation``.
+    """
+    import transformers
+
+    v = version or transformers.__version__
+    lo, hi = SUPPORTED_TRANSFORMERS
+    if not (lo <= (version_tuple(v, 2) or (0, 0)) < hi):
+        raise UserError(
+            f"streaming_trt.hf supports transformers >={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]} (its Cache, "
+            f"AttentionInterface and rotary hooks were checked there); found {v}: "
+            f"pip install 'transformers>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}'")
+    missing = []
+    try:
+        from transformers.cache_utils import Cache, CacheLayerMixin
+
+        for name in ("update", "get_seq_length", "get_mask_sizes", "lazy_initialization", "get_max_length"):
+            if not hasattr(CacheLayerMixin, name):
+                missing.append(f"CacheLayerMixin.{name}")
+        if "layers" not in inspect.signature(Cache.__init__).parameters:
+            missing.append("Cache(layers=...)")
+    except ImportError:
+        missing.append("transformers.cache_utils.CacheLayerMixin")
+    try:
+        from transformers import AttentionInterface
+
+        if not hasattr(AttentionInterface, "register"):
+            missing.append("AttentionInterface.register")
+    except ImportError:
+        missing.append("transformers.AttentionInterface")
+    if not hasattr(transformers.PreTrainedModel, "set_attn_implementation"):
+        missing.append("PreTrainedModel.set_attn_implementation")
+    if missing:
+        raise UserError(f"transformers {v} lacks the hooks streaming_trt.hf needs ({', '.join(missing)}); "
+                        f"install a transformers {lo[0]}.x release")
