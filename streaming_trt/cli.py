@@ -36,10 +36,27 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="most recent tokens kept, the current one included (W); capacity = S + W")
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per reply")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
-    g.add_argument("--seed", type=int, default=0, help="random seed for sampling (and the built-in weights)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="0 means greedy (default: the checkpoint's generation_config.json, else 0.7)")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens (default: generation_config.json, else 0: all)")
+    g.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling threshold (default: generation_config.json, else 0.9; 1: off)")
+    g.add_argument("--min-p", type=float, default=None,
+                   help="keep tokens at least this fraction as likely as the best (default: generation_config.json, "
+                        "else 0: off)")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="divide positive / multiply negative logits of recent tokens (default: generation_config.json, "
+                        "else 1: off)")
+    g.add_argument("--frequency-penalty", type=float, default=None,
+                   help="subtract this x the count of each recent token, in [-2, 2] (default 0: off)")
+    g.add_argument("--presence-penalty", type=float, default=None,
+                   help="subtract this once from each recent token, in [-2, 2] (default 0: off)")
+    g.add_argument("--penalty-window", type=int, default=None,
+                   help="the recent tokens the penalties count: prompt and reply, across turns (default: --window)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="random seed for sampling (default: a fresh one, shown in the sampling line so that a run "
+                        "can be repeated)")
     return p
 
 
@@ -112,17 +129,18 @@ def load(args):
 
     if hasattr(args, "threads"):
         set_threads(args.threads)
+    seed = 0  # the random model's weights: fixed, so that --seed repeats a run's sampling on the same model
     name = args.model
     if name is None and smollm2_path() is None:
-        info(FALLBACK_NOTICE.format(seed=args.seed))
+        info(FALLBACK_NOTICE.format(seed=seed))
         name = RANDOM_NAME
     elif name is None:
         info(DEFAULT_NOTICE)
         name = SMOLLM2_NAME
     elif name == RANDOM_NAME:
-        info(NOTICE.format(seed=args.seed))
+        info(NOTICE.format(seed=seed))
     if name == RANDOM_NAME:
-        return builtin_model(args.dtype, args.device, args.backend, seed=args.seed), load_tokenizer(None)
+        return builtin_model(args.dtype, args.device, args.backend, seed=seed), load_tokenizer(None)
     if name == SMOLLM2_NAME:
         return default_model(args.dtype, args.device, args.backend)
     model = load_model(name, dtype=args.dtype, device=args.device, backend=args.backend)
@@ -140,10 +158,18 @@ def open_session(args, model):
     return Session(model, sink_tokens=args.sink_tokens, window=args.window)
 
 
-def sampling(args):
-    from .sampling import SamplingParams
+def sampling(args, window: int | None = None):
+    """SamplingParams from the flags, the checkpoint's generation_config.json and the demo defaults
+    (:func:`streaming_trt.sampling.cli_params`); prints the one sampling line with the seed.
+    Penalties count the last ``window`` tokens (default ``--window``)."""
+    from .sampling import FLAG_FIELDS, cli_params
 
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    flags = {name: getattr(args, name, None) for name in FLAG_FIELDS + ("seed",)}
+    if flags["penalty_window"] is None:
+        flags["penalty_window"] = window or getattr(args, "window", None)
+    params, banner = cli_params(flags, getattr(args, "model", None))
+    info(banner)
+    return params
 
 
 class Clock:

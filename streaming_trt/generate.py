@@ -4,6 +4,9 @@ Example::
 
     python -m streaming_trt.generate --model ~/Llama-3.2-1B-Instruct --prompt "Once upon a time" \\
         --sink-tokens 4 --window 1020 --max-new-tokens 2000 --temperature 0.7 --top-p 0.9 --seed 0
+
+Sampling follows the checkpoint's ``generation_config.json`` where it has one, else temperature 0.7
+and top-p 0.9 with a fresh seed, printed so that the run can be repeated; ``--temperature 0`` is greedy.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
                              "continuing one with --load-session)")
     parser.add_argument("--prompt-file", help="read the prompt from this file instead of --prompt")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                        help="stop once the output contains TEXT (repeatable)")
+                        help="stop before TEXT once the output contains it; TEXT itself is not printed (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     parser.add_argument("--engine", metavar="DIR",
                         help="run an ONNX export (python -m streaming_trt.build --format onnx) on onnxruntime "
@@ -63,9 +66,10 @@ def _generate(args) -> int:
     if not prompt and args.load_session is None:
         raise UserError("the prompt is empty: pass --prompt TEXT or --prompt-file FILE")
     stop = set() if args.ignore_eos else None
+    sampling = cli.sampling(args, session.window)
     clock = cli.Clock(session)
-    for piece in generate_text(session, tokenizer, prompt, args.max_new_tokens, cli.sampling(args), stop, args.stop,
-                          add_special_tokens=args.load_session is None):
+    for piece in generate_text(session, tokenizer, prompt, args.max_new_tokens, sampling, stop, args.stop,
+                               add_special_tokens=args.load_session is None):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -68,7 +68,8 @@ def settings(args) -> dict:
             raise UserError(f"--model {args.model}: no such file or directory")
         model = str(Path(args.model).resolve())
     return {
-        "model": model, "dtype": args.dtype, "device": args.device, "backend": args.backend, "seed": args.seed,
+        "model": model, "dtype": args.dtype, "device": args.device, "backend": args.backend,
+        "seed": 0 if args.seed is None else args.seed,
         "sink_tokens": args.sink_tokens, "window": args.window,
         "session_dir": str(Path(args.session_dir).resolve()), "max_resident": args.max_resident,
         "max_new_tokens": args.max_new_tokens, "max_new_tokens_limit": args.max_tokens_limit,

@@ -139,7 +139,7 @@ def cli_env(tmp_path=None):
 
 @needs_wheel
 def test_default_model_answers_a_factual_question():
-    r = subprocess.run([sys.executable, "-m", "streaming_trt.chat", "--max-new-tokens", "24"],
+    r = subprocess.run([sys.executable, "-m", "streaming_trt.chat", "--max-new-tokens", "24", "--temperature", "0"],
                        input="What is the capital of France?\n", capture_output=True, text=True, env=cli_env(),
                        timeout=300)
     assert r.returncode == 0, r.stderr
@@ -165,7 +165,7 @@ def test_thirty_turn_chat_past_the_window_in_flat_memory_then_resume(tmp_path):
     saved = tmp_path / "chat.safetensors"
     window = 60
     p = subprocess.Popen([sys.executable, "-m", "streaming_trt.chat", "--window", str(window), "--sink-tokens", "4",
-                          "--max-new-tokens", "8"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          "--max-new-tokens", "8", "--temperature", "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=cli_env(), bufsize=1)
     rss = []
     try:
@@ -194,7 +194,7 @@ def test_thirty_turn_chat_past_the_window_in_flat_memory_then_resume(tmp_path):
     assert max(rss[10:]) - rss[9] < 16, rss
 
     r = subprocess.run([sys.executable, "-m", "streaming_trt.chat", "--load-session", str(saved),
-                        "--max-new-tokens", "24"], input="What is the capital of France?\n", capture_output=True,
+                        "--max-new-tokens", "24", "--temperature", "0"], input="What is the capital of France?\n", capture_output=True,
                        text=True, env=cli_env(), timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"continuing session {saved}: {length} tokens so far" in r.stderr

@@ -2,6 +2,7 @@
 top-p, min-p, repetition / frequency / presence penalties over the sampler's token history)."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -336,3 +337,63 @@ def test_token_logprobs_are_the_log_softmax():
     for i, lp in top:
         assert lp == pytest.approx(LOGITS[i] - total, abs=1e-6)
     assert token_logprobs(torch.tensor(LOGITS), 0)[1] == []
+
+
+# --- the command lines' defaults -------------------------------------------------------------------------
+
+from streaming_trt.sampling import checkpoint_defaults, cli_params  # noqa: E402
+
+NO_FLAGS = dict(temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None,
+                frequency_penalty=None, presence_penalty=None, penalty_window=None, seed=None)
+
+
+def test_demo_defaults_without_generation_config(tmp_path):
+    a, banner = cli_params(NO_FLAGS, str(tmp_path))
+    b, _ = cli_params(NO_FLAGS, None)
+    assert (a.temperature, a.top_p, a.top_k, a.min_p, a.repetition_penalty) == (0.7, 0.9, 0, 0.0, 1.0)
+    assert f"seed={a.seed}" in banner and "generation_config" not in banner
+    assert a.seed != b.seed  # a fresh seed each run (two draws of 2**31 colliding: 5e-10)
+    again, banner2 = cli_params(dict(NO_FLAGS, seed=a.seed), None)
+    assert again == a and banner2 == banner  # the printed seed repeats the run
+
+
+def test_generation_config_json_gives_the_defaults_and_flags_win(tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.85, "top_k": 20, "repetition_penalty": 1.05,
+         "eos_token_id": [1, 2], "min_p": None}))
+    p, banner = cli_params(NO_FLAGS, str(tmp_path))
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.min_p) == (0.6, 0.85, 20, 1.05, 0.0)
+    assert "from generation_config.json" in banner and "repetition_penalty=1.05" in banner
+    p, _ = cli_params(dict(NO_FLAGS, temperature=0.0, top_k=0, seed=3), str(tmp_path))
+    assert (p.temperature, p.top_k, p.top_p, p.seed) == (0.0, 0, 0.85, 3)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.9,
+                                                                 "repetition_penalty": 1.2}))
+    assert checkpoint_defaults(str(tmp_path)) == {"temperature": 0.0, "repetition_penalty": 1.2}
+    p, banner = cli_params(NO_FLAGS, str(tmp_path))
+    assert banner.startswith("[streaming-trt] sampling: greedy repetition_penalty=1.2") and p.temperature == 0
+
+
+def test_bad_generation_config_is_a_clear_error(tmp_path):
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.raises(UserError, match="generation_config.json: cannot be read as JSON"):
+        cli_params(NO_FLAGS, str(tmp_path))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": -1}))
+    with pytest.raises(UserError, match="temperature must be.*generation_config.json for temperature"):
+        cli_params(NO_FLAGS, str(tmp_path))
+
+
+def test_generate_cli_prints_the_seed_and_the_seed_repeats_the_run(capsys):
+    from streaming_trt import generate
+
+    argv = ["--model", "builtin:random", "--max-new-tokens", "12", "--ignore-eos", "--window", "16", "--threads", "1"]
+    assert generate.main(argv) == 0
+    out, err = capsys.readouterr()
+    line = next(l for l in err.splitlines() if "sampling:" in l)
+    assert "temperature=0.7 top_p=0.9 seed=" in line
+    seed = line.split("seed=")[1].split()[0]
+    assert generate.main(argv + ["--seed", seed]) == 0
+    assert capsys.readouterr().out == out
+    assert generate.main(argv + ["--temperature", "0", "--frequency-penalty", "0.5", "--min-p", "0.1"]) == 0
+    assert "sampling: greedy frequency_penalty=0.5 penalties over the last 16 tokens" in capsys.readouterr().err
+    assert generate.main(argv + ["--presence-penalty", "3"]) == 2
+    assert "presence_penalty must be a number in [-2, 2]" in capsys.readouterr().err
