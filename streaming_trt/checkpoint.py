@@ -39,6 +39,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
                           "mlp.down_proj.bias": (c.hidden_size,)})
         if c.qk_norm:
             layer.update({"self_attn.q_norm.weight": (c.head_dim,), "self_attn.k_norm.weight": (c.head_dim,)})
+        if c.sink_logits == "learned":
+            layer["self_attn.sinks"] = (c.num_heads,)
         shapes.update({p + k: v for k, v in layer.items()})
     return shapes
 

@@ -10,6 +10,7 @@ from .contract import CheckpointError, UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SINK_LOGITS = ("zero", "learned")  # config.json "sink_logits": softmax-off-by-one, or gpt-oss per-head logits
 
 
 def read_json_object(file: Path, needs: str) -> dict[str, Any]:
@@ -46,6 +47,10 @@ class ModelConfig:
     qk_norm: bool = False  # qwen3: RMSNorm over head_dim on q and k before rotation
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # Models pre-trained with a sink (semantics.md): the dedicated token the runtime puts at position 0
+    # of every stream, and the extra softmax term ("zero": exp(0); "learned": self_attn.sinks [heads]).
+    sink_token_id: int | None = None
+    sink_logits: str | None = None
 
     @property
     def rotary_dim(self) -> int:
@@ -92,6 +97,8 @@ class ModelConfig:
                 qk_norm=model_type == "qwen3",
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_id=d.get("eos_token_id"),
+                sink_token_id=None if d.get("sink_token_id") is None else int(d["sink_token_id"]),
+                sink_logits=d.get("sink_logits"),
             )
         except KeyError as e:
             raise CheckpointError(f"{source}: required field {e.args[0]!r} is missing") from None
@@ -101,6 +108,10 @@ class ModelConfig:
             raise CheckpointError(
                 f"{source}: num_attention_heads ({cfg.num_heads}) must be a multiple of num_key_value_heads ({cfg.num_kv_heads})"
             )
+        if cfg.sink_logits not in (None, *SINK_LOGITS):
+            raise CheckpointError(f"{source}: sink_logits {cfg.sink_logits!r} is not one of {', '.join(SINK_LOGITS)} (or null)")
+        if cfg.sink_token_id is not None and not 0 <= cfg.sink_token_id < cfg.vocab_size:
+            raise CheckpointError(f"{source}: sink_token_id {cfg.sink_token_id} is outside the vocabulary (0..{cfg.vocab_size - 1})")
         return cfg
 
     @classmethod
@@ -130,6 +141,9 @@ class ModelConfig:
             "mlp_bias": self.mlp_bias,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
+            # only when set, so the digests of other models' configs (saved sessions) do not change
+            **({"sink_token_id": self.sink_token_id} if self.sink_token_id is not None else {}),
+            **({"sink_logits": self.sink_logits} if self.sink_logits is not None else {}),
         }
 
     def fingerprint(self) -> str:

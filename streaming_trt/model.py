@@ -43,6 +43,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
         self.qk_norm = c.qk_norm
+        if c.sink_logits:  # [num_heads]; all zero (and frozen in training) for "zero"
+            self.sinks = nn.Parameter(torch.zeros(c.num_heads))
+        self.sink_logits = c.sink_logits
 
     def forward(self, x: torch.Tensor, layer: int, cache: "StreamingCache", plan: "StepPlan") -> torch.Tensor:
         batch, n, _ = x.shape
@@ -51,7 +54,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        out = cache.attend(layer, q, k, v, plan, self.head_dim**-0.5)
+        out = cache.attend(layer, q, k, v, plan, self.head_dim**-0.5, self.sinks if self.sink_logits else None)
         return self.o_proj(out.reshape(batch, n, -1))
 
 
@@ -116,6 +119,8 @@ class Transformer(nn.Module):
             model = cls(config)
         names = {name for name, _ in model.named_parameters()}
         tensors = {k.removeprefix("model."): v for k, v in state_dict.items() if k.removeprefix("model.") in names}
+        if config.sink_logits == "zero":  # softmax-off-by-one: exp(0) in every denominator, nothing stored
+            tensors.update({f"layers.{i}.self_attn.sinks": torch.zeros(config.num_heads) for i in range(config.num_layers)})
         model.load_state_dict(tensors, strict=True, assign=True)
         model.to(device=device, dtype=dtype)
         model.backend = resolve_backend(backend, device)

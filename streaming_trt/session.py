@@ -180,6 +180,7 @@ class Session:
                 break
             chunk = tokens[:, lo : lo + width]
             if self.graphs is not None and width == 1 and all(part):
+        self._start_with_sink_token(lengths)
                 newest = self.graphs(chunk).clone()
                 if all_logits:
                     logits[:, lo] = newest
@@ -203,6 +204,17 @@ class Session:
             self.last_logits = torch.zeros_like(newest)
         fed = torch.tensor([p > 0 for p in part], device=newest.device)
         self.last_logits = torch.where(fed.view(-1, 1), newest, self.last_logits)
+
+    def _start_with_sink_token(self, lengths: list[int]) -> None:
+        """A model pre-trained with a sink token gets it as token 0 of every stream, once: fed here
+        to each stream that is about to receive its first tokens (never to a continued or restored
+        stream, whose ``seen`` is past 0). ``seen`` counts it; its logits predict the first token."""
+        sink = self.model.config.sink_token_id
+        starts = [int(length > 0 and seen == 0) for length, seen in zip(lengths, self.cache.seen_host)]
+        if sink is None or not any(starts):
+            return
+        ids = torch.full((self.batch, 1), sink, dtype=torch.int64, device=self.model.device)
+        self._set_last(self.model(ids, self.cache, starts, last_only=True), starts)
 
     def reset(self, rows: list[int] | None = None) -> None:
         """Start streams ``rows`` (all when None) afresh."""

@@ -1,0 +1,127 @@
+"""The training forward: full causal attention over a sample, with the variant's softmax.
+
+It runs over the modules of the runtime's :class:`~streaming_trt.model.Transformer` (same
+parameter names, so a trained state dict loads into the runtime as it is) but never touches its
+cache or its inference-mode ``forward``. Positions are 0 .. n-1, the rotary convention is the
+runtime's (:mod:`streaming_trt.rope`).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..model import Transformer
+from ..rope import apply_rotary, rotary_angles
+
+VARIANTS = ("vanilla", "sink-token", "zero-sink", "sink-logits")
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink_logits: torch.Tensor | None = None,
+                     want_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal attention of ``q [batch, heads, n, d]`` over ``k, v [batch, kv_heads, n, d]``.
+
+    ``sink_logits [heads]`` adds ``exp(s_h)`` to every softmax denominator with no value (the
+    contract's learned sink logits; zeros are softmax-off-by-one). Returns ``out [batch, heads, n,
+    d]`` and, with ``want_probs``, the attention weights ``[batch, heads, n, n]`` (float32; a row
+    sums to less than 1 by the sink term's share).
+    """
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    if sink_logits is None and not want_probs:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True), None
+    n = q.shape[2]
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    if sink_logits is None:
+        p = torch.softmax(scores, -1)
+    else:
+        extra = sink_logits.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        p = torch.softmax(torch.cat([scores, extra], -1), -1)[..., :-1]
+    return p.to(v.dtype) @ v, (p if want_probs else None)
+
+
+@dataclasses.dataclass
+class AttentionMass:
+    """Per layer, the mean attention weight that queries ``1 .. n-1`` give key 0 (the paper's
+    attention sink; the sink token for a sink-token model) and the learned sink term, over heads
+    and samples; ``uniform`` is what key 0 would get from attention spread evenly (1/(t+1))."""
+
+    token0: list[float]
+    sink_term: list[float]
+    uniform: float
+
+
+def forward(model: Transformer, tokens: torch.Tensor, measure: bool = False) -> tuple[torch.Tensor, AttentionMass | None]:
+    """``tokens [batch, n]`` int64 -> logits ``[batch, n, vocab]`` (autocast dtype on CUDA, else the
+    model's), and with ``measure`` the :class:`AttentionMass` of this batch."""
+    c: ModelConfig = model.config
+    batch, n = tokens.shape
+    cos, sin = rotary_angles(model.inv_freq, torch.arange(n, device=tokens.device))
+    cos, sin = cos[:, None], sin[:, None]  # [n, 1, rotary_dim // 2] over [batch, n, heads, d]
+    x = model.embed_tokens(tokens)
+    token0, sink_term = [], []
+    for layer in model.layers:
+        a = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = a.q_proj(h).view(batch, n, c.num_heads, c.head_dim)
+        k = a.k_proj(h).view(batch, n, c.num_kv_heads, c.head_dim)
+        v = a.v_proj(h).view(batch, n, c.num_kv_heads, c.head_dim)
+        if a.qk_norm:
+            q, k = a.q_norm(q), a.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out, p = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                  a.sinks if a.sink_logits else None, want_probs=measure)
+        if measure:
+            rows = p[:, :, 1:]  # query 0 can only see itself
+            token0.append(rows[..., 0].mean().item())
+            sink_term.append((1 - rows.sum(-1)).mean().item())
+        x = x + a.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    head = model.embed_tokens.weight if c.tie_word_embeddings else model.lm_head.weight
+    logits = F.linear(model.norm(x), head)
+    if not measure:
+        return logits, None
+    uniform = (1.0 / torch.arange(2, n + 1, dtype=torch.float64)).mean().item()
+    return logits, AttentionMass(token0, sink_term, uniform)
+
+
+def new_model(config: ModelConfig, seed: int, std: float = 0.02) -> Transformer:
+    """A freshly initialised model for training: normal(0, std) weights (output projections scaled
+    by 1/sqrt(2 layers), GPT-2 style), ones for norms, zeros for biases and sink logits."""
+    gen = torch.Generator().manual_seed(seed)
+    model = Transformer(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif p.dim() == 1:
+                p.zero_()
+            else:
+                scale = std / (2 * config.num_layers) ** 0.5 if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    for layer in model.layers:
+        if config.sink_logits == "zero":
+            layer.self_attn.sinks.requires_grad_(False)
+    return model.train()
+
+
+class Objective(torch.nn.Module):
+    """The training loss as a module (what DDP wraps, so its hooks see every forward): mean
+    next-token cross-entropy of samples ``tokens [batch, context + 1]``; with ``skip_first`` (a
+    sink-token sample) the prediction made at the sink token is not counted."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, skip_first: bool) -> torch.Tensor:
+        logits, _ = forward(self.model, tokens[:, :-1])
+        targets = tokens[:, 1:]
+        if skip_first:
+            logits, targets = logits[:, 1:], targets[:, 1:]
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
