@@ -25,8 +25,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink_log
 
     ``sink_logits [heads]`` adds ``exp(s_h)`` to every softmax denominator with no value (the
     contract's learned sink logits; zeros are softmax-off-by-one). Returns ``out [batch, heads, n,
-    d]`` and, with ``want_probs``, the attention weights ``[batch, heads, n, n]`` (float32; a row
-    sums to less than 1 by the sink term's share).
+    d]`` and, with ``want_probs``, the attention weights ``[batch, heads, n, n]`` (float32 or wider; a
+    row sums to less than 1 by the sink term's share).
     """
     group = q.shape[1] // k.shape[1]
     if group > 1:
@@ -34,13 +34,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink_log
     if sink_logits is None and not want_probs:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True), None
     n = q.shape[2]
-    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    scores = q @ k.transpose(-1, -2)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * q.shape[-1] ** -0.5
     causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~causal, float("-inf"))
     if sink_logits is None:
         p = torch.softmax(scores, -1)
     else:
-        extra = sink_logits.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        extra = sink_logits.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
         p = torch.softmax(torch.cat([scores, extra], -1), -1)[..., :-1]
     return p.to(v.dtype) @ v, (p if want_probs else None)
 
