@@ -41,6 +41,7 @@ class StepPlan:
     full: bool
     slots: torch.Tensor | None = None
     write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    recall: object | None = None  # a streaming_trt.recall.RecallStep when the cache has recall
 
     def rotate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [batch, n, heads, head_dim]`` rotated at the text positions and at the ranks."""
@@ -91,6 +92,7 @@ class StreamingCache:
         self.values = torch.full(shape, fill_value, dtype=dtype, device=device)
         self.seen = torch.zeros(batch, dtype=torch.int64, device=device)
         self.seen_host = [0] * batch
+        self.recall = None  # a streaming_trt.recall.BlockStore (batch 1) when recall is on
 
     @property
     def batch(self) -> int:
@@ -121,12 +123,16 @@ class StreamingCache:
             keep = g.kept(start, lengths_t, n)
             b, j = keep.nonzero(as_tuple=True)
             plan.write = (b, j, g.slot(t[b, j]))
+        if self.recall is not None:
+            plan.recall = self.recall.step(start_host[0], lengths[0], dataclasses.replace(plan))
         return plan
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan,
                sm_scale: float, sink_logits: torch.Tensor | None = None) -> torch.Tensor:
         """Rotate a layer's new ``q [batch, n, heads, d]`` and ``k, v [batch, n, kv_heads, d]``,
         store ``k, v`` and return attention ``[batch, n, heads, d]`` of every row over its A(t)."""
+        if plan.recall is not None:  # sinks + recalled blocks + window: streaming_trt.recall
+            return self.recall.attend(self, layer, q, k, v, plan, sm_scale, sink_logits)
         k_cache, v_cache = self.keys[layer], self.values[layer]
         q_text, q_rank = plan.rotate(q)
         k = apply_rotary(k, *plan.text)

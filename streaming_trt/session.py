@@ -113,10 +113,13 @@ class Session:
         cache_fill: value of never-written cache slots (tests use NaN to expose masking bugs).
         capture_decode: on CUDA, replay decode steps (one token per stream) from CUDA graphs
             captured on first use (:mod:`streaming_trt.graphs`); ignored on a CPU.
+        recall: a :class:`~streaming_trt.recall.Recall`: evicted tokens go to a host block store
+            and each forward attends to the most relevant blocks again (batch 1; prompts fed in
+            chunks of at most ``recall.chunk``; no decode graphs). ``None``: plain StreamingLLM.
     """
 
     def __init__(self, model, sink_tokens: int = 4, window: int = 1020, batch: int = 1, max_chunk: int = 512,
-                 cache_fill: float = 0.0, capture_decode: bool = False):
+                 cache_fill: float = 0.0, capture_decode: bool = False, recall=None):
         geometry = Geometry(sink_tokens, window)
         geometry.check_positions(model.config.max_position_embeddings)
         if not _is_int(batch) or batch < 1:
@@ -129,7 +132,13 @@ class Session:
                                     model.inv_freq, cache_fill)
         self.last_logits: torch.Tensor | None = None  # [batch, vocab] logits of each stream's newest token
         self.graphs = None
-        if capture_decode and model.device.type == "cuda":
+        self.recall = None  # the streaming_trt.recall.BlockStore when recall is on
+        if recall is not None:
+            from .recall import attach
+
+            self.recall = attach(recall, model, self.cache)
+            self.max_chunk = min(max_chunk, recall.chunk)
+        if capture_decode and model.device.type == "cuda" and self.recall is None:
             from .graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(model, self.cache)
@@ -223,6 +232,8 @@ class Session:
             if rows is None or not all(_is_int(r) and 0 <= r < self.batch for r in rows):
                 raise UserError(f"reset rows must be a list of stream indices in 0..{self.batch - 1}")
         self.cache.reset(rows)
+        if self.recall is not None:
+            self.recall.reset()
         if rows is None or set(rows) >= set(range(self.batch)):
             self.last_logits = None
         elif self.last_logits is not None:
@@ -234,6 +245,9 @@ class Session:
         from safetensors import SafetensorError
         from safetensors.torch import save_file
 
+        if self.recall is not None:
+            raise UserError("a session with recall cannot be saved: session files do not carry its host block "
+                            "store; save a session opened without recall=")
         c = self.cache
         tensors = {"keys": c.keys, "values": c.values, "seen": c.seen}
         if self.last_logits is not None:

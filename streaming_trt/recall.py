@@ -1,0 +1,334 @@
+"""Recall of evicted tokens: a host block store beside the StreamingLLM cache.
+
+Contract: ``shared/design/semantics.md``, "Recall of evicted tokens". Tokens leaving the window
+go, per layer, to a host store in blocks of ``B`` consecutive tokens (block ``j`` holds tokens
+``S + jB .. S + (j+1)B - 1``; a partly evicted block waits in a staging buffer). Each block keeps
+a summary in one common frame (its keys rotated back to position 0): Quest's per-channel min/max
+(``scorer="bounds"``) or InfLLM's representative keys (``scorer="representative"``: the keys that
+received the most attention from the queries of the window while they were in it).
+
+Each forward (a decode step, or one chunk of a prompt) selects, per layer, the top ``k`` blocks
+among those evicted before its first token: the query is rotated as if every block lay ``W``
+tokens before it, every query head of every row gives each block its softmax share over the
+blocks (:func:`~streaming_trt.kernels.recall_reference.block_votes`), and the blocks with the
+most votes win. The rows then attend sinks + selected blocks (text order) + window at rank
+positions. ``BlockStore.selected[layer]`` holds the block ids chosen by the last forward.
+
+Device memory stays constant (the cache plus one ``k * B`` gather buffer); the store keeps at most
+``budget_bytes`` of blocks and drops the oldest beyond that. Summaries live with the store on the
+host (on CUDA, pinned), so selection reads the query back each layer: a synchronisation per layer.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .errors import UserError
+from .kernels import recall_reference as R
+from .kernels.geometry import Geometry
+from .rope import apply_rotary, rotary_angles
+
+SCORERS = ("bounds", "representative")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recall:
+    """Settings of recall (see the module doc).
+
+    block_size: B, tokens per block. top_k: k, blocks recalled per layer and forward (0 is plain
+    StreamingLLM). scorer: ``bounds`` (Quest) or ``representative`` (InfLLM). representatives:
+    keys kept per block and KV head by the representative scorer. budget_bytes: the most host
+    memory the store may hold (keys, values and summaries); the oldest blocks are dropped first.
+    chunk: a prompt is fed in chunks of at most this many tokens, each selecting its own blocks.
+    """
+
+    block_size: int = 64
+    top_k: int = 4
+    scorer: str = "bounds"
+    representatives: int = 4
+    budget_bytes: int = 2 << 30
+    chunk: int = 64
+
+    def __post_init__(self):
+        for name in ("block_size", "representatives", "budget_bytes", "chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"Recall {name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise UserError(f"Recall top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.scorer not in SCORERS:
+            raise UserError(f"Recall scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
+        if self.scorer == "representative" and self.representatives > self.block_size:
+            raise UserError(f"Recall representatives ({self.representatives}) cannot exceed block_size ({self.block_size})")
+
+    @property
+    def slots(self) -> int:
+        """Device slots recalled blocks take per layer: k * B."""
+        return self.top_k * self.block_size
+
+
+@dataclasses.dataclass
+class RecallStep:
+    """Host facts of one forward of one stream: tokens ``start .. start + length - 1``; ``blocks``
+    complete blocks evicted before row ``start`` (the ones this forward may select)."""
+
+    start: int
+    length: int
+    blocks: int
+    plain: object = None  # the same StepPlan without recall, for the plain path
+
+
+class BlockStore:
+    """Evicted keys/values of one stream, every layer, in blocks (module doc).
+
+    ``keys``/``values``: per layer ``[stored, kv_heads, B, head_dim]`` in the cache dtype, on the
+    host, growing up to ``max_blocks``; block ``j`` in row ``j % max_blocks``. Summaries float32:
+    ``lo``/``hi [stored, kv_heads, head_dim]`` or ``reps [stored, kv_heads, r, head_dim]``.
+    """
+
+    def __init__(self, recall: Recall, config, geometry: Geometry, dtype: torch.dtype, device: torch.device,
+                 inv_freq: torch.Tensor):
+        self.recall, self.geometry, self.device, self.dtype = recall, geometry, device, dtype
+        self.inv_freq = inv_freq
+        L, kv, d, B = config.num_layers, config.num_kv_heads, config.head_dim, recall.block_size
+        self.shape = (kv, B, d)
+        item = torch.empty((), dtype=dtype).element_size()
+        summary = 2 * kv * d * 4 if recall.scorer == "bounds" else kv * recall.representatives * d * 4
+        self.block_bytes = L * (2 * kv * B * d * item + summary)
+        self.max_blocks = recall.budget_bytes // self.block_bytes
+        if self.max_blocks < 1 and recall.top_k > 0:
+            raise UserError(f"Recall budget_bytes={recall.budget_bytes} holds no block: one block of {B} tokens "
+                            f"takes {self.block_bytes} bytes over {L} layers; raise the budget or lower block_size")
+        self.pin = device.type == "cuda"
+        host = torch.device("cpu")
+        self.stage_k = torch.zeros(L, kv, B, d, dtype=dtype, device=host)
+        self.stage_v = torch.zeros(L, kv, B, d, dtype=dtype, device=host)
+        self.stage_mass = torch.zeros(L, kv, B)
+        self.slot_mass = torch.zeros(L, kv, geometry.capacity)  # attention received by each cache slot's token
+        k = max(recall.top_k, 1)
+        self.gather_k = torch.empty(kv, k * B, d, dtype=dtype, device=device)  # the k*B device slots
+        self.gather_v = torch.empty(kv, k * B, d, dtype=dtype, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        L = len(self.stage_k)
+        self.keys = [self._empty(0)] * L
+        self.values = [self._empty(0)] * L
+        self.summary = [None] * L
+        self.count = [0] * L  # blocks committed (ids 0 .. count - 1 ever made)
+        self.first = [0] * L  # oldest block id still stored
+        self.selected: list[list[int]] = [[] for _ in range(L)]
+        self.slot_mass.zero_()
+
+    def state(self) -> dict:
+        """A copy of everything the store holds (what a fork of the stream or a session file needs)."""
+        clone = lambda x: [t.clone() for t in x]  # noqa: E731
+        return dict(keys=clone(self.keys), values=clone(self.values), count=list(self.count), first=list(self.first),
+                    summary=[None if s is None else tuple(clone(s)) for s in self.summary],
+                    stage=(self.stage_k.clone(), self.stage_v.clone(), self.stage_mass.clone()),
+                    slot_mass=self.slot_mass.clone(), selected=[list(x) for x in self.selected])
+
+    def load_state(self, state: dict) -> None:
+        """Restore what :meth:`state` returned (the state itself is copied, not kept)."""
+        clone = lambda x: [t.clone() for t in x]  # noqa: E731
+        self.keys, self.values = clone(state["keys"]), clone(state["values"])
+        self.count, self.first = list(state["count"]), list(state["first"])
+        self.summary = [None if s is None else tuple(clone(s)) for s in state["summary"]]
+        for mine, theirs in zip((self.stage_k, self.stage_v, self.stage_mass), state["stage"]):
+            mine.copy_(theirs)
+        self.slot_mass.copy_(state["slot_mass"])
+        self.selected = [list(x) for x in state["selected"]]
+
+    def _empty(self, n: int, shape=None, dtype=None) -> torch.Tensor:
+        return torch.empty(n, *(shape or self.shape), dtype=dtype or self.dtype, pin_memory=self.pin)
+
+    def nbytes(self) -> int:
+        """Host bytes the store holds now (blocks, summaries, staging)."""
+        n = sum(t.nbytes for t in self.keys + self.values)
+        n += sum(t.nbytes for s in self.summary if s is not None for t in s)
+        return n + self.stage_k.nbytes + self.stage_v.nbytes + self.stage_mass.nbytes + self.slot_mass.nbytes
+
+    def device_bytes(self) -> int:
+        """Device bytes recall adds to the cache: the gather buffers (k * B slots, keys and values)."""
+        return self.gather_k.nbytes + self.gather_v.nbytes
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def step(self, start: int, length: int, plain) -> RecallStep:
+        """The host facts of a forward of ``length`` tokens from ``start``; ``plain`` its StepPlan."""
+        g, B = self.geometry, self.recall.block_size
+        evicted = max(0, start + 1 - g.window - g.sink_tokens)  # tokens S .. start - W are gone for row start
+        return RecallStep(start=start, length=length, blocks=evicted // B, plain=plain)
+
+    # -- storing -----------------------------------------------------------------------------
+
+    def _push(self, layer: int, u0: int, k: torch.Tensor, v: torch.Tensor, mass: torch.Tensor | None) -> None:
+        """Stage evicted tokens ``u0 .. u0 + m - 1`` (``k, v [kv, m, d]`` rotated at their text
+        positions, ``mass [kv, m]``), committing every block they complete."""
+        S, B = self.geometry.sink_tokens, self.recall.block_size
+        m, i = k.shape[1], 0
+        while i < m:
+            o = (u0 + i - S) % B
+            take = min(B - o, m - i)
+            self.stage_k[layer, :, o : o + take] = k[:, i : i + take].to("cpu", self.dtype)
+            self.stage_v[layer, :, o : o + take] = v[:, i : i + take].to("cpu", self.dtype)
+            if mass is not None:
+                self.stage_mass[layer, :, o : o + take] = mass[:, i : i + take].to("cpu")
+            i += take
+            if o + take == B:
+                self._commit(layer, (u0 + i - 1 - S) // B)
+
+    def _commit(self, layer: int, j: int) -> None:
+        assert j == self.count[layer], (j, self.count[layer])
+        S, B, r = self.geometry.sink_tokens, self.recall.block_size, self.recall.representatives
+        row = j % self.max_blocks
+        if row >= len(self.keys[layer]):  # grow (doubling, up to max_blocks)
+            size = min(self.max_blocks, max(4, 2 * len(self.keys[layer])))
+            self.keys[layer] = self._grow(self.keys[layer], size)
+            self.values[layer] = self._grow(self.values[layer], size)
+            if self.summary[layer] is not None:
+                self.summary[layer] = tuple(self._grow(t, size) for t in self.summary[layer])
+        k, v = self.stage_k[layer], self.stage_v[layer]
+        self.keys[layer][row] = k
+        self.values[layer][row] = v
+        # The block's keys in one frame: rotated back by their text positions.
+        pos = -torch.arange(S + j * B, S + (j + 1) * B)
+        k0 = apply_rotary(k.float(), *rotary_angles(self.inv_freq.cpu(), pos))  # [kv, B, d]
+        if self.recall.scorer == "bounds":
+            parts = (k0.amin(1), k0.amax(1))
+        else:
+            top = self.stage_mass[layer].topk(r, dim=-1).indices.sort(-1).values  # [kv, r]
+            parts = (torch.gather(k0, 1, top.unsqueeze(-1).expand(-1, -1, k0.shape[-1])),)
+        if self.summary[layer] is None:
+            self.summary[layer] = tuple(self._grow(torch.empty(0, *p.shape), len(self.keys[layer])) for p in parts)
+        for t, p in zip(self.summary[layer], parts):
+            t[row] = p
+        self.count[layer] = j + 1
+        self.first[layer] = max(self.first[layer], j + 1 - self.max_blocks)
+
+    def _grow(self, t: torch.Tensor, size: int) -> torch.Tensor:
+        new = torch.empty(size, *t.shape[1:], dtype=t.dtype, pin_memory=self.pin)
+        new[: len(t)] = t
+        return new
+
+    # -- selecting ---------------------------------------------------------------------------
+
+    def block_scores(self, layer: int, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``q [n, heads, d]`` scoring queries (rotated at ``W``) -> ``[n, heads, len(ids)]``."""
+        rows = ids % self.max_blocks
+        parts = [t.index_select(0, rows) for t in self.summary[layer]]
+        if self.recall.scorer == "bounds":
+            return R.bound_scores(q, *parts)
+        return R.representative_scores(q, parts[0])
+
+    def select(self, layer: int, q: torch.Tensor, available: int, sm_scale: float) -> list[int]:
+        """Ids (ascending) of the top-k blocks among those stored and ``< available``, for the
+        unrotated queries ``q [n, heads, d]`` of one forward."""
+        lo, k = self.first[layer], self.recall.top_k
+        if available <= lo or k == 0:
+            return []
+        ids = torch.arange(lo, available)
+        w = self.geometry.window
+        qd = apply_rotary(q.float().cpu(), *rotary_angles(self.inv_freq.cpu(), torch.tensor(w)))
+        votes = R.block_votes(self.block_scores(layer, qd, ids), sm_scale)
+        if len(ids) <= k:
+            return ids.tolist()
+        return sorted(ids[votes.topk(k).indices].tolist())
+
+    # -- attending ---------------------------------------------------------------------------
+
+    def attend(self, cache, layer: int, q, k, v, plan, sm_scale: float, sink_logits=None) -> torch.Tensor:
+        """:meth:`StreamingCache.attend` with recall, for a batch of one stream."""
+        step: RecallStep = plan.recall
+        g, B = self.geometry, self.recall.block_size
+        S, W = g.sink_tokens, g.window
+        start, end = step.start, step.start + step.length
+        k_cache, v_cache = cache.keys[layer], cache.values[layer]
+        # 1. Tokens this forward evicts that sit in the cache now go to the store.
+        lo_u, hi_u = max(S, start - W), min(start - 1, end - 1 - W)
+        if hi_u >= lo_u:
+            us = torch.arange(lo_u, hi_u + 1)
+            slots = g.slot(us).to(k_cache.device)
+            self._push(layer, lo_u, k_cache[0, :, slots], v_cache[0, :, slots],
+                       self.slot_mass[layer][:, g.slot(us)] if self.recall.scorer == "representative" else None)
+        mass = None
+        need_k = self.recall.scorer == "representative" or end - W > start
+        if need_k:
+            q_text, q_rank = plan.rotate(q)
+            k_rot = apply_rotary(k, *plan.text)
+            if self.recall.scorer == "representative":
+                mass = R.attention_mass(q_text, q_rank, k_rot, k_cache, plan.start, plan.lengths, g, sm_scale)[0].cpu()
+        # 2. Selection, then attention.
+        ids = self.select(layer, q[0], step.blocks, sm_scale)
+        self.selected[layer] = ids
+        if not ids:
+            out = cache.attend(layer, q, k, v, step.plain, sm_scale, sink_logits)
+        else:
+            out = self._attend_recalled(cache, layer, q, k, v, plan, ids, sm_scale, sink_logits)
+        # 3. Rows of this chunk that its own later rows evict, and the attention mass bookkeeping.
+        if end - W > start:
+            lo_c = max(S, start)
+            self._push(layer, lo_c, k_rot[0, lo_c - start : end - W - start].transpose(0, 1),
+                       v[0, lo_c - start : end - W - start].transpose(0, 1),
+                       None if mass is None else mass[:, g.capacity + lo_c - start : g.capacity + end - W - start])
+        if mass is not None:
+            self.slot_mass[layer] += mass[:, : g.capacity]
+            kept = range(max(start, end - W), end)
+            kept = [u for u in kept if u >= S] + [u for u in range(start, min(end, S))]
+            if kept:
+                idx = torch.tensor(kept)
+                self.slot_mass[layer][:, g.slot(idx)] = mass[:, g.capacity + idx - start]
+        return out
+
+    def _attend_recalled(self, cache, layer, q, k, v, plan, ids, sm_scale, sink_logits):
+        g, B = self.geometry, self.recall.block_size
+        S, n_sel = g.sink_tokens, len(ids)
+        k_cache, v_cache = cache.keys[layer], cache.values[layer]
+        rows = torch.tensor(ids) % self.max_blocks
+        width = n_sel * B
+        bk, bv = self.gather_k[:, :width], self.gather_v[:, :width]
+        bk.copy_(self.keys[layer].index_select(0, rows).transpose(0, 1).reshape(bk.shape), non_blocking=True)
+        bv.copy_(self.values[layer].index_select(0, rows).transpose(0, 1).reshape(bv.shape), non_blocking=True)
+        # Every row is past capacity: the query's rank is C - 1 + n_sel * B. Block i (id j) holds
+        # ranks S + iB + o for text positions S + jB + o: the query rotated at rank + (j - i) B
+        # gives each of its keys its rank distance.
+        rank = g.capacity - 1 + width
+        pos = torch.tensor([rank] + [rank + (j - i) * B for i, j in enumerate(ids)], device=q.device)
+        cos, sin = rotary_angles(self.inv_freq, pos)  # [1 + n_sel, half]
+        q_text = apply_rotary(q, *plan.text)
+        q_all = apply_rotary(q.unsqueeze(3).expand(-1, -1, -1, len(pos), -1), cos, sin)  # [1, n, heads, 1 + n_sel, d]
+        q_sink, q_block = q_all[:, :, :, 0], q_all[:, :, :, 1:]
+        k_rot = apply_rotary(k, *plan.text)
+        if plan.decode:
+            slot = plan.slots
+            k_cache[0, :, slot] = k_rot[0, 0].to(k_cache.dtype).unsqueeze(1)
+            v_cache[0, :, slot] = v[0, 0].to(v_cache.dtype).unsqueeze(1)
+            out = R.recall_decode_attention(q_text[:, 0], q_sink[:, 0], q_block[:, 0], k_cache, v_cache,
+                                            bk[None], bv[None], g, sm_scale, sink_logits)
+            return out[:, None]
+        out = R.recall_prefill_attention(q_text, q_sink, q_block, k_rot, v, k_cache, v_cache, bk[None], bv[None],
+                                         plan.start, plan.lengths, g, sm_scale, sink_logits)
+        from .kernels import reference
+
+        reference.cache_write(k_rot, v, k_cache, v_cache, plan.start, plan.lengths, g)
+        return out
+
+
+def attach(recall: Recall, model, cache) -> BlockStore:
+    """Give ``cache`` (one stream of ``model``) a block store for ``recall``; ``UserError`` for
+    what this implementation does not do."""
+    if not isinstance(recall, Recall):
+        raise UserError(f"recall must be a streaming_trt.Recall(...), got {type(recall).__name__}")
+    if cache.batch != 1:
+        raise UserError(f"recall keeps one stream's evicted tokens: open the session with batch=1 (got batch={cache.batch})")
+    g = cache.geometry
+    limit = model.config.max_position_embeddings
+    if limit is not None and g.capacity + recall.slots > limit:
+        import warnings
+
+        warnings.warn(f"sink_tokens + window + top_k x block_size = {g.capacity + recall.slots} exceeds the model's "
+                      f"max_position_embeddings ({limit}): recalled tokens take ranks the model never saw", stacklevel=3)
+    store = BlockStore(recall, model.config, g, model.dtype, model.device, model.inv_freq)
+    cache.recall = store
+    return store

@@ -1,0 +1,158 @@
+"""Recall of evicted tokens (shared/design/semantics.md, "Recall of evicted tokens").
+
+On one-layer models, where re-computation is exactly the streaming function: every token's logits
+equal transformers re-run on A_R(t) (sinks + the tokens of the blocks the selection chose, in text
+order + the window) at positions 0 .. |A_R(t)| - 1; with no block selected recall is plain
+StreamingLLM bit for bit; the selection equals a brute-force float64 top-k of the stated rule.
+"""
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+
+import streaming_trt as st
+from oracles import close
+from streaming_trt.recall import BlockStore, Recall
+
+NAN = float("nan")
+
+
+def recall_set(t: int, sel: list[int], S: int, W: int, B: int) -> list[int]:
+    """A_R(t), in order."""
+    blocks = [u for j in sel for u in range(S + j * B, S + (j + 1) * B)]
+    return list(range(min(S, t + 1))) + blocks + list(range(max(S, t - W + 1), t + 1))
+
+
+@pytest.mark.parametrize("sink_tokens", [0, 1, 4])
+@pytest.mark.parametrize("scorer,chunk", [("bounds", 1), ("representative", 5)])
+def test_logits_equal_recomputation_on_the_recall_set(checkpoints, scorer, sink_tokens, chunk):
+    S, W, B, K = sink_tokens, 8, 4, 2
+    path, hf = checkpoints("llama", num_hidden_layers=1)
+    model = st.load_model(path, backend="torch")
+    s = model.session(sink_tokens=S, window=W, cache_fill=NAN,
+                      recall=Recall(block_size=B, top_k=K, scorer=scorer, chunk=16))
+    torch.manual_seed(S + 10 * chunk)
+    n = 60
+    ids = torch.randint(0, 97, (n,))
+    chosen = []
+    for lo in range(0, n, chunk):
+        out = s.feed(ids[lo : lo + chunk].tolist())[0]
+        sel = list(s.recall.selected[0])
+        assert sel == sorted(set(sel)) and len(sel) <= K
+        for i in range(out.shape[0]):
+            t = lo + i
+            assert all(S + (j + 1) * B - 1 <= t - W for j in sel)  # only fully evicted blocks
+            want = hf(ids[recall_set(t, sel, S, W, B)].view(1, -1)).logits[0, -1].float()
+            close(out[i], want, 1e-5)
+        chosen.append(tuple(sel))
+    blocks = (n - W - S) // B
+    assert any(len(c) == K for c in chosen) and len(set(chosen)) > 3  # recall happened, and changed
+    assert max(j for c in chosen for j in c) < blocks
+
+
+@pytest.mark.parametrize("scorer", ["bounds", "representative"])
+def test_no_block_selected_is_plain_streaming_exactly(checkpoints, scorer):
+    path, _ = checkpoints("llama", num_hidden_layers=2)
+    model = st.load_model(path, backend="torch")
+    ids = torch.randint(0, 97, (60,)).tolist()
+    for recall in (Recall(block_size=4, top_k=0, scorer=scorer), Recall(block_size=64, top_k=3, scorer=scorer)):
+        plain = model.session(sink_tokens=2, window=6, cache_fill=NAN)
+        other = model.session(sink_tokens=2, window=6, cache_fill=NAN, recall=recall)
+        for piece in (ids[:7], ids[7:8], ids[8:30], *([x] for x in ids[30:])):
+            a, b = plain.feed(piece), other.feed(piece)
+            assert torch.equal(a, b)
+            assert other.recall.selected == [[], []]
+        assert torch.equal(plain.cache.keys, other.cache.keys) and torch.equal(plain.cache.values, other.cache.values)
+
+
+def _store(scorer: str, blocks: int, S: int = 3, W: int = 5, B: int = 6, kv: int = 2, d: int = 8, top_k: int = 3,
+           budget: int = 1 << 30, seed: int = 0):
+    from streaming_trt.contract import Geometry
+
+    g = Geometry(S, W)
+    config = types.SimpleNamespace(num_layers=1, num_kv_heads=kv, head_dim=d)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    store = BlockStore(Recall(block_size=B, top_k=top_k, scorer=scorer, representatives=2, budget_bytes=budget),
+                       config, g, torch.float32, torch.device("cpu"), inv)
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(kv, blocks * B, d, generator=gen)
+    mass = torch.rand(kv, blocks * B, generator=gen)
+    # Pushed in uneven pieces: partly evicted blocks wait in the staging buffer.
+    cut = [0, 1, 7, 8, 20, blocks * B]
+    for a, b in zip(cut, cut[1:]):
+        store._push(0, S + a, keys[:, a:b], keys[:, a:b] * 2, mass[:, a:b])
+    return store, keys, mass, inv, g
+
+
+def _rotate64(x, angle):
+    """Rotate-half rotation of float64 ``x [..., d]`` by ``angle [..., d/2]``, written out."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return torch.cat([x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()], -1)
+
+
+@pytest.mark.parametrize("scorer", ["bounds", "representative"])
+@pytest.mark.parametrize("seed", range(4))
+def test_selection_equals_brute_force_float64_top_k(scorer, seed):
+    S, W, B, blocks, heads, top_k = 3, 5, 6, 9, 4, 3
+    store, keys, mass, inv, g = _store(scorer, blocks, S, W, B, seed=seed, top_k=top_k)
+    assert store.count[0] == blocks
+    q = torch.randn(2, heads, 8, generator=torch.Generator().manual_seed(100 + seed))
+    scale = 8**-0.5
+    got = store.select(0, q, available=blocks, sm_scale=scale)
+    # Brute force: each block's keys rotated back to position 0 and the query set W tokens after.
+    votes = torch.zeros(blocks, dtype=torch.float64)
+    qd = _rotate64(q.double(), W * inv)
+    scores = torch.zeros(2, heads, blocks, dtype=torch.float64)
+    for j in range(blocks):
+        for kvh in range(2):
+            idx = torch.arange(j * B, (j + 1) * B)
+            k0 = torch.stack([_rotate64(keys[kvh, i].double(), -(S + i) * inv) for i in idx.tolist()])
+            for h in range(kvh * heads // 2, (kvh + 1) * heads // 2):
+                for r in range(2):
+                    if scorer == "bounds":
+                        lo, hi = k0.min(0).values, k0.max(0).values
+                        scores[r, h, j] = sum(max(qd[r, h, c] * lo[c], qd[r, h, c] * hi[c]) for c in range(8))
+                        assert scores[r, h, j] >= (k0 @ qd[r, h]).max() - 1e-9  # an upper bound
+                    else:
+                        top = mass[kvh, idx].topk(2).indices
+                        scores[r, h, j] = (k0[top] @ qd[r, h]).max()
+    for r in range(2):
+        for h in range(heads):
+            votes += torch.softmax(scores[r, h] * scale, 0)
+    want = sorted(votes.topk(top_k).indices.tolist())
+    assert got == want
+    assert store.select(0, q, available=2, sm_scale=scale) == [0, 1]  # only blocks evicted so far
+
+
+def test_budget_drops_the_oldest_blocks_and_is_kept():
+    probe, *_ = _store("bounds", 1)
+    budget = 3 * probe.block_bytes
+    store, *_ = _store("bounds", 9, budget=budget)
+    assert store.max_blocks == 3 and store.first[0] == 6 and store.count[0] == 9
+    q = torch.randn(1, 4, 8)
+    assert store.select(0, q, available=9, sm_scale=1.0) == [6, 7, 8]
+    kept = sum(t.nbytes for t in store.keys + store.values) + sum(t.nbytes for t in store.summary[0])
+    assert kept <= budget
+
+
+def test_recall_refusals(checkpoints, tmp_path):
+    path, _ = checkpoints("llama", num_hidden_layers=1)
+    model = st.load_model(path, backend="torch")
+    with pytest.raises(st.UserError, match="batch=1"):
+        model.session(sink_tokens=2, window=6, batch=2, recall=Recall(block_size=4))
+    with pytest.raises(st.UserError, match="scorer"):
+        Recall(scorer="exact")
+    with pytest.raises(st.UserError, match="top_k"):
+        Recall(top_k=-1)
+    with pytest.raises(st.UserError, match="recall must be"):
+        model.session(sink_tokens=2, window=6, recall={"top_k": 2})
+    with pytest.raises(st.UserError, match="holds no block"):
+        model.session(sink_tokens=2, window=6, recall=Recall(block_size=4, budget_bytes=10))
+    s = model.session(sink_tokens=2, window=6, recall=Recall(block_size=4))
+    s.feed(list(range(30)))
+    with pytest.raises(st.UserError, match="cannot be saved"):
+        s.save(tmp_path / "s.safetensors")
