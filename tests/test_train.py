@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -13,39 +12,22 @@ import streaming_trt as st
 from streaming_trt.config import ModelConfig
 from streaming_trt.errors import CheckpointError
 from streaming_trt.model import Transformer
-from streaming_trt.train import Settings, forward, new_model, train
+from streaming_trt.train import forward, new_model, train
 from streaming_trt.train import cli, data, files
-from streaming_trt.train.loop import model_config
+import train_runs
+from train_runs import tiny
 
-TEXT = Path(__file__).resolve().parent.parent / "bench" / "data" / "builtin_text.txt"
 LOSS_MARGIN = 1.0  # nats: the loss after 50 steps is at least this far below the first step's
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text(TEXT.read_text()[:40000])
-    return path
-
-
-def tiny(text_file: Path, out: Path, **kw) -> Settings:
-    return dataclasses.replace(Settings(), **{**cli.PRESETS["tiny"], "text": str(text_file), "out": str(out),
-                                              "heldout": 0.1, "threads": 1, **kw})
+    return train_runs.text_file(tmp_path_factory.mktemp("text"))
 
 
 @pytest.fixture(scope="module")
-def trained(text_file, tmp_path_factory):
-    """variant -> run folder of a tiny model trained for 8 steps."""
-    made = {}
-
-    def get(variant):
-        if variant not in made:
-            out = tmp_path_factory.mktemp(variant)
-            train(tiny(text_file, out, variant=variant, steps=8, save_every=8, measure_every=4), quiet=True)
-            made[variant] = out
-        return made[variant]
-
-    return get
+def trained(tmp_path_factory):
+    return train_runs.runs(tmp_path_factory)
 
 
 def trained_model(folder: Path) -> Transformer:

@@ -12,6 +12,10 @@ from .rotary import rotate_heads
 #: wrapped base forward of :mod:`streaming_trt.hf.enable`), read by :func:`streaming_attention`.
 ACTIVE = threading.local()
 
+#: the attention modules' non-persistent buffer of learned sink logits ``[num_heads]`` (config.json
+#: ``sink_logits``; set by :func:`streaming_trt.hf.enable_streaming`)
+SINKS_ATTR = "streaming_trt_sinks"
+
 
 def streaming_attention(module, query, key, value, attention_mask=None, *, scaling=None, dropout=0.0,
                         softcap=None, sliding_window=None, alibi_slopes=None, **kwargs):
@@ -37,12 +41,13 @@ def streaming_attention(module, query, key, value, attention_mask=None, *, scali
     if scaling is None:
         scaling = D ** -0.5
     freqs = cache.layer_freqs[module.layer_idx]
+    sinks = getattr(module, SINKS_ATTR, None)  # [H] learned sink logits (zeros: softmax-off-by-one)
     needs_rank = cache.masks.get("rank")
     if needs_rank is None:  # one host sync per chunk, not per layer
         needs_rank = cache.masks["rank"] = S > 0 and bool((qpos >= C).any())
     needs_rank = needs_rank and freqs is not None
     if layer.pending is not None:
-        return _kernel_attention(cache, layer, query, qpos, qrank, freqs if needs_rank else None, scaling), None
+        return _kernel_attention(cache, layer, query, qpos, qrank, freqs if needs_rank else None, scaling, sinks), None
 
     kpos = layer.last_kpos  # [B, L]
     L = kpos.shape[1]
@@ -65,7 +70,7 @@ def streaming_attention(module, query, key, value, attention_mask=None, *, scali
             allowed = allowed & (dist < int(sliding_window))
 
     g = H // key.shape[1]
-    if not softcap and alibi_slopes is None and (q == 1 or not needs_rank) and not dropout:
+    if not softcap and alibi_slopes is None and sinks is None and (q == 1 or not needs_rank) and not dropout:
         # SDPA: a decode step moves its second rotation onto the S sink keys instead (q_rank . k_i ==
         # q_text . R(t - rank) k_i), a chunk that needs none takes the mask alone
         if needs_rank:
@@ -88,12 +93,16 @@ def streaming_attention(module, query, key, value, attention_mask=None, *, scali
     if alibi_slopes is not None:
         scores = scores - alibi_slopes.to(scores.device, torch.float32).view(1, H, 1, 1) * dist[:, None].float()
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    else:  # exp(s_h) joins every denominator, with no value (docs/contract.md)
+        extra = sinks.to(scores.device, scores.dtype).view(1, H, 1, 1).expand(B, H, q, 1)
+        probs = torch.softmax(torch.cat([scores, extra], -1), dim=-1)[..., :-1].to(v.dtype)
     out = torch.matmul(probs, v)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _kernel_attention(cache, layer, query, qpos, qrank, freqs, scaling) -> torch.Tensor:
+def _kernel_attention(cache, layer, query, qpos, qrank, freqs, scaling, sinks=None) -> torch.Tensor:
     """The project's kernels (``cache.ops``) on an unpadded chunk: ``query [B, H, q, D]`` -> ``[B, q, H, D]``.
 
     ``layer.pending`` holds the chunk's keys/values; the cache slots hold the stream before it. A
@@ -110,8 +119,9 @@ def _kernel_attention(cache, layer, query, qpos, qrank, freqs, scaling) -> torch
     lengths = torch.full_like(start, q)
     if q == 1:
         ops.cache_write(k_new, v_new, layer.keys, layer.values, start, lengths, geo)
-        out = ops.decode_attention(q_text[:, 0], q_rank[:, 0], layer.keys, layer.values, start + 1, geo, scaling)
+        out = ops.decode_attention(q_text[:, 0], q_rank[:, 0], layer.keys, layer.values, start + 1, geo, scaling, sinks)
         return out.view(B, 1, H, D)
-    out = ops.prefill_attention(q_text, q_rank, k_new, v_new, layer.keys, layer.values, start, lengths, geo, scaling)
+    out = ops.prefill_attention(q_text, q_rank, k_new, v_new, layer.keys, layer.values, start, lengths, geo, scaling,
+                                sinks)
     ops.cache_write(k_new, v_new, layer.keys, layer.values, start, lengths, geo)
     return out

@@ -18,6 +18,7 @@ from .adapters import ADAPTERS
 from .attention import ACTIVE, streaming_attention
 from .cache import NO_BEAMS, HFStreamingCache, StreamingSettings, kernels_for
 from .rotary import ExactRotary
+from .sinks import attach_sink_logits, start_with_sink_token
 
 ATTN_NAME = "streaming_trt"
 
@@ -57,6 +58,7 @@ def _wrap_forward(base, orig_forward):
             valid = torch.ones(B, n, dtype=torch.bool, device=x.device)
         else:
             raise UserError("streaming attention takes a 2D [batch, length] attention mask (1 = token, 0 = padding)")
+        start_with_sink_token(model, orig_forward, cache, valid, kwargs)
         step = max(1, min(cache.max_chunk, cache.geometry.window))
         outs = []
         for s in range(0, n, step):
@@ -161,6 +163,7 @@ def enable_streaming(model, sink_tokens: int = 4, window: int = 1020, max_chunk:
                                 f"AttentionInterface pattern")
             if not isinstance(base.rotary_emb, ExactRotary):
                 base.rotary_emb = ExactRotary(base.rotary_emb)
+        attach_sink_logits(model)
         base.__dict__["_streaming_trt_owner"] = model  # not a submodule (no cycle)
         base.forward = _wrap_forward(base, base.forward)
         model.generate = _wrap_generate(model, model.generate)

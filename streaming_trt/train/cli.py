@@ -19,10 +19,10 @@ from .forward import VARIANTS
 from .loop import Settings
 
 PRESETS = {
-    # the CPU demonstration (bench/RESULTS.md): 3.7M parameters, 2048 tokens a step, ~12 minutes on a
-    # third of a core
+    # the CPU demonstration (bench/RESULTS.md): 3.7M parameters, 2048 tokens a step; 140 steps took
+    # ~12 minutes on a shared CPU (a third of a core)
     "cpu-small": dict(layers=4, hidden=256, heads=4, kv_heads=4, intermediate=688, context=256, vocab_size=2048,
-                      batch=8, steps=250, lr=2e-3, min_lr=2e-4, warmup=25, measure_every=10, save_every=50),
+                      batch=8, steps=140, lr=2e-3, min_lr=2e-4, warmup=25, measure_every=10, save_every=50),
     # one H200 for an hour: ~61M parameters, 64 x 1024 tokens a step (Gu et al. saw sinks emerge in a
     # 60M LLaMA after 1-2B tokens; a larger corpus than Austen's 1M tokens is advised, --text FILE)
     "h200-60m": dict(layers=10, hidden=640, heads=10, kv_heads=10, intermediate=2048, context=1024,
