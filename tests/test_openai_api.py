@@ -117,6 +117,8 @@ def test_neutral_values_of_refused_parameters_are_accepted():
      "messages[0].tool_calls", "not supported"),
     (dict(messages=[{"role": "assistant", "content": "x"}]), "messages", "last message"),
     (dict(model="gpt-4o"), "model", "not served"),
+    (dict(messages=[{"role": "user", "content": "a\ud800b"}]), "messages[0].content", "lone surrogate"),
+    (dict(stop=["\udc00"]), "stop", "lone surrogate"),
 ])
 def test_bad_chat_values_name_the_parameter(kw, param, message):
     with pytest.raises(BadRequest, match=message) as e:

@@ -143,6 +143,8 @@ def _sampling(body: dict, endpoint: str, max_tokens_limit: int) -> dict:
         if len(stops) > MAX_STOP:
             raise BadRequest(f"stop holds {len(stops)} strings; at most {MAX_STOP}", param="stop")
         stops = [s for s in stops if s]
+        for s in stops:
+            _unicode(s, "stop")
         if stops:
             options["stop"] = stops
     logprobs = _logprobs(body, endpoint)
@@ -172,13 +174,22 @@ def _model(body: dict, model_id: str) -> None:
 
 def _content(m: dict, i: int) -> str:
     c = m.get("content")
-    if isinstance(c, str):
-        return c
     if isinstance(c, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                                    for p in c):
-        return "".join(p["text"] for p in c)
-    raise BadRequest(f"messages[{i}].content must be a string or a list of text parts (text only here)",
-                     param=f"messages[{i}].content")
+        c = "".join(p["text"] for p in c)
+    if not isinstance(c, str):
+        raise BadRequest(f"messages[{i}].content must be a string or a list of text parts (text only here)",
+                         param=f"messages[{i}].content")
+    _unicode(c, f"messages[{i}].content")
+    return c
+
+
+def _unicode(text: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's \ud800 escapes decode to lone surrogates, which are not text
+        raise BadRequest(f"{param} holds a lone surrogate ({text[e.start]!r} at {e.start}), which is not Unicode "
+                         "text", param=param) from None
 
 
 def parse_chat(body, model_id: str, max_tokens_limit: int) -> dict:
@@ -225,6 +236,7 @@ def parse_completion(body, model_id: str, max_tokens_limit: int) -> dict:
         raise BadRequest("prompt must be text; token-id prompts are not supported", param="prompt")
     if not isinstance(prompt, str) or not prompt:
         raise BadRequest("prompt must be a non-empty string", param="prompt")
+    _unicode(prompt, "prompt")
     parsed = {"prompt": prompt, **_sampling(body, COMPLETIONS, max_tokens_limit)}
     parsed["options"]["raw"] = True
     return parsed
