@@ -45,7 +45,7 @@ def in_process(args, texts):
     from argparse import Namespace
 
     from streaming_trt import cli
-    from streaming_trt.chat import TurnEncoder
+    from streaming_trt.conversation import TurnEncoder
     from streaming_trt.generation import eos_ids, generate_tokens
 
     model, tok = cli.load(Namespace(model=args.model, dtype="float32", device="cpu", backend="auto", seed=0,

@@ -7,6 +7,7 @@ full. A decode step then runs with no host-device synchronisation.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from types import ModuleType
@@ -169,6 +170,15 @@ class StreamingCache:
         """Count the step's tokens as stored on the device (after every layer has attended); in
         place, so a captured decode step updates the same tensor. The caller moves ``seen_host``."""
         self.seen.copy_(plan.seen_after)
+
+    def rows(self, lo: int, hi: int) -> "StreamingCache":
+        """Streams ``lo .. hi-1`` as a cache of their own that shares this one's memory: a forward
+        over it stores into this cache (the batched server's decode step runs over such a view).
+        Its host counters are a copy; the caller writes them back (``seen_host[lo:hi] = ...``)."""
+        view = copy.copy(self)
+        view.keys, view.values, view.seen = self.keys[:, lo:hi], self.values[:, lo:hi], self.seen[lo:hi]
+        view.seen_host = self.seen_host[lo:hi]
+        return view
 
     def reset(self, rows: list[int] | None = None) -> None:
         """Forget streams ``rows`` (all when None); their slots are refilled, memory is kept."""

@@ -38,10 +38,38 @@ def build_parser():
     g.add_argument("--openai-port", type=int, default=0, help="port of the OpenAI-compatible gateway (0: off)")
     g.add_argument("--served-model-name", default="streaming-trt", help="the model id the OpenAI endpoint lists")
     g.add_argument("--session-dir", default="sessions", help="where conversations are saved after every turn")
-    g.add_argument("--max-resident", type=int, default=64,
-                   help="conversations kept in memory; the least recently used wait on disk")
+    g = p.add_argument_group("batching and capacity (docs/serving.md: capacity planning)")
+    g.add_argument("--slots", type=int, default=None,
+                   help="conversations whose turns run at once in one batched step (one cache of S + W slots "
+                        "each, allocated at start); default: as many as --slot-memory holds, at most 64")
+    g.add_argument("--slot-memory", type=parse_bytes, default=None, metavar="SIZE",
+                   help="bytes of cache for the slots, e.g. 2GiB (default: a quarter of the free device memory)")
+    g.add_argument("--prefill-budget", type=int, default=256,
+                   help="prompt tokens fed per step after every decoding slot got its token")
+    g.add_argument("--max-queue", type=int, default=256,
+                   help="turns that may wait for a slot; beyond, requests are refused at once (server busy)")
+    g.add_argument("--host-memory", type=parse_bytes, default=parse_bytes("4GiB"), metavar="SIZE",
+                   help="idle conversations kept in host memory, by bytes; the least recently used wait on disk")
+    g.add_argument("--disk-budget", type=parse_bytes, default=None, metavar="SIZE",
+                   help="bytes of session files; beyond, the least recently used conversations are deleted")
+    g.add_argument("--idle-ttl", type=float, default=None, metavar="SECONDS",
+                   help="delete a conversation this long after its last turn (default: never)")
     g.add_argument("--max-tokens-limit", type=int, default=4096, help="largest reply length a request may ask for")
     g.add_argument("--max-input-bytes", type=int, default=256 * 1024, help="largest message list a request may send")
+    g.add_argument("--max-sequences", type=int, default=4096,
+                   help="conversations Triton holds a sequence slot for at once (its max_candidate_sequences)")
+    g.add_argument("--sequence-idle-seconds", type=float, default=60.0,
+                   help="Triton releases the sequence slot of a conversation idle this long; its next turn "
+                        "resumes it from --session-dir (clients do this by themselves)")
+    g.add_argument("--api-key", default=os.environ.get("STREAMING_TRT_API_KEY"),
+                   help="required as 'Authorization: Bearer KEY' by the OpenAI gateway and by Triton's gRPC and "
+                        "HTTP endpoints (all but health); needed when --host is beyond loopback "
+                        "(default: $STREAMING_TRT_API_KEY)")
+    g.add_argument("--openai-max-conversations", type=int, default=4096,
+                   help="conversations the OpenAI gateway remembers for prefix reuse; the least recently used "
+                        "are ended on the server")
+    g.add_argument("--openai-conversation-ttl", type=float, default=24 * 3600.0,
+                   help="seconds after which an OpenAI conversation nobody continued is ended on the server")
     g.add_argument("--tritonserver", metavar="PATH", help="tritonserver binary (default: nvidia-pytriton's, or PATH)")
     g.add_argument("--repo-dir", metavar="DIR", help="where to write the model repository (default: a temporary directory)")
     g.add_argument("--write-repo", metavar="DIR", help="only write the model repository to DIR and exit")
@@ -49,14 +77,44 @@ def build_parser():
     return p
 
 
+UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+         "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"512MiB"``, ``"2GiB"``, ``"1.5GB"``, ``"1000"`` -> bytes (an argparse type)."""
+    import argparse
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 512MiB, 2GiB or a number of bytes")
+    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+
+
 def settings(args) -> dict:
     """The backend's settings (serve.json) from the flags, checked here so a bad flag fails fast."""
     if args.sink_tokens < 0 or args.window < 1:
         raise UserError(f"--sink-tokens must be >= 0 and --window >= 1, got {args.sink_tokens} and {args.window}")
-    if args.max_resident < 1:
-        raise UserError(f"--max-resident must be >= 1, got {args.max_resident}")
+    if args.slots is not None and args.slots < 1:
+        raise UserError(f"--slots must be >= 1, got {args.slots}")
+    for flag, value, low in (("--prefill-budget", args.prefill_budget, 1), ("--max-queue", args.max_queue, 0)):
+        if value < low:
+            raise UserError(f"{flag} must be >= {low}, got {value}")
+    if args.idle_ttl is not None and args.idle_ttl <= 0:
+        raise UserError(f"--idle-ttl must be > 0 seconds, got {args.idle_ttl}")
     if not 0 <= args.max_new_tokens <= args.max_tokens_limit:
         raise UserError(f"--max-new-tokens must be in [0, --max-tokens-limit={args.max_tokens_limit}]")
+    if args.max_sequences < 1 or not args.sequence_idle_seconds > 0:
+        raise UserError(f"--max-sequences must be >= 1 and --sequence-idle-seconds > 0, got {args.max_sequences} "
+                        f"and {args.sequence_idle_seconds}")
+    if args.openai_max_conversations < 1 or not args.openai_conversation_ttl > 0:
+        raise UserError("--openai-max-conversations must be >= 1 and --openai-conversation-ttl > 0")
+    if args.api_key is not None and (not args.api_key or any(c.isspace() or not c.isprintable() for c in args.api_key)):
+        raise UserError("--api-key must be a non-empty string of printable characters without spaces")
+    if not is_loopback(args.host) and not args.api_key and not args.write_repo:
+        raise UserError(f"--host {args.host} reaches beyond this machine: give --api-key (or "
+                        "$STREAMING_TRT_API_KEY) so that only clients holding it are served")
     for name in ("http_port", "grpc_port", "openai_port"):
         if not 0 <= getattr(args, name) < 65536:
             raise UserError(f"--{name.replace('_', '-')} must be a port number, got {getattr(args, name)}")
@@ -71,10 +129,33 @@ def settings(args) -> dict:
         "model": model, "dtype": args.dtype, "device": args.device, "backend": args.backend,
         "seed": 0 if args.seed is None else args.seed,
         "sink_tokens": args.sink_tokens, "window": args.window,
-        "session_dir": str(Path(args.session_dir).resolve()), "max_resident": args.max_resident,
+        "session_dir": str(Path(args.session_dir).resolve()), "slots": args.slots, "slot_memory": args.slot_memory,
+        "prefill_budget": args.prefill_budget, "max_queue": args.max_queue, "host_memory": args.host_memory,
+        "disk_budget": args.disk_budget, "idle_ttl": args.idle_ttl,
         "max_new_tokens": args.max_new_tokens, "max_new_tokens_limit": args.max_tokens_limit,
         "max_input_bytes": args.max_input_bytes, "threads": args.threads,
     }
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def restricted_protocol_flags(api_key: str | None) -> list[str]:
+    """tritonserver flags requiring the key (header ``authorization: Bearer KEY``) on every gRPC and HTTP
+    endpoint group but health, which load balancers probe."""
+    if not api_key:
+        return []
+    groups = "metadata,inference,shared-memory,model-config,model-repository,statistics,trace,logging"
+    return [f"--grpc-restricted-protocol={groups}:authorization=Bearer {api_key}",
+            f"--http-restricted-api={groups}:authorization=Bearer {api_key}"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,13 +165,19 @@ def main(argv: list[str] | None = None) -> int:
     return cli.run(lambda: _serve(args))
 
 
+def sequence_slots(args) -> dict:
+    idle_us = round(args.sequence_idle_seconds * 1e6)
+    # write_repo takes hours and truncates to whole microseconds: half a microsecond more lands on idle_us
+    return {"idle_hours": (idle_us + 0.5) / 3600e6, "candidates": args.max_sequences}
+
+
 def _serve(args) -> int:
     from . import cli
     from .serving.repo import TritonServer, find_tritonserver, write_repo
 
     conf = settings(args)
     if args.write_repo:
-        model_dir = write_repo(args.write_repo, conf)
+        model_dir = write_repo(args.write_repo, conf, **sequence_slots(args))
         cli.info(f"[streaming-trt] model repository written to {model_dir.parent} "
                  f"(serve it with: tritonserver --model-repository {model_dir.parent})")
         return 0
@@ -98,11 +185,12 @@ def _serve(args) -> int:
     binary = find_tritonserver(args.tritonserver)
     work = Path(tempfile.mkdtemp(prefix="streaming-trt-serve-"))
     repo = Path(args.repo_dir) if args.repo_dir else work / "repo"
-    write_repo(repo, conf)
+    write_repo(repo, conf, **sequence_slots(args))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    server = TritonServer(repo, args.host, args.http_port, args.grpc_port, binary, work)
+    server = TritonServer(repo, args.host, args.http_port, args.grpc_port, binary, work,
+                          extra_args=restricted_protocol_flags(args.api_key))
     gateway = None
     try:
         cli.info(f"[streaming-trt] starting {binary} (log: {server.log_path})")
@@ -112,7 +200,9 @@ def _serve(args) -> int:
 
             gateway = GatewayThread(f"{args.host}:{args.grpc_port}", args.host, args.openai_port,
                                     model_id=args.served_model_name, max_tokens_limit=args.max_tokens_limit,
-                                    max_body_bytes=args.max_input_bytes)
+                                    max_body_bytes=args.max_input_bytes, api_key=args.api_key,
+                                    state_dir=conf["session_dir"], max_conversations=args.openai_max_conversations,
+                                    conversation_ttl=args.openai_conversation_ttl)
             gateway.start()
         print(f"[streaming-trt] ready: gRPC {args.host}:{args.grpc_port}, HTTP http://{args.host}:{args.http_port}"
               + (f", OpenAI http://{args.host}:{args.openai_port}/v1" if gateway else "")

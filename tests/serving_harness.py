@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -59,17 +60,36 @@ def conversation_bytes(model_dir: Path) -> int:
     return cache + 4 * c["vocab_size"]
 
 
+def wait_free(ports, timeout: float = 30.0) -> None:
+    """Wait until every port can be bound on 127.0.0.1 (a killed server's children may hold them a moment)."""
+    deadline = time.monotonic() + timeout
+    for port in ports:
+        while True:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+            time.sleep(0.2)
+
+
 class Server:
     """``python -m streaming_trt.serve`` in its own process group; ports chosen free."""
 
-    def __init__(self, model_dir: Path, session_dir: Path, log: Path, max_resident: int = 64, openai: bool = False):
-        self.http, self.grpc, self.openai = free_ports(3)
+    def __init__(self, model_dir: Path, session_dir: Path, log: Path, max_resident: int = 64, openai: bool = False,
+                 extra: list[str] = (), ports: tuple[int, int, int] | None = None):
+        self.http, self.grpc, self.openai = ports or free_ports(3)
+        if ports:
+            wait_free(ports)
         cmd = [sys.executable, "-m", "streaming_trt.serve", "--model", str(model_dir), "--sink-tokens", str(SINK),
                "--window", str(WINDOW), "--threads", "1", "--max-new-tokens", str(TOKENS), "--host", "127.0.0.1",
                "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--session-dir", str(session_dir),
                "--host-memory", str(max_resident * conversation_bytes(model_dir)), "--max-input-bytes", str(64 * 1024)]
         if openai:
             cmd += ["--openai-port", str(self.openai)]
+        cmd += list(extra)
         self.stderr_path = log
         self._stderr = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._stderr, text=True, start_new_session=True)
@@ -174,7 +194,8 @@ def run_turns(client: Client, conv: Conversation, texts: list[str], **kw) -> lis
     return [[t.id for t in conv.tokens(text, **kw)] for text in texts]
 
 
-def raw_turn(url: str, inputs: list[tuple[str, object, str]], seq: int, start: bool = True) -> str:
+def raw_turn(url: str, inputs: list[tuple[str, object, str]], seq: int, start: bool = True,
+             headers: dict | None = None) -> str:
     """Send hand-made inputs [(name, numpy array, triton dtype)]; returns the error message ('' if none)."""
     import queue
 
@@ -182,7 +203,7 @@ def raw_turn(url: str, inputs: list[tuple[str, object, str]], seq: int, start: b
 
     q: queue.Queue = queue.Queue()
     client = g.InferenceServerClient(url)
-    client.start_stream(callback=lambda result=None, error=None: q.put((result, error)))
+    client.start_stream(callback=lambda result=None, error=None: q.put((result, error)), headers=headers)
     try:
         tensors = []
         for name, array, dtype in inputs:

@@ -12,7 +12,7 @@ import torch
 
 import streaming_trt as st
 from checkpoints import make_checkpoint, save_tokenizer
-from streaming_trt import chat
+from streaming_trt import chat, conversation
 from streaming_trt import generate as generate_cli
 from streaming_trt.builtin import builtin_model
 from streaming_trt.sampling import SamplingParams
@@ -73,7 +73,7 @@ def test_chat_turns_append_to_one_stream(model_dir):
     tok = load_tokenizer(model_dir)
     session = model.session(sink_tokens=2, window=30)
     out = []
-    turns = chat.TurnEncoder(tok)
+    turns = conversation.TurnEncoder(tok)
     lengths = []
 
     class Lines:
@@ -227,7 +227,7 @@ def test_chat_template_that_rewrites_the_newest_reply(model_dir, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.chat_template = QWEN3_LIKE_TEMPLATE
-    turns = chat.TurnEncoder(tok)
+    turns = conversation.TurnEncoder(tok)
     expected = "<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n"
     assert turns.next_turn("again") == tok.encode(expected, add_special_tokens=False)
     assert turns.end_of_reply == "<|im_end|>\n"

@@ -21,6 +21,8 @@ CONFIG = """\
 # One request = one chat turn; the conversation is the sequence (correlation id); replies stream.
 # MESSAGES is the UTF-8 bytes of a JSON list of {{"role", "content"}} messages; TEXT and FINISH are
 # UTF-8 too (UINT8 rather than BYTES: the wheel's backend stub mishandles numpy 2 arrays).
+# OPTIONS (optional) is a UTF-8 JSON object: sampling parameters by name, "stop", "logprobs".
+# The backend hands every request to its batching scheduler and returns at once.
 name: "{name}"
 backend: "python"
 max_batch_size: 0
@@ -32,14 +34,17 @@ input [
   {{ name: "TOP_K" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
   {{ name: "TOP_P" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
   {{ name: "SEED" data_type: TYPE_INT64 dims: [ 1 ] optional: true }},
-  {{ name: "RESUME" data_type: TYPE_BOOL dims: [ 1 ] optional: true }}
+  {{ name: "RESUME" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
+  {{ name: "OPTIONS" data_type: TYPE_UINT8 dims: [ -1 ] optional: true }}
 ]
 output [
   {{ name: "TOKEN_ID" data_type: TYPE_INT64 dims: [ 1 ] }},
   {{ name: "TEXT" data_type: TYPE_UINT8 dims: [ -1 ] }},
   {{ name: "PROMPT_TOKENS" data_type: TYPE_INT32 dims: [ 1 ] }},
   {{ name: "SEEN" data_type: TYPE_INT64 dims: [ 1 ] }},
-  {{ name: "FINISH" data_type: TYPE_UINT8 dims: [ -1 ] }}
+  {{ name: "FINISH" data_type: TYPE_UINT8 dims: [ -1 ] }},
+  {{ name: "LOGPROB" data_type: TYPE_FP32 dims: [ 1 ] }},
+  {{ name: "TOP_LOGPROBS" data_type: TYPE_UINT8 dims: [ -1 ] }}
 ]
 sequence_batching {{
   max_sequence_idle_microseconds: {idle_us}
@@ -59,9 +64,9 @@ def write_repo(repo: str | os.PathLike, settings: dict, name: str = MODEL_NAME, 
     """Write ``repo/<name>/{config.pbtxt, serve.json, 1/model.py}``; return the model directory.
 
     ``settings`` are the backend's (see ``serve.py``): model, dtype, device, backend, seed,
-    sink_tokens, window, session_dir, max_resident, max_new_tokens, max_new_tokens_limit,
-    max_input_bytes, threads. One model instance: every conversation lives in one process, so the
-    LRU of resident sessions and their files stay consistent.
+    sink_tokens, window, session_dir, slots, prefill_budget, max_queue, host_memory, disk_budget,
+    idle_ttl, max_new_tokens, max_new_tokens_limit, max_input_bytes, threads. One model instance:
+    its scheduler batches every conversation, and the store of idle ones stays consistent.
     """
     model_dir = Path(repo) / name
     try:
@@ -147,11 +152,11 @@ class TritonServer:
     """A ``tritonserver`` child process serving ``repo`` on ``host`` only."""
 
     def __init__(self, repo: Path, host: str, http_port: int, grpc_port: int, binary: Path, work: Path,
-                 log_path: Path | None = None, exit_timeout: int = 5):
+                 log_path: Path | None = None, exit_timeout: int = 5, extra_args: list[str] = ()):
         self.repo, self.host, self.http_port, self.grpc_port = repo, host, http_port, grpc_port
         cmd = [str(binary), "--model-repository", str(repo), "--http-address", host, "--grpc-address", host,
                "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--allow-metrics", "false",
-               "--exit-timeout-secs", str(exit_timeout), "--log-verbose", "0"]
+               "--exit-timeout-secs", str(exit_timeout), "--log-verbose", "0", *extra_args]
         backends = backend_dir(binary, work / "backends")
         if backends is not None:
             cmd += ["--backend-directory", str(backends)]

@@ -1,78 +1,165 @@
-"""One streaming Session per conversation: LRU-resident in memory, saved to disk after each turn."""
+"""Where conversations wait between turns: host memory up to a byte budget, then disk.
+
+Every finished turn is saved to ``session_dir`` (one file per conversation, written atomically,
+fsynced) before its final response goes out, so a restarted server finds every conversation there.
+Host memory keeps the most recently used conversations, as batch-1 sessions, up to ``host_bytes``;
+the least recently used beyond that are dropped from memory (their file is current) and loaded
+again on their next turn.
+
+Disk policy: a conversation whose last turn is older than ``idle_ttl`` seconds is deleted, and when
+the files together exceed ``disk_bytes`` the least recently used are deleted first until they fit.
+A deleted conversation's next turn is refused as unknown (the client starts it again).
+"""
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
 from ..errors import UserError
+from ..session import Session
+
+SUFFIX = ".session"
 
 
 class ConversationStore:
-    """Sessions keyed by conversation id (the Triton sequence correlation id, a uint64).
+    """Conversations keyed by id (the Triton sequence correlation id, a uint64); thread-safe.
 
-    At most ``max_resident`` sessions stay in memory; the least recently used are dropped from
-    memory (their file on disk is current, since every turn ends with :meth:`save`) and loaded
-    again on their next turn. A restarted process finds every conversation in ``session_dir``.
+    Args:
+        model: the served model.
+        geometry: every conversation's cache geometry.
+        session_dir: where the files live (created).
+        host_bytes: budget of idle conversations kept in memory.
+        disk_bytes: budget of the files (None: unbounded).
+        idle_ttl: seconds after its last turn a conversation is deleted (None: never).
+        fill_value: value of never-written cache slots (tests use NaN).
+        log: called with one line per conversation restored from disk or reaped.
     """
 
-    def __init__(self, model, sink_tokens: int, window: int, session_dir: str | os.PathLike, max_resident: int):
-        if max_resident < 1:
-            raise UserError(f"max_resident must be >= 1, got {max_resident}")
-        self.model, self.sink_tokens, self.window = model, sink_tokens, window
+    def __init__(self, model, geometry, session_dir: str | os.PathLike, host_bytes: int,
+                 disk_bytes: int | None = None, idle_ttl: float | None = None, fill_value: float = 0.0,
+                 log=lambda message: None):
+        if host_bytes < 0 or (disk_bytes is not None and disk_bytes < 0) or (idle_ttl is not None and idle_ttl <= 0):
+            raise UserError("the host and disk budgets must be >= 0 bytes and the idle TTL > 0 seconds")
+        self.model, self.geometry, self.fill_value, self.log = model, geometry, fill_value, log
+        self.host_bytes, self.disk_bytes, self.idle_ttl = host_bytes, disk_bytes, idle_ttl
         self.dir = Path(session_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.max_resident = max_resident
-        self.resident: OrderedDict[int, object] = OrderedDict()
-        self.loads = 0  # sessions restored from disk (evicted, or from an earlier process)
+        self.resident: OrderedDict[int, Session] = OrderedDict()
+        self.unsaved: dict[int, Session] = {}   # put, not yet written: never dropped from memory
+        self.files: dict[int, tuple[float, int]] = {}  # id -> (last turn time, bytes)
+        self.lock = threading.RLock()
+        self.loads = 0      # conversations restored from disk
+        self.reaped = 0     # conversations deleted by the TTL or the disk budget
+        for path in self.dir.glob(f"*{SUFFIX}"):
+            try:
+                st = path.stat()
+                self.files[int(path.stem)] = (st.st_mtime, st.st_size)
+            except (ValueError, OSError):
+                continue
 
     def path(self, cid: int) -> Path:
-        return self.dir / f"{int(cid):020d}.session"
+        return self.dir / f"{int(cid):020d}{SUFFIX}"
 
     def exists(self, cid: int) -> bool:
-        return cid in self.resident or self.path(cid).is_file()
+        with self.lock:
+            return cid in self.resident or cid in self.unsaved or cid in self.files
 
-    def start(self, cid: int):
-        """A new, empty conversation ``cid`` (an earlier one with that id is discarded)."""
-        from ..session import Session
+    def get(self, cid: int) -> Session:
+        """The saved state of conversation ``cid`` (from memory, or loaded from its file)."""
+        with self.lock:
+            if cid in self.unsaved:
+                return self.unsaved[cid]
+            if cid in self.resident:
+                self.resident.move_to_end(cid)
+                return self.resident[cid]
+            if cid not in self.files:
+                raise UserError(f"conversation {cid} is unknown or has ended; start it with the START flag")
+            session = Session.load(self.path(cid), self.model)
+            self.loads += 1
+            self.log(f"conversation {cid} restored from {self.path(cid)}")
+            self.resident[cid] = session
+            self._fit_memory()
+            return session
 
-        self.end(cid)
-        session = Session(self.model, sink_tokens=self.sink_tokens, window=self.window)
-        self._put(cid, session)
+    def seen(self, cid: int) -> int:
+        return self.get(cid).seen[0]
+
+    def holder(self, cid: int) -> Session:
+        """A batch-1 session to copy conversation ``cid``'s new state into (its own if resident)."""
+        with self.lock:
+            session = self.unsaved.get(cid) or self.resident.get(cid)
+        if session is None:
+            session = Session(self.model, self.geometry.sink_tokens, self.geometry.window, cache_fill=self.fill_value)
         return session
 
-    def get(self, cid: int):
-        """The session of conversation ``cid``, loaded from disk if it is not resident."""
-        from ..session import Session
-
-        if cid in self.resident:
+    def put(self, cid: int, session: Session) -> None:
+        """``session`` is conversation ``cid``'s newest state; :meth:`save` writes it."""
+        with self.lock:
+            self.unsaved[cid] = session
+            self.resident[cid] = session
             self.resident.move_to_end(cid)
-            return self.resident[cid]
-        path = self.path(cid)
-        if not path.is_file():
-            raise UserError(f"conversation {cid} is unknown or has ended; start it with the START flag")
-        session = Session.load(path, self.model)
-        self.loads += 1
-        self._put(cid, session)
-        return session
+            self._fit_memory()
 
     def save(self, cid: int) -> None:
-        """Write conversation ``cid`` to its file atomically (Session.save writes a temporary file
-        and renames it), so a killed process leaves either the previous or the new turn."""
-        self.resident[cid].save(self.path(cid))
+        """Write conversation ``cid``'s newest state to its file (atomically; see Session.save)."""
+        with self.lock:
+            session = self.unsaved.get(cid) or self.resident.get(cid)
+        if session is None:
+            raise UserError(f"conversation {cid} has no state to save")
+        path = self.path(cid)
+        session.save(path)
+        with self.lock:
+            if self.unsaved.get(cid) is session:
+                del self.unsaved[cid]
+            self.files[cid] = (time.time(), path.stat().st_size)
+            self._fit_memory()
+        self.reap()
 
     def end(self, cid: int) -> None:
-        self.resident.pop(cid, None)
-        self.path(cid).unlink(missing_ok=True)
+        """Forget conversation ``cid`` everywhere."""
+        with self.lock:
+            self.resident.pop(cid, None)
+            self.unsaved.pop(cid, None)
+            self.files.pop(cid, None)
+            self.path(cid).unlink(missing_ok=True)
 
-    def _put(self, cid: int, session) -> None:
-        self.resident[cid] = session
-        self.resident.move_to_end(cid)
-        while len(self.resident) > self.max_resident:
-            old, session = self.resident.popitem(last=False)
-            if not self.path(old).is_file():  # a turn that failed before its save: keep its state
-                session.save(self.path(old))
+    def reap(self, now: float | None = None, keep: set[int] = frozenset()) -> list[int]:
+        """Apply the disk policy (module docstring); returns the ids deleted. ``keep``: ids in use."""
+        now = time.time() if now is None else now
+        gone = []
+        with self.lock:
+            by_age = sorted(self.files.items(), key=lambda item: item[1][0])
+            total = sum(size for _, (_, size) in by_age)
+            for cid, (when, size) in by_age:
+                expired = self.idle_ttl is not None and now - when > self.idle_ttl
+                over = self.disk_bytes is not None and total > self.disk_bytes
+                if not (expired or over) or cid in keep or cid in self.unsaved:
+                    continue
+                self.end(cid)
+                total -= size
+                gone.append(cid)
+            self.reaped += len(gone)
+        if gone:
+            self.log(f"{len(gone)} idle conversations deleted by the disk policy: {gone[:8]}")
+        return gone
 
-    def forget(self, cid: int) -> None:
-        """Drop ``cid`` from memory without saving (its file keeps the last completed turn)."""
-        self.resident.pop(cid, None)
+    def resident_bytes(self) -> int:
+        with self.lock:
+            return sum(_bytes(s) for s in self.resident.values())
+
+    def _fit_memory(self) -> None:
+        total = sum(_bytes(s) for s in self.resident.values())
+        for cid in list(self.resident):
+            if total <= self.host_bytes:
+                return
+            if cid in self.unsaved:
+                continue
+            total -= _bytes(self.resident.pop(cid))
+
+
+def _bytes(session: Session) -> int:
+    logits = session.last_logits
+    return session.cache.nbytes() + (0 if logits is None else logits.nbytes)

@@ -1,0 +1,462 @@
+"""Continuous batching: every conversation turn in flight advances in one step over a pool of slots.
+
+A sink + ring cache has a fixed size per conversation (S + W slots), so the pool is one batched
+:class:`~streaming_trt.cache.StreamingCache` of ``slots`` streams allocated once: no paging, no
+preemption, and the server's capacity is an exact number. A conversation holds a slot only while
+one of its turns is in flight; between turns its state waits in the :class:`ConversationStore`
+(host memory, then disk).
+
+Each iteration of the scheduler's thread (Sarathi-Serve's stall-free batching):
+
+1. decodes one token for every decoding slot, in one forward over rows ``0 .. decoding - 1``
+   (decoding slots are kept contiguous at the bottom of the pool, so that forward is a view of
+   the cache, never a copy);
+2. then spends ``prefill_budget`` tokens on prompt chunks of the turns that are still prefilling
+   (oldest first), so a long prompt never stalls the others' token streams;
+3. admits waiting turns into free slots (at most one turn per conversation at a time, in arrival
+   order).
+
+Every row has its own sampling parameters, seed, stop tokens, stop strings and max_tokens;
+cancellation is checked between steps, during prefill too. A finished turn's state is copied out
+of its slot; it is saved by a writer thread, and only then is the turn's final response sent, so a
+reply the client saw complete survives a SIGKILL.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import queue
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from ..conversation import Conversation
+from ..errors import UserError
+from ..generation import eos_ids
+from ..sampling import Sampler, SamplingParams
+from ..session import Session
+from ..tokenizer import IncrementalDecoder
+
+
+class Overloaded(UserError):
+    """Every slot is busy and the waiting queue is full: the client should retry later."""
+
+
+@dataclasses.dataclass
+class TokenEvent:
+    token: int                       # the generated id
+    text: str                        # text safe to show now (stop strings held back)
+    logprob: float | None = None     # log-softmax of the model's logits at ``token``
+    top: list | None = None          # [[token_id, text, logprob], ...], the most likely first
+
+
+@dataclasses.dataclass
+class TurnResult:
+    prompt_tokens: int          # tokens fed for this turn's messages (the reply's closing not counted)
+    completion_tokens: int      # tokens generated (a stop token included)
+    finish_reason: str          # "stop", "length", "cancelled" or "ended"
+    seen: int                   # stream length after the turn
+
+
+@dataclasses.dataclass
+class TurnRequest:
+    """One turn of conversation ``cid``, as a server receives it.
+
+    ``messages``: a list of ``{"role", "content"}`` dicts, or its JSON (str or UTF-8 bytes); ``[]``
+    with ``end`` ends the conversation without a turn. ``start`` begins conversation ``cid`` anew
+    unless ``resume`` (continue the one saved under that id). ``end`` deletes it after the turn.
+    ``on_token(TokenEvent)`` is called per reply token and ``on_done(result, error)`` once, from the
+    scheduler's threads; ``cancelled()`` is polled between steps.
+    """
+
+    cid: int
+    messages: object
+    start: bool = False
+    resume: bool = False
+    end: bool = False
+    max_tokens: int | None = None
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    on_token: Callable[[TokenEvent], None] = lambda event: None
+    on_done: Callable[[TurnResult | None, Exception | None], None] = lambda result, error: None
+    cancelled: Callable[[], bool] = lambda: False
+
+
+def parse_messages(raw, max_bytes: int) -> list[dict] | list:
+    """``raw`` as :class:`TurnRequest` takes it -> a list (validated later by the Conversation)."""
+    if isinstance(raw, (bytes, bytearray, str)):
+        if len(raw) > max_bytes:
+            raise UserError(f"the messages are {len(raw)} bytes, more than the server's limit of {max_bytes} "
+                            "bytes; send a shorter message")
+        if isinstance(raw, (bytes, bytearray)):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError("MESSAGES is not valid UTF-8") from None
+        try:
+            raw = json.loads(raw)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise UserError(f"MESSAGES is not valid JSON ({e})") from None
+    return [raw] if isinstance(raw, dict) else raw
+
+
+class _Turn:
+    """A turn inside the scheduler: its conversation, what is left to feed, its reply so far."""
+
+    def __init__(self, req: TurnRequest, conversation: Conversation, ids: list[int], max_tokens: int, device):
+        self.req, self.conversation, self.ids = req, conversation, ids
+        self.max_tokens = max_tokens
+        self.sampler = Sampler(req.sampling, device)
+        self.sampler_observe = getattr(self.sampler, "observe", None)
+        if self.sampler_observe is not None:
+            self.sampler_observe(list(ids))
+        self.decoder = IncrementalDecoder(conversation.tokenizer)
+        self.stops = _stop_matcher(req.stop)
+        self.seq = 0                  # admission order
+        self.fed = 0                  # prompt ids fed so far
+        self.row: int | None = None
+        self.forced: list[int] = []   # ids fed without sampling (what closes the reply)
+        self.count, self.finish = 0, None
+        self.last: int | None = None  # the last generated id
+        self.closing = False
+
+
+def _stop_matcher(strings):
+    if not strings:
+        return None
+    from ..generation import StopStrings  # the openai work's matcher; absent, stop strings are refused
+
+    return StopStrings(list(strings))
+
+
+class Scheduler:
+    """Batches turns of many conversations on one model (see the module docstring).
+
+    Args:
+        model: a :class:`~streaming_trt.model.Transformer`.
+        tokenizer: its tokenizer (chat template).
+        store: a :class:`~streaming_trt.serving.store.ConversationStore` (idle conversations).
+        slots: B, conversations whose turns run at once (one batched cache of B streams).
+        prefill_budget: prompt tokens fed per iteration, after the decode step.
+        max_queue: turns that may wait for a slot; beyond, :meth:`submit` raises :class:`Overloaded`.
+        max_new_tokens / max_new_tokens_limit: a request's default and largest reply length.
+        max_input_bytes: the largest MESSAGES a request may send.
+    """
+
+    def __init__(self, model, tokenizer, store, slots: int = 16, prefill_budget: int = 256, max_queue: int = 256,
+                 max_new_tokens: int = 256, max_new_tokens_limit: int = 4096, max_input_bytes: int = 256 * 1024):
+        for name, value, low in (("slots", slots, 1), ("prefill_budget", prefill_budget, 1), ("max_queue", max_queue, 0)):
+            if not isinstance(value, int) or value < low:
+                raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
+        self.model, self.tokenizer, self.store = model, tokenizer, store
+        self.geometry = store.geometry
+        self.pool = Session(model, store.geometry.sink_tokens, store.geometry.window, batch=slots,
+                            cache_fill=store.fill_value)
+        self.logits = torch.zeros(slots, model.config.vocab_size, device=model.device)
+        self.rows: list[_Turn | None] = [None] * slots
+        self.decoding = 0                      # rows 0 .. decoding-1 are decoding
+        self.prefill_budget, self.max_queue = prefill_budget, max_queue
+        self.max_new_tokens, self.max_new_tokens_limit = max_new_tokens, max_new_tokens_limit
+        self.max_input_bytes = max_input_bytes
+        self.stop_ids = eos_ids(tokenizer, model.config)
+        self.encoder = Conversation(tokenizer, self.stop_ids).encoder
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.waiting: collections.deque = collections.deque()  # (TurnRequest) in arrival order
+        self.busy: set[int] = set()           # conversations with a turn admitted or being saved
+        self.queued = 0                       # requests submitted and not yet admitted
+        self.lock = threading.Lock()
+        self.steps, self.admitted = 0, 0
+        self.stopping = threading.Event()
+        self.writes: queue.SimpleQueue = queue.SimpleQueue()
+        self.writer = threading.Thread(target=self._write_loop, name="streaming-trt-writer", daemon=True)
+        self.thread = threading.Thread(target=self._loop, name="streaming-trt-scheduler", daemon=True)
+        self.writer.start()
+        self.thread.start()
+
+    # ----------------------------------------------------------------- the caller's side
+    def submit(self, req: TurnRequest) -> None:
+        """Queue a turn; returns at once. Raises :class:`Overloaded` when every slot is busy and
+        ``max_queue`` turns already wait (nothing is queued then)."""
+        with self.lock:
+            if self.queued >= self.max_queue + self.free_slots():
+                raise Overloaded(f"server busy: all {len(self.rows)} slots are in use and {self.max_queue} turns are "
+                                 "waiting; retry in a moment")
+            self.queued += 1
+        self.inbox.put(("turn", req))
+
+    def free_slots(self) -> int:
+        return sum(r is None for r in self.rows)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop after the turns in flight; waiting turns get an error."""
+        self.stopping.set()
+        self.inbox.put(("wake", None))
+        self.thread.join(timeout)
+        self.writes.put(None)
+        self.writer.join(timeout)
+
+    # ----------------------------------------------------------------- the scheduler's thread
+    def _loop(self) -> None:
+        while True:
+            active = self.decoding or any(r is not None for r in self.rows)
+            self._drain(block=not active and not self.stopping.is_set())
+            if self.stopping.is_set() and not active:
+                for req in self.waiting:
+                    self._fail(req, UserError("the server is shutting down"))
+                self.waiting.clear()
+                return
+            self._admit()
+            try:
+                self._decode_step()
+                self._prefill_step()
+            except Exception as e:  # a bug: fail the turns in flight, keep serving the others
+                for r, turn in enumerate(self.rows):
+                    if turn is not None:
+                        self._release(turn, error=RuntimeError(f"internal error: {type(e).__name__}: {e}"))
+                self.decoding = 0
+            self.steps += 1
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, value = item
+            if kind == "turn":
+                self.waiting.append(value)
+            elif kind == "saved":
+                self.busy.discard(value)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _admit(self) -> None:
+        """Start waiting turns, oldest first, one per conversation at a time."""
+        blocked, kept = set(), collections.deque()
+        while self.waiting:
+            req = self.waiting.popleft()
+            if req.cid in self.busy or req.cid in blocked:
+                blocked.add(req.cid)
+                kept.append(req)
+                continue
+            if self.free_slots() == 0 and not self._is_end_only(req):
+                kept.append(req)
+                blocked.add(req.cid)
+                continue
+            with self.lock:
+                self.queued -= 1
+            try:
+                self._start(req)
+            except UserError as e:
+                self._fail(req, e)
+            except Exception as e:  # a bug or an unreadable file: this turn only
+                self._fail(req, RuntimeError(f"internal error: {type(e).__name__}: {e}"))
+        self.waiting = kept
+
+    @staticmethod
+    def _is_end_only(req: TurnRequest) -> bool:
+        return req.end and req.messages in ([], "[]", b"[]")
+
+    def _start(self, req: TurnRequest) -> None:
+        if self._is_end_only(req):
+            if not self.store.exists(req.cid):
+                raise UserError(f"conversation {req.cid} is unknown or has ended")
+            self.store.end(req.cid)
+            self._done(req, TurnResult(0, 0, "ended", 0), None)
+            return
+        messages = parse_messages(req.messages, self.max_input_bytes)
+        max_tokens = self.max_new_tokens if req.max_tokens is None else req.max_tokens
+        if not isinstance(max_tokens, int) or not 0 <= max_tokens <= self.max_new_tokens_limit:
+            raise UserError(f"max_tokens must be in [0, {self.max_new_tokens_limit}], got {max_tokens}")
+        fresh = req.start and not req.resume
+        if not fresh and not self.store.exists(req.cid):
+            raise UserError(f"conversation {req.cid} is unknown or has ended; start it with the START flag")
+        conversation = Conversation(self.tokenizer, self.stop_ids, started=not fresh, encoder=self.encoder)
+        turn = _Turn(req, conversation, conversation.turn_ids(messages), max_tokens, self.model.device)
+        row = max(r for r, t in enumerate(self.rows) if t is None)  # prefill rows fill the pool from the top
+        if fresh:
+            self.store.end(req.cid)
+            self.pool.reset([row])
+            self.logits[row] = 0
+        else:
+            saved = self.store.get(req.cid)
+            self._copy_in(saved, row)
+        self.admitted += 1
+        turn.row, turn.seq = row, self.admitted
+        self.rows[row] = turn
+        self.busy.add(req.cid)
+
+    # ----------------------------------------------------------------- one step
+    def _decode_step(self) -> None:
+        n = self.decoding
+        if n == 0:
+            return
+        turns = self.rows[:n]
+        inputs = [self._next_input(turn, self.logits[r : r + 1]) for r, turn in enumerate(turns)]
+        tokens = torch.tensor(inputs, dtype=torch.int64, device=self.model.device).view(n, 1)
+        self.logits[:n] = self._forward(0, n, tokens, [1] * n)
+        for turn in turns:
+            if turn.finish is None and turn.req.cancelled():
+                self._end_reply(turn, "cancelled")
+            if turn.finish is not None and not turn.forced:
+                self._release(turn)
+
+    def _next_input(self, turn: _Turn, logits: torch.Tensor) -> int:
+        """The id a decoding row feeds now: a closing id, or a token drawn (and reported)."""
+        if turn.forced:
+            return turn.forced.pop(0)
+        token = int(turn.sampler(logits)[0])
+        turn.count += 1
+        turn.last = token
+        if token in self.stop_ids:
+            self._end_reply(turn, "stop")
+            return token
+        text, hit = turn.decoder.push(token), False
+        if turn.stops is not None:
+            text, hit = turn.stops.push(text)
+        event = TokenEvent(token, text)
+        if turn.req.logprobs is not None:
+            logp = torch.log_softmax(logits[0].double(), -1)
+            event.logprob = float(logp[token])
+            if turn.req.logprobs:
+                values, ids = torch.topk(logp, turn.req.logprobs)
+                event.top = [[int(i), self.tokenizer.decode([int(i)]), float(v)] for v, i in zip(values, ids)]
+        try:
+            turn.req.on_token(event)
+        except Exception:  # the client is gone: end the reply as if it had cancelled
+            self._end_reply(turn, "cancelled")
+            return token
+        if hit:
+            self._end_reply(turn, "stop")
+        elif turn.count >= turn.max_tokens:
+            self._end_reply(turn, "length")
+        return token
+
+    def _end_reply(self, turn: _Turn, reason: str) -> None:
+        """The reply is over; what closes it is fed in the next decode steps."""
+        turn.finish = reason
+        turn.forced = turn.conversation.closing_ids(turn.last)
+
+    def _prefill_step(self) -> None:
+        budget = self.prefill_budget
+        prefilling = sorted((t for t in self.rows[self.decoding :] if t is not None), key=lambda t: t.seq)
+        for turn in prefilling:
+            if budget == 0:
+                return
+            if turn.req.cancelled():  # nothing of this turn is kept: the conversation stays as it was
+                turn.finish = "cancelled"
+                self._release(turn, keep=False)
+                continue
+            take = min(len(turn.ids) - turn.fed, budget)
+            chunk = torch.tensor(turn.ids[turn.fed : turn.fed + take], device=self.model.device).view(1, -1)
+            self.logits[turn.row] = self._forward(turn.row, turn.row + 1, chunk, [take])[0]
+            turn.fed += take
+            budget -= take
+            if turn.fed == len(turn.ids):
+                self._to_decoding(turn)
+                if turn.max_tokens == 0:
+                    self._end_reply(turn, "length")
+                    if not turn.forced:
+                        self._release(turn)
+
+    def _forward(self, lo: int, hi: int, tokens: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """Feed rows ``lo .. hi-1`` of the pool; returns their newest logits ``[hi - lo, vocab]``."""
+        cache = self.pool.cache
+        view = cache.rows(lo, hi)
+        out = self.model(tokens, view, lengths, last_only=True)
+        cache.seen_host[lo:hi] = view.seen_host
+        return out
+
+    # ----------------------------------------------------------------- slots
+    def _to_decoding(self, turn: _Turn) -> None:
+        target = self.decoding
+        if turn.row != target:
+            self._swap(turn.row, target)
+        self.decoding += 1
+
+    def _swap(self, a: int, b: int) -> None:
+        c = self.pool.cache
+        idx, rev = [a, b], [b, a]
+        c.keys[:, idx] = c.keys[:, rev]
+        c.values[:, idx] = c.values[:, rev]
+        c.seen[idx] = c.seen[rev]
+        c.seen_host[a], c.seen_host[b] = c.seen_host[b], c.seen_host[a]
+        self.logits[idx] = self.logits[rev]
+        self.rows[a], self.rows[b] = self.rows[b], self.rows[a]
+        for r in (a, b):
+            if self.rows[r] is not None:
+                self.rows[r].row = r
+
+    def _copy_in(self, saved: Session, row: int) -> None:
+        c = self.pool.cache
+        c.keys[:, row].copy_(saved.cache.keys[:, 0])
+        c.values[:, row].copy_(saved.cache.values[:, 0])
+        c.seen[row] = saved.cache.seen[0]
+        c.seen_host[row] = saved.cache.seen_host[0]
+        self.logits[row] = 0 if saved.last_logits is None else saved.last_logits[0]
+
+    def _release(self, turn: _Turn, error: Exception | None = None, keep: bool = True) -> None:
+        """Free the turn's slot; a finished turn's state goes to the store, then its file."""
+        row, cid = turn.row, turn.req.cid
+        c = self.pool.cache
+        result = None
+        if error is None and keep:
+            holder = self.store.holder(cid)
+            holder.cache.keys[:, 0].copy_(c.keys[:, row])
+            holder.cache.values[:, 0].copy_(c.values[:, row])
+            holder.cache.seen[0] = c.seen[row]
+            holder.cache.seen_host[0] = c.seen_host[row]
+            holder.last_logits = self.logits[row : row + 1].clone()
+            self.store.put(cid, holder)
+        if error is None:
+            seen = c.seen_host[row] if keep else (self.store.seen(cid) if self.store.exists(cid) else 0)
+            result = TurnResult(len(turn.ids), turn.count, turn.finish, seen)
+        if row < self.decoding:
+            last = self.decoding - 1
+            if row != last:
+                self._swap(row, last)
+            self.decoding -= 1
+            row = last
+        self.rows[row] = None
+        if error is None and keep and not turn.req.end:
+            self.writes.put((cid, turn.req, result))  # busy until saved
+            return
+        if error is None and turn.req.end:
+            self.store.end(cid)
+        self.busy.discard(cid)
+        self._done(turn.req, result, error)
+
+    def _fail(self, req: TurnRequest, error: Exception) -> None:
+        self._done(req, None, error)
+
+    @staticmethod
+    def _done(req: TurnRequest, result: TurnResult | None, error: Exception | None) -> None:
+        try:
+            req.on_done(result, error)
+        except Exception:  # the client is gone: nobody to tell
+            pass
+
+    # ----------------------------------------------------------------- the writer's thread
+    def _write_loop(self) -> None:
+        while True:
+            item = self.writes.get()
+            if item is None:
+                return
+            cid, req, result = item
+            try:
+                self.store.save(cid)
+            except Exception as e:  # a full disk: the reply was streamed, but not kept
+                self._done(req, None, RuntimeError(f"internal error: the conversation could not be saved ({e})"))
+            else:
+                self._done(req, result, None)
+            self.inbox.put(("saved", cid))
+
+    def stats(self) -> dict:
+        return {"slots": len(self.rows), "decoding": self.decoding, "busy": len(self.busy),
+                "waiting": len(self.waiting), "steps": self.steps, "time": time.time()}

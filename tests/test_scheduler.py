@@ -1,0 +1,163 @@
+"""The batched scheduler in-process: every conversation's tokens equal the same conversation run
+alone with ``Conversation.reply`` on a batch-1 session (greedy), under random arrivals, prompts from
+one token to 3x the window, mixed max_tokens, cancellations and eviction to disk and back."""
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+import streaming_trt as st
+from checkpoints import make_checkpoint, save_tokenizer
+from streaming_trt.conversation import Conversation
+from streaming_trt.errors import UserError
+from streaming_trt.generation import eos_ids
+from streaming_trt.sampling import Sampler, SamplingParams
+from streaming_trt.serving.scheduler import Overloaded, Scheduler, TurnRequest
+from streaming_trt.serving.store import ConversationStore
+
+SINK, WINDOW = 4, 40
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sched-model")
+    make_checkpoint(d, "llama", seed=3, vocab_size=97)
+    save_tokenizer(d, vocab_size=97)
+    return st.load_model(d), st.load_tokenizer(d)
+
+
+def alone(local, turns: list[tuple[str, int]]) -> list[list[int]]:
+    """The reference: one conversation on its own batch-1 session, turn after turn."""
+    model, tok = local
+    session = model.session(SINK, WINDOW, cache_fill=float("nan"))
+    conv = Conversation(tok, eos_ids(tok, model.config))
+    return [[t for t, _ in conv.reply(session, text, max_tokens, Sampler(GREEDY))] for text, max_tokens in turns]
+
+
+class Waiter:
+    """Collects one turn's tokens; ``wait()`` returns them once the turn is done."""
+
+    def __init__(self):
+        self.tokens, self.result, self.error, self.done = [], None, None, threading.Event()
+
+    def on_token(self, event):
+        self.tokens.append(event.token)
+
+    def on_done(self, result, error):
+        self.result, self.error = result, error
+        self.done.set()
+
+    def wait(self, timeout=120):
+        assert self.done.wait(timeout), "the turn did not finish"
+        if self.error is not None:
+            raise self.error
+        return self.tokens
+
+
+def turn(sched, cid, text, max_tokens, start, **kw):
+    w = Waiter()
+    sched.submit(TurnRequest(cid, [{"role": "user", "content": text}], start=start, max_tokens=max_tokens,
+                             sampling=GREEDY, on_token=w.on_token, on_done=w.on_done, **kw))
+    return w
+
+
+def make(local, tmp_path, slots=4, host_bytes=1 << 30, **kw):
+    model, tok = local
+    store = ConversationStore(model, st.Geometry(SINK, WINDOW), tmp_path / "sessions", host_bytes,
+                              fill_value=float("nan"))
+    return Scheduler(model, tok, store, slots=slots, **kw), store
+
+
+def script(c: int, rng: random.Random) -> list[tuple[str, int]]:
+    """A conversation of 3 turns: prompts from 1 character to 3x the window, mixed lengths."""
+    lengths = [1, rng.randint(2, 20), 3 * WINDOW]
+    rng.shuffle(lengths)
+    return [("".join(rng.choice("abcdefgh ") for _ in range(n)).strip() or "x", rng.choice([0, 1, 5, 9]))
+            for n in lengths]
+
+
+@pytest.mark.parametrize("slots,host_bytes", [(3, 1 << 30), (8, 0)], ids=["fewer-slots", "evict-to-disk"])
+def test_batched_equals_alone(local, tmp_path, slots, host_bytes):
+    """8 conversations at random arrival times, more than the slots (turns wait) or every idle
+    conversation evicted to disk between turns (host budget 0): tokens equal each one alone."""
+    rng = random.Random(slots)
+    scripts = {c: script(c, rng) for c in range(8)}
+    sched, store = make(local, tmp_path, slots=slots, host_bytes=host_bytes)
+    got, errors = {}, []
+
+    def user(c):
+        try:
+            time.sleep(rng.random() * 0.2)
+            got[c] = [turn(sched, 100 + c, text, n, start=(i == 0)).wait() for i, (text, n) in enumerate(scripts[c])]
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=user, args=(c,)) for c in scripts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sched.close()
+    assert not errors, errors
+    for c, turns in scripts.items():
+        assert got[c] == alone(local, turns), f"conversation {c}"
+    if host_bytes == 0:
+        assert store.loads >= 8  # every later turn came back from disk
+
+
+def test_cancel_mid_reply_and_during_prefill(local, tmp_path):
+    """A reply cancelled after 3 tokens keeps those tokens (and what closes the reply); a turn
+    cancelled while its prompt is still being fed leaves the conversation as it was."""
+    sched, store = make(local, tmp_path, prefill_budget=8)
+    turn(sched, 1, "hello there", 4, start=True).wait()
+    seen_before = store.seen(1)
+    count = {"n": 0}
+
+    def cancel_after_3():
+        return count["n"] >= 3
+
+    w = Waiter()
+    w.on_token = lambda e: (w.tokens.append(e.token), count.__setitem__("n", count["n"] + 1))
+    sched.submit(TurnRequest(1, [{"role": "user", "content": "go on"}], max_tokens=40, sampling=GREEDY,
+                             on_token=w.on_token, on_done=w.on_done, cancelled=cancel_after_3))
+    assert len(w.wait()) == 3 and w.result.finish_reason == "cancelled"
+    reference = alone(local, [("hello there", 4), ("go on", 3)])
+    assert [w.tokens] == reference[1:]
+    after_cancel = store.seen(1)
+    assert after_cancel > seen_before
+
+    w2 = turn(sched, 1, "y" * (3 * WINDOW), 5, start=False, cancelled=lambda: True)
+    w2.wait()
+    assert w2.result.finish_reason == "cancelled" and w2.tokens == [] and store.seen(1) == after_cancel
+    # the conversation goes on exactly as if the cancelled turn had never been sent
+    last = turn(sched, 1, "and then", 4, start=False).wait()
+    sched.close()
+    assert last == alone(local, [("hello there", 4), ("go on", 3), ("and then", 4)])[2]
+
+
+def test_bad_requests_and_overload(local, tmp_path):
+    sched, store = make(local, tmp_path, slots=1, max_queue=1)
+    with pytest.raises(UserError, match="unknown"):
+        turn(sched, 5, "hi", 2, start=False).wait()
+    with pytest.raises(UserError, match="max_tokens"):
+        turn(sched, 5, "hi", 10**6, start=True).wait()
+    with pytest.raises(UserError, match="last message"):
+        w = Waiter()
+        sched.submit(TurnRequest(5, [{"role": "assistant", "content": "x"}], start=True, on_done=w.on_done))
+        w.wait()
+    # one turn decoding, one waiting: the third is refused at once, not queued
+    release = threading.Event()
+    first = turn(sched, 6, "a" * 60, 30, start=True, cancelled=lambda: release.is_set())
+    second = turn(sched, 7, "b", 2, start=True)
+    with pytest.raises(Overloaded, match="busy"):
+        turn(sched, 8, "c", 2, start=True)
+    release.set()
+    first.wait()
+    second.wait()
+    sched.close()
+    assert not store.exists(8)
