@@ -162,7 +162,7 @@ class OnnxStream(Stream):
         return self.session.feed(ids.view(1, -1).cpu())[0]
 
     def cache_bytes(self) -> int:
-        return self.session.cache.nbytes() if hasattr(self.session, "cache") else 0
+        return self.session.nbytes()
 
 
 class HFDenseStream(Stream):

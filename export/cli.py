@@ -26,12 +26,12 @@ from typing import Callable
 
 from streaming_trt.contract import UserError
 
-from . import ExportPlan, plan_export
+from .trtllm import ExportPlan, plan_export
 from .engine import find_toolchain, run_build
-from .files import atomic_dir, check_output_dir
+from .files import atomic_dir, check_output_dir, save_tokenizer
 from .settings import (EngineOptions, SinkSettings, build_script, check_engine_options, runtime_settings,
                        sink_settings, trtllm_build_command)
-from .triton import TritonOptions, copy_tokenizer, write_triton_repo
+from .triton import TritonOptions, write_triton_repo
 
 PROG = "python -m streaming_trt.build"
 
@@ -235,7 +235,7 @@ def build_trtllm(args) -> int:
             f"pp={mapping.pp}, {mapping.world_size} rank file(s))")
         (out_tmp / "checkpoint").mkdir()
         plan.write(out_tmp / "checkpoint", progress=True)
-        has_tokenizer = bool(copy_tokenizer(source.path, out_tmp / "tokenizer"))
+        has_tokenizer = save_tokenizer(source.path, out_tmp / "tokenizer")
         if not has_tokenizer:
             say(f"warning: {source.path} has no tokenizer files; the Triton pre/postprocessing models need one "
                 "(add tokenizer files to the model directory and rebuild, or point tokenizer_dir at one)")

@@ -10,6 +10,10 @@ from typing import Iterator
 
 from streaming_trt.contract import UserError
 from streaming_trt.paths import check_parent_writable
+from streaming_trt.tokenizer import BuiltinTokenizer, load_tokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
+TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "config.json")
 
 
 def check_output_dir(path: str | Path, overwrite: bool, flag: str = "--overwrite") -> Path:
@@ -50,3 +54,28 @@ def atomic_dir(path: str | Path, overwrite: bool = False, flag: str = "--overwri
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_tokenizer(source: str | Path | None, dest: str | Path) -> bool:
+    """Put the tokenizer of ``source`` into ``dest``: a checkpoint directory's files (what
+    AutoTokenizer reads) copied as they are, or the one transformers builds from a ``.gguf`` file
+    (or ``builtin:smollm2``) saved there. False, and ``dest`` not created, when there is none."""
+    if source is None:
+        return False
+    folder, dest = Path(source), Path(dest)
+    if folder.is_dir():
+        if not any((folder / n).is_file() for n in TOKENIZER_FILES):
+            return False
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES + TOKENIZER_EXTRAS:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, dest / name)
+        return True
+    try:
+        tok = load_tokenizer(source)
+    except UserError:
+        return False
+    if isinstance(tok, BuiltinTokenizer) or not hasattr(tok, "save_pretrained"):
+        return False
+    tok.save_pretrained(str(dest))
+    return True

@@ -21,7 +21,6 @@ the ``ModelConfig`` protobuf that tritonclient ships before the repository is pu
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 from streaming_trt.contract import UserError
@@ -254,24 +253,3 @@ def write_triton_repo(repo_dir: str | Path, opts: TritonOptions, settings: SinkS
         (repo_dir / model / "1").mkdir(parents=True, exist_ok=True)
         (repo_dir / model / "1" / ".keep").write_text("")
     return repo_dir
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
-TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "config.json")
-
-
-def copy_tokenizer(model_dir: str | Path, dest: str | Path) -> list[str]:
-    """Copy a Hugging Face checkpoint's tokenizer (what AutoTokenizer reads) to ``dest``.
-
-    Returns the files copied; nothing is copied (and ``dest`` not created) without a tokenizer.
-    """
-    model_dir, dest = Path(model_dir), Path(dest)
-    if not any((model_dir / n).is_file() for n in TOKENIZER_FILES):
-        return []
-    dest.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for name in TOKENIZER_FILES + TOKENIZER_EXTRAS:
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, dest / name)
-            copied.append(name)
-    return copied

@@ -54,6 +54,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     rotate-half (Llama / GPT-NeoX) convention: for ``x = [x1, x2, rest]`` with ``x1, x2`` of width
     ``rotary_dim // 2``, ``rot(x) = [x1 cos - x2 sin, x2 cos + x1 sin, rest]``."""
     half = cos.shape[-1]
-    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    x1, x2 = x[..., :half], x[..., half : 2 * half]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    if 2 * half < x.shape[-1]:  # partial rotary; no empty tensor in the traced ONNX graph otherwise
+        parts.append(x[..., 2 * half :])
+    return torch.cat(parts, dim=-1)

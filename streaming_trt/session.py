@@ -5,13 +5,14 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 
 from .kernel_backend import kernel_ops
 from .cache import StreamingCache
 from .contract import Geometry, UserError
+from .config import ModelConfig
 
 FORMAT = "streaming-trt-session"
 VERSION = 2  # 2: keys stored rotated at their text position, model fingerprint by content, checksum
@@ -100,6 +101,66 @@ def token_batch(tokens, lengths, batch: int, vocab: int, device) -> tuple[torch.
 
 
 
+def merge_newest(last: torch.Tensor | None, newest: torch.Tensor, part: list[int]) -> torch.Tensor:
+    """Each stream's newest logits ``[batch, vocab]`` after a forward that fed ``part[b]`` tokens to
+    stream ``b``: ``newest`` where it was fed, ``last`` (zeros at first) where it was not."""
+    if all(part):
+        return newest
+    if last is None:
+        last = torch.zeros_like(newest)
+    fed = torch.tensor([p > 0 for p in part], device=newest.device)
+    return torch.where(fed.view(-1, 1), newest, last)
+
+
+def feed_chunks(tokens: torch.Tensor, lengths: list[int], max_chunk: int, run, all_logits: bool, vocab: int,
+                device, last: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The feed loop every stream session shares: ``tokens [batch, n]`` (row ``b`` valid for its
+    first ``lengths[b]``) in forwards of at most ``max_chunk`` rows, each
+    ``run(chunk [batch, width], part: list[int], all_rows: bool)`` returning the chunk's logits
+    ``[batch, width, vocab]`` (``all_rows``) or each row's newest ``[batch, vocab]``.
+
+    Returns ``(logits [batch, n, vocab] float32 on device, zero past a row's length, or None
+    without all_logits; each stream's newest logits, updated from last)``."""
+    batch, n = tokens.shape
+    logits = torch.zeros(batch, n, vocab, device=device) if all_logits else None
+    for lo in range(0, n, max_chunk):
+        part = [min(max(length - lo, 0), max_chunk) for length in lengths]
+        width = max(part)
+        if width == 0:
+            break
+        out = run(tokens[:, lo : lo + width], part, all_logits)
+        if all_logits:
+            logits[:, lo : lo + width] = out
+            rows = torch.arange(batch, device=out.device)
+            out = out[rows, torch.tensor([max(p - 1, 0) for p in part], device=out.device)]
+        last = merge_newest(last, out, part)
+    return logits, last
+
+
+class StreamSession(Protocol):
+    """What generation and the command lines ask of a batch of streams: :class:`Session` (eager),
+    ``streaming_trt.export.onnx.OnnxSession`` (onnxruntime) and whatever else feeds a model."""
+
+    config: ModelConfig  # the model's
+    device: torch.device  # where the logits come back
+    geometry: Geometry
+    batch: int
+    max_chunk: int
+    last_logits: torch.Tensor | None  # [batch, vocab] float32: each stream's newest
+
+    @property
+    def seen(self) -> list[int]: ...
+
+    def feed(self, tokens, lengths=None, all_logits: bool = True) -> torch.Tensor: ...
+
+    def reset(self, rows: list[int] | None = None) -> None: ...
+
+    def save(self, path) -> None: ...
+
+    def nbytes(self) -> int:
+        """Bytes of the streams' key/value caches."""
+        ...
+
 class Session:
     """``batch`` independent streams with their own StreamingLLM caches.
 
@@ -148,6 +209,17 @@ class Session:
         return self.cache.geometry
 
     @property
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def nbytes(self) -> int:
+        return self.cache.nbytes()
+
     def sink_tokens(self) -> int:
         return self.geometry.sink_tokens
 
@@ -180,39 +252,10 @@ class Session:
         if not isinstance(all_logits, bool):
             raise UserError(f"all_logits must be True or False, got {all_logits!r}")
         tokens, lengths = token_batch(tokens, lengths, self.batch, self.model.config.vocab_size, self.model.device)
-        n, vocab = tokens.shape[1], self.model.config.vocab_size
-        logits = torch.zeros(self.batch, n, vocab, device=self.model.device) if all_logits else None
-        for lo in range(0, n, self.max_chunk):
-            part = [min(max(length - lo, 0), self.max_chunk) for length in lengths]
-            width = max(part)
-            if width == 0:
-                break
-            chunk = tokens[:, lo : lo + width]
-            if self.graphs is not None and width == 1 and all(part):
         self._start_with_sink_token(lengths)
-                newest = self.graphs(chunk).clone()
-                if all_logits:
-                    logits[:, lo] = newest
-                self._set_last(newest, part)
-                continue
-            if not all_logits:
-                # Chunks only ever hold a stream's newest tokens, so each row's last valid one is it.
-                self._set_last(self.model(chunk, self.cache, part, last_only=True), part)
-                continue
-            out = self.model(chunk, self.cache, part)
-            logits[:, lo : lo + width] = out
-            rows = torch.arange(self.batch, device=out.device)
-            self._set_last(out[rows, torch.tensor([max(p - 1, 0) for p in part], device=out.device)], part)
+        logits, self.last_logits = feed_chunks(tokens, lengths, self.max_chunk, self._chunk, all_logits,
+                                               self.model.config.vocab_size, self.model.device, self.last_logits)
         return logits if all_logits else self.last_logits
-
-    def _set_last(self, newest: torch.Tensor, part: list[int]) -> None:
-        if all(part):
-            self.last_logits = newest
-            return
-        if self.last_logits is None:
-            self.last_logits = torch.zeros_like(newest)
-        fed = torch.tensor([p > 0 for p in part], device=newest.device)
-        self.last_logits = torch.where(fed.view(-1, 1), newest, self.last_logits)
 
     def _start_with_sink_token(self, lengths: list[int]) -> None:
         """A model pre-trained with a sink token gets it as token 0 of every stream, once: fed here
@@ -226,6 +269,17 @@ class Session:
         self._set_last(self.model(ids, self.cache, starts, last_only=True), starts)
 
     def reset(self, rows: list[int] | None = None) -> None:
+    def _chunk(self, chunk: torch.Tensor, part: list[int], all_rows: bool) -> torch.Tensor:
+        """One forward of :func:`feed_chunks`: logits ``[batch, width, vocab]``, or each row's newest ``[batch, vocab]``."""
+        if self.graphs is not None and chunk.shape[1] == 1 and all(part):
+            newest = self.graphs(chunk).clone()
+            return newest[:, None] if all_rows else newest
+        # Chunks only ever hold a stream's newest tokens, so each row's last valid one is it.
+        return self.model(chunk, self.cache, part, last_only=not all_rows)
+
+    def _set_last(self, newest: torch.Tensor, part: list[int]) -> None:
+        self.last_logits = merge_newest(self.last_logits, newest, part)
+
         """Start streams ``rows`` (all when None) afresh."""
         if rows is not None:
             rows = list(rows) if isinstance(rows, (list, tuple, range)) else None
