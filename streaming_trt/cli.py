@@ -201,6 +201,6 @@ class Clock:
         tokens = s.seen[0] - self.start_tokens
         seconds = time.perf_counter() - self.start - self.idle
         info(f"[streaming-trt] {tokens} tokens fed in {seconds:.2f} s ({tokens / max(seconds, 1e-9):.1f} tok/s); "
-             f"stream length {s.seen[0]}, cache {s.cache.capacity} slots "
-             f"(sink_tokens={s.sink_tokens}, window={s.window}), {s.cache.nbytes() / 2**20:.1f} MiB")
+             f"stream length {s.seen[0]}, cache {s.geometry.capacity} slots "
+             f"(sink_tokens={s.sink_tokens}, window={s.window}), {s.nbytes() / 2**20:.1f} MiB")
 

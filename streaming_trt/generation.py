@@ -101,7 +101,7 @@ def generate_tokens(
     if isinstance(prompt_ids, (str, bytes)):
         raise UserError("prompt_ids must be token ids, got text; encode it with the tokenizer or use generate_text")
     stop = _token_set(stop_token_ids, "stop_token_ids")
-    sampler = sampler or Sampler(sampling or SamplingParams(), session.model.device)
+    sampler = sampler or Sampler(sampling or SamplingParams(), session.device)
     if prompt_ids:
         session.feed(list(prompt_ids), all_logits=False)
         sampler.observe(list(prompt_ids))
@@ -139,7 +139,7 @@ def generate_text(
     if not prompt and session.last_logits is None:
         raise UserError("the prompt is empty: give some text to start from")
     ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens) if prompt else []
-    stop_ids = (eos_ids(tokenizer, session.model.config) if stop_token_ids is None
+    stop_ids = (eos_ids(tokenizer, session.config) if stop_token_ids is None
                 else _token_set(stop_token_ids, "stop_token_ids"))
     decoder = IncrementalDecoder(tokenizer)
     stops = StopStrings(stop_strings)
