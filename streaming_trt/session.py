@@ -11,8 +11,8 @@ import torch
 
 from .kernel_backend import kernel_ops
 from .cache import StreamingCache
-from .contract import Geometry, UserError
 from .config import ModelConfig
+from .contract import Geometry, UserError
 
 FORMAT = "streaming-trt-session"
 VERSION = 2  # 2: keys stored rotated at their text position, model fingerprint by content, checksum
@@ -100,7 +100,6 @@ def token_batch(tokens, lengths, batch: int, vocab: int, device) -> tuple[torch.
     return tokens.to(device), lengths
 
 
-
 def merge_newest(last: torch.Tensor | None, newest: torch.Tensor, part: list[int]) -> torch.Tensor:
     """Each stream's newest logits ``[batch, vocab]`` after a forward that fed ``part[b]`` tokens to
     stream ``b``: ``newest`` where it was fed, ``last`` (zeros at first) where it was not."""
@@ -161,6 +160,7 @@ class StreamSession(Protocol):
         """Bytes of the streams' key/value caches."""
         ...
 
+
 class Session:
     """``batch`` independent streams with their own StreamingLLM caches.
 
@@ -209,7 +209,6 @@ class Session:
         return self.cache.geometry
 
     @property
-    @property
     def config(self) -> ModelConfig:
         return self.model.config
 
@@ -220,6 +219,7 @@ class Session:
     def nbytes(self) -> int:
         return self.cache.nbytes()
 
+    @property
     def sink_tokens(self) -> int:
         return self.geometry.sink_tokens
 
@@ -268,7 +268,6 @@ class Session:
         ids = torch.full((self.batch, 1), sink, dtype=torch.int64, device=self.model.device)
         self._set_last(self.model(ids, self.cache, starts, last_only=True), starts)
 
-    def reset(self, rows: list[int] | None = None) -> None:
     def _chunk(self, chunk: torch.Tensor, part: list[int], all_rows: bool) -> torch.Tensor:
         """One forward of :func:`feed_chunks`: logits ``[batch, width, vocab]``, or each row's newest ``[batch, vocab]``."""
         if self.graphs is not None and chunk.shape[1] == 1 and all(part):
@@ -280,6 +279,7 @@ class Session:
     def _set_last(self, newest: torch.Tensor, part: list[int]) -> None:
         self.last_logits = merge_newest(self.last_logits, newest, part)
 
+    def reset(self, rows: list[int] | None = None) -> None:
         """Start streams ``rows`` (all when None) afresh."""
         if rows is not None:
             rows = list(rows) if isinstance(rows, (list, tuple, range)) else None
