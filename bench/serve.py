@@ -1,16 +1,21 @@
-"""Serving throughput and time to first token on a real tritonserver, with in-process figures beside.
+"""Serving on a real tritonserver: the batched scheduler against the serial server, side by side.
 
-For each concurrency level N (default 1, 8, 32, 64), N conversations run at once through the gRPC
-client (one stream each), every one for ``--turns`` turns of ``--tokens`` greedy tokens. Reported:
-generated tokens per second over the level (all conversations together) and p50 / p99 time to
-first token of a turn (request sent -> first token received). The in-process row runs the same
-turns one after another with ``Session`` in this process (the server also runs one turn at a
-time: one model instance, so concurrency adds queueing, not parallelism).
+Two servers run at once on the same model: ``serial`` (``--slots 1``: one turn at a time, what the
+server did before continuous batching) and ``batched`` (``--slots`` = the largest level, at most 64).
+For each concurrency level N the two are measured one after the other (their order alternating
+between levels): N conversations start together through the gRPC client, each runs ``--turns``
+turns of ``--tokens`` greedy tokens. Reported per server and level:
 
-    python -m bench.serve                       # built-in random model, CPU, about a minute
-    python -m bench.serve --levels 1,8 --tokens 8
+- generated tokens per second over the level (all conversations together);
+- time to first token (TTFT, request sent -> first token received), p50 and p99 over the turns;
+- inter-token latency (ITL, the gap between consecutive tokens of a reply), p50 and p99;
+- ``turn_alone``: the mean time of one whole turn at level 1 on the batched server, the yardstick
+  of the targets in docs/serving.md.
 
-Writes bench/results/serve.csv and serve.png.
+    python -m bench.serve                                   # built-in random model, a few minutes
+    python -m bench.serve --model builtin:smollm2 --levels 1,8,16 --tokens 32 --threads 2
+
+Writes serve.csv and serve.png to --out (default bench/results/serve-<model>).
 """
 from __future__ import annotations
 
@@ -37,141 +42,175 @@ def _port() -> int:
 
 def _pct(values, q):
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
-def in_process(args, texts):
-    """Tokens/s and TTFTs of the same turns run sequentially in this process."""
-    from argparse import Namespace
-
-    from streaming_trt import cli
-    from streaming_trt.conversation import TurnEncoder
-    from streaming_trt.generation import eos_ids, generate_tokens
-
-    model, tok = cli.load(Namespace(model=args.model, dtype="float32", device="cpu", backend="auto", seed=0,
-                                    threads=args.threads))
-    turns, stop = TurnEncoder(tok), eos_ids(tok, model.config)
-    ttft, tokens, t0 = [], 0, time.perf_counter()
-    for conv in texts:
-        session = model.session(args.sink_tokens, args.window)
-        for i, text in enumerate(conv):
-            start = time.perf_counter()
-            ids = turns.first_turn(text) if i == 0 else turns.next_turn(text)
-            last = None
-            for n, token in enumerate(generate_tokens(session, ids, args.tokens, stop_token_ids=stop)):
-                if n == 0:
-                    ttft.append(time.perf_counter() - start)
-                last, tokens = token, tokens + 1
-            closing = turns.after_reply(last if last in stop else None)
-            if closing:
-                session.feed(closing, all_logits=False)
-    return tokens / (time.perf_counter() - t0), ttft
+def texts(n: int, turns: int, first: int) -> list[list[str]]:
+    return [[f"conversation {first + c}, turn {t}: tell me more about the sea." for t in range(turns)]
+            for c in range(n)]
 
 
-def served(url, texts, args):
+def level(url: str, n: int, args, first_id: int) -> dict:
+    """N conversations at once on the server at ``url``; their figures."""
     from streaming_trt.client import Client
 
-    ttft, counts, errors = [], [], []
+    ttft, itl, turn_s, counts, errors = [], [], [], [], []
     lock = threading.Lock()
+    go = threading.Barrier(n)
 
     def worker(c, conv_texts):
         try:
-            with Client(url, timeout=600) as client:
-                conv = client.conversation(10_000 + c)
+            with Client(url, timeout=1800) as client:
+                conv = client.conversation(first_id + c)
+                go.wait()
                 for text in conv_texts:
-                    start, n = time.perf_counter(), 0
-                    for _ in conv.tokens(text, max_tokens=args.tokens):
-                        if n == 0:
-                            with lock:
-                                ttft.append(time.perf_counter() - start)
-                        n += 1
+                    start = last = time.perf_counter()
+                    gaps, count = [], 0
+                    for _ in conv.tokens(text, max_tokens=args.tokens, temperature=0.0):
+                        now = time.perf_counter()
+                        if count == 0:
+                            first = now - start
+                        else:
+                            gaps.append(now - last)
+                        last, count = now, count + 1
                     with lock:
-                        counts.append(n)
+                        ttft.append(first)
+                        itl.extend(gaps)
+                        turn_s.append(time.perf_counter() - start)
+                        counts.append(count)
                 conv.end()
         except Exception as e:  # reported after the level
             errors.append(f"{type(e).__name__}: {e}")
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(c, t)) for c, t in enumerate(texts)]
+    threads = [threading.Thread(target=worker, args=(c, t)) for c, t in enumerate(texts(n, args.turns, first_id))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     if errors:
-        raise RuntimeError(f"{len(errors)} conversations failed, first: {errors[0]}")
-    return sum(counts) / (time.perf_counter() - t0), ttft
+        raise RuntimeError(f"{len(errors)} of {n} conversations failed, first: {errors[0]}")
+    wall = time.perf_counter() - t0
+    return {"tokens_per_s": sum(counts) / wall, "ttft_p50_ms": _pct(ttft, 0.5) * 1e3,
+            "ttft_p99_ms": _pct(ttft, 0.99) * 1e3, "itl_p50_ms": _pct(itl, 0.5) * 1e3,
+            "itl_p99_ms": _pct(itl, 0.99) * 1e3, "turn_ms": statistics.mean(turn_s) * 1e3, "seconds": wall}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="builtin:random", help="as for `python -m streaming_trt.serve`")
-    p.add_argument("--levels", default="1,8,32,64", help="concurrent conversations, comma-separated")
-    p.add_argument("--turns", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=16, help="tokens generated per turn")
+    p.add_argument("--levels", default="1,8,16,32,64", help="concurrent conversations, comma-separated")
+    p.add_argument("--turns", type=int, default=2, help="turns per conversation")
+    p.add_argument("--tokens", type=int, default=32, help="tokens generated per turn")
     p.add_argument("--sink-tokens", type=int, default=4)
     p.add_argument("--window", type=int, default=252)
-    p.add_argument("--threads", type=int, default=None, help="torch threads, server and in-process alike")
-    p.add_argument("--out", default=str(RESULTS), help="directory for serve.csv and serve.png")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of each server")
+    p.add_argument("--servers", default="serial,batched", help="which servers to measure")
+    p.add_argument("--serial-max-level", type=int, default=None,
+                   help="skip the serial server above this level (it needs levels x turns x tokens / its tok/s)")
+    p.add_argument("--out", default=None, help="directory for serve.csv and serve.png")
     args = p.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
+    kinds = args.servers.split(",")
     from streaming_trt.serving.repo import TritonServer, find_tritonserver, write_repo
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    conf = {"model": args.model, "dtype": "float32", "device": "cpu", "backend": "auto", "seed": 0,
-            "sink_tokens": args.sink_tokens, "window": args.window, "session_dir": str(work / "sessions"),
-            "max_resident": max(levels), "max_new_tokens": args.tokens, "max_new_tokens_limit": 4096,
-            "max_input_bytes": 1 << 20, "threads": args.threads}
-    write_repo(work / "repo", conf)
-    server = TritonServer(work / "repo", "127.0.0.1", _port(), _port(), find_tritonserver(), work)
-    rows = []
+    servers = {}
     try:
-        server.wait_ready(300)
-        url = f"127.0.0.1:{server.grpc_port}"
-
-        def texts(n):
-            return [[f"conversation {c}, turn {t}: tell me more." for t in range(args.turns)] for c in range(n)]
-
-        served(url, texts(2), args)  # warm-up
-        tps, ttft = in_process(args, texts(8))
-        rows.append(("in-process", 1, tps, _pct(ttft, 0.5) * 1e3, _pct(ttft, 0.99) * 1e3))
-        print(f"in-process        : {tps:7.1f} tok/s  TTFT p50 {rows[-1][3]:7.1f} ms  p99 {rows[-1][4]:7.1f} ms")
-        for n in levels:
-            tps, ttft = served(url, texts(n), args)
-            rows.append(("triton", n, tps, _pct(ttft, 0.5) * 1e3, _pct(ttft, 0.99) * 1e3))
-            print(f"triton, {n:3d} convs : {tps:7.1f} tok/s  TTFT p50 {rows[-1][3]:7.1f} ms  p99 {rows[-1][4]:7.1f} ms",
-                  flush=True)
+        for kind in kinds:
+            conf = {"model": args.model, "dtype": "float32", "device": "cpu", "backend": "auto", "seed": 0,
+                    "sink_tokens": args.sink_tokens, "window": args.window, "session_dir": str(work / kind / "s"),
+                    "slots": 1 if kind == "serial" else min(64, max(levels)), "slot_memory": None,
+                    "prefill_budget": 256, "max_queue": 1024, "host_memory": 8 << 30, "disk_budget": None,
+                    "idle_ttl": None, "max_new_tokens": args.tokens, "max_new_tokens_limit": 4096,
+                    "max_input_bytes": 1 << 20, "threads": args.threads}
+            write_repo(work / kind / "repo", conf)
+            servers[kind] = TritonServer(work / kind / "repo", "127.0.0.1", _port(), _port(), find_tritonserver(),
+                                         work / kind)
+        for s in servers.values():
+            s.wait_ready(600)
+        urls = {k: f"127.0.0.1:{s.grpc_port}" for k, s in servers.items()}
+        for k in kinds:  # warm-up
+            level(urls[k], 2, argparse.Namespace(turns=1, tokens=4), 1)
+        rows, cid = [], 100
+        print(f"model {args.model}, S + W = {args.sink_tokens} + {args.window}, {args.turns} turns x {args.tokens} "
+              f"tokens, threads {args.threads}", flush=True)
+        for i, n in enumerate(levels):
+            for kind in (kinds if i % 2 == 0 else kinds[::-1]):
+                if kind == "serial" and args.serial_max_level is not None and n > args.serial_max_level:
+                    continue
+                r = level(urls[kind], n, args, cid)
+                cid += n
+                rows.append({"server": kind, "concurrency": n, **r})
+                print(f"{kind:8s} {n:3d} convs: {r['tokens_per_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:8.0f} ms "
+                      f"p99 {r['ttft_p99_ms']:8.0f} ms  ITL p50 {r['itl_p50_ms']:6.0f} ms p99 {r['itl_p99_ms']:6.0f} ms  "
+                      f"turn {r['turn_ms']:7.0f} ms", flush=True)
     finally:
-        server.stop()
-    out = Path(args.out)
+        for s in servers.values():
+            s.stop()
+    out = Path(args.out) if args.out else RESULTS / f"serve-{args.model.replace('builtin:', '').replace('/', '_')}"
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "serve.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "concurrency", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms"])
-        w.writerows([(a, b, f"{c:.1f}", f"{d:.1f}", f"{e:.1f}") for a, b, c, d, e in rows])
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([{k: (f"{v:.1f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
+    summary(rows)
+    plot(rows, out / "serve.png", args)
+    print(f"wrote {out / 'serve.csv'}")
+    return 0
+
+
+def summary(rows) -> None:
+    """The targets of docs/serving.md, as ratios of figures measured in this run."""
+    base = {r["server"]: r for r in rows if r["concurrency"] == 1}
+    alone = base.get("batched")
+    if alone is None:
+        return
+    by = {(r["server"], r["concurrency"]): r for r in rows}
+    for n in sorted({r["concurrency"] for r in rows if r["concurrency"] > 1}):
+        b = by.get(("batched", n))
+        if b is None:
+            continue
+        line = (f"batched at {n}: throughput {b['tokens_per_s'] / alone['tokens_per_s']:.2f}x one conversation's, "
+                f"TTFT p99 {b['ttft_p99_ms'] / alone['turn_ms']:.2f}x one whole turn alone, "
+                f"ITL p99 {b['itl_p99_ms'] / alone['itl_p99_ms']:.2f}x one conversation's")
+        s = by.get(("serial", n))
+        if s is not None:
+            line += f", {b['tokens_per_s'] / s['tokens_per_s']:.2f}x the serial server's throughput"
+        print(line)
+
+
+def plot(rows, path: Path, args) -> None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        tr = [r for r in rows if r[0] == "triton"]
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-        a.plot([r[1] for r in tr], [r[2] for r in tr], "o-", label="tritonserver (gRPC)")
-        a.axhline(rows[0][2], ls="--", c="gray", label="in-process, sequential")
-        a.set(xscale="log", xlabel="concurrent conversations", ylabel="generated tokens/s", title="throughput")
-        b.plot([r[1] for r in tr], [r[3] for r in tr], "o-", label="p50")
-        b.plot([r[1] for r in tr], [r[4] for r in tr], "s-", label="p99")
-        b.axhline(rows[0][3], ls="--", c="gray", label="in-process p50")
-        b.set(xscale="log", yscale="log", xlabel="concurrent conversations", ylabel="ms", title="time to first token")
-        for ax in (a, b):
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "serve.png", dpi=110)
     except ImportError:
         print("matplotlib missing: no plot", file=sys.stderr)
-    print(f"wrote {out / 'serve.csv'}")
-    return 0
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for kind, style in (("serial", "s--"), ("batched", "o-")):
+        rs = [r for r in rows if r["server"] == kind]
+        if not rs:
+            continue
+        x = [r["concurrency"] for r in rs]
+        axes[0].plot(x, [r["tokens_per_s"] for r in rs], style, label=kind)
+        axes[1].plot(x, [r["ttft_p50_ms"] for r in rs], style, label=f"{kind} p50")
+        axes[1].plot(x, [r["ttft_p99_ms"] for r in rs], style, alpha=0.5, label=f"{kind} p99")
+        axes[2].plot(x, [r["itl_p50_ms"] for r in rs], style, label=f"{kind} p50")
+        axes[2].plot(x, [r["itl_p99_ms"] for r in rs], style, alpha=0.5, label=f"{kind} p99")
+    axes[0].set(xscale="log", xlabel="concurrent conversations", ylabel="generated tokens/s", title="throughput")
+    axes[1].set(xscale="log", yscale="log", xlabel="concurrent conversations", ylabel="ms", title="time to first token")
+    axes[2].set(xscale="log", yscale="log", xlabel="concurrent conversations", ylabel="ms",
+                title="inter-token latency")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{args.model}: {args.turns} turns x {args.tokens} tokens per conversation, "
+                 f"S + W = {args.sink_tokens} + {args.window}, threads {args.threads}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -278,7 +278,11 @@ class Scheduler:
         if not fresh and not self.store.exists(req.cid):
             raise UserError(f"conversation {req.cid} is unknown or has ended; start it with the START flag")
         conversation = Conversation(self.tokenizer, self.stop_ids, started=not fresh, encoder=self.encoder)
-        turn = _Turn(req, conversation, conversation.turn_ids(messages), max_tokens, self.model.device)
+        ids = conversation.turn_ids(messages)
+        sink = self.model.config.sink_token_id
+        if fresh and sink is not None:  # a model pre-trained with a sink token starts every stream with it
+            ids = [sink] + ids
+        turn = _Turn(req, conversation, ids, max_tokens, self.model.device)
         row = max(r for r, t in enumerate(self.rows) if t is None)  # prefill rows fill the pool from the top
         if fresh:
             self.store.end(req.cid)
