@@ -107,8 +107,9 @@ class BlockStore:
         self.stage_mass = torch.zeros(L, kv, B)
         self.slot_mass = torch.zeros(L, kv, geometry.capacity)  # attention received by each cache slot's token
         k = max(recall.top_k, 1)
-        self.gather_k = torch.empty(kv, k * B, d, dtype=dtype, device=device)  # the k*B device slots
-        self.gather_v = torch.empty(kv, k * B, d, dtype=dtype, device=device)
+        self.gather_k = torch.empty(k, kv, B, d, dtype=dtype, device=device)  # the k*B device slots
+        self.gather_v = torch.empty(k, kv, B, d, dtype=dtype, device=device)
+        self.score_angles = rotary_angles(inv_freq.cpu(), torch.tensor(geometry.window))  # blocks scored W back
         self.reset()
 
     def reset(self) -> None:
@@ -229,8 +230,7 @@ class BlockStore:
         if available <= lo or k == 0:
             return []
         ids = torch.arange(lo, available)
-        w = self.geometry.window
-        qd = apply_rotary(q.float().cpu(), *rotary_angles(self.inv_freq.cpu(), torch.tensor(w)))
+        qd = apply_rotary(q.float().cpu(), *self.score_angles)
         votes = R.block_votes(self.block_scores(layer, qd, ids), sm_scale)
         if len(ids) <= k:
             return ids.tolist()
@@ -252,20 +252,20 @@ class BlockStore:
             slots = g.slot(us).to(k_cache.device)
             self._push(layer, lo_u, k_cache[0, :, slots], v_cache[0, :, slots],
                        self.slot_mass[layer][:, g.slot(us)] if self.recall.scorer == "representative" else None)
-        mass = None
-        need_k = self.recall.scorer == "representative" or end - W > start
-        if need_k:
-            q_text, q_rank = plan.rotate(q)
-            k_rot = apply_rotary(k, *plan.text)
-            if self.recall.scorer == "representative":
-                mass = R.attention_mass(q_text, q_rank, k_rot, k_cache, plan.start, plan.lengths, g, sm_scale)[0].cpu()
         # 2. Selection, then attention.
         ids = self.select(layer, q[0], step.blocks, sm_scale)
         self.selected[layer] = ids
+        want_mass = self.recall.scorer == "representative"
+        mass = k_rot = None
         if not ids:
+            if want_mass or end - W > start:
+                k_rot = apply_rotary(k, *plan.text)
+            if want_mass:
+                q_text, q_rank = plan.rotate(q)
+                mass = R.attention_mass(q_text, q_rank, k_rot, k_cache, plan.start, plan.lengths, g, sm_scale)[0].cpu()
             out = cache.attend(layer, q, k, v, step.plain, sm_scale, sink_logits)
         else:
-            out = self._attend_recalled(cache, layer, q, k, v, plan, ids, sm_scale, sink_logits)
+            out, k_rot, mass = self._attend_recalled(cache, layer, q, k, v, plan, ids, sm_scale, sink_logits, want_mass)
         # 3. Rows of this chunk that its own later rows evict, and the attention mass bookkeeping.
         if end - W > start:
             lo_c = max(S, start)
@@ -281,38 +281,54 @@ class BlockStore:
                 self.slot_mass[layer][:, g.slot(idx)] = mass[:, g.capacity + idx - start]
         return out
 
-    def _attend_recalled(self, cache, layer, q, k, v, plan, ids, sm_scale, sink_logits):
+    def _attend_recalled(self, cache, layer, q, k, v, plan, ids, sm_scale, sink_logits, want_mass):
+        """Attention over sinks + blocks ``ids`` + window; also the rotated keys and, with
+        ``want_mass``, the attention mass of the cache slots (and chunk rows) ``[kv, C (+ n)]``."""
         g, B = self.geometry, self.recall.block_size
-        S, n_sel = g.sink_tokens, len(ids)
+        n_sel = len(ids)
         k_cache, v_cache = cache.keys[layer], cache.values[layer]
         rows = torch.tensor(ids) % self.max_blocks
-        width = n_sel * B
-        bk, bv = self.gather_k[:, :width], self.gather_v[:, :width]
-        bk.copy_(self.keys[layer].index_select(0, rows).transpose(0, 1).reshape(bk.shape), non_blocking=True)
-        bv.copy_(self.values[layer].index_select(0, rows).transpose(0, 1).reshape(bv.shape), non_blocking=True)
+        bk, bv = self.gather_k[:n_sel], self.gather_v[:n_sel]
+        if self.keys[layer].device == bk.device:
+            torch.index_select(self.keys[layer], 0, rows, out=bk)
+            torch.index_select(self.values[layer], 0, rows, out=bv)
+        else:  # pinned host -> device
+            bk.copy_(self.keys[layer].index_select(0, rows), non_blocking=True)
+            bv.copy_(self.values[layer].index_select(0, rows), non_blocking=True)
         # Every row is past capacity: the query's rank is C - 1 + n_sel * B. Block i (id j) holds
         # ranks S + iB + o for text positions S + jB + o: the query rotated at rank + (j - i) B
         # gives each of its keys its rank distance.
-        rank = g.capacity - 1 + width
+        rank = g.capacity - 1 + n_sel * B
         pos = torch.tensor([rank] + [rank + (j - i) * B for i, j in enumerate(ids)], device=q.device)
         cos, sin = rotary_angles(self.inv_freq, pos)  # [1 + n_sel, half]
-        q_text = apply_rotary(q, *plan.text)
-        q_all = apply_rotary(q.unsqueeze(3).expand(-1, -1, -1, len(pos), -1), cos, sin)  # [1, n, heads, 1 + n_sel, d]
-        q_sink, q_block = q_all[:, :, :, 0], q_all[:, :, :, 1:]
+        n = q.shape[1]
+        cos = torch.cat([plan.text[0].expand(-1, -1, 1, -1), cos.view(1, 1, -1, cos.shape[-1]).expand(1, n, -1, -1)], 2)
+        sin = torch.cat([plan.text[1].expand(-1, -1, 1, -1), sin.view(1, 1, -1, sin.shape[-1]).expand(1, n, -1, -1)], 2)
+        q_all = apply_rotary(q.unsqueeze(3).expand(-1, -1, -1, 2 + n_sel, -1), cos.unsqueeze(2), sin.unsqueeze(2))
+        q_text, q_sink, q_block = q_all[:, :, :, 0], q_all[:, :, :, 1], q_all[:, :, :, 2:]
         k_rot = apply_rotary(k, *plan.text)
+        mass = None
         if plan.decode:
             slot = plan.slots
             k_cache[0, :, slot] = k_rot[0, 0].to(k_cache.dtype).unsqueeze(1)
             v_cache[0, :, slot] = v[0, 0].to(v_cache.dtype).unsqueeze(1)
             out = R.recall_decode_attention(q_text[:, 0], q_sink[:, 0], q_block[:, 0], k_cache, v_cache,
-                                            bk[None], bv[None], g, sm_scale, sink_logits)
-            return out[:, None]
+                                            bk[None], bv[None], g, sm_scale, sink_logits, mass=want_mass)
+            if want_mass:
+                out, mass = out
+                # The new token's own slot is this step's row, not a cache slot: its mass moves there.
+                mass = torch.cat([mass[0].cpu(), mass[0, :, slot].cpu()], 1)
+                mass[:, slot] = 0
+            return out[:, None], k_rot, mass
         out = R.recall_prefill_attention(q_text, q_sink, q_block, k_rot, v, k_cache, v_cache, bk[None], bv[None],
-                                         plan.start, plan.lengths, g, sm_scale, sink_logits)
+                                         plan.start, plan.lengths, g, sm_scale, sink_logits, mass=want_mass)
+        if want_mass:
+            out, mass = out
+            mass = mass[0].cpu()
         from .kernels import reference
 
         reference.cache_write(k_rot, v, k_cache, v_cache, plan.start, plan.lengths, g)
-        return out
+        return out, k_rot, mass
 
 
 def attach(recall: Recall, model, cache) -> BlockStore:
