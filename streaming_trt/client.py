@@ -8,16 +8,23 @@
 ...     chat.end()
 
 Built on ``tritonclient.grpc``'s bidirectional stream (the model is decoupled: one response per
-reply token). If the server restarted or dropped an idle sequence, a turn is retried once with
-START + RESUME, which continues the conversation saved on the server.
+reply token). Each turn in flight has a gRPC stream of its own (idle streams are reused), because
+tritonclient's errors carry no request id: so an error always reaches the turn it belongs to, and a
+stream that broke (a server restart) is replaced by a fresh one on the next turn.
+
+A conversation does not hold a Triton sequence slot between turns: the server releases the slot of
+an idle conversation (``--sequence-idle-seconds``), refusing its next turn with "must specify the
+START flag" before the model sees it; the turn is then sent again with START + RESUME, which
+continues the conversation saved on the server. Nothing else is ever resent, so no message is fed twice.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import json
+import os
 import queue
-import random
+import secrets
 import sys
 import threading
 from typing import Iterator
@@ -26,10 +33,35 @@ from .errors import UserError
 
 MODEL_NAME = "streaming_llm"
 _RESTARTED = "must specify the START flag"
+_OVERLOADED = ("overloaded", "Exceeds maximum queue size", "queue is full")
 
 
 class ServerError(UserError):
-    """The server refused a request; the message is the server's."""
+    """The server refused or failed a request; the message is the server's.
+
+    ``kind`` says whose fault and whether to retry: "invalid" (the request; do not resend it as is),
+    "internal" (a server bug), "overloaded" (retry later), "unavailable" (the server cannot be reached
+    or the connection broke; retry when it is back), "timeout" (no response in time).
+    """
+
+    def __init__(self, message: str, kind: str = "invalid"):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _server_error(error) -> ServerError:
+    """A tritonclient error as a ServerError: in-band errors (the model's or Triton's refusal of one
+    request) have no gRPC status; a failed stream has one."""
+    message = str(error.message() if hasattr(error, "message") else error)
+    status = error.status() if hasattr(error, "status") else None
+    if status is not None:
+        kind = "timeout" if "DEADLINE_EXCEEDED" in str(status) else "unavailable"
+        return ServerError(f"the connection to the server broke ({status}: {message})", kind)
+    if message.startswith("internal error"):
+        return ServerError(message, "internal")
+    if any(word in message for word in _OVERLOADED):
+        return ServerError(message, "overloaded")
+    return ServerError(message)
 
 
 @dataclasses.dataclass
@@ -45,38 +77,89 @@ class TurnSummary:
     finish_reason: str      # "stop", "length" or "cancelled"
 
 
-class Client:
-    """One gRPC stream to Triton; thread-safe (requests are told apart by request id)."""
+class _Stream:
+    """One gRPC stream carrying one request at a time: every response and error on it is that request's."""
 
-    def __init__(self, url: str = "127.0.0.1:8001", model_name: str = MODEL_NAME, timeout: float = 300.0):
+    def __init__(self, grpcclient, url: str, headers: dict | None):
+        self.client = grpcclient.InferenceServerClient(url)
+        self.responses: queue.Queue = queue.Queue()
+        self.broken = False
+        self.client.start_stream(callback=self._on_response, headers=headers)
+
+    def _on_response(self, result=None, error=None):
+        if error is not None and getattr(error, "status", lambda: None)() is not None:
+            self.broken = True  # the stream itself failed: tritonclient refuses to send on it now
+        self.responses.put((result, error))
+
+    def close(self, cancel: bool) -> None:
+        try:
+            self.client.stop_stream(cancel_requests=cancel)
+            self.client.close()
+        except Exception:  # a stream that already broke has nothing left to close cleanly
+            pass
+
+
+class Client:
+    """Turns to a Triton-served chat model; thread-safe (every turn in flight has its own gRPC stream).
+
+    ``api_key``: sent as the gRPC header ``triton-grpc-protocol-authorization: Bearer KEY`` (a server
+    started with ``--api-key`` needs it).
+    """
+
+    def __init__(self, url: str = "127.0.0.1:8001", model_name: str = MODEL_NAME, timeout: float = 300.0,
+                 api_key: str | None = None, max_idle_streams: int = 8):
         import tritonclient.grpc as grpcclient
 
         self._grpc = grpcclient
         self.url, self.model_name, self.timeout = url, model_name, timeout
-        self._client = grpcclient.InferenceServerClient(url)
-        self._queues: dict[str, queue.Queue] = {}
+        # Triton's --grpc-restricted-protocol=...:authorization=... expects the key under this prefixed name
+        self._headers = {"triton-grpc-protocol-authorization": f"Bearer {api_key}"} if api_key else None
+        self._client = grpcclient.InferenceServerClient(url)  # health and metadata calls
+        self._idle: list[_Stream] = []
+        self._busy: set[_Stream] = set()
+        self._max_idle = max_idle_streams
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self._client.start_stream(callback=self._on_response)
+        self._closed = False
 
-    def _on_response(self, result=None, error=None):
-        request_id = None
-        if result is not None:
-            request_id = result.get_response().id
-        elif error is not None:
-            request_id = getattr(error, "request_id", None)
-            if request_id is None:  # errors that name no request go to every waiting turn
-                with self._lock:
-                    for q in self._queues.values():
-                        q.put((None, error))
-                return
+    def is_server_ready(self) -> bool:
+        return bool(self._client.is_server_ready(headers=self._headers))
+
+    def _take(self) -> tuple[_Stream, bool]:
+        """A stream with nothing in flight, and whether it was used before."""
         with self._lock:
-            q = self._queues.get(request_id)
-        if q is not None:
-            q.put((result, error))
+            if self._closed:
+                raise ServerError("this Client is closed", "unavailable")
+            while self._idle:
+                stream = self._idle.pop()
+                if stream.broken or not stream.responses.empty():  # broke while idle (a server restart)
+                    stream.close(cancel=True)
+                    continue
+                self._busy.add(stream)
+                return stream, True
+        try:
+            stream = _Stream(self._grpc, self.url, self._headers)
+        except Exception as e:  # tritonclient raises its own types for a bad address
+            raise ServerError(f"cannot reach the server at {self.url} ({e})", "unavailable") from None
+        with self._lock:
+            self._busy.add(stream)
+        return stream, False
+
+    def _give_back(self, stream: _Stream, reusable: bool) -> None:
+        with self._lock:
+            self._busy.discard(stream)
+            if reusable and not stream.broken and not self._closed and len(self._idle) < self._max_idle:
+                self._idle.append(stream)
+                return
+        stream.close(cancel=True)  # something may still be in flight on it: it is never reused
 
     def close(self, cancel: bool = False) -> None:
-        self._client.stop_stream(cancel_requests=cancel)
+        """Close every stream; ``cancel`` cancels the turns in flight (otherwise they finish first)."""
+        with self._lock:
+            self._closed = True
+            streams, self._idle = self._idle + list(self._busy), []
+        for stream in streams:
+            stream.close(cancel=cancel)
         self._client.close()
 
     def __enter__(self):
@@ -94,7 +177,8 @@ class Client:
              ) -> Iterator[Token | TurnSummary]:
         """Send one turn; yields a :class:`Token` per reply token, then one :class:`TurnSummary`.
 
-        Raises :class:`ServerError` with the server's message on a refused request.
+        Raises :class:`ServerError` with the server's message on a refused request. Leaving the
+        iteration early cancels the turn on the server.
         """
         import numpy as np
 
@@ -119,36 +203,48 @@ class Client:
         if resume:
             add("RESUME", True, "BOOL", np.bool_)
         request_id = f"{id(self)}-{next(self._ids)}"
-        q: queue.Queue = queue.Queue()
-        with self._lock:
-            self._queues[request_id] = q
+        stream, reused = self._take()
+        complete = False
         try:
-            self._client.async_stream_infer(self.model_name, inputs, request_id=request_id,
-                                            sequence_id=int(conversation_id), sequence_start=start,
-                                            sequence_end=end)
+            for attempt in range(2):
+                try:
+                    stream.client.async_stream_infer(self.model_name, inputs, request_id=request_id,
+                                                     sequence_id=int(conversation_id), sequence_start=start,
+                                                     sequence_end=end)
+                    break
+                except Exception as e:  # refused before sending: the stream broke since it was last used
+                    self._give_back(stream, False)
+                    if attempt or not reused:
+                        raise ServerError(f"cannot send to the server at {self.url} ({e})", "unavailable") from None
+                    stream, reused = self._take()
             while True:
                 try:
-                    result, error = q.get(timeout=self.timeout)
+                    result, error = stream.responses.get(timeout=self.timeout)
                 except queue.Empty:
-                    raise ServerError(f"no response from the server within {self.timeout:.0f} s") from None
+                    raise ServerError(f"no response from the server within {self.timeout:.0f} s", "timeout") from None
                 if error is not None:
-                    raise ServerError(str(error.message() if hasattr(error, "message") else error))
+                    raise _server_error(error)
                 token = int(result.as_numpy("TOKEN_ID").reshape(-1)[0])
                 if token >= 0:
                     yield Token(token, result.as_numpy("TEXT").tobytes().decode("utf-8"))
                     continue
+                complete = True
                 yield TurnSummary(int(result.as_numpy("PROMPT_TOKENS").reshape(-1)[0]),
                                   int(result.as_numpy("SEEN").reshape(-1)[0]),
                                   result.as_numpy("FINISH").tobytes().decode("utf-8"))
                 return
         finally:
-            with self._lock:
-                self._queues.pop(request_id, None)
+            self._give_back(stream, complete)
 
     def end(self, conversation_id: int) -> None:
         """End a conversation: the server frees it and deletes its file."""
         for _ in self.turn(conversation_id, [], end=True):  # END with no messages: no turn
             pass
+
+
+def new_conversation_id() -> int:
+    """A random conversation id (a Triton correlation id: a nonzero uint64; 63 bits here)."""
+    return secrets.randbits(63) or 1
 
 
 class Conversation:
@@ -157,7 +253,7 @@ class Conversation:
     def __init__(self, client: Client, conversation_id: int | None = None, system: str | None = None,
                  started: bool = False):
         self.client = client
-        self.id = conversation_id if conversation_id is not None else random.getrandbits(63) or 1
+        self.id = conversation_id if conversation_id is not None else new_conversation_id()
         self.system = system
         self.started = started
         self.last: TurnSummary | None = None
@@ -170,13 +266,16 @@ class Conversation:
     def message_tokens(self, messages: list[dict], **sampling) -> Iterator[Token]:
         """The reply to ``messages``: any history ending with a user message for a conversation not
         yet started, exactly one user message for one that is."""
-        first = not self.started
+        first, sent = not self.started, 0
         try:
-            yield from self._turn(messages, start=first, **sampling)
+            for token in self._turn(messages, start=first, **sampling):
+                sent += 1
+                yield token
         except ServerError as e:
-            if first or _RESTARTED not in str(e):
+            if first or sent or _RESTARTED not in str(e):
                 raise
-            # Triton forgot the sequence (restart, idle timeout): continue the saved conversation.
+            # Triton refused the turn before the model saw it: it released the sequence (idle, or a
+            # restart). Continue the conversation saved on the server.
             yield from self._turn(messages, start=True, resume=True, **sampling)
         self.started = True
 
@@ -221,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--api-key", default=os.environ.get("STREAMING_TRT_API_KEY"),
+                   help="the server's --api-key (default: $STREAMING_TRT_API_KEY)")
     args = p.parse_args(argv)
     return cli.run(lambda: _repl(args))
 
@@ -229,8 +330,8 @@ def _repl(args) -> int:
     from . import cli
 
     try:
-        client = Client(args.url)
-        if not client._client.is_server_ready():
+        client = Client(args.url, api_key=args.api_key)
+        if not client.is_server_ready():
             raise RuntimeError("the server is not ready")
     except Exception as e:  # tritonclient raises its own types for a bad address
         raise UserError(f"cannot reach a ready server at {args.url} ({e}); is `python -m streaming_trt.serve` "
@@ -250,20 +351,22 @@ def _repl(args) -> int:
                 break
             if line.strip() == "/quit":
                 break
-            if line.strip() == "/end":
-                chat.end()
-                cli.info("[streaming-trt] conversation ended")
-                break
-            if not line.strip():
-                continue
             try:
+                if line.strip() == "/end":
+                    chat.end()
+                    cli.info("[streaming-trt] conversation ended")
+                    break
+                if not line.strip():
+                    continue
                 for piece in chat.send(line, **sampling):
                     sys.stdout.write(piece)
                     sys.stdout.flush()
             except ServerError as e:
-                cli.info(f"[error: {e}]")
+                again = " (send it again when the server is back)" if e.kind in ("unavailable", "timeout") else ""
+                cli.info(f"\n[error: {e}]{again}")
                 continue
             sys.stdout.write("\n")
+            sys.stdout.flush()
     finally:
         client.close()
     return 0

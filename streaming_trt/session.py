@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -324,8 +325,9 @@ class Session:
             raise UserError(f"{path}: cannot save the session, {path.parent} {what}")
         tmp = path.with_name(f".{path.name}.tmp")
         try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))  # private from its first byte
             save_file(tensors, str(tmp), metadata=meta)
-            tmp.replace(path)
+            _durable_replace(tmp, path)
         except (OSError, SafetensorError) as e:
             tmp.unlink(missing_ok=True)
             raise UserError(f"{path}: cannot save the session ({e})") from None
@@ -392,3 +394,21 @@ class Session:
         if last is not None:
             session.last_logits = last.to(model.device)
         return session
+
+
+def _durable_replace(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` over ``path`` so that a power cut leaves the old or the new file whole: the data
+    reaches the disk before the rename, the rename before returning. Session files hold a
+    conversation: readable by their owner only (0600)."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fchmod(fd, 0o600)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp.replace(path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -61,11 +61,12 @@ def conversation_bytes(model_dir: Path) -> int:
 
 
 def wait_free(ports, timeout: float = 30.0) -> None:
-    """Wait until every port can be bound on 127.0.0.1 (a killed server's children may hold them a moment)."""
+    """Wait until nothing listens on ``ports`` of 127.0.0.1 (a killed server's children may a moment longer)."""
     deadline = time.monotonic() + timeout
     for port in ports:
         while True:
             with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no obstacle
                 try:
                     s.bind(("127.0.0.1", port))
                     break

@@ -2,28 +2,37 @@
 
 A Starlette app served by uvicorn, forwarding every turn to Triton over gRPC. Clients of that API
 resend the whole message list each turn; the gateway keys each conversation by the hash of its
-message list so far (the replies included, as sent), so a request whose messages extend a stored
-conversation by one user message feeds only that message. Any other request starts a new
-conversation on the server, its whole history fed (in chunks, however long). ``usage.prompt_tokens``
-is the number of tokens the server fed for the request's messages.
+message list so far (the replies included, as sent; see :mod:`.conversations`, persisted beside the
+sessions), so a request whose messages extend a stored conversation by one user message feeds only
+that message. Any other request starts a new conversation on the server, its whole history fed (in
+chunks, however long). ``usage.prompt_tokens`` is the number of tokens the server fed for the
+request's messages.
+
+Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 bad request,
+401 missing or wrong API key, 404 unknown model or route, 413 body over the limit (refused from its
+Content-Length, or as soon as the streamed body passes the limit), 429 server busy and 503 server
+unreachable (both with Retry-After), 500 internal error, 504 no response in time.
 """
 from __future__ import annotations
 
-import hashlib
+import hmac
 import json
-import random
+import secrets
 import threading
 import time
-from collections import OrderedDict
 
 from ..errors import UserError
+from .conversations import Conversations, Reaper, conversation_key  # noqa: F401  (conversation_key: re-exported)
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
-
-def conversation_key(messages: list[dict]) -> str:
-    canon = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+# ServerError.kind -> (HTTP status, OpenAI error type, code, Retry-After seconds)
+_STATUS = {"invalid": (400, "invalid_request_error", None, None),
+           "internal": (500, "server_error", "internal_error", None),
+           "overloaded": (429, "server_error", "server_busy", 1),
+           "unavailable": (503, "server_error", "server_unavailable", 5),
+           "timeout": (504, "server_error", "timeout", None)}
+_UNKNOWN = "unknown or has ended"
 
 
 class BadRequest(Exception):
@@ -34,12 +43,17 @@ class BadRequest(Exception):
 
 def _content(m, i) -> str:
     c = m.get("content")
-    if isinstance(c, str):
-        return c
     if isinstance(c, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                                    for p in c):
-        return "".join(p["text"] for p in c)
-    raise BadRequest(f"messages[{i}].content must be a string (or a list of text parts)", param=f"messages[{i}]")
+        c = "".join(p["text"] for p in c)
+    if not isinstance(c, str):
+        raise BadRequest(f"messages[{i}].content must be a string (or a list of text parts)", param=f"messages[{i}]")
+    try:
+        c.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's \ud800 escapes decode to lone surrogates, which are not text
+        raise BadRequest(f"messages[{i}].content holds a lone surrogate ({c[e.start]!r} at {e.start}), which is "
+                         "not Unicode text", param=f"messages[{i}]") from None
+    return c
 
 
 def parse_request(body: dict, model_id: str, max_tokens_limit: int) -> dict:
@@ -97,115 +111,164 @@ def parse_request(body: dict, model_id: str, max_tokens_limit: int) -> dict:
     }
 
 
-class Conversations:
-    """Message-list hash -> conversation id, bounded (the oldest are ended on the server)."""
-
-    def __init__(self, limit: int = 4096):
-        self.limit, self.lock, self.map = limit, threading.Lock(), OrderedDict()
-
-    def take(self, messages: list[dict]) -> int | None:
-        """The conversation whose messages are ``messages`` (removed: one request continues it)."""
-        with self.lock:
-            return self.map.pop(conversation_key(messages), None)
-
-    def put(self, messages: list[dict], cid: int) -> list[int]:
-        """Store; returns the ids pushed out (to end on the server)."""
-        with self.lock:
-            self.map[conversation_key(messages)] = cid
-            dropped = []
-            while len(self.map) > self.limit:
-                dropped.append(self.map.popitem(last=False)[1])
-            return dropped
-
-
 def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limit: int = 4096,
-               max_body_bytes: int = 256 * 1024, max_conversations: int = 4096, timeout: float = 300.0):
-    """The Starlette app forwarding to Triton's gRPC endpoint ``triton_url``."""
+               max_body_bytes: int = 256 * 1024, max_conversations: int = 4096, timeout: float = 300.0,
+               api_key: str | None = None, state_dir: str | None = None, conversation_ttl: float = 24 * 3600.0,
+               client=None, reap_interval: float | None = None):
+    """The Starlette app forwarding to Triton's gRPC endpoint ``triton_url``.
+
+    ``api_key``: every request must carry ``Authorization: Bearer KEY`` (and Triton is sent it).
+    ``state_dir``: where the conversation map is kept (None: in memory only). ``client``: a
+    :class:`~streaming_trt.client.Client` to use instead of one made for ``triton_url``.
+    ``app.state.conversations`` / ``app.state.reaper`` are the map and its reaper thread.
+    """
+    from pathlib import Path
+
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    from ..client import Client, ServerError
+    from ..client import Client, Conversation, ServerError
 
-    conversations = Conversations(max_conversations)
+    if client is None:
+        client = Client(triton_url, timeout=timeout, api_key=api_key)
 
-    def error(message: str, status: int = 400, param: str | None = None, kind: str = "invalid_request_error"):
-        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+    def end_on_server(cid: int) -> None:
+        try:
+            Conversation(client, cid, started=True).end()
+        except ServerError as e:
+            if _UNKNOWN not in str(e):  # unknown: gone already (its session was reaped, or never saved)
+                raise
 
-    def end_quietly(cids):
-        for cid in cids:
-            try:
-                with Client(triton_url, timeout=timeout) as c:
-                    c.end(cid)
-            except Exception:  # already gone: nothing to free
-                pass
+    path = None if state_dir is None else Path(state_dir) / "openai-conversations.sqlite"
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    conversations = Conversations(path, end_on_server, limit=max_conversations, ttl=conversation_ttl,
+                                  busy_limit=max(6 * 3600.0, 2 * timeout))
+    reaper = Reaper(conversations, reap_interval or min(60.0, conversation_ttl / 4)).start()
+    expected = None if not api_key else f"Bearer {api_key}".encode()
+
+    def error(message: str, status: int = 400, param: str | None = None, kind: str = "invalid_request_error",
+              code: str | None = None, retry_after: int | None = None):
+        headers = None if retry_after is None else {"Retry-After": str(retry_after)}
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status,
+                            headers=headers)
+
+    def server_error(e: Exception):
+        if not isinstance(e, ServerError):
+            return error(f"internal error: {type(e).__name__}: {e}", 500, kind="server_error", code="internal_error")
+        status, kind, code, retry = _STATUS.get(e.kind, _STATUS["internal"])
+        return error(str(e), status, kind=kind, code=code, retry_after=retry)
 
     class Turn:
-        """One request's turn: opens its own gRPC stream; iterate for (token_text) pieces."""
+        """One request's turn; iterate for its reply's text pieces. The conversation map is settled
+        when the iteration ends: recorded on success, dropped (ended on the server) otherwise."""
 
         def __init__(self, req):
-            from ..client import Conversation
-
-            self.req = req
+            self.req, self.pieces, self.done = req, [], False
             history = req["messages"][:-1]
-            cid = conversations.take(history)
-            self.client = Client(triton_url, timeout=timeout)
+            cid = conversations.take(history) if history else None
             if cid is None:
-                self.conv = Conversation(self.client, random.getrandbits(63) or 1)
-                self.send = req["messages"]
+                self.conv, self.send = Conversation(client, conversations.new()), req["messages"]
             else:
-                self.conv = Conversation(self.client, cid, started=True)
-                self.send = req["messages"][-1:]
-            self.pieces, self.done = [], False
+                self.conv, self.send = Conversation(client, cid, started=True), req["messages"][-1:]
+
+        def _tokens(self):
+            tokens = self.conv.message_tokens(self.send, **self.req["sampling"])
+            try:
+                first = next(tokens, None)
+            except ServerError as e:
+                if self.send is self.req["messages"] or _UNKNOWN not in str(e):
+                    raise
+                # the server no longer has it (its TTL or disk budget): start over with the whole history
+                conversations.drop(self.conv.id, on_server=False)
+                self.conv, self.send = Conversation(client, conversations.new()), self.req["messages"]
+                tokens = self.conv.message_tokens(self.send, **self.req["sampling"])
+                first = next(tokens, None)
+            if first is not None:
+                yield first
+                yield from tokens
 
         def __iter__(self):
+            tokens = self._tokens()
             try:
-                for token in self.conv.message_tokens(self.send, **self.req["sampling"]):
+                for token in tokens:
                     self.pieces.append(token.text)
                     yield token.text
                 self.done = True
-                reply = {"role": "assistant", "content": "".join(self.pieces)}
-                dropped = conversations.put(self.req["messages"] + [reply], self.conv.id)
-                if dropped:
-                    threading.Thread(target=end_quietly, args=(dropped,), daemon=True).start()
+                conversations.put(self.req["messages"] + [{"role": "assistant", "content": "".join(self.pieces)}],
+                                  self.conv.id)
             finally:
-                self.client.close(cancel=not self.done)  # a client gone mid-stream cancels the turn
+                tokens.close()  # a client gone mid-stream: closing the gRPC stream cancels the turn
+                if not self.done:
+                    conversations.drop(self.conv.id)
+                    reaper.wake()
 
         def usage(self):
             s = self.conv.last
             n = len(self.pieces)
             return {"prompt_tokens": s.prompt_tokens, "completion_tokens": n, "total_tokens": s.prompt_tokens + n}
 
+    def authorized(request) -> bool:
+        if expected is None:
+            return True
+        return hmac.compare_digest(request.headers.get("authorization", "").encode("utf-8", "replace"), expected)
+
+    def unauthorized():
+        return error("a valid API key is needed: send the header 'Authorization: Bearer KEY'", 401,
+                     kind="authentication_error", code="invalid_api_key")
+
+    async def read_body(request) -> bytes:
+        """The body, refused (413) from its Content-Length or once the bytes streamed in pass the limit."""
+        too_big = f"more than this server's limit of {max_body_bytes} bytes; send a shorter message"
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise BadRequest(f"Content-Length {length!r} is not a number of bytes")
+            if int(length) > max_body_bytes:
+                raise BadRequest(f"the request is {int(length)} bytes, {too_big}", 413)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise BadRequest(f"the request is over {max_body_bytes} bytes, {too_big}", 413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def models(request):
+        if not authorized(request):
+            return unauthorized()
         return JSONResponse({"object": "list", "data": [
             {"id": model_id, "object": "model", "created": 0, "owned_by": "streaming-trt"}]})
 
     async def completions(request):
-        body = await request.body()
-        if len(body) > max_body_bytes:
-            return error(f"the request is {len(body)} bytes, more than this server's limit of {max_body_bytes}; "
-                         "send a shorter message", 413)
+        if not authorized(request):
+            return unauthorized()
         try:
-            parsed = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error(f"the request body is not valid JSON ({e})")
-        try:
+            body = await read_body(request)
+            try:
+                parsed = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise BadRequest(f"the request body is not valid JSON ({e})") from None
+            except RecursionError:
+                raise BadRequest("the request body is JSON nested too deeply") from None
             req = parse_request(parsed, model_id, max_tokens_limit)
         except BadRequest as e:
             return error(str(e), e.status, e.param)
-        created, rid = int(time.time()), f"chatcmpl-{random.getrandbits(64):016x}"
+        created, rid = int(time.time()), f"chatcmpl-{secrets.token_hex(12)}"
         try:
             turn = await run_in_threadpool(Turn, req)
-        except Exception as e:  # the server cannot be reached
-            return error(f"the inference server is unavailable ({e})", 503, kind="server_error")
+        except Exception as e:  # the map's database failed: nothing reached the server
+            return server_error(e)
         headers = {"x-streaming-trt-conversation": str(turn.conv.id)}
         pieces = iter(turn)
         # Run the first step here, so a refused request gets an HTTP error and not a broken stream.
         try:
             first = await run_in_threadpool(next, pieces, None)
-        except ServerError as e:
-            return error(str(e))
+        except Exception as e:
+            return server_error(e)
         finish = lambda: "length" if turn.conv.last and turn.conv.last.finish_reason == "length" else "stop"
 
         if not req["stream"]:
@@ -213,8 +276,8 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
                 return "".join(([first] if first is not None else []) + list(pieces))
             try:
                 text = await run_in_threadpool(rest)
-            except ServerError as e:
-                return error(str(e))
+            except Exception as e:
+                return server_error(e)
             return JSONResponse({
                 "id": rid, "object": "chat.completion", "created": created, "model": model_id,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -228,15 +291,17 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
                                           "model": model_id, "choices": choices, **extra}) + "\n\n"
 
         def events():
-            yield chunk({"role": "assistant", "content": ""})
             try:
+                yield chunk({"role": "assistant", "content": ""})
                 if first is not None:
                     yield chunk({"content": first})
                     for piece in pieces:
                         yield chunk({"content": piece})
-            except ServerError as e:
-                yield "data: " + json.dumps({"error": {"message": str(e), "type": "server_error"}}) + "\n\n"
+            except Exception as e:  # after the headers: the error goes in the stream, in OpenAI's shape
+                yield "data: " + server_error(e).body.decode() + "\n\n"
                 return
+            finally:
+                pieces.close()  # the client left mid-stream: the turn is cancelled and dropped
             yield chunk({}, finish())
             if req["include_usage"]:
                 yield chunk(None, usage=turn.usage())
@@ -244,8 +309,17 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
-    return Starlette(routes=[Route("/v1/models", models, methods=["GET"]),
-                             Route("/v1/chat/completions", completions, methods=["POST"])])
+    async def http_error(request, exc):
+        return error(str(exc.detail), exc.status_code, kind="invalid_request_error")
+
+    async def internal_error(request, exc):
+        return server_error(exc)
+
+    app = Starlette(routes=[Route("/v1/models", models, methods=["GET"]),
+                            Route("/v1/chat/completions", completions, methods=["POST"])],
+                    exception_handlers={HTTPException: http_error, Exception: internal_error})
+    app.state.conversations, app.state.reaper, app.state.client = conversations, reaper, client
+    return app
 
 
 class GatewayThread:
@@ -256,7 +330,8 @@ class GatewayThread:
             import uvicorn
         except ImportError:
             raise UserError("the OpenAI gateway needs starlette and uvicorn: pip install 'streaming-trt[serve]'") from None
-        config = uvicorn.Config(create_app(triton_url, **app_kwargs), host=host, port=port, log_level="warning",
+        self.app = create_app(triton_url, **app_kwargs)
+        config = uvicorn.Config(self.app, host=host, port=port, log_level="warning",
                                 lifespan="off", timeout_graceful_shutdown=3)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -272,3 +347,6 @@ class GatewayThread:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+        self.app.state.reaper.stop()
+        self.app.state.client.close(cancel=True)
+        self.app.state.conversations.close()

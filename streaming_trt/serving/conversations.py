@@ -1,0 +1,163 @@
+"""The OpenAI gateway's map from a message history to the server conversation that holds it.
+
+OpenAI clients resend the whole message list every turn. After a turn, the gateway records the
+history it now holds (the messages plus the reply, as sent) under the conversation's id; a request
+whose messages extend a recorded history by one user message continues that conversation and feeds
+only the new message. The map lives in SQLite beside the sessions (``openai-conversations.sqlite``
+in the session directory), so it survives restarts.
+
+Every row is in one of three states:
+
+- ``idle``: the conversation holds ``key`` (the SHA-256 of its history) and waits for its next turn;
+  several rows may share a key (two users who sent the same first message): each takes one;
+- ``busy``: a turn is in flight (taken from ``idle`` or new); the turn puts it back or drops it;
+- ``ending``: to be ended on the server (a dropped turn, an idle conversation past the TTL or beyond
+  the count limit, a ``busy`` row left by a process that died): :meth:`Conversations.reap` ends each
+  with the ``end`` callback and deletes the row once the server has forgotten it.
+
+Orphans (conversations on the server that no future request could continue) are thereby reaped:
+a turn the client left mid-stream, a turn that failed or timed out, a history recorded twice, and
+conversations left busy by a crash.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+FILE_NAME = "openai-conversations.sqlite"
+
+
+def conversation_key(messages: list[dict]) -> str:
+    canon = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
+class Conversations:
+    """Message-history hash -> conversation ids, persisted; bounded by count and idle time.
+
+    ``end(cid)`` ends a conversation on the server; it returns normally when the server has
+    forgotten it (ended now, or unknown already) and raises when the server cannot be reached
+    (the row stays ``ending`` and is tried again at the next :meth:`reap`).
+    """
+
+    def __init__(self, path: str | Path | None, end: Callable[[int], None], limit: int = 4096,
+                 ttl: float = 24 * 3600.0, busy_limit: float = 6 * 3600.0, clock: Callable[[], float] = time.time):
+        self.end, self.limit, self.ttl, self.busy_limit, self.clock = end, limit, ttl, busy_limit, clock
+        self.lock = threading.Lock()
+        if path is not None and not Path(path).exists():  # the histories' hashes only, but still private
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        self.db = sqlite3.connect(":memory:" if path is None else str(path), check_same_thread=False,
+                                  isolation_level=None)
+        with self.lock:
+            self.db.execute("PRAGMA synchronous = FULL")
+            self.db.execute("CREATE TABLE IF NOT EXISTS conversations (cid INTEGER PRIMARY KEY, key TEXT, "
+                            "state TEXT NOT NULL, used REAL NOT NULL)")
+            self.db.execute("CREATE INDEX IF NOT EXISTS by_key ON conversations (key, used)")
+            # A turn in flight when the previous process stopped left its conversation half-answered.
+            self.db.execute("UPDATE conversations SET state = 'ending' WHERE state = 'busy'")
+
+    def new(self) -> int:
+        """A fresh conversation id (from ``secrets``), recorded busy."""
+        with self.lock:
+            while True:
+                cid = secrets.randbits(63) or 1
+                try:
+                    self.db.execute("INSERT INTO conversations VALUES (?, NULL, 'busy', ?)", (cid, self.clock()))
+                    return cid
+                except sqlite3.IntegrityError:  # taken already (1 in 2**63)
+                    continue
+
+    def take(self, messages: list[dict]) -> int | None:
+        """The most recently used idle conversation holding ``messages``, now busy; None if there is none."""
+        key = conversation_key(messages)
+        with self.lock:
+            row = self.db.execute("SELECT cid FROM conversations WHERE key = ? AND state = 'idle' "
+                                  "ORDER BY used DESC LIMIT 1", (key,)).fetchone()
+            if row is None:
+                return None
+            self.db.execute("UPDATE conversations SET key = NULL, state = 'busy', used = ? WHERE cid = ?",
+                            (self.clock(), row[0]))
+            return row[0]
+
+    def put(self, messages: list[dict], cid: int) -> None:
+        """The turn of ``cid`` succeeded: it now holds ``messages`` (the reply included)."""
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO conversations VALUES (?, ?, 'idle', ?)",
+                            (cid, conversation_key(messages), self.clock()))
+
+    def drop(self, cid: int, on_server: bool = True) -> None:
+        """The turn of ``cid`` failed or was left: end it on the server (at the next reap), or only
+        forget it when the server does not have it."""
+        with self.lock:
+            if on_server:
+                self.db.execute("UPDATE conversations SET key = NULL, state = 'ending' WHERE cid = ?", (cid,))
+            else:
+                self.db.execute("DELETE FROM conversations WHERE cid = ?", (cid,))
+
+    def counts(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self.db.execute("SELECT state, COUNT(*) FROM conversations GROUP BY state").fetchall())
+
+    def reap(self) -> int:
+        """Mark what is past the TTL, beyond the limit or busy for too long as ``ending``, then end every
+        ``ending`` conversation on the server. Returns how many were ended."""
+        now = self.clock()
+        with self.lock:
+            db = self.db
+            db.execute("UPDATE conversations SET key = NULL, state = 'ending' WHERE "
+                       "(state = 'idle' AND used < ?) OR (state = 'busy' AND used < ?)",
+                       (now - self.ttl, now - self.busy_limit))
+            db.execute("UPDATE conversations SET key = NULL, state = 'ending' WHERE cid IN (SELECT cid FROM "
+                       "conversations WHERE state = 'idle' ORDER BY used DESC LIMIT -1 OFFSET ?)", (self.limit,))
+            doomed = [row[0] for row in db.execute("SELECT cid FROM conversations WHERE state = 'ending'")]
+        ended = 0
+        for cid in doomed:
+            try:
+                self.end(cid)
+            except Exception:  # the server is away: try again at the next reap
+                continue
+            with self.lock:
+                self.db.execute("DELETE FROM conversations WHERE cid = ? AND state = 'ending'", (cid,))
+            ended += 1
+        return ended
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+
+class Reaper:
+    """Calls ``conversations.reap()`` every ``interval`` seconds and whenever :meth:`wake` is called."""
+
+    def __init__(self, conversations: Conversations, interval: float):
+        self.conversations, self.interval = conversations, interval
+        self.event, self.stopped = threading.Event(), False
+        self.thread = threading.Thread(target=self._run, name="openai-conversation-reaper", daemon=True)
+
+    def start(self) -> "Reaper":
+        self.thread.start()
+        return self
+
+    def wake(self) -> None:
+        self.event.set()
+
+    def _run(self) -> None:
+        while not self.stopped:
+            try:
+                self.conversations.reap()
+            except Exception:  # a closed database at shutdown; nothing else is expected
+                pass
+            self.event.wait(self.interval)
+            self.event.clear()
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.event.set()
+        self.thread.join(10)
