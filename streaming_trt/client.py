@@ -33,7 +33,7 @@ from .errors import UserError
 
 MODEL_NAME = "streaming_llm"
 _RESTARTED = "must specify the START flag"
-_OVERLOADED = ("overloaded", "Exceeds maximum queue size", "queue is full")
+_OVERLOADED = ("server busy", "overloaded", "Exceeds maximum queue size")  # the scheduler's and Triton's words
 
 
 class ServerError(UserError):
