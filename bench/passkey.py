@@ -115,7 +115,7 @@ def first_int(text: str) -> int | None:
 
 # -- methods -----------------------------------------------------------------------------------
 
-METHODS = ("dense", "window", "streaming", "recall-bounds", "recall-representative")
+METHODS = ("streaming", "recall-bounds", "recall-representative", "dense", "window")
 
 
 def open_session(model, method: str, args, total: int):
@@ -133,7 +133,8 @@ def open_session(model, method: str, args, total: int):
     return model.session(sink_tokens=sinks, window=cache - sinks, recall=recall)
 
 
-def run_accuracy(model, tokenizer, args) -> list[dict]:
+def run_accuracy(model, tokenizer, args, save=None) -> list[dict]:
+    """Every trial and method; ``save(rows)`` after each (so a bounded run leaves its figures)."""
     limit = model.config.max_position_embeddings or 1 << 62
     rows = []
     needle_len = len(_encode(tokenizer, NEEDLE.format(key=12345)))
@@ -172,6 +173,8 @@ def run_accuracy(model, tokenizer, args) -> list[dict]:
                       file=sys.stderr, flush=True)
             print(f"  [{method} trial {trial}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
             del s
+            if save is not None:
+                save(rows)
     return rows
 
 
@@ -297,11 +300,16 @@ def main(argv=None) -> int:
         print(f"{cmd}\n{torch.get_num_threads()} torch thread(s); {args.steps} decode steps each, interleaved, "
               f"after {args.latency_stream} tokens\n\n{table}")
         return 0
-    rows = run_accuracy(model, tokenizer, args)
-    report.write_csv(RESULTS / f"passkey_trials{args.tag}.csv", rows)
-    table, summary = summarize(rows, args.distances, args.methods)
-    report.write_csv(RESULTS / f"passkey{args.tag}.csv", summary)
-    plot(summary, args.methods, args, RESULTS / f"passkey{args.tag}.png")
+    def save(rows):
+        report.write_csv(RESULTS / f"passkey_trials{args.tag}.csv", rows)
+        table, summary = summarize(rows, args.distances, args.methods)
+        report.write_csv(RESULTS / f"passkey{args.tag}.csv", summary)
+        plot(summary, args.methods, args, RESULTS / f"passkey{args.tag}.png")
+        (RESULTS / f"passkey{args.tag}.md").write_text(f"{cmd}\n\n{table}\n")
+        return table
+
+    rows = run_accuracy(model, tokenizer, args, save)
+    table = save(rows)
     print(f"{cmd}\ncache {args.sink_tokens}+{args.cache - args.sink_tokens}, recall B={args.block_size} k={args.top_k}; "
           f"{args.trials} trials\n\n{table}")
     return 0

@@ -63,7 +63,9 @@ def _two_part_softmax(a: torch.Tensor, b: torch.Tensor, sink: torch.Tensor | Non
     """Softmax over the concatenation of ``a [..., m]`` and ``b [..., n]`` (last dim), returned as
     its two parts, without forming the concatenation; ``sink`` (learned sink logits, broadcast to
     ``[..., 1]``) joins the denominator."""
-    m = torch.maximum(a.amax(-1, keepdim=True), b.amax(-1, keepdim=True))
+    m = b.amax(-1, keepdim=True)
+    if a.shape[-1]:
+        m = torch.maximum(m, a.amax(-1, keepdim=True))
     if sink is not None:
         sink = sink.to(a.dtype).expand_as(m)
         m = torch.maximum(m, sink)

@@ -26,6 +26,7 @@ import torch
 
 from .errors import UserError
 from .kernels import recall_reference as R
+from .kernels import reference
 from .kernels.geometry import Geometry
 from .rope import apply_rotary, rotary_angles
 
@@ -312,8 +313,11 @@ class BlockStore:
             slot = plan.slots
             k_cache[0, :, slot] = k_rot[0, 0].to(k_cache.dtype).unsqueeze(1)
             v_cache[0, :, slot] = v[0, 0].to(v_cache.dtype).unsqueeze(1)
-            out = R.recall_decode_attention(q_text[:, 0], q_sink[:, 0], q_block[:, 0], k_cache, v_cache,
-                                            bk[None], bv[None], g, sm_scale, sink_logits, mass=want_mass)
+            attention = R.recall_decode_attention
+            if cache.ops is not reference and not want_mass:  # the Triton kernel (CUDA)
+                from .kernels.recall_triton import recall_decode_attention as attention
+            out = attention(q_text[:, 0], q_sink[:, 0], q_block[:, 0], k_cache, v_cache, bk[None], bv[None], g,
+                            sm_scale, sink_logits, **({"mass": True} if want_mass else {}))
             if want_mass:
                 out, mass = out
                 # The new token's own slot is this step's row, not a cache slot: its mass moves there.
@@ -325,8 +329,6 @@ class BlockStore:
         if want_mass:
             out, mass = out
             mass = mass[0].cpu()
-        from .kernels import reference
-
         reference.cache_write(k_rot, v, k_cache, v_cache, plan.start, plan.lengths, g)
         return out, k_rot, mass
 

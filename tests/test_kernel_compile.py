@@ -32,7 +32,7 @@ import pytest
 pytest.importorskip("triton")
 
 TARGETS = {80: 163 * 1024, 90: 227 * 1024}  # usable shared memory per block (A100, H100)
-KERNEL_MODULES = ("decode", "prefill", "write")
+KERNEL_MODULES = ("decode", "prefill", "write", "recall_triton")
 
 
 def all_configs():
