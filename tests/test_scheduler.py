@@ -81,13 +81,16 @@ def script(c: int, rng: random.Random) -> list[tuple[str, int]]:
             for n in lengths]
 
 
-@pytest.mark.parametrize("slots,host_bytes", [(3, 1 << 30), (8, 0)], ids=["fewer-slots", "evict-to-disk"])
-def test_batched_equals_alone(local, tmp_path, slots, host_bytes):
-    """8 conversations at random arrival times, more than the slots (turns wait) or every idle
-    conversation evicted to disk between turns (host budget 0): tokens equal each one alone."""
+@pytest.mark.parametrize("slots,host_bytes,capture", [(3, 1 << 30, False), (8, 0, False), (16, 1 << 30, True)],
+                         ids=["fewer-slots", "evict-to-disk", "bucketed-decode"])
+def test_batched_equals_alone(local, tmp_path, slots, host_bytes, capture):
+    """8 conversations at random arrival times, more than the slots (turns wait), every idle
+    conversation evicted to disk between turns (host budget 0), or decode steps over power-of-two
+    buckets padded with free (NaN-filled) slots, as CUDA graphs replay them: tokens equal each one
+    alone."""
     rng = random.Random(slots)
     scripts = {c: script(c, rng) for c in range(8)}
-    sched, store = make(local, tmp_path, slots=slots, host_bytes=host_bytes)
+    sched, store = make(local, tmp_path, slots=slots, host_bytes=host_bytes, capture_decode=capture)
     got, errors = {}, []
 
     def user(c):

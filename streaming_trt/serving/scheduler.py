@@ -36,6 +36,7 @@ import torch
 from ..conversation import Conversation
 from ..errors import UserError
 from ..generation import eos_ids
+from ..graphs import DecodeGraphs
 from ..sampling import Sampler, SamplingParams
 from ..session import Session
 from ..tokenizer import IncrementalDecoder
@@ -145,10 +146,15 @@ class Scheduler:
         max_queue: turns that may wait for a slot; beyond, :meth:`submit` raises :class:`Overloaded`.
         max_new_tokens / max_new_tokens_limit: a request's default and largest reply length.
         max_input_bytes: the largest MESSAGES a request may send.
+        capture_decode: run decode steps over a batch bucket (the next power of two of decoding
+            slots, padded with free slots), replayed from one CUDA graph per bucket on CUDA
+            (default: on CUDA only). Elsewhere the same captured step runs eagerly (how the tests
+            check the padding).
     """
 
     def __init__(self, model, tokenizer, store, slots: int = 16, prefill_budget: int = 256, max_queue: int = 256,
-                 max_new_tokens: int = 256, max_new_tokens_limit: int = 4096, max_input_bytes: int = 256 * 1024):
+                 max_new_tokens: int = 256, max_new_tokens_limit: int = 4096, max_input_bytes: int = 256 * 1024,
+                 capture_decode: bool | None = None):
         for name, value, low in (("slots", slots, 1), ("prefill_budget", prefill_budget, 1), ("max_queue", max_queue, 0)):
             if not isinstance(value, int) or value < low:
                 raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -162,6 +168,8 @@ class Scheduler:
         self.prefill_budget, self.max_queue = prefill_budget, max_queue
         self.max_new_tokens, self.max_new_tokens_limit = max_new_tokens, max_new_tokens_limit
         self.max_input_bytes = max_input_bytes
+        self.capture = model.device.type == "cuda" if capture_decode is None else capture_decode
+        self.buckets: dict[int, DecodeGraphs] = {}
         self.stop_ids = eos_ids(tokenizer, model.config)
         self.encoder = Conversation(tokenizer, self.stop_ids).encoder
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -304,7 +312,7 @@ class Scheduler:
         turns = self.rows[:n]
         inputs = [self._next_input(turn, self.logits[r : r + 1]) for r, turn in enumerate(turns)]
         tokens = torch.tensor(inputs, dtype=torch.int64, device=self.model.device).view(n, 1)
-        self.logits[:n] = self._forward(0, n, tokens, [1] * n)
+        self.logits[:n] = self._decode(tokens)
         for turn in turns:
             if turn.finish is None and turn.req.cancelled():
                 self._end_reply(turn, "cancelled")
@@ -368,6 +376,29 @@ class Scheduler:
                     self._end_reply(turn, "length")
                     if not turn.forced:
                         self._release(turn)
+
+    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The decode step of rows ``0 .. n-1``: over a bucket of rows padded with free slots (a
+        padded row's state is garbage afterwards, and every admitted turn overwrites its row), or
+        eagerly over exactly ``n`` rows when capture is off or a prefilling row sits in the bucket."""
+        n = tokens.shape[0]
+        b = min(1 << (n - 1).bit_length(), len(self.rows))
+        if not self.capture or any(t is not None for t in self.rows[n:b]):
+            return self._forward(0, n, tokens, [1] * n)
+        cache = self.pool.cache
+        if b not in self.buckets:
+            self.buckets[b] = DecodeGraphs(self.model, cache.rows(0, b))
+        graphs = self.buckets[b]
+        graphs.cache.seen_host = cache.seen_host[:b]
+        padded = torch.zeros(b, 1, dtype=torch.int64, device=tokens.device)
+        padded[:n] = tokens
+        if tokens.device.type == "cuda":
+            out = graphs(padded)
+        else:
+            out = graphs.step(padded, graphs.cache.full_after_decode())
+            graphs.cache.count_host([1] * b)
+        cache.seen_host[:b] = graphs.cache.seen_host
+        return out[:n]
 
     def _forward(self, lo: int, hi: int, tokens: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """Feed rows ``lo .. hi-1`` of the pool; returns their newest logits ``[hi - lo, vocab]``."""
