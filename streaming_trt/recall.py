@@ -21,6 +21,7 @@ host (on CUDA, pinned), so selection reads the query back each layer: a synchron
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import torch
 
@@ -141,6 +142,54 @@ class BlockStore:
             mine.copy_(theirs)
         self.slot_mass.copy_(state["slot_mass"])
         self.selected = [list(x) for x in state["selected"]]
+
+    # -- session files -----------------------------------------------------------------------
+
+    def settings(self) -> str:
+        """The :class:`Recall` as JSON, for a session file's metadata."""
+        return json.dumps(dataclasses.asdict(self.recall), sort_keys=True)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything the store holds, as named host tensors for a session file."""
+        out = {"recall.keys": torch.stack(self.keys), "recall.values": torch.stack(self.values),
+               "recall.count": torch.tensor(self.count), "recall.first": torch.tensor(self.first),
+               "recall.stage_k": self.stage_k, "recall.stage_v": self.stage_v,
+               "recall.stage_mass": self.stage_mass, "recall.slot_mass": self.slot_mass}
+        if self.summary[0] is not None:
+            for i, parts in enumerate(zip(*self.summary)):
+                out[f"recall.summary{i}"] = torch.stack(parts)
+        return out
+
+    def load_tensors(self, path, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`tensors` read from ``path``; ``UserError`` when they do not fit."""
+        L = len(self.stage_k)
+        try:
+            keys, values = tensors["recall.keys"], tensors["recall.values"]
+            count, first = tensors["recall.count"].tolist(), tensors["recall.first"].tolist()
+            stage = [tensors[f"recall.{n}"] for n in ("stage_k", "stage_v", "stage_mass", "slot_mass")]
+        except KeyError as e:
+            raise UserError(f"{path}: the session file lacks the recall store's {e}") from None
+        stored = min(max(count, default=0), self.max_blocks)
+        parts = 2 if self.recall.scorer == "bounds" else 1
+        summary = [tensors.get(f"recall.summary{i}") for i in range(parts)]
+        ok = (keys.shape[:1] == (L,) and keys.shape[2:] == self.shape and keys.dtype == self.dtype
+              and values.shape == keys.shape and values.dtype == self.dtype and keys.shape[1] >= stored
+              and len(count) == L == len(first) and len(set(count)) <= 1 and len(set(first)) <= 1
+              and all(0 <= f <= c and c - f <= self.max_blocks for f, c in zip(first, count))
+              and all(a.shape == b.shape for a, b in zip(stage, (self.stage_k, self.stage_v, self.stage_mass,
+                                                                 self.slot_mass)))
+              and (all(x is None for x in summary) if stored == 0 else
+                   all(x is not None and x.shape[:2] == (L, keys.shape[1]) for x in summary)))
+        if not ok:
+            raise UserError(f"{path}: the recall store in the session file does not fit Recall({self.settings()}) "
+                            f"on this model")
+        self.keys = [self._grow(keys[i], keys.shape[1]) for i in range(L)]
+        self.values = [self._grow(values[i], keys.shape[1]) for i in range(L)]
+        self.count, self.first = count, first
+        self.summary = [None] * L if stored == 0 else [tuple(self._grow(x[i], x.shape[1]) for x in summary)
+                                                       for i in range(L)]
+        for mine, theirs in zip((self.stage_k, self.stage_v, self.stage_mass, self.slot_mass), stage):
+            mine.copy_(theirs)
 
     def _empty(self, n: int, shape=None, dtype=None) -> torch.Tensor:
         return torch.empty(n, *(shape or self.shape), dtype=dtype or self.dtype, pin_memory=self.pin)
@@ -331,6 +380,14 @@ class BlockStore:
             mass = mass[0].cpu()
         reference.cache_write(k_rot, v, k_cache, v_cache, plan.start, plan.lengths, g)
         return out, k_rot, mass
+
+
+def recall_from_file(path, text: str) -> Recall:
+    """The :class:`Recall` a session file's metadata names."""
+    try:
+        return Recall(**json.loads(text))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path}: the session file's recall settings are unreadable ({e})") from None
 
 
 def attach(recall: Recall, model, cache) -> BlockStore:

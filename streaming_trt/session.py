@@ -300,11 +300,10 @@ class Session:
         from safetensors import SafetensorError
         from safetensors.torch import save_file
 
-        if self.recall is not None:
-            raise UserError("a session with recall cannot be saved: session files do not carry its host block "
-                            "store; save a session opened without recall=")
         c = self.cache
         tensors = {"keys": c.keys, "values": c.values, "seen": c.seen}
+        if self.recall is not None:
+            tensors.update(self.recall.tensors())
         if self.last_logits is not None:
             tensors["last_logits"] = self.last_logits
         tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
@@ -318,6 +317,8 @@ class Session:
             "max_chunk": str(self.max_chunk),
             "cache_fill": repr(float(c.fill_value)),
         }
+        if self.recall is not None:
+            meta["recall"] = self.recall.settings()
         meta["checksum"] = _checksum(tensors, meta)
         path = Path(path)
         if not path.parent.is_dir():
@@ -386,7 +387,15 @@ class Session:
                 raise UserError(f"{path}: the cached {name} hold non-finite values")
         if not math.isnan(fill) and not bool((keys.float().isfinite()).all()):
             raise UserError(f"{path}: the cache holds non-finite values")
-        session = cls(model, sink_tokens, window, batch=seen.shape[0], max_chunk=max_chunk, cache_fill=fill)
+        recall = None
+        if "recall" in meta:
+            from .recall import recall_from_file
+
+            recall = recall_from_file(path, meta["recall"])
+        session = cls(model, sink_tokens, window, batch=seen.shape[0], max_chunk=max_chunk, cache_fill=fill,
+                      recall=recall)
+        if recall is not None:
+            session.recall.load_tensors(path, tensors)
         session.cache.keys.copy_(keys)
         session.cache.values.copy_(values)
         session.cache.seen.copy_(seen)

@@ -152,7 +152,25 @@ def test_recall_refusals(checkpoints, tmp_path):
         model.session(sink_tokens=2, window=6, recall={"top_k": 2})
     with pytest.raises(st.UserError, match="holds no block"):
         model.session(sink_tokens=2, window=6, recall=Recall(block_size=4, budget_bytes=10))
-    s = model.session(sink_tokens=2, window=6, recall=Recall(block_size=4))
-    s.feed(list(range(30)))
-    with pytest.raises(st.UserError, match="cannot be saved"):
-        s.save(tmp_path / "s.safetensors")
+
+
+@pytest.mark.parametrize("scorer", ["bounds", "representative"])
+def test_saved_session_carries_the_block_store(checkpoints, tmp_path, scorer):
+    path, _ = checkpoints("llama", num_hidden_layers=2)
+    model = st.load_model(path, backend="torch")
+    recall = Recall(block_size=4, top_k=2, scorer=scorer, budget_bytes=1 << 20)
+    s = model.session(sink_tokens=2, window=6, cache_fill=NAN, recall=recall)
+    ids = torch.randint(0, 97, (70,)).tolist()
+    s.feed(ids[:41])
+    file = tmp_path / "r.safetensors"
+    s.save(file)
+    t = st.Session.load(file, model)
+    assert t.recall is not None and t.recall.recall == recall and t.seen == s.seen
+    for piece in (ids[41:50], *([x] for x in ids[50:])):
+        assert torch.equal(s.feed(piece), t.feed(piece))
+        assert s.recall.selected == t.recall.selected
+    assert any(s.recall.selected)
+    plain = model.session(sink_tokens=2, window=6)
+    plain.feed(ids[:5])
+    plain.save(file)
+    assert st.Session.load(file, model).recall is None
