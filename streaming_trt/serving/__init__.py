@@ -2,9 +2,11 @@
 
 - :mod:`.repo` writes a Triton model repository (Python backend, decoupled streaming,
   sequence batching) and finds/starts a ``tritonserver``;
-- :mod:`.backend` is what the repository's ``model.py`` runs inside Triton;
-- :mod:`.store` keeps one streaming :class:`~streaming_trt.Session` per conversation, at most
-  ``max_resident`` in memory, every one saved to disk after each turn;
+- :mod:`.backend` is what the repository's ``model.py`` runs inside Triton: it hands every
+  request to :mod:`.scheduler`, which batches the turns of every conversation in flight over one
+  pool of cache slots (continuous batching);
+- :mod:`.store` keeps idle conversations, in host memory up to a byte budget and on disk (every
+  one saved after each turn), with an idle TTL and a disk budget;
 - :mod:`.gateway` is an OpenAI-compatible HTTP front end forwarding to Triton over gRPC.
 
 The I/O contract of the Triton model is in :data:`.repo.MODEL_NAME`'s ``config.pbtxt`` and in
