@@ -81,8 +81,7 @@ class RuntimeStream(Stream):
         g = torch.Generator(device=cache.keys.device).manual_seed(seed)
         for t in (cache.keys, cache.values):
             t.normal_(generator=g)
-        cache.seen = torch.full_like(cache.seen, seen)
-        cache.seen_host = [seen] * len(cache.seen_host)
+        cache.set_seen([seen] * cache.batch)
 
 
 class RecomputeStream(Stream):
@@ -225,7 +224,7 @@ class SinksPeerStream(Stream):
             raise UserError(f"--sinks-python {python}: cannot start it ({e.strerror})") from None
         self.version = self.ask(cmd="load", dir=self._dir.name, dtype="float32", threads=threads)["transformers"]
         self.ask(cmd="prepare", sink_tokens=sink_tokens, window=window, fill=fill, seed=seed)
-        self.capacity = sink_tokens + window
+        self.capacity = Geometry(sink_tokens, window).capacity
         self.last_seconds = float("nan")
 
     def ask(self, **msg) -> dict:
@@ -263,9 +262,5 @@ class SinksPeerStream(Stream):
 
 def cache_shape(method: str, capacity: int, sink_tokens: int) -> tuple[int, int]:
     """(sink_tokens, window) of a method whose cache holds ``capacity`` tokens."""
-    if method == "window":
-        return 0, capacity
-    if capacity <= sink_tokens:
-        raise UserError(f"a cache of {capacity} tokens cannot hold {sink_tokens} sink tokens plus a window")
-    geometry = Geometry(sink_tokens, capacity - sink_tokens)
+    geometry = Geometry(0, capacity) if method == "window" else Geometry.with_capacity(capacity, sink_tokens)
     return geometry.sink_tokens, geometry.window

@@ -60,6 +60,8 @@ def parser(name: str, description: str, epilog: str | None = None) -> argparse.A
     g.add_argument("--device", metavar="DEVICE", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     g.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="attention kernels of the runtime: auto = Triton on CUDA, PyTorch otherwise")
+    g.add_argument("--no-cuda-graphs", action="store_true",
+                   help="streaming decode steps run eagerly on CUDA instead of replaying CUDA graphs")
     g.add_argument("--seed", type=int, metavar="N", default=0, help="seed of the random weights and inputs (default: %(default)s)")
     g.add_argument("--threads", type=int, metavar="N", default=1,
                    help="CPU threads for torch; 0 keeps torch's default (one per core). One is the default because "
@@ -252,6 +254,7 @@ def build(args, need_tokenizer: bool = True) -> Built:
         tokenizer = load_tokenizer(None)
     model = Transformer.from_state_dict(config, tensors, dtype=dtype, device=device, backend=args.backend,
                                         source=source)
+    model.cuda_graphs = not getattr(args, "no_cuda_graphs", False)
     return Built(model, config, tensors, tokenizer, device, dtype, source, random_weights)
 
 

@@ -31,6 +31,8 @@ class StepPlan:
     ``text``). ``decode``: one token in every row. ``full``: every stream has ``seen_after >= C``,
     so decode needs no mask. ``slots``: decode only, ``[batch]`` the slot each new token takes.
     ``write``: prefill with the torch backend, the ``(row, chunk index, slot)`` triples kept.
+    ``lengths_host``: ``lengths`` on the host, for :meth:`StreamingCache.advance` to move the host
+    counters too; None in a plan a CUDA graph captures (its replays are counted by ``count_host``).
     """
 
     start: torch.Tensor
@@ -42,6 +44,7 @@ class StepPlan:
     full: bool
     slots: torch.Tensor | None = None
     write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    lengths_host: list[int] | None = None
     recall: object | None = None  # a streaming_trt.recall.RecallStep when the cache has recall
 
     def rotate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +120,7 @@ class StreamingCache:
         rank = tuple(x.unsqueeze(2) for x in rotary_angles(self.inv_freq, g.rank(t))) if past_capacity else None
         decode = n == 1 and all(length == 1 for length in lengths)
         plan = StepPlan(start=start, lengths=lengths_t, seen_after=start + lengths_t, text=text, rank=rank,
-                        decode=decode, full=decode and min(start_host) + 1 >= g.capacity)
+                        decode=decode, full=decode and self.full_after_decode(), lengths_host=list(lengths))
         if decode:
             plan.slots = g.slot(start)
         elif self.ops is reference:  # the Triton write kernel derives its slots itself
@@ -166,10 +169,28 @@ class StreamingCache:
         return StepPlan(start=start, lengths=torch.ones_like(start), seen_after=start + 1, text=text, rank=rank,
                         decode=True, full=full, slots=g.slot(start))
 
+    def full_after_decode(self) -> bool:
+        """Whether every stream holds ``capacity`` tokens once a decode step stores one more (then
+        decode needs no mask)."""
+        return min(self.seen_host) + 1 >= self.capacity
+
     def advance(self, plan: StepPlan) -> None:
-        """Count the step's tokens as stored on the device (after every layer has attended); in
-        place, so a captured decode step updates the same tensor. The caller moves ``seen_host``."""
+        """Count the step's tokens as stored (after every layer has attended): on the device in place,
+        so a captured decode step updates the same tensor, and on the host when the plan carries
+        ``lengths_host``."""
         self.seen.copy_(plan.seen_after)
+        if plan.lengths_host is not None:
+            self.count_host(plan.lengths_host)
+
+    def count_host(self, lengths: list[int]) -> None:
+        """Move the host mirror by a step whose device part ran without host reads (a replayed
+        CUDA graph: ``seen`` was moved on the device by the graph itself)."""
+        self.seen_host = [s + length for s, length in zip(self.seen_host, lengths)]
+
+    def set_seen(self, seen: list[int]) -> None:
+        """Set both copies of the stream counters (a restored session; a benchmark that skips ahead)."""
+        self.seen.copy_(torch.as_tensor(seen, dtype=torch.int64))
+        self.seen_host = [int(s) for s in seen]
 
     def rows(self, lo: int, hi: int) -> "StreamingCache":
         """Streams ``lo .. hi-1`` as a cache of their own that shares this one's memory: a forward

@@ -27,6 +27,8 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     g.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="attention implementation: auto = Triton kernels on CUDA, PyTorch otherwise")
+    g.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run decode steps eagerly on CUDA instead of replaying captured CUDA graphs")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for PyTorch (default: %s); OpenMP threads sleep rather than spin while "
                         "waiting, so a busy machine slows generation down instead of stalling it" % DEFAULT_THREADS_HELP)
@@ -150,6 +152,7 @@ def load(args):
 def open_session(args, model):
     from .session import Session
 
+    model.cuda_graphs = not getattr(args, "no_cuda_graphs", False)
     if getattr(args, "load_session", None):
         session = Session.load(args.load_session, model)
         info(f"[streaming-trt] continuing session {args.load_session}: {session.seen[0]} tokens so far, "

@@ -65,6 +65,14 @@ class Geometry:
         if not _is_int(self.window) or self.window < 1:
             raise UserError(f"window must be an integer >= 1 (it counts the current token), got {self.window!r}")
 
+    @classmethod
+    def with_capacity(cls, capacity: int, sink_tokens: int) -> "Geometry":
+        """The geometry of a cache of ``capacity`` slots, ``sink_tokens`` of them sinks, the rest the window."""
+        if not _is_int(capacity) or not _is_int(sink_tokens) or capacity <= sink_tokens:
+            raise UserError(f"a cache of {capacity} tokens cannot hold {sink_tokens} sink tokens plus a window "
+                            "(the capacity must exceed sink_tokens)")
+        return cls(sink_tokens, capacity - sink_tokens)
+
     @property
     def capacity(self) -> int:
         return self.sink_tokens + self.window

@@ -28,7 +28,7 @@ class DecodeGraphs:
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         cache = self.cache
-        full = min(cache.seen_host) + 1 >= cache.capacity
+        full = cache.full_after_decode()
         if full not in self.warm:  # first step of this kind runs eagerly: kernels compile, cuBLAS initialises
             self.warm.add(full)
             out = self.step(tokens, full)
@@ -39,7 +39,7 @@ class DecodeGraphs:
             static_tokens.copy_(tokens)
             graph.replay()
             out = static_out
-        cache.seen_host = [s + 1 for s in cache.seen_host]
+        cache.count_host([1] * cache.batch)  # the graph moved seen on the device
         return out
 
     def _capture(self, tokens: torch.Tensor, full: bool):

@@ -12,7 +12,9 @@ from .kernel_backend import resolve_backend
 from .checkpoint import check_state_dict, load_checkpoint
 from .config import ModelConfig
 from .contract import UserError
+from .gguf import is_gguf, load_gguf
 from .rope import inverse_frequencies
+from .session import Session
 
 if TYPE_CHECKING:
     from .cache import StepPlan, StreamingCache
@@ -98,6 +100,7 @@ class Transformer(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.backend = "torch"
+        self.cuda_graphs = True  # on CUDA its sessions replay decode steps from CUDA graphs (Session's default)
         self._inv_freq: torch.Tensor | None = None
 
     @classmethod
@@ -143,8 +146,6 @@ class Transformer(nn.Module):
 
     def session(self, sink_tokens: int = 4, window: int = 1020, batch: int = 1, **kwargs):
         """Open a :class:`~streaming_trt.session.Session` (a batch of streams) on this model."""
-        from .session import Session
-
         return Session(self, sink_tokens=sink_tokens, window=window, batch=batch, **kwargs)
 
     @torch.inference_mode()
@@ -158,9 +159,7 @@ class Transformer(nn.Module):
         """
         n = tokens.shape[1]
         plan = cache.plan(lengths, n)
-        logits = self.run(tokens, cache, plan, last_only)
-        cache.seen_host = [s + length for s, length in zip(cache.seen_host, lengths)]
-        return logits
+        return self.run(tokens, cache, plan, last_only)  # run -> cache.advance moves both counters
 
     def run(self, tokens: torch.Tensor, cache: "StreamingCache", plan: "StepPlan", last_only: bool) -> torch.Tensor:
         """The forward of :meth:`forward` over a ready plan; touches only device state (a decode
@@ -235,8 +234,6 @@ def load_model(
         device: ``cpu`` or ``cuda[:i]``.
         backend: ``auto`` (Triton kernels on CUDA, PyTorch otherwise), ``torch`` or ``triton``.
     """
-    from .gguf import is_gguf, load_gguf
-
     if not isinstance(path, (str, Path)):
         raise UserError(f"load_model needs a checkpoint directory or .gguf file path, got {type(path).__name__}")
     config, tensors = load_gguf(path) if is_gguf(path) else load_checkpoint(path)

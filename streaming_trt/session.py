@@ -14,6 +14,7 @@ from .kernel_backend import kernel_ops
 from .cache import StreamingCache
 from .config import ModelConfig
 from .contract import Geometry, UserError
+from .graphs import DecodeGraphs
 
 FORMAT = "streaming-trt-session"
 VERSION = 2  # 2: keys stored rotated at their text position, model fingerprint by content, checksum
@@ -174,14 +175,15 @@ class Session:
             invisible; it bounds the memory of one forward).
         cache_fill: value of never-written cache slots (tests use NaN to expose masking bugs).
         capture_decode: on CUDA, replay decode steps (one token per stream) from CUDA graphs
-            captured on first use (:mod:`streaming_trt.graphs`); ignored on a CPU.
+            captured on first use (:mod:`streaming_trt.graphs`); ignored on a CPU. Default: the
+            model's ``cuda_graphs`` (True unless turned off, e.g. by ``--no-cuda-graphs``).
         recall: a :class:`~streaming_trt.recall.Recall`: evicted tokens go to a host block store
             and each forward attends to the most relevant blocks again (batch 1; prompts fed in
             chunks of at most ``recall.chunk``; no decode graphs). ``None``: plain StreamingLLM.
     """
 
     def __init__(self, model, sink_tokens: int = 4, window: int = 1020, batch: int = 1, max_chunk: int = 512,
-                 cache_fill: float = 0.0, capture_decode: bool = False, recall=None):
+                 cache_fill: float = 0.0, capture_decode: bool | None = None, recall=None):
         geometry = Geometry(sink_tokens, window)
         geometry.check_positions(model.config.max_position_embeddings)
         if not _is_int(batch) or batch < 1:
@@ -200,9 +202,9 @@ class Session:
 
             self.recall = attach(recall, model, self.cache)
             self.max_chunk = min(max_chunk, recall.chunk)
+        if capture_decode is None:
+            capture_decode = getattr(model, "cuda_graphs", True)
         if capture_decode and model.device.type == "cuda" and self.recall is None:
-            from .graphs import DecodeGraphs
-
             self.graphs = DecodeGraphs(model, self.cache)
 
     @property
@@ -398,8 +400,7 @@ class Session:
             session.recall.load_tensors(path, tensors)
         session.cache.keys.copy_(keys)
         session.cache.values.copy_(values)
-        session.cache.seen.copy_(seen)
-        session.cache.seen_host = seen.tolist()
+        session.cache.set_seen(seen.tolist())
         if last is not None:
             session.last_logits = last.to(model.device)
         return session
