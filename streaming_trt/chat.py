@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--system", help="system prompt placed before the first turn")
     parser.add_argument("--load-session", metavar="FILE", help="continue a conversation saved with /save")
+    cli.add_recall_flags(parser)
     args = parser.parse_args(argv)
     return cli.run(lambda: _chat(args))
 

@@ -149,6 +149,13 @@ def load(args):
     return model, load_tokenizer(name)
 
 
+def add_recall_flags(p: argparse.ArgumentParser) -> None:
+    """``--recall`` and its settings (:mod:`streaming_trt.recall`), for generate and chat."""
+    from .recall import add_flags
+
+    add_flags(p)
+
+
 def open_session(args, model):
     from .session import Session
 
@@ -158,7 +165,9 @@ def open_session(args, model):
         info(f"[streaming-trt] continuing session {args.load_session}: {session.seen[0]} tokens so far, "
              f"sink_tokens={session.sink_tokens}, window={session.window}")
         return session
-    return Session(model, sink_tokens=args.sink_tokens, window=args.window)
+    from .recall import from_flags
+
+    return Session(model, sink_tokens=args.sink_tokens, window=args.window, recall=from_flags(args))
 
 
 def sampling(args, window: int | None = None):

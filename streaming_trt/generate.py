@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-session", metavar="FILE", help="write the session state here when done")
     parser.add_argument("--load-session", metavar="FILE",
                         help="continue a session saved with --save-session (its sink/window settings are used)")
+    cli.add_recall_flags(parser)
     args = parser.parse_args(argv)
     return cli.run(lambda: _generate(args))
 
@@ -48,6 +49,8 @@ def _generate(args) -> int:
 
     cli.check_output_file(args.save_session, "--save-session")  # before the model loads and generates
     if getattr(args, "engine", None):
+        if args.recall:
+            raise UserError("--recall runs on the eager model, not on an --engine export: drop one of them")
         from .export.onnx import open_engine
 
         session, tokenizer = open_engine(args)

@@ -407,3 +407,31 @@ def attach(recall: Recall, model, cache) -> BlockStore:
     store = BlockStore(recall, model.config, g, model.dtype, model.device, model.inv_freq)
     cache.recall = store
     return store
+
+
+def add_flags(parser) -> None:
+    """``--recall`` and its settings, for the command lines that open a session (generate, chat)."""
+    g = parser.add_argument_group("recall of evicted tokens (streaming_trt.recall)")
+    g.add_argument("--recall", action="store_true",
+                   help="keep evicted tokens in a host block store and attend, at each step, to the blocks most "
+                        "relevant to the query again (one stream; GPU memory stays S + W + top-k x block size)")
+    d = Recall()
+    g.add_argument("--recall-top-k", type=int, default=None, metavar="K", help=f"blocks recalled per layer (default: {d.top_k})")
+    g.add_argument("--recall-block-size", type=int, default=None, metavar="B", help=f"tokens per block (default: {d.block_size})")
+    g.add_argument("--recall-scorer", choices=SCORERS, default=None,
+                   help=f"block scores: Quest min/max bounds or InfLLM representative keys (default: {d.scorer})")
+    g.add_argument("--recall-budget-mb", type=int, default=None, metavar="MB",
+                   help=f"host memory of the block store; the oldest blocks are dropped beyond it (default: {d.budget_bytes >> 20})")
+
+
+def from_flags(args) -> Recall | None:
+    """The :class:`Recall` that :func:`add_flags`' flags ask for, or None without ``--recall``."""
+    if not getattr(args, "recall", False):
+        given = [f for f in ("recall_top_k", "recall_block_size", "recall_scorer", "recall_budget_mb")
+                 if getattr(args, f, None) is not None]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} goes with --recall")
+        return None
+    kw = dict(top_k=args.recall_top_k, block_size=args.recall_block_size, scorer=args.recall_scorer,
+              budget_bytes=None if args.recall_budget_mb is None else args.recall_budget_mb << 20)
+    return Recall(**{k: v for k, v in kw.items() if v is not None})

@@ -174,3 +174,16 @@ def test_saved_session_carries_the_block_store(checkpoints, tmp_path, scorer):
     plain.feed(ids[:5])
     plain.save(file)
     assert st.Session.load(file, model).recall is None
+
+
+def test_generate_with_recall_saves_and_continues(tmp_path, capsys):
+    from streaming_trt import generate
+
+    file = tmp_path / "g.safetensors"
+    base = ["--model", "builtin:random", "--temperature", "0", "--max-new-tokens", "6"]
+    assert generate.main(base + ["--prompt", "a prompt long enough to evict some blocks " * 3, "--recall",
+                                 "--sink-tokens", "4", "--window", "8", "--recall-block-size", "4",
+                                 "--save-session", str(file)]) == 0
+    assert generate.main(base + ["--load-session", str(file), "--prompt", " more"]) == 0
+    assert generate.main(base + ["--recall-top-k", "2"]) == 2
+    assert "--recall-top-k goes with --recall" in capsys.readouterr().err
