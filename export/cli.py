@@ -263,7 +263,7 @@ def build_trtllm(args) -> int:
             write_triton_repo(repo_tmp, TritonOptions(
                 engine_dir=str(engine_dir), tokenizer_dir=str(tokenizer_dir), max_batch_size=opts.max_batch_size,
                 max_input_len=opts.max_input_len, batching_strategy=args.triton_batching,
-                decoupled=args.triton_decoupled), settings)
+                decoupled=args.triton_decoupled, sink_token_id=source.config.sink_token_id), settings)
 
     say(f"checkpoint: {output / 'checkpoint'}")
     if build_engine:

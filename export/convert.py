@@ -212,7 +212,9 @@ def trtllm_config(config: ModelConfig, mapping: Mapping, dtype: str, source: dic
         "tie_word_embeddings": config.tie_word_embeddings,
         "mapping": {"world_size": mapping.world_size, "tp_size": mapping.tp, "pp_size": mapping.pp},
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
-        "streaming_trt": dict(source or {}),
+        # a model pre-trained with a sink token: whoever starts a stream puts this token first, once
+        "streaming_trt": dict(source or {}, **({"sink_token_id": config.sink_token_id}
+                                               if config.sink_token_id is not None else {})),
     }
 
 
@@ -235,6 +237,9 @@ def write_trtllm_checkpoint(
         raise UserError("MLP biases are not part of TensorRT-LLM's Llama checkpoint format; cannot export")
     if config.qk_norm:
         raise UserError("q/k RMSNorm (Qwen3) is not part of TensorRT-LLM's Llama checkpoint format; cannot export")
+    if config.sink_logits:
+        raise UserError(f"sink_logits {config.sink_logits!r} (an extra softmax term) is not part of TensorRT-LLM's "
+                        "Llama attention; cannot export")
     out_dir = Path(out_dir)
     ranks = range(mapping.world_size)
     for rank in (progress(iter(ranks), len(ranks)) if progress else ranks):
@@ -252,6 +257,10 @@ def _require(d: dict, key: str, source: str):
     if key not in d:
         raise CheckpointError(f"{source}: required field {key!r} is missing")
     return d[key]
+
+
+def _optional_int(x) -> int | None:
+    return None if x is None else int(x)
 
 
 def model_config_from_trtllm(d: dict, source: str = "config.json") -> tuple[ModelConfig, Mapping]:
@@ -298,6 +307,7 @@ def model_config_from_trtllm(d: dict, source: str = "config.json") -> tuple[Mode
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=attn_bias,
             o_proj_bias=attn_bias,
+            sink_token_id=_optional_int((d.get("streaming_trt") or {}).get("sink_token_id")),
         )
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: a field has the wrong type ({e})") from None

@@ -70,6 +70,9 @@ def sink_engine_problems(source: SourceModel) -> list[str]:
             "LlamaForCausalLM does not apply")
     if c.mlp_bias:
         problems.append("it has MLP biases, which TensorRT-LLM's Llama checkpoint has no place for")
+    if c.sink_logits:
+        problems.append(f"sink_logits {c.sink_logits!r}: its softmax has an extra sink term (exp(s_h) in every "
+                        "denominator), which TensorRT-LLM's Llama attention does not compute")
     kind = (c.rope_scaling or {}).get("rope_type", "default")
     if kind not in SINK_ROPE_TYPES:
         problems.append(

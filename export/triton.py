@@ -41,6 +41,7 @@ class TritonOptions:
     decoupled: bool = False  # True to stream tokens to the client (gRPC streaming)
     kv_cache_free_gpu_mem_fraction: float = 0.9
     max_queue_delay_microseconds: int = 0
+    sink_token_id: int | None = None  # a sink-token model's token 0: preprocessing puts it first in every request
 
 
 def _tensor(name: str, dtype: str, dims: list[int], optional: bool = False, reshape_scalar: bool = False,
@@ -145,7 +146,8 @@ def preprocessing_config(opts: TritonOptions) -> str:
         t("OUT_END_ID", "TYPE_INT32", [1]),
         t("OUT_PAD_ID", "TYPE_INT32", [1]),
     ]
-    params = {"tokenizer_dir": opts.tokenizer_dir, "add_special_tokens": True, "max_input_len": opts.max_input_len}
+    params = {"tokenizer_dir": opts.tokenizer_dir, "add_special_tokens": True, "max_input_len": opts.max_input_len,
+              "sink_token_id": "" if opts.sink_token_id is None else opts.sink_token_id}
     return (_header("preprocessing", "python", opts.max_batch_size) + "\n" + _tensors("input", inputs)
             + _tensors("output", outputs) + _parameters(params)
             + "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n")

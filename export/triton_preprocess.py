@@ -2,7 +2,8 @@
 
 Copied as ``preprocessing/1/model.py`` into a Triton model repository; it runs inside Triton
 Inference Server, where ``triton_python_backend_utils`` exists. Parameters (config.pbtxt):
-``tokenizer_dir``, ``add_special_tokens``, ``max_input_len``.
+``tokenizer_dir``, ``add_special_tokens``, ``max_input_len``, ``sink_token_id`` (a model pre-trained with
+a sink token: every request is a new stream of the engine, so the token goes first in each, once).
 """
 import json
 
@@ -21,6 +22,8 @@ class TritonPythonModel:
         self.tokenizer = AutoTokenizer.from_pretrained(params["tokenizer_dir"])
         self.add_special_tokens = params.get("add_special_tokens", "true").lower() in ("true", "1", "yes")
         self.max_input_len = int(params.get("max_input_len") or 0)
+        sink = params.get("sink_token_id", "")
+        self.sink = [int(sink)] if sink not in ("", None) else []
         eos = self.tokenizer.eos_token_id
         self.end_id = int(eos) if eos is not None else 0
         pad = self.tokenizer.pad_token_id
@@ -36,7 +39,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             query = pb_utils.get_input_tensor_by_name(request, "QUERY").as_numpy().reshape(-1)
-            ids = [self.tokenizer.encode(_text(q), add_special_tokens=self.add_special_tokens) for q in query]
+            ids = [self.sink + self.tokenizer.encode(_text(q), add_special_tokens=self.add_special_tokens) for q in query]
             too_long = [len(i) for i in ids if self.max_input_len and len(i) > self.max_input_len]
             if too_long:
                 message = (f"prompt of {too_long[0]} tokens exceeds max_input_len={self.max_input_len} (the sink "

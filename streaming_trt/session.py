@@ -102,6 +102,16 @@ def token_batch(tokens, lengths, batch: int, vocab: int, device) -> tuple[torch.
     return tokens.to(device), lengths
 
 
+def sink_token_starts(config, lengths: list[int], seen: list[int]) -> list[int] | None:
+    """Which streams get a sink-token model's token 0 (config ``sink_token_id``) before a feed of
+    ``lengths[b]`` tokens: 1 for each stream about to receive its first tokens (``seen[b] == 0``),
+    0 for the others (a continued or restored stream never gets it again); None when nothing starts."""
+    if config.sink_token_id is None:
+        return None
+    starts = [int(length > 0 and done == 0) for length, done in zip(lengths, seen)]
+    return starts if any(starts) else None
+
+
 def merge_newest(last: torch.Tensor | None, newest: torch.Tensor, part: list[int]) -> torch.Tensor:
     """Each stream's newest logits ``[batch, vocab]`` after a forward that fed ``part[b]`` tokens to
     stream ``b``: ``newest`` where it was fed, ``last`` (zeros at first) where it was not."""
@@ -264,11 +274,10 @@ class Session:
         """A model pre-trained with a sink token gets it as token 0 of every stream, once: fed here
         to each stream that is about to receive its first tokens (never to a continued or restored
         stream, whose ``seen`` is past 0). ``seen`` counts it; its logits predict the first token."""
-        sink = self.model.config.sink_token_id
-        starts = [int(length > 0 and seen == 0) for length, seen in zip(lengths, self.cache.seen_host)]
-        if sink is None or not any(starts):
+        starts = sink_token_starts(self.model.config, lengths, self.cache.seen_host)
+        if starts is None:
             return
-        ids = torch.full((self.batch, 1), sink, dtype=torch.int64, device=self.model.device)
+        ids = torch.full((self.batch, 1), self.model.config.sink_token_id, dtype=torch.int64, device=self.model.device)
         self._set_last(self.model(ids, self.cache, starts, last_only=True), starts)
 
     def _chunk(self, chunk: torch.Tensor, part: list[int], all_rows: bool) -> torch.Tensor:

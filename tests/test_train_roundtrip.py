@@ -59,3 +59,90 @@ def test_transformers_generate_starts_with_the_sink_token_once(trained):
         tokens.append(int(logits[0].argmax()))
         logits = session.feed([tokens[-1]], all_logits=False)
     assert out[0, 6:].tolist() == tokens
+
+
+def both_sinks(folder, out):
+    """A copy of a sink-logit checkpoint that also records a sink token: both features in one export."""
+    import json
+    import shutil
+
+    shutil.copytree(folder, out, ignore=shutil.ignore_patterns("train_state.pt", "*.png", "*.csv"))
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(config, sink_token_id=1)))
+    return out
+
+
+def test_onnx_keeps_the_sink_token_and_the_sink_logits(trained, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from streaming_trt.export.onnx import OnnxSession, export_onnx, load_manifest
+
+    model = st.load_model(both_sinks(trained("sink-logits"), tmp_path / "both"), backend="torch")
+    assert model.config.sink_token_id == 1 and model.config.sink_logits == "learned"
+    export_onnx(model, tmp_path / "onnx", 2, 9, triton=False)
+    config = load_manifest(tmp_path / "onnx")["config"]
+    assert config["sink_token_id"] == 1 and config["sink_logits"] == "learned"
+    ids = ids_of(model, 30)
+    want = model.session(sink_tokens=2, window=9).feed(ids)[0]
+    onnx = OnnxSession(tmp_path / "onnx", threads=1)
+    got = torch.cat([onnx.feed(ids[:, :12])[0], onnx.feed(ids[:, 12:])[0]])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert onnx.seen == [31]
+    onnx.reset()
+    torch.testing.assert_close(onnx.feed(ids)[0], want, rtol=1e-4, atol=1e-4)
+    assert onnx.seen == [31]
+    plain = st.load_model(trained("sink-logits"), backend="torch")  # the token changes the logits
+    assert (plain.session(sink_tokens=2, window=9).feed(ids)[0] - want).abs().max() > 1e-3
+
+
+def test_tensorrt_llm_checkpoint_keeps_the_sink_token(trained, tmp_path):
+    import json
+
+    from streaming_trt.export import export_checkpoint, load_trtllm_checkpoint
+
+    folder = trained("sink-token")
+    export_checkpoint(folder, tmp_path / "trt", dtype="float32")
+    assert json.loads((tmp_path / "trt" / "config.json").read_text())["streaming_trt"]["sink_token_id"] == 1
+    back = load_trtllm_checkpoint(tmp_path / "trt")
+    assert back.config.sink_token_id == 1
+    model = st.load_model(folder, backend="torch")
+    ids = ids_of(model, 30)
+    session = back.session(sink_tokens=1, window=10)
+    torch.testing.assert_close(session.feed(ids)[0], model.session(sink_tokens=1, window=10).feed(ids)[0])
+    assert session.seen == [31]
+
+
+@pytest.mark.parametrize("variant", ["zero-sink", "sink-logits"])
+def test_tensorrt_llm_export_refuses_sink_logits(trained, tmp_path, variant):
+    from streaming_trt.checkpoint import load_checkpoint
+    from streaming_trt.errors import UnsupportedModelError, UserError
+    from streaming_trt.export import Mapping, export_checkpoint
+    from streaming_trt.export.convert import write_trtllm_checkpoint
+
+    with pytest.raises(UnsupportedModelError, match="sink_logits .* TensorRT-LLM's Llama attention does not compute"):
+        export_checkpoint(trained(variant), tmp_path / "a", dtype="float32")
+    config, tensors = load_checkpoint(trained(variant))
+    (tmp_path / "b").mkdir()
+    with pytest.raises(UserError, match="sink_logits"):
+        write_trtllm_checkpoint(config, tensors, tmp_path / "b", Mapping(1, 1), "float32")
+
+
+def test_triton_preprocessing_puts_the_sink_token_first(trained, tmp_path, monkeypatch):
+    import numpy as np
+
+    from streaming_trt.export import TritonOptions, sink_settings, write_triton_repo
+    from test_export_triton import init_args, load_model_py
+
+    folder = trained("sink-token")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    write_triton_repo(repo, TritonOptions("/e", str(folder), sink_token_id=1), sink_settings(1, 9))
+    pre = load_model_py(repo / "preprocessing" / "1" / "model.py", monkeypatch).TritonPythonModel()
+    pre.initialize(init_args(repo, "preprocessing"))
+    pb = __import__("sys").modules["triton_python_backend_utils"]
+    request = {"QUERY": pb.Tensor("QUERY", np.array([[b"It is a truth"]], dtype=object)),
+               "REQUEST_OUTPUT_LEN": pb.Tensor("REQUEST_OUTPUT_LEN", np.array([[5]], dtype=np.int32))}
+    (response,) = pre.execute([request])
+    out = {t.name: t.array for t in response.output_tensors}
+    ids = st.load_tokenizer(str(folder)).encode("It is a truth", add_special_tokens=False)
+    assert out["INPUT_ID"].tolist() == [[1] + ids] and out["REQUEST_INPUT_LEN"].tolist() == [[len(ids) + 1]]

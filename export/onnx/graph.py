@@ -70,8 +70,6 @@ class GraphCache:
                sm_scale: float, sink_logits: torch.Tensor | None = None) -> torch.Tensor:
         """As :meth:`streaming_trt.cache.StreamingCache.attend`: ``q [b, n, heads, d]``, ``k, v
         [b, n, kv_heads, d]`` -> ``[b, n, heads, d]``; the layer's caches after the chunk go to ``presents``."""
-        if sink_logits is not None:  # check_export refuses such models; never traced
-            raise NotImplementedError("the ONNX graph has no learned sink-logit term")
         b, n, heads, d = q.shape
         kvh = k.shape[2]
         g = heads // kvh
@@ -84,7 +82,11 @@ class GraphCache:
         keys = torch.cat([past_k[:, :, None], k[:, :, None]], dim=3)  # [b, kv, 1, C + n, d]
         scores = torch.where(self.key_sink, qr @ keys.transpose(-1, -2), qt @ keys.transpose(-1, -2))
         scores = scores.float().masked_fill(~self.visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        if sink_logits is None:
+            probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        else:  # exp(s_h) joins every denominator with no value (a constant of the graph per head)
+            extra = sink_logits.float().view(1, kvh, g, 1, 1).expand_as(scores[..., :1])
+            probs = torch.softmax(torch.cat([scores, extra], dim=-1), dim=-1)[..., :-1].to(q.dtype)
         out = probs @ torch.cat([past_v[:, :, None], v[:, :, None]], dim=3)  # [b, kv, g, n, d]
         bi, _, di = self.index
         hi = torch.arange(kvh, device=q.device)[None, :, None]

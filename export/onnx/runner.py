@@ -10,7 +10,7 @@ import torch
 from streaming_trt.config import ModelConfig
 from streaming_trt.contract import Geometry, UserError
 from streaming_trt.rope import rotary_angles
-from streaming_trt.session import feed_chunks, token_batch
+from streaming_trt.session import feed_chunks, sink_token_starts, token_batch
 
 from .graph import INPUTS, io_names
 from .writer import FORMAT, VERSION
@@ -168,6 +168,9 @@ class OnnxSession:
         """As :meth:`streaming_trt.session.Session.feed`: float32 logits ``[batch, n, vocab]`` of every
         token fed (zero past a stream's length), or ``[batch, vocab]`` with ``all_logits=False``."""
         tokens, lengths = token_batch(tokens, lengths, self.batch, self.config.vocab_size, self.device)
+        starts = sink_token_starts(self.config, lengths, self._seen)
+        if starts is not None:  # a sink-token model's token 0, once per stream
+            self._run(torch.full((self.batch, 1), self.config.sink_token_id, dtype=torch.int64), starts, False)
         logits, self.last_logits = feed_chunks(tokens, lengths, self.max_chunk, self._run, all_logits,
                                                self.config.vocab_size, self.device, self.last_logits)
         return logits if all_logits else self.last_logits

@@ -51,9 +51,6 @@ def check_export(model, geometry: Geometry, dtype: str, profile: Profile) -> Non
     kind = (c.rope_scaling or {}).get("rope_type", "default")
     if kind not in ("default", "linear", "llama3"):
         raise UserError(f"rope type {kind!r} cannot be frozen into per-position inverse frequencies")
-    if getattr(c, "sink_logits", None):
-        raise UserError(f"sink_logits {c.sink_logits!r}: the ONNX graph has no learned sink-logit term; "
-                        "run this model with the eager runtime")
     for name, v in (("max batch", profile.max_batch), ("max chunk", profile.max_chunk),
                     ("opt batch", profile.opt_batch), ("opt chunk", profile.opt_chunk)):
         if not isinstance(v, int) or v < 1:
@@ -161,7 +158,9 @@ def export_onnx(model, output: str | Path, sink_tokens: int, window: int, dtype:
             "trtexec": cmd,
             "drive": ("per call: seen = tokens stored per stream, lengths = valid rows of the chunk, cos/sin from "
                       "rotary_inputs(inv_freq, seen, n, geometry), logits_index = rows whose logits you want, past_* = "
-                      "the previous call's present_* (zeros at the start of a stream); then seen += lengths"),
+                      "the previous call's present_* (zeros at the start of a stream); then seen += lengths"
+                      + (f"; a new stream starts with the model's sink token {c.sink_token_id} (config.sink_token_id), "
+                         "fed once before its first tokens" if c.sink_token_id is not None else "")),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if triton:
