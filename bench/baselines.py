@@ -58,12 +58,12 @@ class Stream:
 class RuntimeStream(Stream):
     """streaming / window / dense: one session of the runtime; chunks are fed as they come."""
 
-    def __init__(self, name: str, model, sink_tokens: int, window: int, max_chunk: int = 512):
+    def __init__(self, name: str, model, sink_tokens: int, window: int, max_chunk: int = 512, recall=None):
         self.name = name
         with warnings.catch_warnings():
             # dense windows may exceed max_position_embeddings: that is what the baseline measures
             warnings.filterwarnings("ignore", message="capacity sink_tokens")
-            self.session = model.session(sink_tokens=sink_tokens, window=window, max_chunk=max_chunk)
+            self.session = model.session(sink_tokens=sink_tokens, window=window, max_chunk=max_chunk, recall=recall)
 
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.session.feed(ids.view(1, -1))[0]

@@ -62,6 +62,9 @@ def arguments(argv):
                    help="prefix fed token by token to check chunked feeding (default: C + chunk + 17; must exceed C; "
                         "0 skips the check, e.g. for a real model on a busy CPU: tests/test_real_model.py checks "
                         "chunked = token by token on the real model)")
+    g.add_argument("--recall", choices=("bounds", "representative"), default=None,
+                   help="also run StreamingLLM + recall of evicted tokens (streaming_trt.Recall with this scorer, "
+                        "its default blocks) at the same cache, as the method `recall`")
     return p.parse_args(argv)
 
 
@@ -84,11 +87,18 @@ def validate(args):
         raise UserError(f"--check-tokens ({args.check_tokens}) must exceed the cache size ({args.cache}) so that "
                         f"the check sees tokens evicted")
     args.check_tokens = min(args.check_tokens, args.tokens)
+    if getattr(args, "recall", None) and "recall" not in methods:
+        methods.append("recall")
     return methods
 
 
 def chunked_stream(method: str, built, args, n_tokens: int):
     """A fresh stream of a chunk-fed method."""
+    if method == "recall":  # chunks of at most Recall.chunk: each selects its own blocks
+        from streaming_trt.recall import Recall
+
+        s, w = baselines.cache_shape("streaming", args.cache, args.sink_tokens)
+        return baselines.RuntimeStream("recall", built.model, s, w, args.chunk, recall=Recall(scorer=args.recall))
     if method == "hf-dense":
         return B.HFDenseStream(built.hf(), built.device, args.chunk)
     if method == "dense":

@@ -29,6 +29,7 @@ LABELS = {
     "hf-dense": "transformers: growing cache",
     "attention-sinks": "attention_sinks 0.4.0 (transformers 4.34)",
     "onnx": "ONNX export on onnxruntime (CPU)",
+    "recall": "StreamingLLM + recall of evicted blocks",
 }
 STYLES = {  # colour, marker, line style: one look per method in every plot
     "streaming": ("#d62728", "o", "-"),
@@ -39,6 +40,7 @@ STYLES = {  # colour, marker, line style: one look per method in every plot
     "hf-dense": ("#222222", "^", ":"),
     "attention-sinks": ("#9467bd", "D", "--"),
     "onnx": ("#ff7f0e", "P", "--"),
+    "recall": ("#8c564b", "*", "-"),
 }
 
 
