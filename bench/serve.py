@@ -106,6 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("--sink-tokens", type=int, default=4)
     p.add_argument("--window", type=int, default=252)
     p.add_argument("--threads", type=int, default=None, help="torch threads of each server")
+    p.add_argument("--token-budget", type=int, default=None, help="the batched step's token budget (serve's default)")
     p.add_argument("--servers", default="serial,batched", help="which servers to measure")
     p.add_argument("--serial-max-level", type=int, default=None,
                    help="skip the serial server above this level (it needs levels x turns x tokens / its tok/s)")
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
             conf = {"model": args.model, "dtype": "float32", "device": "cpu", "backend": "auto", "seed": 0,
                     "sink_tokens": args.sink_tokens, "window": args.window, "session_dir": str(work / kind / "s"),
                     "slots": 1 if kind == "serial" else min(64, max(levels)), "slot_memory": None,
-                    "prefill_budget": 256, "max_queue": 1024, "host_memory": 8 << 30, "disk_budget": None,
+                    "token_budget": args.token_budget, "max_queue": 1024, "host_memory": 8 << 30, "disk_budget": None,
                     "idle_ttl": None, "max_new_tokens": args.tokens, "max_new_tokens_limit": 4096,
                     "max_input_bytes": 1 << 20, "threads": args.threads}
             write_repo(work / kind / "repo", conf)

@@ -116,7 +116,7 @@ def test_batched_equals_alone(local, tmp_path, slots, host_bytes, capture):
 def test_cancel_mid_reply_and_during_prefill(local, tmp_path):
     """A reply cancelled after 3 tokens keeps those tokens (and what closes the reply); a turn
     cancelled while its prompt is still being fed leaves the conversation as it was."""
-    sched, store = make(local, tmp_path, prefill_budget=8)
+    sched, store = make(local, tmp_path, token_budget=2)
     turn(sched, 1, "hello there", 4, start=True).wait()
     seen_before = store.seen(1)
     count = {"n": 0}

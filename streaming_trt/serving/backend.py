@@ -50,7 +50,7 @@ class TritonPythonModel:
                                   settings["session_dir"], settings["host_memory"], settings.get("disk_budget"),
                                   settings.get("idle_ttl"), log=_log)
         self.scheduler = Scheduler(model, tokenizer, store, slots=pool_slots(settings, model),
-                                   prefill_budget=settings["prefill_budget"], max_queue=settings["max_queue"],
+                                   token_budget=settings["token_budget"], max_queue=settings["max_queue"],
                                    max_new_tokens=settings["max_new_tokens"],
                                    max_new_tokens_limit=settings["max_new_tokens_limit"],
                                    max_input_bytes=settings["max_input_bytes"])

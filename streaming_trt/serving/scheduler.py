@@ -11,8 +11,10 @@ Each iteration of the scheduler's thread (Sarathi-Serve's stall-free batching):
 1. decodes one token for every decoding slot, in one forward over rows ``0 .. decoding - 1``
    (decoding slots are kept contiguous at the bottom of the pool, so that forward is a view of
    the cache, never a copy);
-2. then spends ``prefill_budget`` tokens on prompt chunks of the turns that are still prefilling
-   (oldest first), so a long prompt never stalls the others' token streams;
+2. then feeds prompt chunks of the turns that are still prefilling (oldest first) with what is
+   left of the step's token budget (``token_budget`` minus the decoding slots, at least a quarter
+   of it; the whole budget times four when nothing decodes), so a long prompt never stalls the
+   others' token streams;
 3. admits waiting turns into free slots (at most one turn per conversation at a time, in arrival
    order).
 
@@ -142,7 +144,9 @@ class Scheduler:
         tokenizer: its tokenizer (chat template).
         store: a :class:`~streaming_trt.serving.store.ConversationStore` (idle conversations).
         slots: B, conversations whose turns run at once (one batched cache of B streams).
-        prefill_budget: prompt tokens fed per iteration, after the decode step.
+        token_budget: tokens one step feeds, decode and prompt tokens together (default: 512 on
+            CUDA, where a step is bound by memory traffic, 64 on a CPU, where a prompt chunk costs
+            as much as its tokens: the budget bounds the inter-token latency).
         max_queue: turns that may wait for a slot; beyond, :meth:`submit` raises :class:`Overloaded`.
         max_new_tokens / max_new_tokens_limit: a request's default and largest reply length.
         max_input_bytes: the largest MESSAGES a request may send.
@@ -152,10 +156,12 @@ class Scheduler:
             check the padding).
     """
 
-    def __init__(self, model, tokenizer, store, slots: int = 16, prefill_budget: int = 256, max_queue: int = 256,
+    def __init__(self, model, tokenizer, store, slots: int = 16, token_budget: int | None = None, max_queue: int = 256,
                  max_new_tokens: int = 256, max_new_tokens_limit: int = 4096, max_input_bytes: int = 256 * 1024,
                  capture_decode: bool | None = None):
-        for name, value, low in (("slots", slots, 1), ("prefill_budget", prefill_budget, 1), ("max_queue", max_queue, 0)):
+        if token_budget is None:
+            token_budget = 512 if model.device.type == "cuda" else 64
+        for name, value, low in (("slots", slots, 1), ("token_budget", token_budget, 1), ("max_queue", max_queue, 0)):
             if not isinstance(value, int) or value < low:
                 raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
         self.model, self.tokenizer, self.store = model, tokenizer, store
@@ -165,7 +171,7 @@ class Scheduler:
         self.logits = torch.zeros(slots, model.config.vocab_size, device=model.device)
         self.rows: list[_Turn | None] = [None] * slots
         self.decoding = 0                      # rows 0 .. decoding-1 are decoding
-        self.prefill_budget, self.max_queue = prefill_budget, max_queue
+        self.token_budget, self.max_queue = token_budget, max_queue
         self.max_new_tokens, self.max_new_tokens_limit = max_new_tokens, max_new_tokens_limit
         self.max_input_bytes = max_input_bytes
         self.capture = model.device.type == "cuda" if capture_decode is None else capture_decode
@@ -356,7 +362,8 @@ class Scheduler:
         turn.forced = turn.conversation.closing_ids(turn.last)
 
     def _prefill_step(self) -> None:
-        budget = self.prefill_budget
+        budget = (max(self.token_budget - self.decoding, self.token_budget // 4, 1) if self.decoding
+                  else 4 * self.token_budget)
         prefilling = sorted((t for t in self.rows[self.decoding :] if t is not None), key=lambda t: t.seq)
         for turn in prefilling:
             if budget == 0:
