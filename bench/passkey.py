@@ -210,7 +210,7 @@ def plot(summary: list[dict], methods, args, path: Path) -> None:
     ax.set_xlabel("tokens from the key sentence to the question")
     ax.set_ylabel("pass-key accuracy")
     ax.set_ylim(-0.03, 1.03)
-    ax.set_title(f"Pass key, SmolLM2-135M-Instruct, {args.trials} trials per point")
+    ax.set_title(f"Pass key, {args.model or 'SmolLM2-135M-Instruct'}, {args.trials} trials per point")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -281,13 +281,10 @@ def arguments(argv):
 def main(argv=None) -> int:
     args = arguments(argv)
     torch.set_num_threads(args.threads)
-    import streaming_trt as st
     from bench import report
+    from streaming_trt.catalog import open_model
 
-    if args.model:
-        model, tokenizer = st.load_model(args.model), st.load_tokenizer(args.model)
-    else:
-        model, tokenizer = st.default_model()
+    model, tokenizer = open_model(args.model)
     RESULTS.mkdir(parents=True, exist_ok=True)
     cmd = "python -m bench.passkey " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.latency:

@@ -187,3 +187,24 @@ def test_generate_with_recall_saves_and_continues(tmp_path, capsys):
     assert generate.main(base + ["--load-session", str(file), "--prompt", " more"]) == 0
     assert generate.main(base + ["--recall-top-k", "2"]) == 2
     assert "--recall-top-k goes with --recall" in capsys.readouterr().err
+
+
+def test_benchmarks_run_end_to_end(tmp_path, monkeypatch):
+    """bench.passkey (accuracy and latency) and bench.streameval (gate and scoring) on the random
+    built-in model: they run and write their files (their figures are meaningless here)."""
+    from bench import passkey, streameval
+
+    monkeypatch.setattr(passkey, "RESULTS", tmp_path)
+    monkeypatch.setattr(streameval, "RESULTS", tmp_path)
+    common = ["--model", "builtin:random", "--cache", "40", "--block-size", "8", "--tag", "_t"]
+    assert passkey.main(common + ["--trials", "1", "--distances", "30,90", "--prefix", "10",
+                                  "--methods", "streaming,recall-bounds,dense"]) == 0
+    rows = (tmp_path / "passkey_t.csv").read_text().splitlines()
+    assert rows[0].startswith("method,distance") and len(rows) == 1 + 3 * 2
+    assert passkey.main(common + ["--latency", "--latency-stream", "60", "--steps", "3"]) == 0
+    assert "recall-representative" in (tmp_path / "passkey_latency_t.csv").read_text()
+    assert streameval.main(["--model", "builtin:random", "--gate-queries", "1", "--max-answer", "2", "--tag", "_t"]) == 0
+    assert "FAILS the model gate" in (tmp_path / "streameval_t.md").read_text()
+    assert streameval.main(["--model", "builtin:random", "--gate-queries", "1", "--gate", "0", "--queries", "2",
+                            "--cache", "40", "--methods", "streaming,recall", "--max-answer", "2", "--tag", "_t"]) == 0
+    assert "Table 7" in (tmp_path / "streameval_t.md").read_text()
