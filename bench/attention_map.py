@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from . import harness as H, report as R
+from . import harness, report
 from .harness import UserError
 
 EPILOG = """examples:
@@ -25,7 +25,7 @@ EPILOG = """examples:
 
 
 def arguments(argv):
-    p = H.parser("attention_map", __doc__, EPILOG)
+    p = harness.parser("attention_map", __doc__, EPILOG)
     g = p.add_argument_group("attention")
     g.add_argument("--text", metavar="FILE", default="austen:pride",
                    help="a UTF-8 file, austen:BOOK or austen:all (bench.text) (default: %(default)s)")
@@ -41,24 +41,24 @@ def arguments(argv):
 
 def run(args, argv=None) -> dict:
     for flag in ("tokens", "late", "heatmap_tokens"):
-        H.positive("--" + flag.replace("_", "-"), getattr(args, flag))
-    H.positive("--skip", args.skip, 0)
+        harness.positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    harness.positive("--skip", args.skip, 0)
     if args.late >= args.tokens or args.heatmap_tokens > args.tokens:
         raise UserError("--late and --heatmap-tokens must be smaller than --tokens")
-    out = H.out_dir(args, "attention_map")
-    built = H.build(args)
+    out = harness.out_dir(args, "attention_map")
+    built = harness.build(args)
     cfg = built.config
     if not 0 <= args.head < cfg.num_heads:
         raise UserError(f"--head must be in 0..{cfg.num_heads - 1}")
-    shown = (H.int_list(args.layers_shown, "--layers-shown") if args.layers_shown else
+    shown = (harness.int_list(args.layers_shown, "--layers-shown") if args.layers_shown else
              sorted({0, 1, cfg.num_layers // 2, cfg.num_layers - 1}))
     if max(shown) >= cfg.num_layers:
         raise UserError(f"--layers-shown: the model has layers 0..{cfg.num_layers - 1}")
-    ids, text_name = H.load_text_ids(args.text, built.tokenizer, args.skip + args.tokens)
+    ids, text_name = harness.load_text_ids(args.text, built.tokenizer, args.skip + args.tokens)
     ids = ids[-args.tokens:].clamp(max=cfg.vocab_size - 1)
     hf = built.hf()  # checked against the runtime on a short input
     hf.set_attn_implementation("eager")
-    bar = H.progress(cfg.num_layers, "attention_map", args.no_progress, unit="layer")
+    bar = harness.progress(cfg.num_layers, "attention_map", args.no_progress, unit="layer")
     n, late = args.tokens, args.late
     q = torch.arange(n - late, n, dtype=torch.float64)
     uniform0 = float((1.0 / (q + 1)).mean())
@@ -79,9 +79,9 @@ def run(args, argv=None) -> dict:
             maps[layer] = (a[:, :k, :k].mean(0), a[args.head, :k, :k])
         bar.update(1)
     bar.close()
-    R.write_csv(out / "attention_map.csv", rows)
+    report.write_csv(out / "attention_map.csv", rows)
     sink_layers = [r["layer"] for r in rows if r["share_token0"] > 10 * uniform0]
-    table = R.markdown_table(
+    table = report.markdown_table(
         ["layer", "share on token 0", "share on tokens 0-3", "most sink-like head on token 0"],
         [[r["layer"], f"{r['share_token0']:.3f}", f"{r['share_first4']:.3f}", f"{r['max_head_share_token0']:.3f}"]
          for r in rows])
@@ -91,11 +91,11 @@ def run(args, argv=None) -> dict:
             f"({', '.join(map(str, sink_layers)) or 'none'}); mean over layers: "
             f"{sum(r['share_token0'] for r in rows) / len(rows):.3f} on token 0, "
             f"{sum(r['share_first4'] for r in rows) / len(rows):.3f} on tokens 0-3.\n\n{table}")
-    report = R.write_report(out / "attention_map.md", "Attention sinks (paper Figure 2)",
-                            R.command("attention_map", argv), built, body)
+    markdown = report.write_report(out / "attention_map.md", "Attention sinks (paper Figure 2)",
+                              report.command("attention_map", argv), built, body)
     plot(rows, maps, args, built, out / "attention_map.png", uniform0, uniform4)
-    print(report)
-    H.info(f"[bench.attention_map] wrote {out / 'attention_map.csv'}, {out / 'attention_map.md'}, "
+    print(markdown)
+    harness.info(f"[bench.attention_map] wrote {out / 'attention_map.csv'}, {out / 'attention_map.md'}, "
            f"{out / 'attention_map.png'}")
     return dict(rows=rows, out=out)
 
@@ -103,7 +103,7 @@ def run(args, argv=None) -> dict:
 def plot(rows, maps, args, built, path, uniform0, uniform4) -> None:
     from matplotlib.colors import LogNorm
 
-    plt = R.pyplot()
+    plt = report.pyplot()
     cols = len(maps)
     fig = plt.figure(figsize=(max(10, 2.6 * cols), 8.2))
     grid = fig.add_gridspec(3, cols, height_ratios=[1.2, 1, 1])
@@ -124,11 +124,11 @@ def plot(rows, maps, args, built, path, uniform0, uniform4) -> None:
             a.set_xlabel("key", fontsize=7)
             a.set_ylabel("query", fontsize=7)
             a.grid(False)
-    R.save_figure(fig, path, R.footer(built))
+    report.save_figure(fig, path, report.footer(built))
 
 
 def main(argv=None) -> int:
-    return H.script_main(arguments, run, argv)
+    return harness.script_main(arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,10 @@ import time
 
 import torch
 
-from . import baselines as B, harness as H, report as R
-from .harness import CheckFailed
-from .harness import UserError
+from streaming_trt.contract import Geometry
+
+from . import baselines, harness, report
+from .harness import CheckFailed, UserError
 
 EPILOG = """examples:
   python -m bench.endless                          # built-in model, CPU, a few minutes
@@ -33,7 +34,7 @@ EPILOG = """examples:
 
 
 def arguments(argv):
-    p = H.parser("endless", __doc__, EPILOG)
+    p = harness.parser("endless", __doc__, EPILOG)
     g = p.add_argument_group("stream")
     g.add_argument("--tokens", type=int, metavar="N", help="length of the stream (default: 30000 on CPU, 100000 on CUDA)")
     g.add_argument("--cache", type=int, metavar="N", default=1024, help="cache size C = sinks + window (default: %(default)s)")
@@ -49,14 +50,13 @@ def arguments(argv):
 
 
 def validate(args):
-    cuda = H.resolve_device(args.device).type == "cuda"
+    cuda = harness.resolve_device(args.device).type == "cuda"
     args.tokens = (100_000 if cuda else 30_000) if args.tokens is None else args.tokens
     for flag in ("tokens", "cache", "chunk", "samples"):
-        H.positive("--" + flag.replace("_", "-"), getattr(args, flag))
-    H.positive("--sink-tokens", args.sink_tokens, 0)
-    H.positive("--settle", args.settle, 0)
-    if args.cache <= args.sink_tokens:
-        raise UserError(f"--cache ({args.cache}) must exceed --sink-tokens ({args.sink_tokens})")
+        harness.positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    harness.positive("--sink-tokens", args.sink_tokens, 0)
+    harness.positive("--settle", args.settle, 0)
+    Geometry.with_capacity(args.cache, args.sink_tokens)  # --cache must exceed --sink-tokens
     if args.settle >= args.tokens:
         raise UserError(f"--settle ({args.settle}) must be smaller than --tokens ({args.tokens})")
     if args.mem_tolerance is None:
@@ -85,23 +85,23 @@ def memory(device: torch.device) -> dict:
                  cuda_peak_bytes=torch.cuda.max_memory_allocated(device))
         torch.cuda.reset_peak_memory_stats(device)
         return m
-    return dict(rss_bytes=H.rss_bytes())
+    return dict(rss_bytes=harness.rss_bytes())
 
 
 def run(args, argv=None, wrap_session=None) -> dict:
     """``wrap_session``: optional callable applied to the session before streaming (tests inject
     leaks and NaNs through it)."""
     validate(args)
-    out = H.out_dir(args, "endless")
-    built = H.build(args)
+    out = harness.out_dir(args, "endless")
+    built = harness.build(args)
     dev = built.device
-    text, text_name = H.load_text_ids(args.text, built.tokenizer, min(args.tokens + 1, 1 << 20))
+    text, text_name = harness.load_text_ids(args.text, built.tokenizer, min(args.tokens + 1, 1 << 20))
     text = text.clamp(max=built.config.vocab_size - 1)
-    s, w = B.cache_shape("streaming", args.cache, args.sink_tokens)
+    s, w = baselines.cache_shape("streaming", args.cache, args.sink_tokens)
     session = built.model.session(sink_tokens=s, window=w, max_chunk=max(args.chunk, 1))
     if wrap_session is not None:
         session = wrap_session(session)
-    H.info(f"[bench.endless] {built.source}, {str(built.dtype).removeprefix('torch.')} on {dev}; {args.tokens} tokens "
+    harness.info(f"[bench.endless] {built.source}, {str(built.dtype).removeprefix('torch.')} on {dev}; {args.tokens} tokens "
            f"of {text_name}, cache {args.cache} (S={s}, W={w}), {args.chunk} token(s) per feed")
     every = max(args.chunk, -(-args.tokens // args.samples))
     mem_key = "cuda_allocated_bytes" if dev.type == "cuda" else "rss_bytes"
@@ -111,7 +111,7 @@ def run(args, argv=None, wrap_session=None) -> dict:
     n_early = max(3, args.samples // 10)
     sampler = Sampler()
     cache_bytes0 = session.cache.nbytes()
-    bar = H.progress(args.tokens, "endless", args.no_progress)
+    bar = harness.progress(args.tokens, "endless", args.no_progress)
     start = time.perf_counter()
     pos, n_text, next_sample = 0, text.shape[0], every
     try:
@@ -119,24 +119,24 @@ def run(args, argv=None, wrap_session=None) -> dict:
             k = min(args.chunk, args.tokens - pos)
             idx = torch.arange(pos, pos + k + 1) % n_text
             ids, targets = text[idx[:-1]], text[idx[1:]]
-            H.sync(dev)
+            harness.sync(dev)
             t0 = time.perf_counter()
             logits = session.feed(ids.view(1, -1))[0]
-            H.sync(dev)
+            harness.sync(dev)
             seconds = time.perf_counter() - t0
             if not bool(torch.isfinite(logits).all()):
                 bad = (~torch.isfinite(logits)).any(-1).nonzero()
                 raise CheckFailed(f"NaN or infinite logits at token {pos + int(bad[0])} of the stream")
             sampler.latencies.append(seconds / k)
-            sampler.nll += float(H.nll_of(logits, targets).sum())
+            sampler.nll += float(harness.nll_of(logits, targets).sum())
             sampler.count += k
             pos += k
             bar.update(k)
             if pos >= next_sample or pos >= args.tokens:
                 next_sample += every
                 lat, nll = sampler.take()
-                row = dict(tokens=pos, median_ms=1e3 * H.median(lat), p10_ms=1e3 * H.quantile(lat, 0.1),
-                           p90_ms=1e3 * H.quantile(lat, 0.9), cache_bytes=session.cache.nbytes(), nll=nll,
+                row = dict(tokens=pos, median_ms=1e3 * harness.median(lat), p10_ms=1e3 * harness.quantile(lat, 0.1),
+                           p90_ms=1e3 * harness.quantile(lat, 0.9), cache_bytes=session.cache.nbytes(), nll=nll,
                            elapsed_s=time.perf_counter() - start, **memory(dev))
                 rows.append(row)
                 if row["cache_bytes"] != cache_bytes0:
@@ -148,9 +148,9 @@ def run(args, argv=None, wrap_session=None) -> dict:
                         baseline = max(early, key=lambda r: r[mem_key])
                 elif baseline is not None and row[mem_key] > baseline[mem_key] + tol:
                     raise CheckFailed(
-                        f"memory grew: {mem_key.replace('_bytes', '')} {R.human_bytes(row[mem_key])} at token {pos} "
-                        f"against {R.human_bytes(baseline[mem_key])} at token {baseline['tokens']} "
-                        f"(+{R.human_bytes(row[mem_key] - baseline[mem_key])} > tolerance {args.mem_tolerance:g} MiB)")
+                        f"memory grew: {mem_key.replace('_bytes', '')} {report.human_bytes(row[mem_key])} at token {pos} "
+                        f"against {report.human_bytes(baseline[mem_key])} at token {baseline['tokens']} "
+                        f"(+{report.human_bytes(row[mem_key] - baseline[mem_key])} > tolerance {args.mem_tolerance:g} MiB)")
     except CheckFailed as e:
         failure = str(e)
     finally:
@@ -161,12 +161,12 @@ def run(args, argv=None, wrap_session=None) -> dict:
 def finish(args, argv, built, rows, baseline, failure, out, text_name, mem_key, shape) -> dict:
     fields = ["tokens", "median_ms", "p10_ms", "p90_ms", "cache_bytes", mem_key] + \
         (["cuda_peak_bytes"] if mem_key.startswith("cuda") else []) + ["nll", "elapsed_s"]
-    R.write_csv(out / "endless.csv", rows, fields)
+    report.write_csv(out / "endless.csv", rows, fields)
     after = [r for r in rows if r["tokens"] >= args.settle]
     # latency drift: the middle value of the last few samples against the first few (one sample is
     # at the mercy of whatever else the machine was doing then)
     k = max(1, min(5, len(after) // 4))
-    drift = (H.median([r["median_ms"] for r in after[-k:]]) / H.median([r["median_ms"] for r in after[:k]])
+    drift = (harness.median([r["median_ms"] for r in after[-k:]]) / harness.median([r["median_ms"] for r in after[:k]])
              if len(after) > 1 else float("nan"))
     mem_growth = after[-1][mem_key] - after[0][mem_key] if len(after) > 1 else float("nan")
     lat_after = [r["median_ms"] for r in after]
@@ -177,9 +177,9 @@ def finish(args, argv, built, rows, baseline, failure, out, text_name, mem_key, 
             values = [r[key] for r in after]
             return f"{fmt(min(values))} - {fmt(max(values))}"
 
-        mb = R.human_bytes
+        mb = report.human_bytes
         mem_name = mem_key.replace("_bytes", "").replace("_", " ")
-        body += R.markdown_table(
+        body += report.markdown_table(
             ["", f"at token {after[0]['tokens']}", f"at token {after[-1]['tokens']}",
              f"end against start" + (f" (median of {k} samples each)" if k > 1 else ""),
              f"range over the {len(after)} samples"],
@@ -192,30 +192,30 @@ def finish(args, argv, built, rows, baseline, failure, out, text_name, mem_key, 
              ["mean NLL of the interval", f"{after[0]['nll']:.3f}", f"{after[-1]['nll']:.3f}",
               f"{after[-1]['nll'] - after[0]['nll']:+.3f}", span("nll", lambda v: f"{v:.3f}")]])
     verdict = f"FAILED: {failure}" if failure else (
-        f"PASSED: no NaN, the cache kept its {R.human_bytes(rows[-1]['cache_bytes'])} and "
+        f"PASSED: no NaN, the cache kept its {report.human_bytes(rows[-1]['cache_bytes'])} and "
         f"{mem_key.replace('_bytes', '').replace('_', ' ')} stayed within {args.mem_tolerance:g} MiB of its baseline "
-        f"({R.human_bytes(baseline[mem_key]) + ', the highest of the first samples, at token ' + str(baseline['tokens']) if baseline else '-'})")
+        f"({report.human_bytes(baseline[mem_key]) + ', the highest of the first samples, at token ' + str(baseline['tokens']) if baseline else '-'})")
     body += f"\n\n**{verdict}**"
     if drift == drift and drift > 1.5 and not failure:
         body += f"\n\nWarning: the median latency at the end is {drift:.2f}x the one at the start."
-        H.info(f"warning: latency drifted {drift:.2f}x from token {after[0]['tokens']} to the end")
+        harness.info(f"warning: latency drifted {drift:.2f}x from token {after[0]['tokens']} to the end")
     if built.random_weights:
         body += "\n\nThe model has random weights: the NLL column only shows that the logits stay finite and steady."
-    cmd = R.command("endless", argv)
-    report = R.write_report(out / "endless.md", "Endless stream", cmd, built, body)
+    cmd = report.command("endless", argv)
+    markdown = report.write_report(out / "endless.md", "Endless stream", cmd, built, body)
     plot(rows, baseline, failure, args, built, mem_key, out / "endless.png")
-    print(report)
-    H.info(f"[bench.endless] wrote {out / 'endless.csv'}, {out / 'endless.png'}, {out / 'endless.md'}")
+    print(markdown)
+    harness.info(f"[bench.endless] wrote {out / 'endless.csv'}, {out / 'endless.png'}, {out / 'endless.md'}")
     if failure:
         raise CheckFailed(failure)
     return dict(rows=rows, baseline=baseline, out=out, drift=drift)
 
 
 def plot(rows, baseline, failure, args, built, mem_key, path) -> None:
-    plt = R.pyplot()
+    plt = report.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.0))
     x = [r["tokens"] for r in rows]
-    color = R.STYLES["streaming"][0]
+    color = report.STYLES["streaming"][0]
     ax = axes[0]
     ax.plot(x, [r["median_ms"] for r in rows], color=color, label="median of the interval")
     ax.fill_between(x, [r["p10_ms"] for r in rows], [r["p90_ms"] for r in rows], color=color, alpha=0.15,
@@ -251,11 +251,11 @@ def plot(rows, baseline, failure, args, built, mem_key, path) -> None:
                     color="#555555")
     title = ("FAILED: " + failure) if failure else f"StreamingLLM, one stream of {x[-1] if x else 0} tokens, cache {args.cache}"
     fig.suptitle(title, color="#b00000" if failure else "black", fontsize=10)
-    R.save_figure(fig, path, R.footer(built))
+    report.save_figure(fig, path, report.footer(built))
 
 
 def main(argv=None) -> int:
-    return H.script_main(arguments, run, argv)
+    return harness.script_main(arguments, run, argv)
 
 
 if __name__ == "__main__":

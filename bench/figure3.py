@@ -25,7 +25,7 @@ import math
 import sys
 from pathlib import Path
 
-from . import report as R
+from . import report
 from .harness import UserError, out_dir, run_main
 
 
@@ -84,18 +84,18 @@ def run(args, argv=None) -> int:
         common_n = len(common or ())
         body.append(f"Cache {cap}: perplexity on the {common_n} tokens after token {cap} that every method scored "
                     f"(up to token {max(common) if common else '-'}):\n\n"
-                    + R.markdown_table(["method", "perplexity"], [[R.LABELS.get(r["method"], r["method"]), f"{r['ppl']:.2f}"]
+                    + report.markdown_table(["method", "perplexity"], [[report.LABELS.get(r["method"], r["method"]), f"{r['ppl']:.2f}"]
                                                                   for r in rows if r["cache"] == cap]))
-    R.write_csv(out / "figure3.csv", rows)
+    report.write_csv(out / "figure3.csv", rows)
     plot(panels, dense, args, out / "figure3.png")
-    text = (f"### Figure 3 in small\n\n`{R.command('figure3', argv)}`\n\n- date: {R.today()}\n\n" + "\n\n".join(body) + "\n")
+    text = (f"### Figure 3 in small\n\n`{report.command('figure3', argv)}`\n\n- date: {report.today()}\n\n" + "\n\n".join(body) + "\n")
     (out / "figure3.md").write_text(text)
     print(text)
     return 0
 
 
 def plot(panels, dense, args, path) -> None:
-    plt = R.pyplot()
+    plt = report.pyplot()
     fig, axes = plt.subplots(2, len(panels), figsize=(6 * len(panels), 7), squeeze=False)
     for i, (cap, methods) in enumerate(panels):
         if dense:
@@ -108,7 +108,7 @@ def plot(panels, dense, args, path) -> None:
             for k, x in enumerate(v):
                 total += x
                 run_ppl.append(math.exp(total / (k + 1)))
-            st = R.style(m)
+            st = report.style(m)
             marker = st.pop("marker")
             sparse = len(t) < 200
             axes[0][i].plot(t, run_ppl, marker=marker if sparse else None, markersize=3, **st)
@@ -126,7 +126,7 @@ def plot(panels, dense, args, path) -> None:
             ax.axvline(cap, color="#555555", linestyle=":", linewidth=0.8)
             ax.set(yscale="log", xlabel="token of the text", ylabel=what, title=f"cache {cap} {args.title}".strip())
         axes[0][i].legend()
-    R.save_figure(fig, path, "running perplexity and local perplexity; re-computation scored on a strided subset")
+    report.save_figure(fig, path, "running perplexity and local perplexity; re-computation scored on a strided subset")
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from . import baselines as B, harness as H, report as R
+from . import baselines, harness, report
 from .report import LABELS
 from .harness import UserError
 
@@ -45,11 +45,11 @@ EPILOG = """examples:
 
 
 def arguments(argv):
-    p = H.parser("latency", __doc__, EPILOG)
+    p = harness.parser("latency", __doc__, EPILOG)
     g = p.add_argument_group("benchmark")
     g.add_argument("--cache-sizes", metavar="LIST", default="256,512,1024,2048,4096", help="cache sizes C (default: %(default)s)")
     g.add_argument("--methods", metavar="LIST",
-                   help="comma-separated, from: " + ", ".join(B.METHODS) + " (default: all but attention-sinks, "
+                   help="comma-separated, from: " + ", ".join(baselines.METHODS) + " (default: all but attention-sinks, "
                         "which is added when --sinks-python is given)")
     g.add_argument("--sinks-python", metavar="PYTHON", default=os.environ.get("STREAMING_TRT_SINKS_PYTHON"),
                    help="the Python of an environment with attention_sinks 0.4.0 and transformers 4.34 (they "
@@ -79,18 +79,18 @@ def arguments(argv):
 
 
 def validate(args):
-    cuda = H.resolve_device(args.device).type == "cuda"
-    sizes = H.int_list(args.cache_sizes, "--cache-sizes")
+    cuda = harness.resolve_device(args.device).type == "cuda"
+    sizes = harness.int_list(args.cache_sizes, "--cache-sizes")
     if args.methods is None:
-        args.methods = ",".join(B.DEFAULT_METHODS + (("attention-sinks",) if args.sinks_python else ()))
-    methods = H.method_list(args.methods)
+        args.methods = ",".join(baselines.DEFAULT_METHODS + (("attention-sinks",) if args.sinks_python else ()))
+    methods = harness.method_list(args.methods)
     if "attention-sinks" in methods and not args.sinks_python:
         raise UserError("--methods attention-sinks needs --sinks-python PYTHON (an environment with "
                         "attention_sinks and transformers 4.34; see python -m bench.peer_sinks)")
-    H.positive("--sink-tokens", args.sink_tokens, 0)
+    harness.positive("--sink-tokens", args.sink_tokens, 0)
     for flag in ("tokens", "slow_tokens", "max_chunk", "runs"):
-        H.positive("--" + flag.replace("_", "-"), getattr(args, flag))
-    H.positive("--warmup", args.warmup, 0)
+        harness.positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    harness.positive("--warmup", args.warmup, 0)
     if args.slow_budget <= 0:
         raise UserError(f"--slow-budget must be > 0, got {args.slow_budget}")
     args.tokens = args.tokens or (100 if cuda else 48)
@@ -120,8 +120,8 @@ def make_stream(method: str, capacity: int, args, built, planned: int, rng: torc
     model, dev = built.model, built.device
     random_ids = lambda n: torch.randint(0, min(built.config.vocab_size, 100), (n,), generator=rng)  # noqa: E731
     if method in ("streaming", "window"):
-        s, w = B.cache_shape(method, capacity, args.sink_tokens)
-        stream = B.RuntimeStream(method, model, s, w, args.max_chunk)
+        s, w = baselines.cache_shape(method, capacity, args.sink_tokens)
+        stream = baselines.RuntimeStream(method, model, s, w, args.max_chunk)
         past = 2 * capacity + 3  # tokens already evicted: the steady state of an endless stream
         if args.fill == "random":
             stream.fill_random(past, seed=args.seed)
@@ -129,30 +129,30 @@ def make_stream(method: str, capacity: int, args, built, planned: int, rng: torc
             stream.feed(random_ids(past))
     elif method == "dense":
         # the window holds every token this point will see: nothing is ever evicted
-        stream = B.RuntimeStream(method, model, 0, capacity + planned, args.max_chunk)
+        stream = baselines.RuntimeStream(method, model, 0, capacity + planned, args.max_chunk)
         if args.fill == "random":
             stream.fill_random(capacity - 1, seed=args.seed)
         elif capacity > 1:
             stream.feed(random_ids(capacity - 1))
     elif method in ("recompute", "hf-recompute"):
-        s, w = B.cache_shape(method, capacity, args.sink_tokens)
+        s, w = baselines.cache_shape(method, capacity, args.sink_tokens)
         if method == "recompute":
-            stream = B.RecomputeStream(model, s, w, args.max_chunk)
+            stream = baselines.RecomputeStream(model, s, w, args.max_chunk)
         else:
-            stream = B.HFRecomputeStream(built.hf(), s, w, dev)
+            stream = baselines.HFRecomputeStream(built.hf(), s, w, dev)
         for t in random_ids(2 * capacity).tolist():
             stream.push(t)
     elif method == "hf-dense":
-        stream = B.HFDenseStream(built.hf(), dev, args.max_chunk)
+        stream = baselines.HFDenseStream(built.hf(), dev, args.max_chunk)
         if capacity > 1:
             stream.feed(random_ids(capacity - 1), keep_logits=False)
     elif method == "onnx":
-        s, w = B.cache_shape("streaming", capacity, args.sink_tokens)
-        stream = B.OnnxStream(model, s, w, threads=args.threads or None)
+        s, w = baselines.cache_shape("streaming", capacity, args.sink_tokens)
+        stream = baselines.OnnxStream(model, s, w, threads=args.threads or None)
         stream.feed(random_ids(2 * capacity + 3))
     elif method == "attention-sinks":
-        s, w = B.cache_shape("streaming", capacity, args.sink_tokens)
-        stream = B.SinksPeerStream(args.sinks_python, built, s, w, fill=capacity + 3, seed=args.seed,
+        s, w = baselines.cache_shape("streaming", capacity, args.sink_tokens)
+        stream = baselines.SinksPeerStream(args.sinks_python, built, s, w, fill=capacity + 3, seed=args.seed,
                                    threads=args.threads)
     else:  # pragma: no cover - method_list guards this
         raise UserError(f"unknown method {method}")
@@ -160,7 +160,7 @@ def make_stream(method: str, capacity: int, args, built, planned: int, rng: torc
 
 
 def step(stream, token: torch.Tensor) -> None:
-    if isinstance(stream, B.RecomputeStream):
+    if isinstance(stream, baselines.RecomputeStream):
         stream.encode(stream.push(int(token)))
     else:
         stream.feed(token)
@@ -168,27 +168,27 @@ def step(stream, token: torch.Tensor) -> None:
 
 def run(args, argv=None) -> dict:
     sizes, methods = validate(args)
-    out = H.out_dir(args, "latency")
-    built = H.build(args, need_tokenizer=False)
+    out = harness.out_dir(args, "latency")
+    built = harness.build(args, need_tokenizer=False)
     cuda = built.device.type == "cuda"
     if max(sizes) > built.config.max_position_embeddings:
-        H.info(f"note: cache sizes above the model's max_position_embeddings ({built.config.max_position_embeddings}) "
+        harness.info(f"note: cache sizes above the model's max_position_embeddings ({built.config.max_position_embeddings}) "
                f"use positions it never saw; latency is still meaningful")
-    H.info(f"[bench.latency] {built.source}, {str(built.dtype).removeprefix('torch.')} on {built.device}; "
+    harness.info(f"[bench.latency] {built.source}, {str(built.dtype).removeprefix('torch.')} on {built.device}; "
            f"methods {', '.join(methods)}; cache sizes {', '.join(map(str, sizes))}")
     if any(m.startswith("hf-") for m in methods):
         built.hf(strict=False)  # build and check it before timing anything
-    bandwidth = H.copy_bandwidth(built.device)
+    bandwidth = harness.copy_bandwidth(built.device)
     per_token_kv = 2 * built.config.num_layers * built.config.num_kv_heads * built.config.head_dim * \
         torch.empty(0, dtype=built.dtype).element_size()
     weights_read = built.weight_bytes_read_per_token()
 
     def plan(method):
-        slow = method in B.SLOW_METHODS
+        slow = method in baselines.SLOW_METHODS
         return (1 if slow else args.warmup), (args.slow_tokens if slow else args.tokens), slow
 
     total = len(sizes) * args.runs * sum(sum(plan(m)[:2]) for m in methods)
-    bar = H.progress(total, "latency", args.no_progress)
+    bar = harness.progress(total, "latency", args.no_progress)
     rng = torch.Generator().manual_seed(args.seed)
     rows = []
     for capacity in sizes:
@@ -209,10 +209,10 @@ def run(args, argv=None) -> dict:
                         continue
                     bar.set_postfix_str(f"C={capacity} {p.method}", refresh=False)
                     token = torch.randint(0, min(built.config.vocab_size, 100), (1,), generator=rng)
-                    if isinstance(p.stream, B.SinksPeerStream):  # the worker times its own model call
+                    if isinstance(p.stream, baselines.SinksPeerStream):  # the worker times its own model call
                         seconds, extra = p.stream.step(int(token)), None
                     else:
-                        seconds, extra = H.timed(lambda: step(p.stream, token), built.device)
+                        seconds, extra = harness.timed(lambda: step(p.stream, token), built.device)
                     if p.done_warmup < p.warmup:
                         p.done_warmup += 1
                     else:
@@ -226,7 +226,7 @@ def run(args, argv=None) -> dict:
                         p.cut = True
             for p in points:
                 all_samples[id(p)] += p.samples
-                run_medians[id(p)].append(H.median(p.samples))
+                run_medians[id(p)].append(harness.median(p.samples))
         for p in points:
             p.samples, medians = all_samples[id(p)], run_medians[id(p)]
             cache_bytes = p.stream.cache_bytes()
@@ -234,15 +234,15 @@ def run(args, argv=None) -> dict:
             floor = (weights_read + capacity * per_token_kv) / bandwidth if decode else float("nan")
             rows.append(dict(
                 cache=capacity, method=p.method, label=LABELS[p.method],
-                median_ms=1e3 * H.median(medians), run_min_ms=1e3 * min(medians), run_max_ms=1e3 * max(medians),
-                runs=len(medians), p25_ms=1e3 * H.quantile(p.samples, 0.25),
-                p75_ms=1e3 * H.quantile(p.samples, 0.75), timed_tokens=len(p.samples), warmup_tokens=p.warmup,
+                median_ms=1e3 * harness.median(medians), run_min_ms=1e3 * min(medians), run_max_ms=1e3 * max(medians),
+                runs=len(medians), p25_ms=1e3 * harness.quantile(p.samples, 0.25),
+                p75_ms=1e3 * harness.quantile(p.samples, 0.75), timed_tokens=len(p.samples), warmup_tokens=p.warmup,
                 cache_bytes=cache_bytes,
                 peak_bytes=(built.weight_bytes + cache_bytes + max(p.extra)) if p.extra else None,
                 floor_ms=1e3 * floor,
             ))
         for p in points:
-            if isinstance(p.stream, B.SinksPeerStream):
+            if isinstance(p.stream, baselines.SinksPeerStream):
                 p.stream.close()
         del points
         gc.collect()
@@ -255,13 +255,13 @@ def run(args, argv=None) -> dict:
         r.update(device=str(built.device), dtype=str(built.dtype).removeprefix("torch."))
     fields = ["cache", "method", "median_ms", "run_min_ms", "run_max_ms", "runs", "p25_ms", "p75_ms", "ratio_to_streaming", "timed_tokens",
               "warmup_tokens", "cache_bytes", "peak_bytes", "floor_ms", "device", "dtype", "label"]
-    R.write_csv(out / "latency.csv", rows, fields)
-    cmd = R.command("latency", argv)
-    report = R.write_report(out / "latency.md", "Latency", cmd, built,
-                            tables(rows, sizes, methods, cuda, bandwidth, args))
+    report.write_csv(out / "latency.csv", rows, fields)
+    cmd = report.command("latency", argv)
+    markdown = report.write_report(out / "latency.md", "Latency", cmd, built,
+                              tables(rows, sizes, methods, cuda, bandwidth, args))
     plot(rows, sizes, methods, out / "latency.png", built, cuda)
-    print(report)
-    H.info(f"[bench.latency] wrote {out / 'latency.csv'}, {out / 'latency.png'}, {out / 'latency.md'}")
+    print(markdown)
+    harness.info(f"[bench.latency] wrote {out / 'latency.csv'}, {out / 'latency.png'}, {out / 'latency.md'}")
     return dict(rows=rows, out=out)
 
 
@@ -274,27 +274,27 @@ def tables(rows, sizes, methods, cuda, bandwidth, args) -> str:
         cells = [str(c)]
         for m in methods:
             r = get[(c, m)]
-            cell = R.ms(r["median_ms"] / 1e3)
+            cell = report.ms(r["median_ms"] / 1e3)
             if has_stream and m != "streaming":
                 cell += f" ({r['ratio_to_streaming']:.1f}x)"
             cells.append(cell)
         body.append(cells)
     text = ("Per-token latency, median over timed tokens"
             + (" (ratio to streaming at the same cache size)" if has_stream else "") + ":\n\n"
-            + R.markdown_table(header, body))
+            + report.markdown_table(header, body))
     mem = "peak memory (weights + own cache + step's transient peak)" if cuda else \
         "key/value bytes held between tokens (CPU: activations not counted)"
     header = ["cache C"] + [m for m in methods]
-    body = [[str(c)] + [R.human_bytes(get[(c, m)]["peak_bytes" if cuda else "cache_bytes"]) for m in methods]
+    body = [[str(c)] + [report.human_bytes(get[(c, m)]["peak_bytes" if cuda else "cache_bytes"]) for m in methods]
             for c in sizes]
-    text += f"\n\nMemory, {mem}:\n\n" + R.markdown_table(header, body)
+    text += f"\n\nMemory, {mem}:\n\n" + report.markdown_table(header, body)
     if has_stream:
-        floor_rows = [[str(c), R.ms(get[(c, 'streaming')]["median_ms"] / 1e3),
+        floor_rows = [[str(c), report.ms(get[(c, 'streaming')]["median_ms"] / 1e3),
                        f"{get[(c, 'streaming')]['floor_ms']:.3g}",
                        f"{get[(c, 'streaming')]['median_ms'] / get[(c, 'streaming')]['floor_ms']:.1f}x"] for c in sizes]
         text += (f"\n\nStreaming against the memory floor (weights + cache read once per token at the measured "
                  f"copy bandwidth, {bandwidth / 1e9:.1f} GB/s read+write):\n\n"
-                 + R.markdown_table(["cache C", "streaming ms", "floor ms", "streaming / floor"], floor_rows))
+                 + report.markdown_table(["cache C", "streaming ms", "floor ms", "streaming / floor"], floor_rows))
     if has_stream and "recompute" in methods:
         big = sizes[-1]
         ratios = [get[(c, "recompute")]["ratio_to_streaming"] for c in sizes]
@@ -307,7 +307,7 @@ def tables(rows, sizes, methods, cuda, bandwidth, args) -> str:
     peers = [m for m in ("hf-dense", "attention-sinks", "onnx", "recompute") if m in methods]
     if has_stream and peers:
         def rng(r):
-            return f"{R.ms(r['median_ms'] / 1e3)} ({R.ms(r['run_min_ms'] / 1e3)}-{R.ms(r['run_max_ms'] / 1e3)})"
+            return f"{report.ms(r['median_ms'] / 1e3)} ({report.ms(r['run_min_ms'] / 1e3)}-{report.ms(r['run_max_ms'] / 1e3)})"
 
         header = ["cache C", "streaming ms (run range)"]
         for m in peers:
@@ -326,7 +326,7 @@ def tables(rows, sizes, methods, cuda, bandwidth, args) -> str:
             body.append(cells)
         text += (f"\n\nPeers on the same weights, per-token ratios (median of {args.runs} interleaved run"
                  f"{'s' if args.runs != 1 else ''}; each run's figure is the median over its timed tokens):\n\n"
-                 + R.markdown_table(header, body))
+                 + report.markdown_table(header, body))
     text += (f"\n\nTimed tokens per point: {args.tokens} (O(C) methods, after {args.warmup} warm-up tokens), "
              f"{args.slow_tokens} for re-computation (after 1 warm-up token; fewer once {args.slow_budget:g} s "
              f"were spent); runtime caches brought to C tokens by '{args.fill}' fill.")
@@ -334,7 +334,7 @@ def tables(rows, sizes, methods, cuda, bandwidth, args) -> str:
 
 
 def plot(rows, sizes, methods, path, built, cuda) -> None:
-    plt = R.pyplot()
+    plt = report.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     get = {(r["cache"], r["method"]): r for r in rows}
     ax = axes[0]
@@ -342,11 +342,11 @@ def plot(rows, sizes, methods, path, built, cuda) -> None:
         y = [get[(c, m)]["median_ms"] for c in sizes]
         lo = [get[(c, m)]["p25_ms"] for c in sizes]
         hi = [get[(c, m)]["p75_ms"] for c in sizes]
-        ax.plot(sizes, y, **R.style(m))
-        ax.fill_between(sizes, lo, hi, color=R.style(m)["color"], alpha=0.12, linewidth=0)
+        ax.plot(sizes, y, **report.style(m))
+        ax.fill_between(sizes, lo, hi, color=report.style(m)["color"], alpha=0.12, linewidth=0)
     ax.set(yscale="log", xlabel="cache size C (tokens)", ylabel="ms per token (median, band: 25-75%)",
            title="Per-token decode latency")
-    R.log2_axis(ax, sizes)
+    report.log2_axis(ax, sizes)
     ax.legend()
 
     ax = axes[1]
@@ -354,7 +354,7 @@ def plot(rows, sizes, methods, path, built, cuda) -> None:
         for m in methods:
             if m == "streaming":
                 continue
-            ax.plot(sizes, [get[(c, m)]["ratio_to_streaming"] for c in sizes], **R.style(m))
+            ax.plot(sizes, [get[(c, m)]["ratio_to_streaming"] for c in sizes], **report.style(m))
         ax.axhline(PAPER_HEADLINE, color="black", linewidth=0.8, linestyle="--")
         ax.text(sizes[-1], PAPER_HEADLINE * 0.85, f"paper's headline {PAPER_HEADLINE}x ", fontsize=7, ha="right",
                 va="top")
@@ -364,7 +364,7 @@ def plot(rows, sizes, methods, path, built, cuda) -> None:
         ax.axhline(1.0, color="#d62728", linewidth=0.8)
         ax.set(yscale="log", xlabel="cache size C (tokens)", ylabel="latency / streaming latency",
                title="Slow-down relative to StreamingLLM")
-        R.log2_axis(ax, sizes)
+        report.log2_axis(ax, sizes)
         ax.legend()
     else:
         ax.set_axis_off()
@@ -375,16 +375,16 @@ def plot(rows, sizes, methods, path, built, cuda) -> None:
         y = [get[(c, m)][key] for c in sizes]
         if all(v is None or v == 0 for v in y):
             continue
-        ax.plot(sizes, [(v or 0) / 2**20 for v in y], **R.style(m))
+        ax.plot(sizes, [(v or 0) / 2**20 for v in y], **report.style(m))
     ax.set(xlabel="cache size C (tokens)", ylabel="MiB",
            title="Peak memory (CUDA)" if cuda else "Key/value memory held between tokens")
-    R.log2_axis(ax, sizes)
+    report.log2_axis(ax, sizes)
     ax.legend()
-    R.save_figure(fig, path, R.footer(built))
+    report.save_figure(fig, path, report.footer(built))
 
 
 def main(argv=None) -> int:
-    return H.script_main(arguments, run, argv)
+    return harness.script_main(arguments, run, argv)
 
 
 if __name__ == "__main__":

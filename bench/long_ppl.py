@@ -29,10 +29,11 @@ import warnings
 
 import torch
 
-from . import baselines as B, harness as H, report as R
+from streaming_trt.contract import Geometry
+
+from . import baselines, harness, report
 from .report import LABELS
-from .harness import CheckFailed
-from .harness import UserError
+from .harness import CheckFailed, UserError
 
 EPILOG = """examples:
   python -m bench.long_ppl                                  # built-in model and text, CPU, a few minutes
@@ -44,14 +45,14 @@ CHUNKED = ("streaming", "window", "dense", "hf-dense")
 
 
 def arguments(argv):
-    p = H.parser("long_ppl", __doc__, EPILOG)
+    p = harness.parser("long_ppl", __doc__, EPILOG)
     g = p.add_argument_group("evaluation")
     g.add_argument("--text", metavar="FILE", help="UTF-8 text file (default: the built-in text, bench/data/builtin_text.txt)")
     g.add_argument("--tokens", type=int, metavar="N", help="tokens of the text to read (default: 5000 on CPU, 20000 on CUDA)")
     g.add_argument("--cache", type=int, metavar="N", help="cache size C of streaming, window and re-computation "
                                              "(default: 256 on CPU, 1024 on CUDA)")
     g.add_argument("--sink-tokens", type=int, metavar="N", default=4, help="S of streaming and re-computation (default: %(default)s)")
-    g.add_argument("--methods", metavar="LIST", default=",".join(B.DEFAULT_METHODS), help="comma-separated, from: " + ", ".join(B.DEFAULT_METHODS))
+    g.add_argument("--methods", metavar="LIST", default=",".join(baselines.DEFAULT_METHODS), help="comma-separated, from: " + ", ".join(baselines.DEFAULT_METHODS))
     g.add_argument("--chunk", type=int, metavar="N", default=128,
                    help="tokens per feed call of streaming, window, dense and hf-dense (1: token by token) "
                         "(default: %(default)s)")
@@ -69,16 +70,15 @@ def arguments(argv):
 
 
 def validate(args):
-    cuda = H.resolve_device(args.device).type == "cuda"
-    methods = H.method_list(args.methods, B.DEFAULT_METHODS)
+    cuda = harness.resolve_device(args.device).type == "cuda"
+    methods = harness.method_list(args.methods, baselines.DEFAULT_METHODS)
     args.tokens = (20000 if cuda else 5000) if args.tokens is None else args.tokens
     args.cache = args.cache or (1024 if cuda else 256)
     for flag in ("tokens", "cache", "chunk", "recompute_stride"):
-        H.positive("--" + flag.replace("_", "-"), getattr(args, flag))
-    H.positive("--sink-tokens", args.sink_tokens, 0)
-    H.positive("--tokens", args.tokens, 2)
-    if args.cache <= args.sink_tokens:
-        raise UserError(f"--cache ({args.cache}) must exceed --sink-tokens ({args.sink_tokens})")
+        harness.positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    harness.positive("--sink-tokens", args.sink_tokens, 0)
+    harness.positive("--tokens", args.tokens, 2)
+    Geometry.with_capacity(args.cache, args.sink_tokens)  # --cache must exceed --sink-tokens
     if args.check_tokens is None:
         args.check_tokens = min(args.tokens, args.cache + args.chunk + 17)
     elif args.check_tokens == 0:
@@ -100,11 +100,11 @@ def chunked_stream(method: str, built, args, n_tokens: int):
         s, w = baselines.cache_shape("streaming", args.cache, args.sink_tokens)
         return baselines.RuntimeStream("recall", built.model, s, w, args.chunk, recall=Recall(scorer=args.recall))
     if method == "hf-dense":
-        return B.HFDenseStream(built.hf(), built.device, args.chunk)
+        return baselines.HFDenseStream(built.hf(), built.device, args.chunk)
     if method == "dense":
-        return B.RuntimeStream("dense", built.model, 0, max(n_tokens, 1), args.chunk)
-    s, w = B.cache_shape(method, args.cache, args.sink_tokens)
-    return B.RuntimeStream(method, built.model, s, w, args.chunk)
+        return baselines.RuntimeStream("dense", built.model, 0, max(n_tokens, 1), args.chunk)
+    s, w = baselines.cache_shape(method, args.cache, args.sink_tokens)
+    return baselines.RuntimeStream(method, built.model, s, w, args.chunk)
 
 
 def feed_all(stream, ids: torch.Tensor, chunk: int, bar=None) -> torch.Tensor:
@@ -122,7 +122,7 @@ def check_chunking(make_stream, ids: torch.Tensor, chunk: int, tol: float, name:
     CheckFailed if the logits differ. Returns the error found (relative to the largest logit)."""
     one = feed_all(make_stream(), ids, 1, bar)
     many = feed_all(make_stream(), ids, chunk)
-    err = H.max_rel_error(many, one)
+    err = harness.max_rel_error(many, one)
     if not err <= tol:
         bad = ((many - one).abs().amax(-1) > tol * max(one.abs().max().item(), 1.0)).nonzero()
         first = int(bad[0]) if len(bad) else -1
@@ -137,12 +137,12 @@ def recompute_scores(method: str, built, args, ids: torch.Tensor, bar=None) -> t
     """NLLs of re-computation at the tokens it scores: all t < C from one causal pass (A(t) is the
     whole prefix there), then every stride-th t with A(t) re-encoded from scratch."""
     n, cap = ids.shape[0], args.cache
-    s, w = B.cache_shape(method, cap, args.sink_tokens)
+    s, w = baselines.cache_shape(method, cap, args.sink_tokens)
     if method == "recompute":
-        stream = B.RecomputeStream(built.model, s, w, max_chunk=max(cap, 1))
+        stream = baselines.RecomputeStream(built.model, s, w, max_chunk=max(cap, 1))
         first = lambda x: stream.session.feed(x.view(1, -1).to(built.device))[0]  # noqa: E731
     else:
-        stream = B.HFRecomputeStream(built.hf(), s, w, built.device)
+        stream = baselines.HFRecomputeStream(built.hf(), s, w, built.device)
         hf = built.hf()
 
         def first(x):
@@ -152,14 +152,14 @@ def recompute_scores(method: str, built, args, ids: torch.Tensor, bar=None) -> t
     head = min(cap, n - 1)
     logits = first(ids[:head]).float().cpu()
     tokens = list(range(head))
-    nll = H.nll_of(logits, ids[1 : head + 1]).tolist()
+    nll = harness.nll_of(logits, ids[1 : head + 1]).tolist()
     if bar is not None:
         bar.update(head)
     ids_list = ids.tolist()
     for t in range(cap, n - 1, args.recompute_stride):
         window = ids_list[:s] + ids_list[max(s, t - w + 1) : t + 1]
         logit = stream.encode(window).float().cpu()
-        nll.append(H.nll_of(logit.view(1, -1), ids[t + 1 : t + 2]).item())
+        nll.append(harness.nll_of(logit.view(1, -1), ids[t + 1 : t + 2]).item())
         tokens.append(t)
         if bar is not None:
             bar.update(1)
@@ -168,7 +168,7 @@ def recompute_scores(method: str, built, args, ids: torch.Tensor, bar=None) -> t
 
 def scored_count(method: str, args) -> int:
     n = args.tokens - 1
-    if method in B.SLOW_METHODS:
+    if method in baselines.SLOW_METHODS:
         head = min(args.cache, n)
         return head + len(range(args.cache, args.tokens - 1, args.recompute_stride))
     return n
@@ -178,18 +178,18 @@ def run(args, argv=None, methods_override: dict | None = None) -> dict:
     """``methods_override``: name -> callable returning a fresh stream, replacing a chunk-fed
     method (tests use it to hand the check a broken method)."""
     methods = validate(args)
-    out = H.out_dir(args, "long_ppl")
-    built = H.build(args)
-    ids, text_name = H.load_text_ids(args.text, built.tokenizer, args.tokens)
+    out = harness.out_dir(args, "long_ppl")
+    built = harness.build(args)
+    ids, text_name = harness.load_text_ids(args.text, built.tokenizer, args.tokens)
     ids = ids.clamp(max=built.config.vocab_size - 1)
     n = ids.shape[0]
-    tol = H.tolerance(built.dtype)
-    H.info(f"[bench.long_ppl] {built.source}, {str(built.dtype).removeprefix('torch.')} on {built.device}; "
+    tol = harness.tolerance(built.dtype)
+    harness.info(f"[bench.long_ppl] {built.source}, {str(built.dtype).removeprefix('torch.')} on {built.device}; "
            f"{n} tokens of {text_name}; cache {args.cache} (S={args.sink_tokens}); methods {', '.join(methods)}")
     if built.random_weights:
-        H.info("[bench.long_ppl] note: random weights, so these perplexities only exercise the pipeline")
+        harness.info("[bench.long_ppl] note: random weights, so these perplexities only exercise the pipeline")
     if n > built.config.max_position_embeddings and "dense" in methods:
-        H.info(f"[bench.long_ppl] note: dense attention goes past the model's max_position_embeddings "
+        harness.info(f"[bench.long_ppl] note: dense attention goes past the model's max_position_embeddings "
                f"({built.config.max_position_embeddings}) after that many tokens")
     overrides = methods_override or {}
 
@@ -201,7 +201,7 @@ def run(args, argv=None, methods_override: dict | None = None) -> dict:
     prefix = ids[: args.check_tokens]
     to_check = [m for m in methods if m in ("streaming", "window", "dense")] if args.chunk > 1 and args.check_tokens else []
     total = len(to_check) * prefix.shape[0] + sum(scored_count(m, args) for m in methods)
-    bar = H.progress(total, "long_ppl", args.no_progress)
+    bar = harness.progress(total, "long_ppl", args.no_progress)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="capacity sink_tokens")
         for m in to_check:
@@ -210,25 +210,25 @@ def run(args, argv=None, methods_override: dict | None = None) -> dict:
         # transformers' references must compute their runtime twins' functions
         if "hf-dense" in methods and "dense" in methods:
             a = feed_all(maker("dense", n)(), prefix, args.chunk)
-            b = feed_all(B.HFDenseStream(built.hf(), built.device, args.chunk), prefix, args.chunk)
-            checks["hf-dense"] = H.assert_close(a, b, tol, "hf-dense against dense on the check prefix")
+            b = feed_all(baselines.HFDenseStream(built.hf(), built.device, args.chunk), prefix, args.chunk)
+            checks["hf-dense"] = harness.assert_close(a, b, tol, "hf-dense against dense on the check prefix")
         if "hf-recompute" in methods and "recompute" in methods and n - 1 > args.cache:
-            s, w = B.cache_shape("recompute", args.cache, args.sink_tokens)
+            s, w = baselines.cache_shape("recompute", args.cache, args.sink_tokens)
             t = n - 2
             window = ids[:s].tolist() + ids[max(s, t - w + 1) : t + 1].tolist()
-            a = B.RecomputeStream(built.model, s, w, max_chunk=args.cache).encode(window)
-            b = B.HFRecomputeStream(built.hf(), s, w, built.device).encode(window)
-            checks["hf-recompute"] = H.assert_close(a.view(1, -1), b.view(1, -1), tol,
+            a = baselines.RecomputeStream(built.model, s, w, max_chunk=args.cache).encode(window)
+            b = baselines.HFRecomputeStream(built.hf(), s, w, built.device).encode(window)
+            checks["hf-recompute"] = harness.assert_close(a.view(1, -1), b.view(1, -1), tol,
                                                     "hf-recompute against recompute on one window")
 
         # 2. the evaluation
         scores: dict[str, tuple[list[int], list[float]]] = {}
         for m in methods:
             bar.set_description(m)
-            if m in B.SLOW_METHODS:
+            if m in baselines.SLOW_METHODS:
                 scores[m] = recompute_scores(m, built, args, ids, bar)
             else:
-                scores[m] = (list(range(n - 1)), H.stream_nll(maker(m, n)(), ids, args.chunk, bar).tolist())
+                scores[m] = (list(range(n - 1)), harness.stream_nll(maker(m, n)(), ids, args.chunk, bar).tolist())
             if not all(math.isfinite(v) for v in scores[m][1]):
                 raise CheckFailed(f"{m}: a NaN or infinite log-likelihood appeared")
     bar.close()
@@ -241,16 +241,16 @@ def run(args, argv=None, methods_override: dict | None = None) -> dict:
             total_nll += v
             rows.append(dict(method=m, token=t + 1, nll=v, running_ppl=math.exp(total_nll / (i + 1))))
         summary.append(summarize(m, tokens, nll, args, checks.get(m)))
-    R.write_csv(out / "long_ppl.csv", rows, ["method", "token", "nll", "running_ppl"])
-    R.write_csv(out / "long_ppl_summary.csv", summary,
+    report.write_csv(out / "long_ppl.csv", rows, ["method", "token", "nll", "running_ppl"])
+    report.write_csv(out / "long_ppl_summary.csv", summary,
                 ["method", "tokens_scored", "ppl", "ppl_before_eviction", "ppl_after_eviction", "ppl_last_1000",
                  "check_error"])
-    cmd = R.command("long_ppl", argv)
+    cmd = report.command("long_ppl", argv)
     body = report_body(summary, args, built, text_name, n, checks)
-    report = R.write_report(out / "long_ppl.md", "Long-text perplexity", cmd, built, body)
+    markdown = report.write_report(out / "long_ppl.md", "Long-text perplexity", cmd, built, body)
     plot(scores, methods, args, built, n, text_name, out / "long_ppl.png")
-    print(report)
-    H.info(f"[bench.long_ppl] wrote {out / 'long_ppl.csv'}, {out / 'long_ppl_summary.csv'}, {out / 'long_ppl.png'}, "
+    print(markdown)
+    harness.info(f"[bench.long_ppl] wrote {out / 'long_ppl.csv'}, {out / 'long_ppl_summary.csv'}, {out / 'long_ppl.png'}, "
            f"{out / 'long_ppl.md'}")
     return dict(summary=summary, checks=checks, out=out, scores=scores)
 
@@ -282,11 +282,11 @@ def report_body(summary, args, built, text_name, n, checks) -> str:
     text = (f"{n} tokens of {text_name}; cache {args.cache} tokens (streaming: {args.sink_tokens} sinks + "
             f"{args.cache - args.sink_tokens}; window: 0 + {args.cache}; dense: all); fed in chunks of {args.chunk}"
             + (f"; re-computation scores every {args.recompute_stride}th token once the cache is full"
-               if any(m in B.SLOW_METHODS for m in (r["method"] for r in summary)) else "") + ".\n\n"
-            + R.markdown_table(header, rows))
+               if any(m in baselines.SLOW_METHODS for m in (r["method"] for r in summary)) else "") + ".\n\n"
+            + report.markdown_table(header, rows))
     if checks:
         lines = [f"- {m}: max relative logit difference {v:.2g}" for m, v in checks.items()]
-        text += (f"\n\nSelf-checks passed (tolerance {H.tolerance(built.dtype):g}): chunked (size {args.chunk}) against "
+        text += (f"\n\nSelf-checks passed (tolerance {harness.tolerance(built.dtype):g}): chunked (size {args.chunk}) against "
                  f"token-by-token feeding on the first {args.check_tokens} tokens for the runtime's chunk-fed methods, "
                  f"and transformers' references against their runtime twins:\n" + "\n".join(lines))
     if args.chunk == 1:
@@ -302,7 +302,7 @@ def report_body(summary, args, built, text_name, n, checks) -> str:
 
 
 def plot(scores, methods, args, built, n, text_name, path) -> None:
-    plt = R.pyplot()
+    plt = report.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     smooth = max(32, n // 40)
     skip = min(64, n // 4)  # the running mean of the first few tokens swings too widely to share an axis
@@ -315,7 +315,7 @@ def plot(scores, methods, args, built, n, text_name, path) -> None:
         for i, v in enumerate(nll):
             total += v
             run.append(math.exp(total / (i + 1)))
-        st = R.style(m)
+        st = report.style(m)
         st.pop("marker")
         hf = m.startswith("hf-")
         if hf:
@@ -327,7 +327,7 @@ def plot(scores, methods, args, built, n, text_name, path) -> None:
             highs.append(max(tail))
         # moving average of NLL over the last `span` tokens of the text (strided methods: wider,
         # so that each point averages as many scored tokens)
-        span = smooth * (args.recompute_stride if m in B.SLOW_METHODS else 1)
+        span = smooth * (args.recompute_stride if m in baselines.SLOW_METHODS else 1)
         avg_x, avg_y, window, acc, lo = [], [], [], 0.0, 0
         for t, v in zip(x, nll):
             window.append((t, v))
@@ -355,13 +355,13 @@ def plot(scores, methods, args, built, n, text_name, path) -> None:
     axes[1].set(ylabel=f"mean NLL over the last {smooth} tokens", title="Local negative log-likelihood")
     axes[0].legend()
     note = "RANDOM WEIGHTS: exercises the pipeline only. " if built.random_weights else ""
-    if built.config.num_layers > 1 and any(m in methods for m in B.SLOW_METHODS):
+    if built.config.num_layers > 1 and any(m in methods for m in baselines.SLOW_METHODS):
         note += "Re-computation is a different function from streaming for >1 layer (see RESULTS.md). "
-    R.save_figure(fig, path, R.footer(built, f"{note}{n} tokens of {text_name}; "))
+    report.save_figure(fig, path, report.footer(built, f"{note}{n} tokens of {text_name}; "))
 
 
 def main(argv=None) -> int:
-    return H.script_main(arguments, run, argv)
+    return harness.script_main(arguments, run, argv)
 
 
 if __name__ == "__main__":

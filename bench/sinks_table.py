@@ -15,7 +15,9 @@ import sys
 
 import torch
 
-from . import baselines as B, harness as H, report as R
+from streaming_trt.contract import Geometry
+
+from . import baselines, harness, report
 from .harness import UserError
 
 EPILOG = """examples:
@@ -25,7 +27,7 @@ EPILOG = """examples:
 
 
 def arguments(argv):
-    p = H.parser("sinks_table", __doc__, EPILOG)
+    p = harness.parser("sinks_table", __doc__, EPILOG)
     g = p.add_argument_group("evaluation")
     g.add_argument("--text", metavar="FILE", default="austen:pride",
                    help="a UTF-8 file, austen:BOOK or austen:all (bench.text) (default: %(default)s)")
@@ -50,10 +52,10 @@ def _sinks_list(text: str) -> list[int]:
     return values
 
 
-def nll(built, ids: torch.Tensor, sink_tokens: int, window: int, chunk: int, bar) -> torch.Tensor:
+def nll(built, ids: torch.Tensor, geometry: Geometry, chunk: int, bar) -> torch.Tensor:
     """Per-token negative log-likelihood (float64 ``[n - 1]``) of ``ids [n]`` under one session."""
-    stream = B.RuntimeStream("streaming", built.model, sink_tokens, window, max_chunk=chunk)
-    return H.stream_nll(stream, ids, chunk, bar)
+    stream = baselines.RuntimeStream("streaming", built.model, geometry.sink_tokens, geometry.window, max_chunk=chunk)
+    return harness.stream_nll(stream, ids, chunk, bar)
 
 
 def run(args, argv=None) -> dict:
@@ -61,62 +63,59 @@ def run(args, argv=None) -> dict:
     if not tables or any(t not in ("2", "6") for t in tables):
         raise UserError(f"--tables takes 2 and/or 6, got {args.tables!r}")
     sinks = _sinks_list(args.sinks)
-    capacities = H.int_list(args.capacities, "--capacities")
+    capacities = harness.int_list(args.capacities, "--capacities")
     for flag in ("tokens", "capacity", "chunk"):
-        H.positive("--" + flag, getattr(args, flag))
-    H.positive("--table6-sinks", args.table6_sinks, 0)
-    if "2" in tables and max(sinks) >= args.capacity:
-        raise UserError(f"--capacity {args.capacity} must exceed every --sinks value")
-    if "6" in tables and min(capacities) <= args.table6_sinks:
-        raise UserError(f"every --capacities value must exceed --table6-sinks {args.table6_sinks}")
-    plan = []  # (table, label value, S, W)
+        harness.positive("--" + flag, getattr(args, flag))
+    harness.positive("--table6-sinks", args.table6_sinks, 0)
+    plan = []  # (table, label value, geometry); Geometry.with_capacity refuses a capacity <= its sinks
     if "2" in tables:
-        plan += [("2", s, s, args.capacity - s) for s in sinks]
+        plan += [("2", s, Geometry.with_capacity(args.capacity, s)) for s in sinks]
     if "6" in tables:
-        plan += [("6", c, args.table6_sinks, c - args.table6_sinks) for c in capacities]
+        plan += [("6", c, Geometry.with_capacity(c, args.table6_sinks)) for c in capacities]
     need = max(args.capacity if "2" in tables else 0, max(capacities) if "6" in tables else 0)
     score_from = args.score_from if args.score_from is not None else need
     if args.tokens <= score_from + 1:
         raise UserError(f"--tokens {args.tokens} must exceed the first scored token ({score_from}) + 1")
-    out = H.out_dir(args, "sinks_table")
-    built = H.build(args)
-    ids, text_name = H.load_text_ids(args.text, built.tokenizer, args.tokens)
+    out = harness.out_dir(args, "sinks_table")
+    built = harness.build(args)
+    ids, text_name = harness.load_text_ids(args.text, built.tokenizer, args.tokens)
     ids = ids.clamp(max=built.config.vocab_size - 1)
-    H.info(f"[bench.sinks_table] {built.source}; {ids.shape[0]} tokens of {text_name}; {len(plan)} sessions; "
+    harness.info(f"[bench.sinks_table] {built.source}; {ids.shape[0]} tokens of {text_name}; {len(plan)} sessions; "
            f"scored tokens {score_from}..{ids.shape[0] - 1}")
-    bar = H.progress(len(plan) * (ids.shape[0] - 1), "sinks_table", args.no_progress)
+    bar = harness.progress(len(plan) * (ids.shape[0] - 1), "sinks_table", args.no_progress)
     rows = []
-    for table, value, s, w in plan:
-        bar.set_postfix_str(f"table {table}: S={s} C={s + w}", refresh=False)
-        v = nll(built, ids, s, w, args.chunk, bar)
+    for table, value, g in plan:
+        bar.set_postfix_str(f"table {table}: S={g.sink_tokens} C={g.capacity}", refresh=False)
+        v = nll(built, ids, g, args.chunk, bar)
         scored = v[score_from:]
-        rows.append(dict(table=table, sink_tokens=s, capacity=s + w, window=w, tokens_scored=scored.numel(),
+        rows.append(dict(table=table, sink_tokens=g.sink_tokens, capacity=g.capacity, window=g.window,
+                         tokens_scored=scored.numel(),
                          ppl=math.exp(float(scored.mean()))))
     bar.close()
-    R.write_csv(out / "sinks_table.csv", rows)
+    report.write_csv(out / "sinks_table.csv", rows)
     body = []
     if "2" in tables:
         t2 = [r for r in rows if r["table"] == "2"]
         body.append(f"Table 2 (sink tokens, cache {args.capacity} sinks included; "
                     f"perplexity of tokens {score_from}..{ids.shape[0] - 1}):\n\n"
-                    + R.markdown_table(["sink tokens S", "window", "perplexity"],
+                    + report.markdown_table(["sink tokens S", "window", "perplexity"],
                                        [[r["sink_tokens"], r["window"], f"{r['ppl']:.2f}"] for r in t2]))
     if "6" in tables:
         t6 = [r for r in rows if r["table"] == "6"]
         body.append(f"Table 6 ({args.table6_sinks} sink tokens; perplexity of tokens "
                     f"{score_from}..{ids.shape[0] - 1}):\n\n"
-                    + R.markdown_table(["cache C", "perplexity"], [[r["capacity"], f"{r['ppl']:.2f}"] for r in t6]))
+                    + report.markdown_table(["cache C", "perplexity"], [[r["capacity"], f"{r['ppl']:.2f}"] for r in t6]))
     body.append(f"Text: {text_name}.")
-    report = R.write_report(out / "sinks_table.md", "Sink tokens and cache size (paper Tables 2 and 6)",
-                            R.command("sinks_table", argv), built, "\n\n".join(body))
+    markdown = report.write_report(out / "sinks_table.md", "Sink tokens and cache size (paper Tables 2 and 6)",
+                              report.command("sinks_table", argv), built, "\n\n".join(body))
     plot(rows, tables, out / "sinks_table.png", built)
-    print(report)
-    H.info(f"[bench.sinks_table] wrote {out / 'sinks_table.csv'}, {out / 'sinks_table.md'}, {out / 'sinks_table.png'}")
+    print(markdown)
+    harness.info(f"[bench.sinks_table] wrote {out / 'sinks_table.csv'}, {out / 'sinks_table.md'}, {out / 'sinks_table.png'}")
     return dict(rows=rows, out=out)
 
 
 def plot(rows, tables, path, built) -> None:
-    plt = R.pyplot()
+    plt = report.pyplot()
     fig, axes = plt.subplots(1, len(tables), figsize=(5 * len(tables), 3.6), squeeze=False)
     for ax, table in zip(axes[0], tables):
         rs = [r for r in rows if r["table"] == table]
@@ -124,14 +123,14 @@ def plot(rows, tables, path, built) -> None:
             ax.bar([str(r["sink_tokens"]) for r in rs], [r["ppl"] for r in rs], color="#d62728")
             ax.set(xlabel="sink tokens S", ylabel="perplexity", title=f"Table 2: cache {rs[0]['capacity']}")
         else:
-            ax.plot([r["capacity"] for r in rs], [r["ppl"] for r in rs], **R.style("streaming"))
-            R.log2_axis(ax, [r["capacity"] for r in rs])
+            ax.plot([r["capacity"] for r in rs], [r["ppl"] for r in rs], **report.style("streaming"))
+            report.log2_axis(ax, [r["capacity"] for r in rs])
             ax.set(xlabel="cache size C", ylabel="perplexity", title=f"Table 6: {rs[0]['sink_tokens']} sink tokens")
-    R.save_figure(fig, path, R.footer(built))
+    report.save_figure(fig, path, report.footer(built))
 
 
 def main(argv=None) -> int:
-    return H.script_main(arguments, run, argv)
+    return harness.script_main(arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,14 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from streaming_trt.contract import UserError
+from streaming_trt.checkpoint import expected_shapes
+from streaming_trt.cli import run
+from streaming_trt.contract import Geometry, UserError
 
 from .trtllm import ExportPlan, plan_export
 from .engine import find_toolchain, run_build
 from .files import atomic_dir, check_output_dir, save_tokenizer
+from .onnx import build_onnx
 from .settings import (EngineOptions, SinkSettings, build_script, check_engine_options, runtime_settings,
                        sink_settings, trtllm_build_command)
 from .triton import TritonOptions, write_triton_repo
@@ -108,8 +111,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and export; bad input: one line on stderr and exit status 2."""
-    from streaming_trt.cli import run
-
     args = parser().parse_args(argv)
     return run(lambda: FORMATS[args.format](args))
 
@@ -144,8 +145,6 @@ class EngineMemory:
 
 
 def engine_memory(plan: ExportPlan, settings: SinkSettings, opts: EngineOptions) -> EngineMemory:
-    from streaming_trt.checkpoint import expected_shapes
-
     c, m = plan.source.config, plan.mapping
     itemsize = _ITEMSIZE[plan.dtype]
     params = sum(_numel(s) for s in expected_shapes(c).values())
@@ -285,8 +284,6 @@ FORMATS: dict[str, Callable[[argparse.Namespace], int]] = {"trtllm": build_trtll
 
 def _build_onnx(args) -> int:
     """``--format onnx``: one ONNX graph of the streaming step, onnxruntime/TensorRT/Triton files (docs/onnx.md)."""
-    from .onnx import build_onnx
-
     return build_onnx(args)
 
 
@@ -307,8 +304,6 @@ def _check_outputs(args) -> tuple[Path, Path | None]:
 
 def _check_positions(sink_tokens: int, window: int, max_position_embeddings: int | None) -> None:
     """Warn where the engine would use rotary positions the model was never trained on."""
-    from streaming_trt.contract import Geometry
-
     Geometry(sink_tokens, window).check_positions(max_position_embeddings)
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 import os
 
+import torch
+
 from . import reference
 
 __all__ = ["reference", "triton_available", "interpreting", "decode_attention", "prefill_attention", "cache_write"]
@@ -33,8 +35,6 @@ def triton_available() -> bool:
         return False
     if interpreting():
         return True
-    import torch
-
     return torch.cuda.is_available()
 
 

@@ -1,19 +1,14 @@
-"""``python -m streaming_trt.build``: a Hugging Face checkpoint in, a TensorRT-LLM sink-token engine out.
+"""``python -m streaming_trt.build``: a Hugging Face checkpoint in, a TensorRT-LLM sink-token engine
+(or an ONNX graph) out.
 
-A thin entry point: the command line lives in :mod:`streaming_trt.export.cli` (``--help`` lists
-the flags; docs/export.md explains them), imported when the command runs, so the runtime never
-imports the exporter.
+A thin entry point in the top layer (README.md, "Imports point one way"): the command line lives in
+:mod:`streaming_trt.export.cli` (``--help`` lists the flags; docs/export.md explains them).
 """
 from __future__ import annotations
 
 import sys
 
-
-def main(argv: list[str] | None = None) -> int:
-    from .export.cli import main as export_main
-
-    return export_main(argv)
-
+from .export.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

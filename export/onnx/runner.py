@@ -10,7 +10,7 @@ import torch
 from streaming_trt.config import ModelConfig
 from streaming_trt.contract import Geometry, UserError
 from streaming_trt.rope import rotary_angles
-from streaming_trt.session import feed_chunks, sink_token_starts, token_batch
+from streaming_trt.session import StreamSession, feed_chunks, sink_token_starts, token_batch
 
 from .graph import INPUTS, io_names
 from .writer import FORMAT, VERSION
@@ -46,7 +46,7 @@ def load_manifest(path: str | Path) -> dict:
     return m
 
 
-class OnnxSession:
+class OnnxSession(StreamSession):
     """A batch of streams run by onnxruntime on an exported graph; the same ``feed`` as
     :class:`streaming_trt.session.Session` (a :class:`~streaming_trt.session.StreamSession`), so
     ``st.generate_tokens/generate_text`` accept it. Logits come back on the CPU.
@@ -102,14 +102,6 @@ class OnnxSession:
 
     def _zeros(self):
         return self._ort_value(np.zeros(self._cache_shape, dtype=self._np_dtype))
-
-    @property
-    def sink_tokens(self) -> int:
-        return self.geometry.sink_tokens
-
-    @property
-    def window(self) -> int:
-        return self.geometry.window
 
     @property
     def seen(self) -> list[int]:
