@@ -130,3 +130,15 @@ def test_kernels_import_only_the_contract():
 def test_a_layer_does_not_pull_the_ones_above(top, above):
     loaded = _loaded_after(f"import {top}")
     assert [m for m in loaded if layer(m) in above] == []
+
+
+def test_readme_draws_the_layers_and_links_only_files_in_the_repo():
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    assert "streaming_trt.contract" in text and "tests/test_layers.py" in text
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        path = (ROOT / target).resolve()
+        assert path.is_relative_to(ROOT) and path.exists(), f"README links {target}, not a file of this repository"
