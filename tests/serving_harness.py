@@ -2,7 +2,7 @@
 started by ``python -m streaming_trt.serve``, bound to 127.0.0.1, on a tiny random checkpoint.
 
 Every reply is checked token by token against the same conversation run in-process with
-``Session`` (the chat loop's TurnEncoder + generate_tokens), greedy. Test modules that need a
+``Session`` through the same ``Conversation`` the chat CLI and the scheduler use, greedy. Test modules that need a
 server call :func:`require_tritonserver` at import and import the fixtures they use from here.
 """
 from __future__ import annotations
@@ -162,25 +162,25 @@ def server(checkpoint, tmp_path_factory):
     s.stop()
 
 
-def reference(local, texts: list[str], max_tokens: int = TOKENS) -> list[list[int]]:
-    """Reply tokens (stop tokens left out) of one conversation run in-process, greedy."""
-    from streaming_trt.conversation import TurnEncoder
+def reference(local, texts: list[str], max_tokens: int = TOKENS, seen: list | None = None) -> list[list[int]]:
+    """Reply tokens (stop tokens left out) of one conversation run in-process, greedy, through the
+    same :class:`~streaming_trt.conversation.Conversation` the server's scheduler uses; ``seen``
+    receives the stream length after each turn."""
+    from streaming_trt.conversation import Conversation
     from streaming_trt.generation import eos_ids
+    from streaming_trt.sampling import Sampler, SamplingParams
 
     model, tok = local
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the server runs
     try:
-        turns, stop = TurnEncoder(tok), eos_ids(tok, model.config)
+        conv = Conversation(tok, eos_ids(tok, model.config))
         session = model.session(SINK, WINDOW)
         out = []
-        for i, text in enumerate(texts):
-            ids = turns.first_turn(text) if i == 0 else turns.next_turn(text)
-            toks = list(st.generate_tokens(session, ids, max_tokens, stop_token_ids=stop))
-            closing = turns.after_reply(toks[-1] if toks and toks[-1] in stop else None)
-            if closing:
-                session.feed(closing, all_logits=False)
-            out.append([t for t in toks if t not in stop])
+        for text in texts:
+            out.append([t for t, _ in conv.reply(session, text, max_tokens, Sampler(SamplingParams(temperature=0.0)))])
+            if seen is not None:
+                seen.append(session.seen[0])
         return out
     finally:
         torch.set_num_threads(threads)

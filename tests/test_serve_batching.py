@@ -1,0 +1,61 @@
+"""The batched server under load on a real tritonserver: SIGKILL while turns are in flight, then a
+restart. No turn whose final response a client received is lost, no turn is kept half-done, and
+every conversation then goes on exactly as the same conversation run alone in-process."""
+from __future__ import annotations
+
+import threading
+import time
+
+from serving_harness import Server, checkpoint, local, reference, require_tritonserver, texts_of  # noqa: F401
+
+require_tritonserver()
+
+import streaming_trt as st  # noqa: E402
+from streaming_trt.client import Client, Conversation  # noqa: E402
+
+
+def test_sigkill_mid_load_loses_no_acknowledged_turn(checkpoint, local, tmp_path):  # noqa: F811
+    n, turns = 6, 6
+    expected, seen_after = {}, {}
+    for c in range(n):
+        seen_after[c] = []
+        expected[c] = reference(local, texts_of(c, turns), seen=seen_after[c])
+    done = {c: [] for c in range(n)}   # the replies whose final response arrived
+    a = Server(checkpoint, tmp_path / "sessions", tmp_path / "a.log")
+
+    def user(c):
+        try:
+            with Client(a.url, timeout=60) as client:
+                conv = client.conversation(700 + c)
+                for text in texts_of(c, turns):
+                    done[c].append([t.id for t in conv.tokens(text)])
+        except Exception:  # the server was killed under this conversation
+            pass
+
+    threads = [threading.Thread(target=user, args=(c,)) for c in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while sum(len(v) for v in done.values()) < n * 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    a.kill()  # SIGKILL with turns in flight: no shutdown code runs
+    for t in threads:
+        t.join(60)
+    assert sum(len(v) for v in done.values()) < n * turns, "the kill came after every turn: nothing was in flight"
+    model = local[0]
+    b = Server(checkpoint, tmp_path / "sessions", tmp_path / "b.log")
+    try:
+        with Client(b.url, timeout=60) as client:
+            for c in range(n):
+                assert done[c] == expected[c][: len(done[c])], f"conversation {c} before the kill"
+                path = tmp_path / "sessions" / f"{700 + c:020d}.session"
+                kept = st.Session.load(path, model).seen[0] if path.exists() else 0
+                assert kept == 0 or kept in seen_after[c], f"conversation {c}: a half-done turn was kept"
+                saved = seen_after[c].index(kept) + 1 if kept else 0
+                # every acknowledged turn is on disk; at most the one in flight is there without its final response
+                assert len(done[c]) <= saved <= len(done[c]) + 1, (c, len(done[c]), saved)
+                conv = Conversation(client, 700 + c, started=saved > 0)
+                rest = [[t.id for t in conv.tokens(text)] for text in texts_of(c, turns)[saved:]]
+                assert rest == expected[c][saved:], f"conversation {c} after the restart"
+    finally:
+        b.stop()
