@@ -129,7 +129,7 @@ def open_session(model, method: str, args, total: int):
     if method == "streaming":
         return model.session(sink_tokens=sinks, window=cache - sinks)
     scorer = method.split("-", 1)[1]
-    recall = st.Recall(block_size=args.block_size, top_k=args.top_k, scorer=scorer)
+    recall = st.Recall(block_size=args.block_size, top_k=args.top_k, scorer=scorer, positions=args.positions)
     return model.session(sink_tokens=sinks, window=cache - sinks, recall=recall)
 
 
@@ -264,6 +264,8 @@ def arguments(argv):
     p.add_argument("--cache", type=int, default=512, help="sink tokens + window of every cache but dense (default: %(default)s)")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--positions", default="rank", choices=("rank", "fixed"),
+                   help="recall's position rule: the contract's ranks, or InfLLM's one distance (default: %(default)s)")
     p.add_argument("--prefix", type=int, default=100, help="filler tokens before the key sentence (default: %(default)s)")
     p.add_argument("--latency", action="store_true", help="time decode steps instead of scoring accuracy")
     p.add_argument("--latency-stream", type=int, default=3000, help="tokens fed before timing (default: %(default)s)")

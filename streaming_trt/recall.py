@@ -43,6 +43,9 @@ class Recall:
     keys kept per block and KV head by the representative scorer. budget_bytes: the most host
     memory the store may hold (keys, values and summaries); the oldest blocks are dropped first.
     chunk: a prompt is fed in chunks of at most this many tokens, each selecting its own blocks.
+    positions: ``rank`` (the contract: recalled tokens at their ranks in A_R(t)) or ``fixed``
+    (InfLLM's rule, outside the contract: every recalled key at distance W from the query, the
+    sinks where they are without recall).
     """
 
     block_size: int = 64
@@ -51,6 +54,7 @@ class Recall:
     representatives: int = 4
     budget_bytes: int = 2 << 30
     chunk: int = 64
+    positions: str = "rank"
 
     def __post_init__(self):
         for name in ("block_size", "representatives", "budget_bytes", "chunk"):
@@ -59,6 +63,8 @@ class Recall:
                 raise UserError(f"Recall {name} must be an integer >= 1, got {value!r}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise UserError(f"Recall top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.positions not in ("rank", "fixed"):
+            raise UserError(f"Recall positions must be rank or fixed, got {self.positions!r}")
         if self.scorer not in SCORERS:
             raise UserError(f"Recall scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
         if self.scorer == "representative" and self.representatives > self.block_size:
@@ -348,8 +354,15 @@ class BlockStore:
         # Every row is past capacity: the query's rank is C - 1 + n_sel * B. Block i (id j) holds
         # ranks S + iB + o for text positions S + jB + o: the query rotated at rank + (j - i) B
         # gives each of its keys its rank distance.
-        rank = g.capacity - 1 + n_sel * B
-        pos = torch.tensor([rank] + [rank + (j - i) * B for i, j in enumerate(ids)], device=q.device)
+        if self.recall.positions == "rank":
+            rank = g.capacity - 1 + n_sel * B
+            pos = torch.tensor([rank] + [rank + (j - i) * B for i, j in enumerate(ids)], device=q.device)
+        else:  # InfLLM: sinks as without recall, every recalled key W before the query
+            rank = g.capacity - 1
+            pos = torch.tensor([rank] + [g.window] * n_sel, device=q.device)
+            u = torch.tensor(ids).view(-1, 1) * B + g.sink_tokens + torch.arange(B).view(1, -1)  # [n_sel, B]
+            back = rotary_angles(self.inv_freq, -u.to(q.device))  # keys back to position 0
+            bk = apply_rotary(bk, *(x.unsqueeze(1) for x in back))
         cos, sin = rotary_angles(self.inv_freq, pos)  # [1 + n_sel, half]
         n = q.shape[1]
         cos = torch.cat([plan.text[0].expand(-1, -1, 1, -1), cos.view(1, 1, -1, cos.shape[-1]).expand(1, n, -1, -1)], 2)

@@ -208,3 +208,25 @@ def test_benchmarks_run_end_to_end(tmp_path, monkeypatch):
     assert streameval.main(["--model", "builtin:random", "--gate-queries", "1", "--gate", "0", "--queries", "2",
                             "--cache", "40", "--methods", "streaming,recall", "--max-answer", "2", "--tag", "_t"]) == 0
     assert "Table 7" in (tmp_path / "streameval_t.md").read_text()
+
+
+def test_fixed_positions_are_infllm_one_distance(checkpoints):
+    """positions="fixed" (outside the contract, for comparison): every recalled key sits W before
+    the query, the sinks and window where they are without recall; transformers with those
+    position ids is the oracle."""
+    S, W, B, K = 4, 8, 4, 2
+    path, hf = checkpoints("llama", num_hidden_layers=1)
+    model = st.load_model(path, backend="torch")
+    s = model.session(sink_tokens=S, window=W, cache_fill=NAN, recall=Recall(block_size=B, top_k=K, positions="fixed"))
+    ids = torch.randint(0, 97, (50,))
+    recalled = 0
+    for t in range(50):
+        out = s.feed([int(ids[t])])[0, 0]
+        sel = s.recall.selected[0]
+        keep = recall_set(t, sel, S, W, B)
+        c = min(t, S + W - 1)
+        pos = list(range(min(S, t + 1))) + [c - W] * (len(sel) * B) + list(range(min(S, t + 1), c + 1))
+        want = hf(ids[keep].view(1, -1), position_ids=torch.tensor([pos])).logits[0, -1].float()
+        close(out, want, 1e-5)
+        recalled += bool(sel)
+    assert recalled > 20
