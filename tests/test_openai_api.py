@@ -1,5 +1,6 @@
 """The gateway's request parsing (no server): OpenAI bodies -> the Triton scalar inputs and the
-OPTIONS object; every refused parameter refused by name; logprobs objects."""
+OPTIONS object; every refused parameter refused by name; logprobs objects; docs/serving.md's
+parameter table against the parser's list."""
 from __future__ import annotations
 
 import dataclasses
@@ -154,3 +155,17 @@ def test_logprobs_objects():
     same_text = completion_logprobs([("a", -0.1, [[1, "a", -0.1], [2, "a", -3.0]])])
     assert same_text["top_logprobs"] == [{"a": -0.1}]
 
+
+
+def test_docs_table_lists_every_parameter_with_its_fate():
+    """docs/serving.md's parameter table and PARAMETERS agree, row for row."""
+    text = (Path(__file__).parent.parent / "docs" / "serving.md").read_text()
+    table = text.split("### Every OpenAI parameter", 1)[1].split("\n\n", 2)[1]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = (cells[1], cells[2])
+    assert set(rows) == set(PARAMETERS)
+    for name, (endpoints, fate, _) in PARAMETERS.items():
+        where = {"chat": (CHAT,), "completions": (COMPLETIONS,), "both": (CHAT, COMPLETIONS)}[rows[name][0]]
+        assert (where, rows[name][1].split(":")[0]) == (tuple(endpoints), fate), name
