@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from .forward import VARIANTS
@@ -104,7 +105,8 @@ def main(argv=None) -> int:
         s = settings_from(args)
         check(s)
         summary = train(s, resume=args.resume, quiet=args.quiet)
-        print(json.dumps(summary))
+        if os.environ.get("RANK", "0") == "0":  # one summary per torchrun job
+            print(json.dumps(summary))
         return 0
 
     return cli.run(job)

@@ -252,7 +252,7 @@ def _loop(s, state, out, dist, config, model, ids, held, label, quiet) -> dict:
 
     if step == 0:
         measure()
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # zero-sink: no stored sinks
     if dist.main and not quiet:
         print(f"{s.variant}: {params / 1e6:.2f}M parameters, {ids.numel():,} training tokens of {label}, "
               f"{held.numel():,} held out; {tokens_per_step:,} tokens per step on {dist.world} x {device}", flush=True)
