@@ -119,3 +119,18 @@ def test_causal_attention_weights_leave_the_sink_share():
     plain, _ = causal_attention(q, k, v)
     causal = torch.full((6, 6), float("-inf"), dtype=torch.float64).triu(1)
     torch.testing.assert_close(plain, torch.softmax(q @ k.transpose(-1, -2) / 8**0.5 + causal, -1) @ v)
+
+
+def test_fused_sink_logit_attention_equals_the_explicit_softmax():
+    """What training runs (fused SDPA with a constant-score key) equals the weights' formula, with
+    gradients to the sink logits."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 7, 8, dtype=torch.float64, generator=gen) for _ in range(3))
+    sinks = torch.tensor([-2.0, 0.0, 1.0, 3.0], dtype=torch.float64, requires_grad=True)
+    fused, _ = causal_attention(q, k[:, :2], v[:, :2], sinks)
+    explicit, _ = causal_attention(q, k[:, :2], v[:, :2], sinks, want_probs=True)
+    torch.testing.assert_close(fused, explicit)
+    (g1,) = torch.autograd.grad(fused.square().sum(), sinks)
+    (g2,) = torch.autograd.grad(explicit.square().sum(), sinks)
+    torch.testing.assert_close(g1, g2)
+    assert g1.abs().min() > 0

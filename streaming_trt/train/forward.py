@@ -31,8 +31,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink_log
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    if sink_logits is None and not want_probs:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True), None
+    if not want_probs:
+        if sink_logits is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True), None
+        return _fused_with_sink_logits(q, k, v, sink_logits), None
     n = q.shape[2]
     scores = q @ k.transpose(-1, -2)
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * q.shape[-1] ** -0.5
@@ -44,6 +46,25 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink_log
         extra = sink_logits.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
         p = torch.softmax(torch.cat([scores, extra], -1), -1)[..., :-1]
     return p.to(v.dtype) @ v, (p if want_probs else None)
+
+
+def _fused_with_sink_logits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink_logits: torch.Tensor) -> torch.Tensor:
+    """The sink-logit softmax through fused (flash / memory-efficient) SDPA, exactly: a key scored
+    s_h by every query and carrying a zero value is put first. Its score is made by one more
+    query component equal to 1 against a key component s_h / scale (zero for the real keys; the
+    head is padded by 8 to keep flash kernels' alignment), and a dummy first query makes the causal
+    mask square so that query i sees that key and keys 0..i. Shapes as :func:`causal_attention`
+    (``k``, ``v`` already with ``heads`` heads)."""
+    b, h, n, d = q.shape
+    scale = d ** -0.5
+    pad = q.new_zeros(b, h, n, 8)
+    one = torch.ones_like(pad[..., :1])
+    q = torch.cat([q.new_zeros(b, h, 1, d + 8), torch.cat([q, one, pad[..., 1:]], -1)], 2)
+    sink_key = torch.cat([q.new_zeros(b, h, 1, d), (sink_logits.to(q.dtype) / scale).view(1, h, 1, 1).expand(b, h, 1, 1),
+                          q.new_zeros(b, h, 1, 7)], -1)
+    k = torch.cat([sink_key, torch.cat([k, pad], -1)], 2)
+    v = torch.cat([v.new_zeros(b, h, 1, v.shape[-1]), v], 2)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[:, :, 1:]
 
 
 @dataclasses.dataclass
