@@ -153,3 +153,16 @@ def test_sink_token_is_prepended_once_per_stream(trained, tmp_path):
     torch.testing.assert_close(out[1], by_hand, rtol=1e-5, atol=1e-5)
     assert batch.seen == [41, 41]
 
+
+
+def test_init_continues_a_checkpoint(trained, text_file, tmp_path):
+    from streaming_trt.errors import UserError
+
+    source = trained("sink-token")
+    train(tiny(text_file, tmp_path / "more", variant="sink-token", steps=4, init=str(source)), quiet=True)
+    before = files.read_rows(source / "attention_mass.csv")[-1]
+    after = files.read_rows(tmp_path / "more" / "attention_mass.csv")[0]
+    assert after["step"] == "0" and after["heldout_loss"] == before["heldout_loss"]  # the same weights, measured again
+    assert json.loads((tmp_path / "more" / "config.json").read_text())["sink_token_id"] == data.SINK_ID
+    with pytest.raises(UserError, match="is a sink-token model; pass --variant sink-token"):
+        train(tiny(text_file, tmp_path / "wrong", variant="vanilla", init=str(source)), quiet=True)
