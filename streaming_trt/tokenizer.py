@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .builtin import INSTALL_HINT, BuiltinTokenizer, smollm2_path
+from .builtin import SMOLLM2_NAME, BuiltinTokenizer, require_smollm2
 from .contract import CheckpointError
 from .gguf import is_gguf, load_gguf_tokenizer
 
@@ -19,10 +19,8 @@ def load_tokenizer(path: str | Path | None):
         return BuiltinTokenizer()
     if not isinstance(path, (str, Path)):
         raise CheckpointError(f"the tokenizer path must be a str or Path (or None), got {type(path).__name__}")
-    if str(path) == "builtin:smollm2":
-        path = smollm2_path()
-        if path is None:
-            raise CheckpointError(f"SmolLM2-135M-Instruct is not installed: {INSTALL_HINT}")
+    if str(path) == SMOLLM2_NAME:
+        path = require_smollm2()
     if is_gguf(path):
         return load_gguf_tokenizer(path)
     folder = Path(path)
