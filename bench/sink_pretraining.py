@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from streaming_trt.errors import UserError
+from streaming_trt.contract import UserError
 
 from . import harness
 

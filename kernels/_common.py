@@ -105,7 +105,7 @@ def check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, geometry: Geometr
     (shapes already checked): ``capacity = geometry.capacity``, one kernel dtype for both.
     Returns that dtype."""
     if not isinstance(geometry, Geometry):
-        raise TypeError(f"geometry must be a streaming_trt.kernels.geometry.Geometry, got {type(geometry).__name__}")
+        raise TypeError(f"geometry must be a streaming_trt.contract.Geometry, got {type(geometry).__name__}")
     if k_cache.shape[2] != geometry.capacity:
         raise ValueError(f"the caches have {k_cache.shape[2]} slots but the geometry's capacity is "
                          f"{geometry.capacity} (sink_tokens {geometry.sink_tokens} + window {geometry.window})")

@@ -231,7 +231,7 @@ def decode_attention(
             slots are never read.
         seen: ``[batch]`` int32 or int64 (read in place, values < 2**31), tokens stored including
             the current one, ``>= 1``, on the device of ``q_text``.
-        geometry: the cache's :class:`~streaming_trt.kernels.geometry.Geometry`.
+        geometry: the cache's :class:`~streaming_trt.contract.Geometry`.
         sm_scale: score scale, usually ``head_dim ** -0.5``.
         sink_logits: optional ``[num_heads]`` learned per-head logit joining each softmax
             denominator (gpt-oss), any float dtype.

@@ -110,7 +110,7 @@ def cache_write(
         start: ``[batch]`` int32 or int64 (read in place, values < 2**31), tokens the stream had
             stored before the chunk.
         lengths: ``[batch]`` int32 or int64, valid rows per stream (``<= chunk``).
-        geometry: the cache's :class:`~streaming_trt.kernels.geometry.Geometry`.
+        geometry: the cache's :class:`~streaming_trt.contract.Geometry`.
     Only the last ``window`` non-sink tokens of a long chunk survive; every other slot is left as it
     was. Returns nothing.
     """

@@ -25,10 +25,9 @@ import json
 
 import torch
 
-from .errors import UserError
+from .contract import Geometry, UserError
 from .kernels import recall_reference as R
 from .kernels import reference
-from .kernels.geometry import Geometry
 from .rope import apply_rotary, rotary_angles
 
 SCORERS = ("bounds", "representative")

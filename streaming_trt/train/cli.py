@@ -81,7 +81,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def check(s: Settings) -> None:
-    from ..errors import UserError
+    from ..contract import UserError
 
     for name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "context", "batch", "steps",
                  "save_every", "measure_every", "measure_samples"):

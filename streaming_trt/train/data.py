@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..contract import UserError
 
 SPECIALS = ("<|endoftext|>", "<|sink|>")
 EOS_ID, SINK_ID = 0, 1

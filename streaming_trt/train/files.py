@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from ..errors import UserError
+from ..contract import UserError
 
 STATE = "train_state.pt"
 LOG_FIELDS = ("step", "tokens", "seconds", "lr", "loss")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from ..errors import UserError
+from ..contract import UserError
 from . import data, files
 from .forward import VARIANTS, Objective, forward, new_model
 
