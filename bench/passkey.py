@@ -139,7 +139,7 @@ def run_accuracy(model, tokenizer, args, save=None) -> list[dict]:
     rows = []
     needle_len = len(_encode(tokenizer, NEEDLE.format(key=12345)))
     q_ids = _encode(tokenizer, QUESTION)
-    for trial in range(args.trials):
+    for trial in range(args.first_trial, args.first_trial + args.trials):
         rng = random.Random(1000 + trial)
         key = rng.randrange(10000, 100000)
         needle = _encode(tokenizer, NEEDLE.format(key=key))
@@ -257,6 +257,7 @@ def arguments(argv):
     p.add_argument("--model", metavar="DIR", help="checkpoint directory or .gguf (default: SmolLM2-135M-Instruct)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     p.add_argument("--trials", type=int, default=4, help="streams (keys) per method (default: %(default)s)")
+    p.add_argument("--first-trial", type=int, default=0, help="seed of the first trial (to extend a run) (default: %(default)s)")
     p.add_argument("--distances", default="256,1024,1536,2048,3072,4096",
                    help="tokens from the key sentence to the question, comma-separated (default: %(default)s)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
