@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import sys
 
+from . import cli
 from .contract import UserError
+from .export.onnx import open_engine
 from .generation import generate_text
 
 DEFAULT_PROMPT = "Once upon a time"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import cli
-
     parser = cli.parser(
         "streaming_trt.generate",
         "Generate text from a prompt with a StreamingLLM cache (attention sinks + rolling window): "
@@ -45,14 +45,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _generate(args) -> int:
-    from . import cli
-
     cli.check_output_file(args.save_session, "--save-session")  # before the model loads and generates
     if getattr(args, "engine", None):
         if args.recall:
             raise UserError("--recall runs on the eager model, not on an --engine export: drop one of them")
-        from .export.onnx import open_engine
-
         session, tokenizer = open_engine(args)
     else:
         model, tokenizer = cli.load(args)
