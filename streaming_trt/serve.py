@@ -133,6 +133,7 @@ def settings(args) -> dict:
         "disk_budget": args.disk_budget, "idle_ttl": args.idle_ttl,
         "max_new_tokens": args.max_new_tokens, "max_new_tokens_limit": args.max_tokens_limit,
         "max_input_bytes": args.max_input_bytes, "threads": args.threads,
+        "cuda_graphs": not args.no_cuda_graphs,  # decode steps replay CUDA graphs on CUDA (--no-cuda-graphs: eager)
     }
 
 

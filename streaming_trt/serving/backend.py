@@ -53,7 +53,8 @@ class TritonPythonModel:
                                    token_budget=settings["token_budget"], max_queue=settings["max_queue"],
                                    max_new_tokens=settings["max_new_tokens"],
                                    max_new_tokens_limit=settings["max_new_tokens_limit"],
-                                   max_input_bytes=settings["max_input_bytes"])
+                                   max_input_bytes=settings["max_input_bytes"],
+                                   capture_decode=None if settings.get("cuda_graphs", True) else False)
         _log(f"model {settings['model'] or 'built-in'} loaded in {time.perf_counter() - t0:.1f} s; "
              f"{len(self.scheduler.rows)} slots ({self.scheduler.pool.cache.nbytes() / 2**20:.1f} MiB of cache), "
              f"sessions in {settings['session_dir']}, pid {os.getpid()}")
