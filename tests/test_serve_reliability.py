@@ -114,7 +114,7 @@ def test_client_and_repl_continue_across_a_server_restart(checkpoint, local, tmp
     conversations (the broken gRPC stream is replaced); while the server is down a turn fails with
     a clear error and is not fed; the OpenAI gateway's map survives, so the next request feeds only
     its new message."""
-    from streaming_trt.chat import TurnEncoder
+    from streaming_trt.conversation import TurnEncoder
 
     texts = texts_of(12, 3)
     a = Server(checkpoint, tmp_path / "sessions", tmp_path / "a.log", openai=True)
@@ -213,12 +213,22 @@ def test_session_files_are_private(keyed):
         assert f.stat().st_mode & 0o077 == 0, f"{f.name} is mode {f.stat().st_mode & 0o777:o}"
 
 
+def in_gateway_map(sessions: Path, cid: int) -> bool:
+    import sqlite3
+
+    db = sqlite3.connect(sessions / "openai-conversations.sqlite")
+    try:
+        return db.execute("SELECT COUNT(*) FROM conversations WHERE cid = ?", (cid,)).fetchone()[0] > 0
+    finally:
+        db.close()
+
+
 def test_gateway_reaps_orphans_and_keeps_two_users_apart(keyed, local):
     """A client that leaves mid-stream: its conversation is ended on the server (before: it stayed
     on disk forever). Two users who send the same first message each continue their own
     conversation, feeding only their new message (before: the second one's map entry replaced the
     first's, orphaning it, and the first user's next turn fed its whole history)."""
-    from streaming_trt.chat import TurnEncoder
+    from streaming_trt.conversation import TurnEncoder
 
     conn = urllib.request.urlopen(urllib.request.Request(
         f"http://127.0.0.1:{keyed.openai}/v1/chat/completions",
@@ -227,11 +237,13 @@ def test_gateway_reaps_orphans_and_keeps_two_users_apart(keyed, local):
     cid = int(conn.headers["x-streaming-trt-conversation"])
     assert conn.readline().startswith(b"data: ")
     conn.close()
-    path = keyed.sessions / f"{cid:020d}.session"
     deadline = time.monotonic() + 30
-    while path.exists() and time.monotonic() < deadline:
+    while in_gateway_map(keyed.sessions, cid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not path.exists(), "the conversation its client left is still on the server"
+    assert not in_gateway_map(keyed.sessions, cid), "the gateway still lists the conversation its client left"
+    with Client(keyed.url, api_key=KEY) as client, pytest.raises(ServerError, match="unknown or has ended"):
+        Conversation(client, cid, started=True).end()  # the gateway ended it already
+    assert not (keyed.sessions / f"{cid:020d}.session").exists()
 
     first = [user("the same first message")]
     replies = []

@@ -124,6 +124,7 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
     """
     from pathlib import Path
 
+    import anyio
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
@@ -162,12 +163,28 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
         status, kind, code, retry = _STATUS.get(e.kind, _STATUS["internal"])
         return error(str(e), status, kind=kind, code=code, retry_after=retry)
 
+    class TurnStream(StreamingResponse):
+        """A streamed reply whose turn is cancelled as soon as the response ends unfinished (the client
+        left): Starlette only abandons the body's iterator, which would keep the turn until collected."""
+
+        def __init__(self, turn, content, **kw):
+            super().__init__(content, **kw)
+            self.turn = turn
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                if not self.turn.done:
+                    with anyio.CancelScope(shield=True):
+                        await run_in_threadpool(self.turn.cancel)
+
     class Turn:
         """One request's turn; iterate for its reply's text pieces. The conversation map is settled
         when the iteration ends: recorded on success, dropped (ended on the server) otherwise."""
 
         def __init__(self, req):
-            self.req, self.pieces, self.done = req, [], False
+            self.req, self.pieces, self.done, self.cancelled, self.iterator = req, [], False, False, None
             history = req["messages"][:-1]
             cid = conversations.take(history) if history else None
             if cid is None:
@@ -195,6 +212,8 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
             tokens = self._tokens()
             try:
                 for token in tokens:
+                    if self.cancelled:
+                        return
                     self.pieces.append(token.text)
                     yield token.text
                 self.done = True
@@ -205,6 +224,21 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
                 if not self.done:
                     conversations.drop(self.conv.id)
                     reaper.wake()
+
+        def start(self):
+            self.iterator = iter(self)
+            return self.iterator
+
+        def cancel(self) -> None:
+            """The HTTP client left: stop the turn (from any thread). A step running in another thread
+            sees ``cancelled`` when its token arrives; a suspended one is closed here."""
+            self.cancelled = True
+            for _ in range(500):
+                try:
+                    self.iterator.close()
+                    return
+                except ValueError:  # "generator already executing": it stops at its next token
+                    time.sleep(0.01)
 
         def usage(self):
             s = self.conv.last
@@ -263,7 +297,7 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
         except Exception as e:  # the map's database failed: nothing reached the server
             return server_error(e)
         headers = {"x-streaming-trt-conversation": str(turn.conv.id)}
-        pieces = iter(turn)
+        pieces = turn.start()
         # Run the first step here, so a refused request gets an HTTP error and not a broken stream.
         try:
             first = await run_in_threadpool(next, pieces, None)
@@ -300,14 +334,12 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
             except Exception as e:  # after the headers: the error goes in the stream, in OpenAI's shape
                 yield "data: " + server_error(e).body.decode() + "\n\n"
                 return
-            finally:
-                pieces.close()  # the client left mid-stream: the turn is cancelled and dropped
             yield chunk({}, finish())
             if req["include_usage"]:
                 yield chunk(None, usage=turn.usage())
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+        return TurnStream(turn, events(), media_type="text/event-stream", headers=headers)
 
     async def http_error(request, exc):
         return error(str(exc.detail), exc.status_code, kind="invalid_request_error")
