@@ -200,17 +200,19 @@ def plot(summary: list[dict], methods, args, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for m in methods:
-        pts = sorted((r["distance"], r["accuracy"]) for r in summary if r["method"] == m)
+    looks = ["o-", "s--", "^-.", "D:", "v-"]
+    for i, m in enumerate(methods):  # nudged apart vertically: equal accuracies would hide each other
+        pts = sorted((r["distance"], r["accuracy"] + 0.012 * (i - len(methods) / 2)) for r in summary if r["method"] == m)
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=m)
+            ax.plot(*zip(*pts), looks[i % len(looks)], label=m, ms=5)
     ax.axvline(args.cache, color="grey", ls=":", lw=1)
     ax.text(args.cache, 0.02, f" cache {args.sink_tokens}+{args.cache - args.sink_tokens}", color="grey", fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens from the key sentence to the question")
     ax.set_ylabel("pass-key accuracy")
     ax.set_ylim(-0.03, 1.03)
-    ax.set_title(f"Pass key, {args.model or 'SmolLM2-135M-Instruct'}, {args.trials} trials per point")
+    trials = max((r["trials"] for r in summary), default=0)
+    ax.set_title(f"Pass key, {args.model or 'SmolLM2-135M-Instruct'}, up to {trials} keys per point")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -272,6 +274,8 @@ def arguments(argv):
     p.add_argument("--latency-stream", type=int, default=3000, help="tokens fed before timing (default: %(default)s)")
     p.add_argument("--steps", type=int, default=60, help="decode steps timed per method (default: %(default)s)")
     p.add_argument("--tag", default="", help="suffix of the result files")
+    p.add_argument("--replot", metavar="CSV,...", help="no run: merge these trial files (passkey_trials*.csv) into "
+                                                        "the table, CSV and plot")
     args = p.parse_args(argv)
     args.distances = sorted(int(x) for x in args.distances.split(","))
     args.methods = [m for m in args.methods.split(",") if m]
@@ -285,6 +289,20 @@ def main(argv=None) -> int:
     args = arguments(argv)
     torch.set_num_threads(args.threads)
     from bench import report
+
+    if args.replot:
+        import csv
+
+        rows = [dict(r, distance=int(r["distance"]), correct=int(r["correct"]))
+                for f in args.replot.split(",") for r in csv.DictReader(open(f))]
+        distances = sorted({r["distance"] for r in rows})
+        methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+        table, summary = summarize(rows, distances, methods)
+        report.write_csv(RESULTS / f"passkey{args.tag}.csv", summary)
+        plot(summary, methods, args, RESULTS / f"passkey{args.tag}.png")
+        (RESULTS / f"passkey{args.tag}.md").write_text(f"merged from {args.replot}\n\n{table}\n")
+        print(table)
+        return 0
     from streaming_trt.catalog import open_model
 
     model, tokenizer = open_model(args.model)
