@@ -175,6 +175,10 @@ def test_session_save_is_durable_and_private(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", fsync)
     path = tmp_path / "s.session"
-    session.save(path)
+    umask = os.umask(0o022)  # the common default, under which files are readable by everyone
+    try:
+        session.save(path)
+    finally:
+        os.umask(umask)
     assert synced == [False, True], "the file, then its directory, must reach the disk"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
