@@ -61,6 +61,32 @@ def test_transformers_generate_starts_with_the_sink_token_once(trained):
     assert out[0, 6:].tolist() == tokens
 
 
+def test_transformers_batched_generate_gives_each_stream_its_sink_token(trained):
+    """Left-padded prompts of two lengths, generated past the cache: each row equals its own
+    greedy stream in the runtime (padding is never the sink, the sink is never padding)."""
+    transformers = pytest.importorskip("transformers")
+    import streaming_trt.hf as sthf
+
+    folder = trained("sink-token")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    sthf.enable_streaming(hf, sink_tokens=1, window=8, backend="torch")
+    model = st.load_model(folder, backend="torch")
+    prompts = [ids_of(model, 9, seed=2)[0], ids_of(model, 4, seed=3)[0]]
+    ids, mask = torch.zeros(2, 9, dtype=torch.long), torch.zeros(2, 9, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, 9 - len(p):], mask[row, 9 - len(p):] = p, 1
+    cache = sthf.HFStreamingCache(hf)
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, cache=cache, pad_token_id=0)
+    assert cache.seen == [1 + 9 + 11, 1 + 4 + 11]
+    for row, p in enumerate(prompts):
+        session = model.session(sink_tokens=1, window=8)
+        logits, tokens = session.feed(p, all_logits=False), []
+        for _ in range(12):
+            tokens.append(int(logits[0].argmax()))
+            logits = session.feed([tokens[-1]], all_logits=False)
+        assert out[row, 9:].tolist() == tokens, row
+
+
 def both_sinks(folder, out):
     """A copy of a sink-logit checkpoint that also records a sink token: both features in one export."""
     import json
