@@ -64,12 +64,29 @@ class _Stream:
         return self.session.feed(ids)[0]
 
 
+def strongest_heads(folder: Path, config: dict, settings: dict, ids: torch.Tensor, samples: int = 16) -> dict:
+    """Per layer, the one head that gives key 0 (and the sink term) the most attention from the
+    second half of the queries of ``samples`` held-out windows, as ``"a/b/c/d"`` strings, and the
+    even-spread level: a sink head would stand far above it."""
+    from streaming_trt.config import ModelConfig
+    from streaming_trt.train import data, files, forward, new_model
+
+    model = new_model(ModelConfig.from_hf_dict(config), 0)
+    model.load_state_dict(files.load_state(folder)["model"])
+    probe = data.fixed_windows(ids, samples, settings["context"], model.config.sink_token_id)
+    with torch.no_grad():
+        _, mass = forward(model.eval(), probe[:, :-1], measure=True)
+    top = lambda per_layer: "/".join(f"{max(heads):.4f}" for heads in per_layer)  # noqa: E731
+    return {"late_even_spread": round(mass.uniform_late, 4), "late_top_head_token0": top(mass.token0_late),
+            "late_top_head_sink_term": top(mass.sink_term_late)}
+
+
 def evaluate(folder: Path, sinks: list[int], tokens: int, chunk: int) -> dict:
     import streaming_trt as st
     from streaming_trt.train import files
 
     state = files.load_state(folder)
-    settings = state["settings"]
+    settings, state_config = state["settings"], state["config"]
     del state
     log = files.read_rows(folder / "log.csv")
     mass = files.read_rows(folder / "attention_mass.csv")
@@ -77,12 +94,14 @@ def evaluate(folder: Path, sinks: list[int], tokens: int, chunk: int) -> dict:
         raise UserError(f"{folder}: no log.csv; is it a run folder of python -m streaming_trt.train?")
     model = st.load_model(folder, backend="torch")
     ids = heldout_ids(folder, settings, tokens)
+    late = strongest_heads(folder, state_config, settings, ids)
     capacity = settings["context"]
     row = {"variant": settings["variant"], "steps": int(log[-1]["step"]), "tokens_trained": int(log[-1]["tokens"]),
            "train_minutes": round(float(log[-1]["seconds"]) / 60, 1),
            "train_loss_first": float(log[0]["loss"]),
            "train_loss_last10": round(sum(float(r["loss"]) for r in log[-10:]) / len(log[-10:]), 4),
-           "heldout_loss": float(mass[-1]["heldout_loss"]), "eval_tokens": int(ids.numel()), "capacity": capacity}
+           "heldout_loss": float(mass[-1]["heldout_loss"]), "eval_tokens": int(ids.numel()), "capacity": capacity,
+           **late}
     began = time.perf_counter()
     for s in sinks:
         session = model.session(sink_tokens=s, window=capacity - s, max_chunk=chunk)

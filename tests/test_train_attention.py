@@ -134,3 +134,18 @@ def test_fused_sink_logit_attention_equals_the_explicit_softmax():
     (g2,) = torch.autograd.grad(explicit.square().sum(), sinks)
     torch.testing.assert_close(g1, g2)
     assert g1.abs().min() > 0
+
+
+def test_attention_mass_per_layer_and_head():
+    model = one_layer("learned")
+    ids = torch.randint(0, CONFIG.vocab_size, (3, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        _, mass = forward(model, ids, measure=True)
+    assert len(mass.token0) == len(mass.token0_late) == 1 and len(mass.token0_late[0]) == CONFIG.num_heads
+    assert mass.uniform == pytest.approx(sum(1 / (t + 1) for t in range(1, 16)) / 15)
+    assert mass.uniform_late == pytest.approx(sum(1 / (t + 1) for t in range(8, 16)) / 8)
+    with torch.no_grad():  # the same weights with every s_h = 0: the sink term's share follows s_h
+        _, zero = forward(one_layer("zero"), ids, measure=True)
+    learned, plain = mass.sink_term_late[0], zero.sink_term_late[0]
+    assert learned[0] < plain[0] and all(learned[h] > plain[h] for h in (1, 2, 3))  # s = -1, 0.5, 2, 4
+    assert all(0 <= x <= 1 for x in mass.token0_late[0] + mass.sink_term_late[0])

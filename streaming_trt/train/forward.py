@@ -71,11 +71,16 @@ def _fused_with_sink_logits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
 class AttentionMass:
     """Per layer, the mean attention weight that queries ``1 .. n-1`` give key 0 (the paper's
     attention sink; the sink token for a sink-token model) and the learned sink term, over heads
-    and samples; ``uniform`` is what key 0 would get from attention spread evenly (1/(t+1))."""
+    and samples; ``uniform`` is what key 0 would get from attention spread evenly (1/(t+1)).
+    ``*_late``: per layer and head, the same over the second half of the queries only (a sink
+    head stands out there: an even spread gives key 0 ``uniform_late``)."""
 
     token0: list[float]
     sink_term: list[float]
     uniform: float
+    token0_late: list[list[float]] = dataclasses.field(default_factory=list)
+    sink_term_late: list[list[float]] = dataclasses.field(default_factory=list)
+    uniform_late: float = 0.0
 
 
 def forward(model: Transformer, tokens: torch.Tensor, measure: bool = False) -> tuple[torch.Tensor, AttentionMass | None]:
@@ -86,7 +91,7 @@ def forward(model: Transformer, tokens: torch.Tensor, measure: bool = False) -> 
     cos, sin = rotary_angles(model.inv_freq, torch.arange(n, device=tokens.device))
     cos, sin = cos[:, None], sin[:, None]  # [n, 1, rotary_dim // 2] over [batch, n, heads, d]
     x = model.embed_tokens(tokens)
-    token0, sink_term = [], []
+    token0, sink_term, token0_late, sink_late = [], [], [], []
     for layer in model.layers:
         a = layer.self_attn
         h = layer.input_layernorm(x)
@@ -102,6 +107,9 @@ def forward(model: Transformer, tokens: torch.Tensor, measure: bool = False) -> 
             rows = p[:, :, 1:]  # query 0 can only see itself
             token0.append(rows[..., 0].mean().item())
             sink_term.append((1 - rows.sum(-1)).mean().item())
+            late = p[:, :, n // 2:]
+            token0_late.append(late[..., 0].mean((0, 2)).tolist())
+            sink_late.append((1 - late.sum(-1)).mean((0, 2)).tolist())
         x = x + a.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     head = model.embed_tokens.weight if c.tie_word_embeddings else model.lm_head.weight
@@ -109,7 +117,8 @@ def forward(model: Transformer, tokens: torch.Tensor, measure: bool = False) -> 
     if not measure:
         return logits, None
     uniform = (1.0 / torch.arange(2, n + 1, dtype=torch.float64)).mean().item()
-    return logits, AttentionMass(token0, sink_term, uniform)
+    uniform_late = (1.0 / torch.arange(n // 2 + 1, n + 1, dtype=torch.float64)).mean().item()
+    return logits, AttentionMass(token0, sink_term, uniform, token0_late, sink_late, uniform_late)
 
 
 def new_model(config: ModelConfig, seed: int, std: float = 0.02) -> Transformer:
