@@ -68,6 +68,8 @@ def _server_error(error) -> ServerError:
 class Token:
     id: int
     text: str
+    logprob: float | None = None    # with OPTIONS logprobs: log-softmax of the model's logits at ``id``
+    top: list | None = None         # [[token_id, text, logprob], ...], the most likely first
 
 
 @dataclasses.dataclass
@@ -75,6 +77,7 @@ class TurnSummary:
     prompt_tokens: int      # tokens the server fed for this turn's messages
     seen: int               # stream length after the turn
     finish_reason: str      # "stop", "length" or "cancelled"
+    text: str = ""          # reply text released at the end (held back while it might begin a stop string)
 
 
 class _Stream:
@@ -173,8 +176,8 @@ class Client:
 
     def turn(self, conversation_id: int, messages: list[dict], start: bool = False, end: bool = False,
              resume: bool = False, max_tokens: int | None = None, temperature: float | None = None,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None
-             ) -> Iterator[Token | TurnSummary]:
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             options: dict | None = None) -> Iterator[Token | TurnSummary]:
         """Send one turn; yields a :class:`Token` per reply token, then one :class:`TurnSummary`.
 
         Raises :class:`ServerError` with the server's message on a refused request. Leaving the
@@ -202,6 +205,11 @@ class Client:
                 add(name, value, dtype, np_dtype)
         if resume:
             add("RESUME", True, "BOOL", np.bool_)
+        if options:  # the other SamplingParams fields, stop, logprobs, raw (docs/serving.md)
+            data = np.frombuffer(json.dumps(options).encode("utf-8"), dtype=np.uint8)
+            t = g.InferInput("OPTIONS", [data.size], "UINT8")
+            t.set_data_from_numpy(data)
+            inputs.append(t)
         request_id = f"{id(self)}-{next(self._ids)}"
         stream, reused = self._take()
         complete = False
@@ -225,13 +233,14 @@ class Client:
                 if error is not None:
                     raise _server_error(error)
                 token = int(result.as_numpy("TOKEN_ID").reshape(-1)[0])
+                text = result.as_numpy("TEXT").tobytes().decode("utf-8")
                 if token >= 0:
-                    yield Token(token, result.as_numpy("TEXT").tobytes().decode("utf-8"))
+                    yield Token(token, text, *_logprobs(result))
                     continue
                 complete = True
                 yield TurnSummary(int(result.as_numpy("PROMPT_TOKENS").reshape(-1)[0]),
                                   int(result.as_numpy("SEEN").reshape(-1)[0]),
-                                  result.as_numpy("FINISH").tobytes().decode("utf-8"))
+                                  result.as_numpy("FINISH").tobytes().decode("utf-8"), text)
                 return
         finally:
             self._give_back(stream, complete)
@@ -240,6 +249,17 @@ class Client:
         """End a conversation: the server frees it and deletes its file."""
         for _ in self.turn(conversation_id, [], end=True):  # END with no messages: no turn
             pass
+
+
+def _logprobs(result) -> tuple[float | None, list | None]:
+    """A token response's LOGPROB (NaN: not asked for) and TOP_LOGPROBS (empty: none)."""
+    import math
+
+    value = result.as_numpy("LOGPROB")
+    logprob = None if value is None or math.isnan(float(value.reshape(-1)[0])) else float(value.reshape(-1)[0])
+    raw = result.as_numpy("TOP_LOGPROBS")
+    top = json.loads(raw.tobytes().decode("utf-8")) if raw is not None and raw.size else None
+    return logprob, top
 
 
 def new_conversation_id() -> int:
@@ -285,6 +305,12 @@ class Conversation:
                 self.last = item
             else:
                 yield item
+
+    def completion_tokens(self, text: str, **sampling) -> Iterator[Token]:
+        """A continuation of ``text`` as it is (no chat template), token by token, on this
+        conversation id used once: started and ended by this turn (OPTIONS ``raw``)."""
+        options = dict(sampling.pop("options", None) or {}, raw=True)
+        yield from self._turn(text, start=True, end=True, options=options, **sampling)
 
     def send(self, text: str, **sampling) -> Iterator[str]:
         """The reply to ``text`` as text pieces."""

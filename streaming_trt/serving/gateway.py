@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP gateway: ``/v1/chat/completions`` (streamed and not) and ``/v1/models``.
+"""OpenAI-compatible HTTP gateway: ``/v1/chat/completions`` and ``/v1/completions`` (streamed and
+not) and ``/v1/models``. Which parameters are honoured and which refused: :mod:`.openai_api`.
 
 A Starlette app served by uvicorn, forwarding every turn to Triton over gRPC. Clients of that API
 resend the whole message list each turn; the gateway keys each conversation by the hash of its
@@ -6,7 +7,8 @@ message list so far (the replies included, as sent; see :mod:`.conversations`, p
 sessions), so a request whose messages extend a stored conversation by one user message feeds only
 that message. Any other request starts a new conversation on the server, its whole history fed (in
 chunks, however long). ``usage.prompt_tokens`` is the number of tokens the server fed for the
-request's messages.
+request's messages. ``/v1/completions`` continues a text as it is (no chat template): each
+request is a conversation of its own, started and ended in one turn.
 
 Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 bad request,
 401 missing or wrong API key, 404 unknown model or route, 413 body over the limit (refused from its
@@ -23,8 +25,7 @@ import time
 
 from ..errors import UserError
 from .conversations import Conversations, Reaper, conversation_key  # noqa: F401  (conversation_key: re-exported)
-
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+from .openai_api import BadRequest, chat_logprobs, completion_logprobs, parse_chat, parse_completion
 
 # ServerError.kind -> (HTTP status, OpenAI error type, code, Retry-After seconds)
 _STATUS = {"invalid": (400, "invalid_request_error", None, None),
@@ -33,82 +34,6 @@ _STATUS = {"invalid": (400, "invalid_request_error", None, None),
            "unavailable": (503, "server_error", "server_unavailable", 5),
            "timeout": (504, "server_error", "timeout", None)}
 _UNKNOWN = "unknown or has ended"
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
-        super().__init__(message)
-        self.status, self.param = status, param
-
-
-def _content(m, i) -> str:
-    c = m.get("content")
-    if isinstance(c, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                   for p in c):
-        c = "".join(p["text"] for p in c)
-    if not isinstance(c, str):
-        raise BadRequest(f"messages[{i}].content must be a string (or a list of text parts)", param=f"messages[{i}]")
-    try:
-        c.encode("utf-8")
-    except UnicodeEncodeError as e:  # JSON's \ud800 escapes decode to lone surrogates, which are not text
-        raise BadRequest(f"messages[{i}].content holds a lone surrogate ({c[e.start]!r} at {e.start}), which is "
-                         "not Unicode text", param=f"messages[{i}]") from None
-    return c
-
-
-def parse_request(body: dict, model_id: str, max_tokens_limit: int) -> dict:
-    """Validate a chat-completions request body; returns messages and sampling settings."""
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    if body.get("model") not in (None, model_id):
-        raise BadRequest(f"model {body.get('model')!r} is not served here; use {model_id!r}", 404, "model")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("messages must be a non-empty list", param="messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in _ROLES:
-            raise BadRequest(f"messages[{i}].role must be one of {sorted(_ROLES)}", param=f"messages[{i}]")
-        out.append({"role": _ROLES[m["role"]], "content": _content(m, i)})
-    if out[-1]["role"] != "user":
-        raise BadRequest("the last message must be the user's", param="messages")
-    if not out[-1]["content"].strip():
-        raise BadRequest("the last user message is empty", param="messages")
-
-    def number(name, kind, lo, hi, default):
-        value = body.get(name)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-            raise BadRequest(f"{name} must be {'a number' if kind is float else 'an integer'}", param=name)
-        if not lo <= value <= hi:
-            raise BadRequest(f"{name} must be in [{lo}, {hi}], got {value}", param=name)
-        return kind(value)
-
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        max_tokens = number("max_completion_tokens" if "max_completion_tokens" in body else "max_tokens",
-                            int, 1, max_tokens_limit, None)
-    if number("n", int, 1, 1, 1) != 1:
-        raise BadRequest("n must be 1", param="n")
-    top_p = number("top_p", float, 0.0, 1.0, 1.0)
-    if top_p == 0:
-        raise BadRequest("top_p must be in (0, 1]", param="top_p")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("stream must be true or false", param="stream")
-    if body.get("stop") not in (None, [], ""):
-        raise BadRequest("stop sequences are not supported; the reply ends at the model's end-of-turn token",
-                         param="stop")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise BadRequest("stream_options must be an object", param="stream_options")
-    return {
-        "messages": out, "stream": stream, "include_usage": bool(options.get("include_usage")),
-        "sampling": {"max_tokens": max_tokens, "temperature": number("temperature", float, 0.0, 2.0, 0.0),
-                     "top_p": top_p, "top_k": number("top_k", int, 0, 1 << 30, 0),
-                     "seed": number("seed", int, -(1 << 63), (1 << 63) - 1, 0)},
-    }
 
 
 def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limit: int = 4096,
@@ -131,7 +56,7 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    from ..client import Client, Conversation, ServerError
+    from ..client import Client, Conversation, ServerError, Token, new_conversation_id
 
     if client is None:
         client = Client(triton_url, timeout=timeout, api_key=api_key)
@@ -180,11 +105,17 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
                         await run_in_threadpool(self.turn.cancel)
 
     class Turn:
-        """One request's turn; iterate for its reply's text pieces. The conversation map is settled
-        when the iteration ends: recorded on success, dropped (ended on the server) otherwise."""
+        """One request's turn; iterate for its reply's tokens (``Token``; the last may carry only text
+        the server held back, id -1). A chat turn's conversation map is settled when the iteration
+        ends: recorded on success, dropped (ended on the server) otherwise. A text completion is a
+        conversation of its own, started and ended by its one turn."""
 
         def __init__(self, req):
             self.req, self.pieces, self.done, self.cancelled, self.iterator = req, [], False, False, None
+            self.count, self.kwargs = 0, dict(req["sampling"], options=req["options"] or None)
+            if "prompt" in req:
+                self.conv, self.send = Conversation(client, new_conversation_id()), req["prompt"]
+                return
             history = req["messages"][:-1]
             cid = conversations.take(history) if history else None
             if cid is None:
@@ -193,7 +124,10 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
                 self.conv, self.send = Conversation(client, cid, started=True), req["messages"][-1:]
 
         def _tokens(self):
-            tokens = self.conv.message_tokens(self.send, **self.req["sampling"])
+            if "prompt" in self.req:
+                yield from self.conv.completion_tokens(self.send, **self.kwargs)
+                return
+            tokens = self.conv.message_tokens(self.send, **self.kwargs)
             try:
                 first = next(tokens, None)
             except ServerError as e:
@@ -202,7 +136,7 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
                 # the server no longer has it (its TTL or disk budget): start over with the whole history
                 conversations.drop(self.conv.id, on_server=False)
                 self.conv, self.send = Conversation(client, conversations.new()), self.req["messages"]
-                tokens = self.conv.message_tokens(self.send, **self.req["sampling"])
+                tokens = self.conv.message_tokens(self.send, **self.kwargs)
                 first = next(tokens, None)
             if first is not None:
                 yield first
@@ -215,13 +149,19 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
                     if self.cancelled:
                         return
                     self.pieces.append(token.text)
-                    yield token.text
+                    self.count += 1
+                    yield token
+                tail = self.conv.last.text if self.conv.last is not None else ""
+                if tail:
+                    self.pieces.append(tail)
+                    yield Token(-1, tail)
                 self.done = True
-                conversations.put(self.req["messages"] + [{"role": "assistant", "content": "".join(self.pieces)}],
-                                  self.conv.id)
+                if "messages" in self.req:
+                    conversations.put(self.req["messages"] + [{"role": "assistant", "content": "".join(self.pieces)}],
+                                      self.conv.id)
             finally:
                 tokens.close()  # a client gone mid-stream: closing the gRPC stream cancels the turn
-                if not self.done:
+                if not self.done and "messages" in self.req:
                     conversations.drop(self.conv.id)
                     reaper.wake()
 
@@ -240,9 +180,11 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
                 except ValueError:  # "generator already executing": it stops at its next token
                     time.sleep(0.01)
 
+        def finish(self):
+            return "length" if self.conv.last and self.conv.last.finish_reason == "length" else "stop"
+
         def usage(self):
-            s = self.conv.last
-            n = len(self.pieces)
+            s, n = self.conv.last, self.count
             return {"prompt_tokens": s.prompt_tokens, "completion_tokens": n, "total_tokens": s.prompt_tokens + n}
 
     def authorized(request) -> bool:
@@ -277,7 +219,12 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
         return JSONResponse({"object": "list", "data": [
             {"id": model_id, "object": "model", "created": 0, "owned_by": "streaming-trt"}]})
 
-    async def completions(request):
+    def logprobs_of(tokens, chat: bool, offset: int = 0):
+        """The choice's ``logprobs`` object for ``tokens`` (those the server reported logprobs for)."""
+        entries = [(t.text, t.logprob, t.top) for t in tokens if t.logprob is not None]
+        return chat_logprobs(entries) if chat else completion_logprobs(entries, offset)
+
+    async def respond(request, chat: bool):
         if not authorized(request):
             return unauthorized()
         try:
@@ -288,58 +235,84 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
                 raise BadRequest(f"the request body is not valid JSON ({e})") from None
             except RecursionError:
                 raise BadRequest("the request body is JSON nested too deeply") from None
-            req = parse_request(parsed, model_id, max_tokens_limit)
+            req = (parse_chat if chat else parse_completion)(parsed, model_id, max_tokens_limit)
         except BadRequest as e:
             return error(str(e), e.status, e.param)
-        created, rid = int(time.time()), f"chatcmpl-{secrets.token_hex(12)}"
+        created = int(time.time())
+        rid = f"chatcmpl-{secrets.token_hex(12)}" if chat else f"cmpl-{secrets.token_hex(12)}"
         try:
             turn = await run_in_threadpool(Turn, req)
         except Exception as e:  # the map's database failed: nothing reached the server
             return server_error(e)
         headers = {"x-streaming-trt-conversation": str(turn.conv.id)}
-        pieces = turn.start()
+        tokens = turn.start()
         # Run the first step here, so a refused request gets an HTTP error and not a broken stream.
         try:
-            first = await run_in_threadpool(next, pieces, None)
+            first = await run_in_threadpool(next, tokens, None)
         except Exception as e:
             return server_error(e)
-        finish = lambda: "length" if turn.conv.last and turn.conv.last.finish_reason == "length" else "stop"
+        wants_logprobs = req["logprobs"] is not None
+        kind = "chat.completion" if chat else "text_completion"
 
         if not req["stream"]:
             def rest():
-                return "".join(([first] if first is not None else []) + list(pieces))
+                return ([first] if first is not None else []) + list(tokens)
             try:
-                text = await run_in_threadpool(rest)
+                reply = await run_in_threadpool(rest)
             except Exception as e:
                 return server_error(e)
-            return JSONResponse({
-                "id": rid, "object": "chat.completion", "created": created, "model": model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": finish(), "logprobs": None}],
-                "usage": turn.usage()}, headers=headers)
+            text = "".join(t.text for t in reply)
+            choice = {"index": 0, "finish_reason": turn.finish(),
+                      "logprobs": logprobs_of(reply, chat) if wants_logprobs else None}
+            choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+            return JSONResponse({"id": rid, "object": kind, "created": created, "model": model_id,
+                                 "choices": [choice], "usage": turn.usage()}, headers=headers)
 
-        def chunk(delta, finish_reason=None, **extra):
-            choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                                                 "logprobs": None}]
-            return "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                          "model": model_id, "choices": choices, **extra}) + "\n\n"
+        emitted = 0  # characters streamed so far: the legacy logprobs' text_offset
+
+        def chunk(token=None, finish_reason=None, delta=None, usage=None):
+            nonlocal emitted
+            choices = []
+            if usage is None:
+                text = "" if token is None else token.text
+                logprobs = None
+                if wants_logprobs and token is not None and token.logprob is not None:
+                    logprobs = logprobs_of([token], chat, emitted)
+                emitted += len(text)
+                choice = {"index": 0, "finish_reason": finish_reason, "logprobs": logprobs}
+                if chat:
+                    choice["delta"] = delta if delta is not None else ({"content": text} if token is not None else {})
+                else:
+                    choice["text"] = text
+                choices = [choice]
+            extra = {} if usage is None else {"usage": usage}
+            return "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk" if chat else kind,
+                                          "created": created, "model": model_id, "choices": choices,
+                                          **extra}) + "\n\n"
 
         def events():
             try:
-                yield chunk({"role": "assistant", "content": ""})
+                if chat:
+                    yield chunk(delta={"role": "assistant", "content": ""})
                 if first is not None:
-                    yield chunk({"content": first})
-                    for piece in pieces:
-                        yield chunk({"content": piece})
+                    yield chunk(first)
+                    for token in tokens:
+                        yield chunk(token)
             except Exception as e:  # after the headers: the error goes in the stream, in OpenAI's shape
                 yield "data: " + server_error(e).body.decode() + "\n\n"
                 return
-            yield chunk({}, finish())
+            yield chunk(finish_reason=turn.finish())
             if req["include_usage"]:
-                yield chunk(None, usage=turn.usage())
+                yield chunk(usage=turn.usage())
             yield "data: [DONE]\n\n"
 
         return TurnStream(turn, events(), media_type="text/event-stream", headers=headers)
+
+    async def chat_completions(request):
+        return await respond(request, chat=True)
+
+    async def text_completions(request):
+        return await respond(request, chat=False)
 
     async def http_error(request, exc):
         return error(str(exc.detail), exc.status_code, kind="invalid_request_error")
@@ -348,7 +321,8 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
         return server_error(exc)
 
     app = Starlette(routes=[Route("/v1/models", models, methods=["GET"]),
-                            Route("/v1/chat/completions", completions, methods=["POST"])],
+                            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+                            Route("/v1/completions", text_completions, methods=["POST"])],
                     exception_handlers={HTTPException: http_error, Exception: internal_error})
     app.state.conversations, app.state.reaper, app.state.client = conversations, reaper, client
     return app

@@ -1,0 +1,168 @@
+"""The OpenAI gateway in front of a scripted client (no tritonserver): what it sends the server
+(scalar sampling inputs and OPTIONS), logprobs per token streamed and not, /v1/completions, the
+text the server released at the end, include_usage, refused parameters as OpenAI errors."""
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+
+from streaming_trt.client import ServerError, Token, TurnSummary
+
+TOP = {5: [[5, "Hel", -0.5], [6, "He", -1.5]], 6: [[6, "lo", -0.25], [5, "Hel", -2.0]]}
+
+
+class ScriptedClient:
+    """Stands in for streaming_trt.client.Client: replies "Hello" (tokens "Hel", "lo"), with
+    logprobs when OPTIONS asks for them; a reply to "tail" ends with text held back till the end."""
+
+    def __init__(self):
+        self.turns = []
+
+    def turn(self, cid, messages, start=False, end=False, resume=False, options=None, **sampling):
+        self.turns.append({"cid": cid, "messages": messages, "start": start, "end": end, "options": options,
+                           "sampling": sampling})
+        logprobs = (options or {}).get("logprobs")
+        text = messages if isinstance(messages, str) else (messages[-1]["content"] if messages else "")
+        if text == "refused":
+            raise ServerError("OPTIONS has an unknown option 'raw'", "invalid")
+        for token, piece, lp in ((5, "Hel", -0.5), (6, "lo", -0.25)):
+            yield Token(token, piece, None if logprobs is None else lp,
+                        None if not logprobs else TOP[token][:logprobs])
+        yield TurnSummary(3, 10, "length", " world" if text == "tail" else "")
+
+    def end(self, cid):
+        self.turns.append({"cid": cid, "messages": [], "end": True})
+
+    def close(self, cancel=False):
+        pass
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    pytest.importorskip("uvicorn", reason="the gateway needs uvicorn and starlette")
+    from streaming_trt.serving.gateway import GatewayThread
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = ScriptedClient()
+    g = GatewayThread("unused", "127.0.0.1", port, client=client, state_dir=str(tmp_path_factory.mktemp("gw")))
+    g.start()
+    g.port, g.client = port, client
+    yield g
+    g.stop()
+
+
+def post(gateway, path: str, body: dict):
+    req = urllib.request.Request(f"http://127.0.0.1:{gateway.port}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            raw = r.read().decode()
+            status = r.status
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+    if raw.startswith("data: "):
+        events = [line[6:] for line in raw.split("\n\n") if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        return status, [json.loads(e) for e in events[:-1]]
+    return status, json.loads(raw)
+
+
+def chat(gateway, text: str, **kw):
+    return post(gateway, "/v1/chat/completions", {"messages": [{"role": "user", "content": text}], **kw})
+
+
+def test_the_new_parameters_reach_the_server_as_options(gateway):
+    status, body = chat(gateway, "opts", stop=["\n", "END"], frequency_penalty=0.5, presence_penalty=0.1,
+                        repetition_penalty=1.2, min_p=0.05, seed=9, temperature=0.5, top_p=0.8, top_k=7,
+                        max_tokens=9)
+    assert status == 200, body
+    sent = gateway.client.turns[-1]
+    assert sent["options"] == {"stop": ["\n", "END"], "frequency_penalty": 0.5, "presence_penalty": 0.1,
+                               "repetition_penalty": 1.2, "min_p": 0.05}
+    assert sent["sampling"] == {"max_tokens": 9, "temperature": 0.5, "top_p": 0.8, "top_k": 7, "seed": 9}
+    chat(gateway, "plain")
+    assert gateway.client.turns[-1]["options"] is None  # nothing new asked: no OPTIONS input at all
+
+
+def test_chat_logprobs_whole_and_streamed(gateway):
+    status, body = chat(gateway, "lp", logprobs=True, top_logprobs=2)
+    assert status == 200 and gateway.client.turns[-1]["options"] == {"logprobs": 2}
+    choice = body["choices"][0]
+    assert choice["message"]["content"] == "Hello" and choice["finish_reason"] == "length"
+    content = choice["logprobs"]["content"]
+    assert [(c["token"], c["logprob"], c["bytes"]) for c in content] == [("Hel", -0.5, [72, 101, 108]),
+                                                                        ("lo", -0.25, [108, 111])]
+    assert [t["token"] for t in content[0]["top_logprobs"]] == ["Hel", "He"]
+    status, chunks = chat(gateway, "lp2", logprobs=True, stream=True, stream_options={"include_usage": True})
+    assert status == 200
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    streamed = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+    assert [c["delta"]["content"] for c in streamed] == ["Hel", "lo"]
+    assert [c["logprobs"]["content"][0]["logprob"] for c in streamed] == [-0.5, -0.25]
+    assert all(c["logprobs"]["content"][0]["top_logprobs"] == [] for c in streamed)  # logprobs without top
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 2,
+                                                                   "total_tokens": 5}
+    status, body = chat(gateway, "nolp")
+    assert body["choices"][0]["logprobs"] is None
+
+
+def test_text_held_back_by_the_server_comes_out_at_the_end(gateway):
+    assert chat(gateway, "tail")[1]["choices"][0]["message"]["content"] == "Hello world"
+    status, chunks = chat(gateway, "tail", stream=True)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == "Hello world"
+
+
+def test_completions_whole_and_streamed(gateway):
+    status, body = post(gateway, "/v1/completions", {"prompt": "Once upon", "max_tokens": 4, "logprobs": 1,
+                                                     "stop": "."})
+    assert status == 200, body
+    sent = gateway.client.turns[-1]
+    assert sent["messages"] == "Once upon" and sent["start"] and sent["end"]
+    assert sent["options"] == {"stop": ["."], "logprobs": 1, "raw": True}
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    choice = body["choices"][0]
+    assert choice["text"] == "Hello" and choice["finish_reason"] == "length"
+    assert choice["logprobs"] == {"tokens": ["Hel", "lo"], "token_logprobs": [-0.5, -0.25],
+                                  "top_logprobs": [{"Hel": -0.5}, {"lo": -0.25}], "text_offset": [0, 3]}
+    assert body["usage"]["completion_tokens"] == 2
+    status, chunks = post(gateway, "/v1/completions", {"prompt": "tail", "stream": True, "logprobs": 0,
+                                                       "stream_options": {"include_usage": True}})
+    texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
+    assert "".join(texts) == "Hello world" and all(c["object"] == "text_completion" for c in chunks)
+    offsets = [c["choices"][0]["logprobs"]["text_offset"][0] for c in chunks
+               if c["choices"] and c["choices"][0]["logprobs"]]
+    assert offsets == [0, 3]
+    assert chunks[-1]["usage"]["total_tokens"] == 5
+    # a completion is not a conversation to continue: nothing is kept in the map
+    assert gateway.app.state.conversations.counts().get("idle", 0) == sum(
+        1 for t in gateway.client.turns if isinstance(t["messages"], list) and t["messages"] and not t.get("end"))
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+     "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "best_of": 2}, "best_of"),
+])
+def test_refused_parameters_are_openai_errors(gateway, path, body, param):
+    before = len(gateway.client.turns)
+    status, err = post(gateway, path, body)
+    assert status == 400 and err["error"]["param"] == param and err["error"]["type"] == "invalid_request_error"
+    assert param in err["error"]["message"]
+    assert len(gateway.client.turns) == before  # refused before anything reached the server
+
+
+def test_a_server_refusal_is_a_400(gateway):
+    status, err = post(gateway, "/v1/completions", {"prompt": "refused"})
+    assert status == 400 and "unknown option" in err["error"]["message"]
