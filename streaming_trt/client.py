@@ -313,9 +313,11 @@ class Conversation:
         yield from self._turn(text, start=True, end=True, options=options, **sampling)
 
     def send(self, text: str, **sampling) -> Iterator[str]:
-        """The reply to ``text`` as text pieces."""
+        """The reply to ``text`` as text pieces (the last may be text the server held back)."""
         for token in self.tokens(text, **sampling):
             yield token.text
+        if self.last is not None and self.last.text:
+            yield self.last.text
 
     def end(self) -> None:
         try:
@@ -346,6 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0, help="keep tokens at least this fraction as likely as the best")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off; above 1 discourages repeats")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2]; 0: off")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2]; 0: off")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a reply before TEXT (repeatable); TEXT itself is not shown")
     p.add_argument("--api-key", default=os.environ.get("STREAMING_TRT_API_KEY"),
                    help="the server's --api-key (default: $STREAMING_TRT_API_KEY)")
     args = p.parse_args(argv)
@@ -369,6 +377,13 @@ def _repl(args) -> int:
     interactive = sys.stdin.isatty()
     sampling = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed)
+    options = {name: value for name, value, off in (("min_p", args.min_p, 0.0),
+                                                    ("repetition_penalty", args.repetition_penalty, 1.0),
+                                                    ("frequency_penalty", args.frequency_penalty, 0.0),
+                                                    ("presence_penalty", args.presence_penalty, 0.0),
+                                                    ("stop", args.stop, [])) if value != off}
+    if options:
+        sampling["options"] = options
     try:
         while True:
             try:

@@ -166,3 +166,26 @@ def test_refused_parameters_are_openai_errors(gateway, path, body, param):
 def test_a_server_refusal_is_a_400(gateway):
     status, err = post(gateway, "/v1/completions", {"prompt": "refused"})
     assert status == 400 and "unknown option" in err["error"]["message"]
+
+
+def test_client_repl_sends_the_new_parameters_and_prints_held_back_text(monkeypatch, capsys):
+    import io
+
+    from streaming_trt import client as client_module
+
+    scripted = ScriptedClient()
+
+    class Fake(client_module.Client):
+        def __init__(self, url, api_key=None):
+            self.turn, self.end, self.close = scripted.turn, scripted.end, scripted.close
+
+        def is_server_ready(self):
+            return True
+
+    monkeypatch.setattr(client_module, "Client", Fake)
+    monkeypatch.setattr("sys.stdin", io.StringIO("tail\n"))
+    assert client_module.main(["--frequency-penalty", "0.5", "--min-p", "0.1", "--stop", "X", "--stop", "Y"]) == 0
+    assert scripted.turns[-1]["options"] == {"min_p": 0.1, "frequency_penalty": 0.5, "stop": ["X", "Y"]}
+    assert capsys.readouterr().out == "Hello world\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert client_module.main([]) == 0 and scripted.turns[-1]["options"] is None
