@@ -237,7 +237,8 @@ def test_penalties_change_the_distribution():
     plain, _ = reference_full(logits, history)
     seen = set(history)
     for kw in PENALTY_CASES[:7]:
-        if kw.get("repetition_penalty", 1) < 1 or kw.get("frequency_penalty", 0) < 0 or kw.get("presence_penalty", 0) < 0:
+        if (kw.get("repetition_penalty", 1) < 1 or kw.get("frequency_penalty", 0) < 0
+                or kw.get("presence_penalty", 0) < 0):
             continue
         dist, _ = reference_full(logits, history, **kw)
         assert sum(dist[i] for i in seen) < sum(plain[i] for i in seen) - 0.01, kw

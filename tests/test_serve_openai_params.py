@@ -127,7 +127,8 @@ def test_completions_equal_the_in_process_continuation(api, local, stream):
         api.completions.create(model="streaming-trt", prompt="probe", max_tokens=1)
     except openai.BadRequestError as e:
         if "unknown option 'raw'" in str(e):
-            pytest.skip("the server cannot continue raw text yet (OPTIONS \"raw\": /work/coord/openai-notes.md, item 3)")
+            pytest.skip("the server cannot continue raw text yet "
+                        "(OPTIONS \"raw\": /work/coord/openai-notes.md, item 3)")
         raise
     if not stream:
         r = api.completions.create(model="streaming-trt", prompt=prompt, max_tokens=12, logprobs=2)

@@ -31,7 +31,8 @@ class BadRequest(Exception):
 # served); "refused" (refused unless the value is the neutral one, which :data:`NEUTRAL` lists).
 PARAMETERS: dict[str, tuple[tuple[str, ...], str, str]] = {
     "model": (BOTH, "honoured", "must be the served model's id (or absent)"),
-    "messages": ((CHAT,), "honoured", "system / developer / user / assistant text (or text parts); the last is the user's"),
+    "messages": ((CHAT,), "honoured",
+                 "system / developer / user / assistant text (or text parts); the last is the user's"),
     "prompt": ((COMPLETIONS,), "honoured", "one string, continued as is (no chat template)"),
     "max_tokens": (BOTH, "honoured", "default: the server's --max-new-tokens"),
     "max_completion_tokens": ((CHAT,), "honoured", "as max_tokens"),
@@ -50,7 +51,8 @@ PARAMETERS: dict[str, tuple[tuple[str, ...], str, str]] = {
     "top_logprobs": ((CHAT,), "honoured", f"0-{MAX_TOP_LOGPROBS}, with logprobs true"),
     "n": (BOTH, "refused", "one choice per request (each is a stream of its own): send n requests"),
     "best_of": ((COMPLETIONS,), "refused", "one candidate per request"),
-    "echo": ((COMPLETIONS,), "refused", "the prompt's own logprobs are not computed (the server returns reply tokens only)"),
+    "echo": ((COMPLETIONS,), "refused",
+             "the prompt's own logprobs are not computed (the server returns reply tokens only)"),
     "suffix": ((COMPLETIONS,), "refused", "no fill-in-the-middle"),
     "logit_bias": (BOTH, "refused", "not implemented in the sampler"),
     "tools": ((CHAT,), "refused", "no tool calling"),
