@@ -66,6 +66,8 @@ def arguments(argv):
     g.add_argument("--recall", choices=("bounds", "representative"), default=None,
                    help="also run StreamingLLM + recall of evicted tokens (streaming_trt.Recall with this scorer, "
                         "its default blocks) at the same cache, as the method `recall`")
+    g.add_argument("--recall-positions", choices=("rank", "fixed"), default="rank",
+                   help="recall's position rule: the contract's ranks or InfLLM's one distance (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -98,7 +100,7 @@ def chunked_stream(method: str, built, args, n_tokens: int):
         from streaming_trt.recall import Recall
 
         s, w = baselines.cache_shape("streaming", args.cache, args.sink_tokens)
-        return baselines.RuntimeStream("recall", built.model, s, w, args.chunk, recall=Recall(scorer=args.recall))
+        return baselines.RuntimeStream("recall", built.model, s, w, args.chunk, recall=Recall(scorer=args.recall, positions=args.recall_positions))
     if method == "hf-dense":
         return baselines.HFDenseStream(built.hf(), built.device, args.chunk)
     if method == "dense":
