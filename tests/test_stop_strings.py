@@ -119,7 +119,7 @@ class Tok:
 class Scripted:
     """A batch-1 session whose logits make greedy decoding produce ``script`` token by token."""
 
-    batch = 1
+    batch, device = 1, "cpu"
 
     def __init__(self, script):
         self.script, self.fed = list(script), []
