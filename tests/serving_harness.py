@@ -219,7 +219,7 @@ def raw_turn(url: str, inputs: list[tuple[str, object, str]], seq: int, start: b
             if int(result.as_numpy("TOKEN_ID")[0]) < 0:
                 return ""
     finally:
-        client.stop_stream()
+        client.stop_stream(cancel_requests=True)  # a request still waiting (for a sequence slot) must not hang us
         client.close()
 
 
