@@ -127,8 +127,11 @@ if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('benc
     ARGS=(--out "$OUTDIR/serve_step")
     case "$HELP" in *--no-progress*) ARGS+=(--no-progress);; esac
     case "$HELP" in *--device*) ARGS+=(--device "$([ $MODE = gpu ] && echo cuda || echo cpu)");; esac
-    case "$HELP" in *--batch-sizes*) ARGS+=(--batch-sizes "$([ $MODE = gpu ] && echo 1,8,32,128 || echo 1,2)");; esac
-    step serve_step "$([ $MODE = gpu ] && echo 90 || echo 60)" "$PY" -m bench.serve_step "${ARGS[@]}"
+    case "$HELP" in *--batch-sizes*) ARGS+=(--batch-sizes "$([ $MODE = gpu ] && echo 1,8,64,256 || echo 1,2)");; esac
+    case "$HELP" in *--tokens*) ARGS+=(--tokens "$([ $MODE = gpu ] && echo 64 || echo 4)");; esac
+    case "$HELP" in *--prompt-tokens*) ARGS+=(--prompt-tokens "$([ $MODE = gpu ] && echo 128 || echo 8)");; esac
+    case "$HELP" in *llama-1b*) [ $MODE = gpu ] && ARGS+=(--preset llama-1b);; esac
+    step serve_step 90 "$PY" -m bench.serve_step "${ARGS[@]}"
 else
     say "SKIP serve_step: bench/serve_step.py does not exist yet"
 fi
