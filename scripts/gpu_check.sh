@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU run of everything that needs a GPU, for a lent machine with no network
-# (written for an H200 with torch 2.11, triton 3.6, transformers 5.17, Python 3.12; within 8 minutes):
+# (written for an H200 with torch 2.11, triton 3.6, transformers 5.17, Python 3.12; the step limits add up
+# to 8 minutes):
 #   1. install this checkout without touching the image's torch (pip --no-deps --no-index -e .),
 #      and list the wheels it needs that the image lacks;
 #   2. every test that needs CUDA (kernels natively in fp16/bf16, the runtime's Triton backend
@@ -90,7 +91,7 @@ CUDA_TESTS=(tests/test_kernels.py tests/test_runtime_triton.py tests/test_kernel
             tests/test_hf.py::test_backend_choice_is_checked)
 GPU_ONLY=(tests/test_core.py::test_captured_decode_equals_eager_on_cuda tests/test_kernels.py::test_gpu_bench_shapes)
 if [ $MODE = gpu ]; then
-    step tests 240 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUTDIR/tests.xml" "${CUDA_TESTS[@]}"
+    step tests 190 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUTDIR/tests.xml" "${CUDA_TESTS[@]}"
 else
     step tests-collect 120 "$PY" -m pytest -q --collect-only -p no:cacheprovider "${CUDA_TESTS[@]}"
     step tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUTDIR/tests.xml" "${GPU_ONLY[@]}"
@@ -98,7 +99,7 @@ fi
 
 # ---- 3. the kernels' bandwidth -------------------------------------------------------------------
 if [ $MODE = gpu ]; then
-    step kernels 90 "$PY" -m bench.kernels --device cuda --out "$OUTDIR/kernels" --no-progress
+    step kernels 60 "$PY" -m bench.kernels --device cuda --warmup 2 --iters 10 --out "$OUTDIR/kernels" --no-progress
 else
     step kernels 90 "$PY" -m bench.kernels --device cpu --batch 1 --capacity 64 --chunk 8 --iters 1 --warmup 0 \
         --ops decode,prefill --out "$OUTDIR/kernels" --no-progress
@@ -106,7 +107,7 @@ fi
 
 # ---- 4. latency against transformers dense and re-computation -------------------------------------
 if [ $MODE = gpu ]; then
-    step latency 150 "$PY" -m bench.latency --preset llama2-7b --device cuda --dtype bfloat16 --cache-sizes 256,1024,4096 \
+    step latency 120 "$PY" -m bench.latency --preset llama2-7b --device cuda --dtype bfloat16 --cache-sizes 256,1024,4096 \
         --methods streaming,hf-dense,recompute --tokens 32 --slow-tokens 4 --out "$OUTDIR/latency" --no-progress
 else
     step latency 90 "$PY" -m bench.latency --preset builtin --device cpu --cache-sizes 16,32 \
@@ -115,7 +116,7 @@ fi
 
 # ---- 5. a long endless stream --------------------------------------------------------------------
 if [ $MODE = gpu ]; then
-    step endless 100 "$PY" -m bench.endless --device cuda --tokens 40000 --cache 1024 --samples 20 --out "$OUTDIR/endless" --no-progress
+    step endless 50 "$PY" -m bench.endless --device cuda --tokens 30000 --cache 1024 --samples 20 --out "$OUTDIR/endless" --no-progress
 else
     step endless 90 "$PY" -m bench.endless --device cpu --tokens 400 --cache 32 --samples 4 --settle 100 \
         --out "$OUTDIR/endless" --no-progress
@@ -131,7 +132,7 @@ if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('benc
     case "$HELP" in *--tokens*) ARGS+=(--tokens "$([ $MODE = gpu ] && echo 64 || echo 4)");; esac
     case "$HELP" in *--prompt-tokens*) ARGS+=(--prompt-tokens "$([ $MODE = gpu ] && echo 128 || echo 8)");; esac
     case "$HELP" in *llama-1b*) [ $MODE = gpu ] && ARGS+=(--preset llama-1b);; esac
-    step serve_step 90 "$PY" -m bench.serve_step "${ARGS[@]}"
+    step serve_step "$([ $MODE = gpu ] && echo 50 || echo 90)" "$PY" -m bench.serve_step "${ARGS[@]}"
 else
     say "SKIP serve_step: bench/serve_step.py does not exist yet"
 fi
