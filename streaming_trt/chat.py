@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from .conversation import Conversation
-from .errors import UserError
+from .contract import UserError
 from .generation import eos_ids
 from .sampling import Sampler
 
@@ -20,8 +20,8 @@ def chat(session, tokenizer, lines, write, sampling, max_new_tokens: int, system
 
     Returns the number of turns answered.
     """
-    conversation = Conversation(tokenizer, eos_ids(tokenizer, session.model.config), system, started=not fresh)
-    sampler = Sampler(sampling, session.model.device)
+    conversation = Conversation(tokenizer, eos_ids(tokenizer, session.config), system, started=not fresh)
+    sampler = Sampler(sampling, session.device)
     answered = 0
     for line in lines:
         text = line.rstrip("\n")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from .errors import UserError
+from .contract import UserError
 from .generation import generate_tokens
 from .tokenizer import IncrementalDecoder
 

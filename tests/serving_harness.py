@@ -28,7 +28,7 @@ SINK, WINDOW, TOKENS = 4, 40, 6   # the cache rolls after about two turns
 
 def require_tritonserver() -> None:
     """Skip the calling test module (at import) when there is no tritonclient or tritonserver."""
-    from streaming_trt.errors import UserError
+    from streaming_trt.contract import UserError
 
     pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
     try:

@@ -13,7 +13,7 @@ import torch
 import streaming_trt as st
 from checkpoints import make_checkpoint, save_tokenizer
 from streaming_trt.conversation import Conversation
-from streaming_trt.errors import UserError
+from streaming_trt.contract import UserError
 from streaming_trt.generation import eos_ids
 from streaming_trt.sampling import Sampler, SamplingParams
 from streaming_trt.serving.scheduler import Overloaded, Scheduler, TurnRequest

@@ -6,6 +6,7 @@ token by token (decoupled mode). Settings come from ``serve.json`` beside ``conf
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -13,8 +14,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from streaming_trt.errors import UserError
+from streaming_trt.cache import device_memory
+from streaming_trt.catalog import open_model
+from streaming_trt.cli import set_threads
+from streaming_trt.contract import Geometry, UserError
+from streaming_trt.sampling import SamplingParams
+from streaming_trt.serving.scheduler import Scheduler, TurnRequest
+from streaming_trt.serving.store import ConversationStore
 
 FLAG_START, FLAG_END = 1, 2
 OPTIONAL = {"MAX_TOKENS": ("max_tokens", int), "TEMPERATURE": ("temperature", float), "TOP_K": ("top_k", int),
@@ -31,13 +39,7 @@ class TritonPythonModel:
     serialises turns and every conversation in flight advances in the same batched step."""
 
     def initialize(self, args):
-        import triton_python_backend_utils as pb_utils
-
-        from streaming_trt.catalog import open_model
-        from streaming_trt.cli import set_threads
-        from streaming_trt.contract import Geometry
-        from streaming_trt.serving.scheduler import Scheduler
-        from streaming_trt.serving.store import ConversationStore
+        import triton_python_backend_utils as pb_utils  # only inside Triton's backend stub
 
         self.pb = pb_utils
         settings = json.loads((Path(args["model_repository"]) / "serve.json").read_text())
@@ -61,8 +63,6 @@ class TritonPythonModel:
 
     def _response(self, token: int, text: str, prompt_tokens: int = 0, seen: int = 0, finish: str = "",
                   logprob: float | None = None, top: list | None = None):
-        import torch
-
         pb = self.pb
 
         def out(name, values, dtype):
@@ -82,9 +82,6 @@ class TritonPythonModel:
         ])
 
     def _request(self, request, sender):
-        from streaming_trt.sampling import SamplingParams
-        from streaming_trt.serving.scheduler import TurnRequest
-
         pb = self.pb
         messages = pb.get_input_tensor_by_name(request, "MESSAGES")
         if messages is None:
@@ -144,9 +141,6 @@ class TritonPythonModel:
 def pool_slots(settings: dict, model) -> int:
     """``slots``, or as many conversations as ``slot_memory`` bytes hold (default: a quarter of the
     device's free memory), at most 64 and at least 1."""
-    from streaming_trt.cache import device_memory
-    from streaming_trt.contract import Geometry
-
     if settings.get("slots"):
         return settings["slots"]
     c = model.config
@@ -161,10 +155,6 @@ def pool_slots(settings: dict, model) -> int:
 def turn_options(raw: bytes, sampling: dict) -> dict:
     """The OPTIONS input (UTF-8 JSON object): SamplingParams fields by name go into ``sampling``;
     returns the turn's ``stop`` and ``logprobs``. An unknown key is refused by name."""
-    import dataclasses
-
-    from streaming_trt.sampling import SamplingParams
-
     try:
         options = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -194,7 +184,6 @@ def turn_options(raw: bytes, sampling: dict) -> dict:
 def _numpy(tensor) -> np.ndarray:
     """A request tensor as a flat numpy array, through DLPack: the stub's ``as_numpy`` returns
     wrong strides under numpy 2 (it was built against numpy 1)."""
-    import torch
 
     return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).reshape(-1).numpy()
 

@@ -12,7 +12,7 @@ import urllib.request
 from importlib import resources, util
 from pathlib import Path
 
-from ..errors import UserError
+from ..contract import UserError
 
 MODEL_NAME = "streaming_llm"
 

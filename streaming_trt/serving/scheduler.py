@@ -30,14 +30,13 @@ import dataclasses
 import json
 import queue
 import threading
-import time
 from typing import Callable
 
 import torch
 
 from ..conversation import Conversation
-from ..errors import UserError
-from ..generation import eos_ids
+from ..contract import UserError
+from ..generation import StopStrings, eos_ids
 from ..graphs import DecodeGraphs
 from ..sampling import Sampler, SamplingParams
 from ..session import Session
@@ -131,8 +130,6 @@ class _Turn:
 def _stop_matcher(strings):
     if not strings:
         return None
-    from ..generation import StopStrings  # the openai work's matcher; absent, stop strings are refused
-
     return StopStrings(list(strings))
 
 
@@ -498,7 +495,3 @@ class Scheduler:
             else:
                 self._done(req, result, None)
             self.inbox.put(("saved", cid))
-
-    def stats(self) -> dict:
-        return {"slots": len(self.rows), "decoding": self.decoding, "busy": len(self.busy),
-                "waiting": len(self.waiting), "steps": self.steps, "time": time.time()}

@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from ..errors import UserError
+from ..contract import UserError
 from ..session import Session
 
 SUFFIX = ".session"
