@@ -113,24 +113,15 @@ class _Turn:
         self.req, self.conversation, self.ids = req, conversation, ids
         self.max_tokens = max_tokens
         self.sampler = Sampler(req.sampling, device)
-        self.sampler_observe = getattr(self.sampler, "observe", None)
-        if self.sampler_observe is not None:
-            self.sampler_observe(list(ids))
+        self.sampler.observe(list(ids))  # penalties count this turn's prompt and reply
         self.decoder = IncrementalDecoder(conversation.tokenizer)
-        self.stops = _stop_matcher(req.stop)
+        self.stops = StopStrings(list(req.stop)) if req.stop else None
         self.seq = 0                  # admission order
         self.fed = 0                  # prompt ids fed so far
         self.row: int | None = None
         self.forced: list[int] = []   # ids fed without sampling (what closes the reply)
         self.count, self.finish = 0, None
         self.last: int | None = None  # the last generated id
-        self.closing = False
-
-
-def _stop_matcher(strings):
-    if not strings:
-        return None
-    return StopStrings(list(strings))
 
 
 class Scheduler:
@@ -217,7 +208,7 @@ class Scheduler:
             self._drain(block=not active and not self.stopping.is_set())
             if self.stopping.is_set() and not active:
                 for req in self.waiting:
-                    self._fail(req, UserError("the server is shutting down"))
+                    self._done(req, None, UserError("the server is shutting down"))
                 self.waiting.clear()
                 return
             self._admit()
@@ -225,10 +216,8 @@ class Scheduler:
                 self._decode_step()
                 self._prefill_step()
             except Exception as e:  # a bug: fail the turns in flight, keep serving the others
-                for r, turn in enumerate(self.rows):
-                    if turn is not None:
-                        self._release(turn, error=RuntimeError(f"internal error: {type(e).__name__}: {e}"))
-                self.decoding = 0
+                for turn in [t for t in self.rows if t is not None]:
+                    self._release(turn, error=RuntimeError(f"internal error: {type(e).__name__}: {e}"))
             self.steps += 1
 
     def _drain(self, block: bool) -> None:
@@ -265,9 +254,9 @@ class Scheduler:
             try:
                 self._start(req)
             except UserError as e:
-                self._fail(req, e)
+                self._done(req, None, e)
             except Exception as e:  # a bug or an unreadable file: this turn only
-                self._fail(req, RuntimeError(f"internal error: {type(e).__name__}: {e}"))
+                self._done(req, None, RuntimeError(f"internal error: {type(e).__name__}: {e}"))
         self.waiting = kept
 
     @staticmethod
@@ -470,9 +459,6 @@ class Scheduler:
             self.store.end(cid)
         self.busy.discard(cid)
         self._done(turn.req, result, error)
-
-    def _fail(self, req: TurnRequest, error: Exception) -> None:
-        self._done(req, None, error)
 
     @staticmethod
     def _done(req: TurnRequest, result: TurnResult | None, error: Exception | None) -> None:
