@@ -164,3 +164,26 @@ def test_bad_requests_and_overload(local, tmp_path):
     second.wait()
     sched.close()
     assert not store.exists(8)
+
+
+def test_identical_turns_beside_a_long_cancelled_decode(local, tmp_path):
+    """A 120-token reply runs (and is cancelled mid-way) while four identical fresh turns are
+    prefilled and decoded beside it: the four equal each other and the turn run alone, and the
+    long reply's tokens so far equal its own run alone."""
+    sched, store = make(local, tmp_path, slots=6, token_budget=8)
+    count = {"n": 0}
+    long_turn = Waiter()
+    long_turn.on_token = lambda e: (long_turn.tokens.append(e.token), count.__setitem__("n", count["n"] + 1))
+    sched.submit(TurnRequest(1, [{"role": "user", "content": "tell me a long story " * 3}], start=True,
+                             max_tokens=120, sampling=GREEDY, on_token=long_turn.on_token, on_done=long_turn.on_done,
+                             cancelled=lambda: count["n"] >= 60))
+    while count["n"] < 10:
+        time.sleep(0.01)
+    same = [turn(sched, 10 + c, "the very same question", 12, start=True) for c in range(4)]
+    replies = [w.wait() for w in same]
+    long_tokens = long_turn.wait()
+    sched.close()
+    expected = alone(local, [("the very same question", 12)])[0]
+    assert replies == [expected] * 4
+    assert long_tokens == alone(local, [("tell me a long story " * 3, 120)])[0][: len(long_tokens)]
+    assert long_turn.result.finish_reason in ("cancelled", "stop", "length")
