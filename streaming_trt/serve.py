@@ -44,8 +44,9 @@ def build_parser():
                         "each, allocated at start); default: as many as --slot-memory holds, at most 64")
     g.add_argument("--slot-memory", type=parse_bytes, default=None, metavar="SIZE",
                    help="bytes of cache for the slots, e.g. 2GiB (default: a quarter of the free device memory)")
-    g.add_argument("--prefill-budget", type=int, default=256,
-                   help="prompt tokens fed per step after every decoding slot got its token")
+    g.add_argument("--token-budget", type=int, default=None,
+                   help="tokens one batched step feeds, decode and prompt together; what is left after every "
+                        "decoding slot's token goes to prompt chunks (default: 512 on CUDA, 64 on a CPU)")
     g.add_argument("--max-queue", type=int, default=256,
                    help="turns that may wait for a slot; beyond, requests are refused at once (server busy)")
     g.add_argument("--host-memory", type=parse_bytes, default=parse_bytes("4GiB"), metavar="SIZE",
@@ -97,9 +98,10 @@ def settings(args) -> dict:
     Geometry(args.sink_tokens, args.window)  # UserError for an impossible cache
     if args.slots is not None and args.slots < 1:
         raise UserError(f"--slots must be >= 1, got {args.slots}")
-    for flag, value, low in (("--prefill-budget", args.prefill_budget, 1), ("--max-queue", args.max_queue, 0)):
-        if value < low:
-            raise UserError(f"{flag} must be >= {low}, got {value}")
+    if args.token_budget is not None and args.token_budget < 1:
+        raise UserError(f"--token-budget must be >= 1, got {args.token_budget}")
+    if args.max_queue < 0:
+        raise UserError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.idle_ttl is not None and args.idle_ttl <= 0:
         raise UserError(f"--idle-ttl must be > 0 seconds, got {args.idle_ttl}")
     if not 0 <= args.max_new_tokens <= args.max_tokens_limit:
@@ -129,7 +131,7 @@ def settings(args) -> dict:
         "seed": 0 if args.seed is None else args.seed,
         "sink_tokens": args.sink_tokens, "window": args.window,
         "session_dir": str(Path(args.session_dir).resolve()), "slots": args.slots, "slot_memory": args.slot_memory,
-        "prefill_budget": args.prefill_budget, "max_queue": args.max_queue, "host_memory": args.host_memory,
+        "token_budget": args.token_budget, "max_queue": args.max_queue, "host_memory": args.host_memory,
         "disk_budget": args.disk_budget, "idle_ttl": args.idle_ttl,
         "max_new_tokens": args.max_new_tokens, "max_new_tokens_limit": args.max_tokens_limit,
         "max_input_bytes": args.max_input_bytes, "threads": args.threads,
@@ -166,9 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sequence_slots(args) -> dict:
-    idle_us = round(args.sequence_idle_seconds * 1e6)
-    # write_repo takes hours and truncates to whole microseconds: half a microsecond more lands on idle_us
-    return {"idle_hours": (idle_us + 0.5) / 3600e6, "candidates": args.max_sequences}
+    return {"idle_seconds": args.sequence_idle_seconds, "candidates": args.max_sequences}
 
 
 def _serve(args) -> int:

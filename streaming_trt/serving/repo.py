@@ -59,19 +59,21 @@ instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 """
 
 
-def write_repo(repo: str | os.PathLike, settings: dict, name: str = MODEL_NAME, idle_hours: float = 24.0,
+def write_repo(repo: str | os.PathLike, settings: dict, name: str = MODEL_NAME, idle_seconds: float = 60.0,
                candidates: int = 4096) -> Path:
     """Write ``repo/<name>/{config.pbtxt, serve.json, 1/model.py}``; return the model directory.
 
     ``settings`` are the backend's (see ``serve.py``): model, dtype, device, backend, seed,
-    sink_tokens, window, session_dir, slots, prefill_budget, max_queue, host_memory, disk_budget,
-    idle_ttl, max_new_tokens, max_new_tokens_limit, max_input_bytes, threads. One model instance:
-    its scheduler batches every conversation, and the store of idle ones stays consistent.
+    sink_tokens, window, session_dir, slots, slot_memory, token_budget, max_queue, host_memory,
+    disk_budget, idle_ttl, cuda_graphs, max_new_tokens, max_new_tokens_limit, max_input_bytes,
+    threads. One model instance: its scheduler batches every conversation, and the store of idle
+    ones stays consistent. Triton releases a conversation's sequence slot after ``idle_seconds``
+    without a turn (its next turn resumes it from disk) and holds at most ``candidates`` at once.
     """
     model_dir = Path(repo) / name
     try:
         (model_dir / "1").mkdir(parents=True, exist_ok=True)
-        (model_dir / "config.pbtxt").write_text(CONFIG.format(name=name, idle_us=int(idle_hours * 3600e6),
+        (model_dir / "config.pbtxt").write_text(CONFIG.format(name=name, idle_us=round(idle_seconds * 1e6),
                                                               candidates=candidates))
         (model_dir / "serve.json").write_text(json.dumps(settings, indent=2) + "\n")
         template = resources.files("streaming_trt.serving").joinpath("templates/model.py").read_text()
