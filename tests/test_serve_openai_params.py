@@ -81,9 +81,6 @@ def test_stop_ends_before_the_stop_string(api, local, stream):
     assert usage.completion_tokens <= 11
 
 
-@pytest.mark.xfail(strict=True, reason="the scheduler drops the text a StopStrings holds back when the reply "
-                                       "ends without a hit: it must send stops.flush() as the final response's "
-                                       "TEXT (/work/coord/openai-notes.md, item 1); remove this mark then")
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_text_held_back_for_a_stop_string_is_given_back(api, local, stream):
     text = f"held back {stream}"
@@ -123,13 +120,6 @@ def test_completions_equal_the_in_process_continuation(api, local, stream):
         want = "".join(st.generate_text(model.session(SINK, WINDOW), tok, prompt, 12))
     finally:
         torch.set_num_threads(threads)
-    try:
-        api.completions.create(model="streaming-trt", prompt="probe", max_tokens=1)
-    except openai.BadRequestError as e:
-        if "unknown option 'raw'" in str(e):
-            pytest.skip("the server cannot continue raw text yet "
-                        "(OPTIONS \"raw\": /work/coord/openai-notes.md, item 3)")
-        raise
     if not stream:
         r = api.completions.create(model="streaming-trt", prompt=prompt, max_tokens=12, logprobs=2)
         c = r.choices[0]

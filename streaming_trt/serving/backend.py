@@ -109,7 +109,7 @@ class TritonPythonModel:
 
         def on_done(result, error):
             if error is None:
-                final = self._response(-1, "", result.prompt_tokens, result.seen, result.finish_reason)
+                final = self._response(-1, result.text, result.prompt_tokens, result.seen, result.finish_reason)
             else:
                 if not isinstance(error, UserError):
                     _log(f"conversation {cid}: {error}")
@@ -154,7 +154,7 @@ def pool_slots(settings: dict, model) -> int:
 
 def turn_options(raw: bytes, sampling: dict) -> dict:
     """The OPTIONS input (UTF-8 JSON object): SamplingParams fields by name go into ``sampling``;
-    returns the turn's ``stop`` and ``logprobs``. An unknown key is refused by name."""
+    returns the turn's ``stop``, ``logprobs`` and ``raw``. An unknown key is refused by name."""
     try:
         options = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -172,12 +172,16 @@ def turn_options(raw: bytes, sampling: dict) -> dict:
             if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
                 raise_user("OPTIONS stop must be a string or a list of strings")
             turn["stop"] = tuple(s for s in value if s)
+        elif key == "raw":
+            if not isinstance(value, bool):
+                raise_user("OPTIONS raw must be true or false")
+            turn["raw"] = value
         elif key == "logprobs":
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20):
                 raise_user("OPTIONS logprobs must be an integer in [0, 20] (top alternatives per token) or null")
             turn["logprobs"] = value
         else:
-            raise_user(f"OPTIONS has an unknown option {key!r}; known: {sorted(fields | {'stop', 'logprobs'})}")
+            raise_user(f"OPTIONS has an unknown option {key!r}; known: {sorted(fields | {'stop', 'logprobs', 'raw'})}")
     return turn
 
 

@@ -61,6 +61,7 @@ class TurnResult:
     completion_tokens: int      # tokens generated (a stop token included)
     finish_reason: str          # "stop", "length", "cancelled" or "ended"
     seen: int                   # stream length after the turn
+    text: str = ""              # reply text released at the end (held back while it might begin a stop string)
 
 
 @dataclasses.dataclass
@@ -70,6 +71,7 @@ class TurnRequest:
     ``messages``: a list of ``{"role", "content"}`` dicts, or its JSON (str or UTF-8 bytes); ``[]``
     with ``end`` ends the conversation without a turn. ``start`` begins conversation ``cid`` anew
     unless ``resume`` (continue the one saved under that id). ``end`` deletes it after the turn.
+    ``raw``: ``messages`` is a text continued as it is (no chat template, nothing closes the reply).
     ``on_token(TokenEvent)`` is called per reply token and ``on_done(result, error)`` once, from the
     scheduler's threads; ``cancelled()`` is polled between steps.
     """
@@ -83,6 +85,7 @@ class TurnRequest:
     sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
+    raw: bool = False
     on_token: Callable[[TokenEvent], None] = lambda event: None
     on_done: Callable[[TurnResult | None, Exception | None], None] = lambda result, error: None
     cancelled: Callable[[], bool] = lambda: False
@@ -122,6 +125,7 @@ class _Turn:
         self.forced: list[int] = []   # ids fed without sampling (what closes the reply)
         self.count, self.finish = 0, None
         self.last: int | None = None  # the last generated id
+        self.stops_hit, self.held = False, ""  # a stop string ended the reply; text released at the end
 
 
 class Scheduler:
@@ -278,7 +282,12 @@ class Scheduler:
         if not fresh and not self.store.exists(req.cid):
             raise UserError(f"conversation {req.cid} is unknown or has ended; start it with the START flag")
         conversation = Conversation(self.tokenizer, self.stop_ids, started=not fresh, encoder=self.encoder)
-        ids = conversation.turn_ids(messages)
+        if req.raw:
+            if not isinstance(messages, str) or not messages:
+                raise UserError("a raw turn's MESSAGES must be a non-empty JSON string: the text to continue")
+            ids = self.tokenizer.encode(messages, add_special_tokens=fresh)
+        else:
+            ids = conversation.turn_ids(messages)
         sink = self.model.config.sink_token_id
         if fresh and sink is not None:  # a model pre-trained with a sink token starts every stream with it
             ids = [sink] + ids
@@ -337,6 +346,7 @@ class Scheduler:
             self._end_reply(turn, "cancelled")
             return token
         if hit:
+            turn.stops_hit = True
             self._end_reply(turn, "stop")
         elif turn.count >= turn.max_tokens:
             self._end_reply(turn, "length")
@@ -345,7 +355,9 @@ class Scheduler:
     def _end_reply(self, turn: _Turn, reason: str) -> None:
         """The reply is over; what closes it is fed in the next decode steps."""
         turn.finish = reason
-        turn.forced = turn.conversation.closing_ids(turn.last)
+        turn.forced = [] if turn.req.raw else turn.conversation.closing_ids(turn.last)
+        if turn.stops is not None and not turn.stops_hit:
+            turn.held = turn.stops.flush()
 
     def _prefill_step(self) -> None:
         budget = (max(self.token_budget - self.decoding, self.token_budget // 4, 1) if self.decoding
@@ -444,7 +456,7 @@ class Scheduler:
             self.store.put(cid, holder)
         if error is None:
             seen = c.seen_host[row] if keep else (self.store.seen(cid) if self.store.exists(cid) else 0)
-            result = TurnResult(len(turn.ids), turn.count, turn.finish, seen)
+            result = TurnResult(len(turn.ids), turn.count, turn.finish, seen, turn.held)
         if row < self.decoding:
             last = self.decoding - 1
             if row != last:
