@@ -122,31 +122,14 @@ def set_threads(threads: int | None) -> int:
 
 
 def load(args):
-    """The model and tokenizer the flags name: a directory, a .gguf file, ``builtin:smollm2`` /
-    ``builtin:random``, or (no --model) SmolLM2-135M-Instruct, the random model where it is missing."""
-    from .builtin import (DEFAULT_NOTICE, FALLBACK_NOTICE, NOTICE, RANDOM_NAME, SMOLLM2_NAME, builtin_model,
-                          default_model, smollm2_path)
-    from .model import load_model
-    from .tokenizer import load_tokenizer
+    """The model and tokenizer the flags name (:func:`streaming_trt.catalog.open_model`), with
+    ``--threads`` applied first."""
+    from .catalog import open_model
 
     if hasattr(args, "threads"):
         set_threads(args.threads)
     seed = 0  # the random model's weights: fixed, so that --seed repeats a run's sampling on the same model
-    name = args.model
-    if name is None and smollm2_path() is None:
-        info(FALLBACK_NOTICE.format(seed=seed))
-        name = RANDOM_NAME
-    elif name is None:
-        info(DEFAULT_NOTICE)
-        name = SMOLLM2_NAME
-    elif name == RANDOM_NAME:
-        info(NOTICE.format(seed=seed))
-    if name == RANDOM_NAME:
-        return builtin_model(args.dtype, args.device, args.backend, seed=seed), load_tokenizer(None)
-    if name == SMOLLM2_NAME:
-        return default_model(args.dtype, args.device, args.backend)
-    model = load_model(name, dtype=args.dtype, device=args.device, backend=args.backend)
-    return model, load_tokenizer(name)
+    return open_model(args.model, args.dtype, args.device, args.backend, seed=seed)
 
 
 def add_recall_flags(p: argparse.ArgumentParser) -> None:

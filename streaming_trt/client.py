@@ -29,7 +29,7 @@ import sys
 import threading
 from typing import Iterator
 
-from .errors import UserError
+from .contract import UserError
 
 MODEL_NAME = "streaming_llm"
 _RESTARTED = "must specify the START flag"

@@ -14,7 +14,7 @@ as :func:`streaming_trt.checkpoint.load_checkpoint`. What it does:
   file's bytes, so a second load skips parsing and dequantization.
 
 A corrupt, truncated or unsupported file (architecture, quantization type, rope variant) raises
-:class:`~streaming_trt.errors.CheckpointError` / :class:`~streaming_trt.errors.UnsupportedModelError`.
+:class:`~streaming_trt.contract.CheckpointError` / :class:`~streaming_trt.contract.UnsupportedModelError`.
 """
 from __future__ import annotations
 

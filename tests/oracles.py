@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from streaming_trt.kernels.geometry import Geometry
+from streaming_trt.contract import Geometry
 
 
 def attended(t: int, sink_tokens: int, window: int) -> list[int]:

@@ -14,7 +14,7 @@ import torch
 import streaming_trt as st
 from checkpoints import make_checkpoint
 from oracles import close, recompute
-from streaming_trt.kernels.geometry import Geometry
+from streaming_trt.contract import Geometry
 
 NAN = float("nan")
 

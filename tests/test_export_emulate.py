@@ -10,7 +10,7 @@ import torch
 
 import streaming_trt as st
 from checkpoints import make_checkpoint
-from streaming_trt.errors import UserError
+from streaming_trt.contract import UserError
 from streaming_trt.export import TrtllmSinkEmulator, expected_agreement, hf_weights, sink_settings
 
 AGREE, DIFFER = 1e-4, 1e-3

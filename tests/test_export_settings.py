@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from checkpoints import make_checkpoint
-from streaming_trt.errors import UnsupportedModelError, UserError
+from streaming_trt.contract import UnsupportedModelError, UserError
 from streaming_trt.export import EngineOptions, find_toolchain, sink_settings, supports_sinks, trtllm_build_command
 from streaming_trt.export.settings import check_engine_options, run_py_flags, runtime_settings
 from streaming_trt.export.support import check_sink_engine, read_source

@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 
-from streaming_trt.errors import UserError
+from streaming_trt.contract import UserError
 from streaming_trt.export import TritonOptions, sink_settings, write_triton_repo
 from streaming_trt.export.triton import model_parameters, parse_model_config
 

@@ -33,7 +33,7 @@ import pytest
 import torch
 
 from streaming_trt.kernels import reference as R
-from streaming_trt.kernels.geometry import Geometry
+from streaming_trt.contract import Geometry
 
 triton = pytest.importorskip("triton")
 

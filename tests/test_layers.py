@@ -26,7 +26,7 @@ RANK = {"contract": 0, "kernels": 1, "runtime": 2, "hf": 3, "export": 3, "servin
 
 def layer(module: str) -> str:
     """The layer of a module of this package."""
-    if module in ("streaming_trt.contract", "streaming_trt.errors"):  # errors: a re-export of contract
+    if module == "streaming_trt.contract":
         return "contract"
     for prefix, name in (("streaming_trt.kernels", "kernels"), ("streaming_trt.export", "export"),
                          ("streaming_trt.hf", "hf"), ("streaming_trt.serving", "serving")):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from streaming_trt.errors import UserError
+from streaming_trt.contract import UserError
 from streaming_trt.sampling import Sampler, SamplingParams
 
 # Distinct logits, far enough apart that no kept set sits on a rounding boundary.

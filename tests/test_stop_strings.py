@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streaming_trt.errors import UserError
+from streaming_trt.contract import UserError
 from streaming_trt.generation import StopStrings, generate_text
 
 # token id -> text piece; the stop "STOP" / "<|end|>" split over several of them

@@ -10,7 +10,7 @@ import torch
 
 import streaming_trt as st
 from streaming_trt.config import ModelConfig
-from streaming_trt.errors import CheckpointError
+from streaming_trt.contract import CheckpointError
 from streaming_trt.model import Transformer
 from streaming_trt.train import forward, new_model, train
 from streaming_trt.train import cli, data, files
@@ -156,7 +156,7 @@ def test_sink_token_is_prepended_once_per_stream(trained, tmp_path):
 
 
 def test_init_continues_a_checkpoint(trained, text_file, tmp_path):
-    from streaming_trt.errors import UserError
+    from streaming_trt.contract import UserError
 
     source = trained("sink-token")
     train(tiny(text_file, tmp_path / "more", variant="sink-token", steps=4, init=str(source)), quiet=True)

@@ -23,7 +23,7 @@ import secrets
 import threading
 import time
 
-from ..errors import UserError
+from ..contract import UserError
 from .conversations import Conversations, Reaper, conversation_key  # noqa: F401  (conversation_key: re-exported)
 from .openai_api import BadRequest, chat_logprobs, completion_logprobs, parse_chat, parse_completion
 
