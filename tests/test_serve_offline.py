@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import stat
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -72,11 +73,15 @@ def test_map_ends_what_no_request_can_continue(tmp_path):
     m.close()
 
 
+TOGETHER = 60  # more than anyio's default of 40 worker threads
+
+
 class ScriptedClient:
     """Stands in for streaming_trt.client.Client: the user message says what the "server" does."""
 
     def __init__(self):
         self.turns = []
+        self.together = threading.Barrier(TOGETHER)
 
     def turn(self, cid, messages, start=False, end=False, resume=False, **sampling):
         self.turns.append((cid, messages, start, end))
@@ -86,6 +91,8 @@ class ScriptedClient:
                 raise ServerError(f"scripted {kind}", kind)
         if text == "crash":
             raise RuntimeError("scripted bug")
+        if text == "together":  # returns only once TOGETHER turns are in flight at the same time
+            self.together.wait(timeout=20)
         yield Token(5, "hi")
         if text == "midway":
             raise ServerError("scripted break", "unavailable")
@@ -148,6 +155,18 @@ def test_gateway_error_after_the_headers_and_failed_turns_are_ended(gateway):
             break
         time.sleep(0.1)
     assert failed <= ended, "a conversation whose turn failed was not ended on the server"
+
+
+def test_gateway_carries_more_turns_at_once_than_default_worker_threads(gateway):
+    """60 requests whose turns all wait for each other: none may queue behind a thread pool."""
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(request(gateway.port, {"messages": [user("together")]})[0]))
+               for _ in range(TOGETHER)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [200] * TOGETHER
 
 
 def test_gateway_wrong_method_and_key(gateway):

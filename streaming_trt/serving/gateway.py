@@ -36,6 +36,9 @@ _STATUS = {"invalid": (400, "invalid_request_error", None, None),
 _UNKNOWN = "unknown or has ended"
 
 
+MAX_CONCURRENT_TURNS = 1024  # requests the gateway carries at once (the scheduler refuses beyond its queue)
+
+
 def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limit: int = 4096,
                max_body_bytes: int = 256 * 1024, max_conversations: int = 4096, timeout: float = 300.0,
                api_key: str | None = None, state_dir: str | None = None, conversation_ttl: float = 24 * 3600.0,
@@ -225,6 +228,11 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
         return chat_logprobs(entries) if chat else completion_logprobs(entries, offset)
 
     async def respond(request, chat: bool):
+        # Every turn in flight waits for its tokens in a worker thread: anyio's default of 40 threads
+        # would queue the 41st concurrent request behind the others, so the limit follows the server's.
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        if limiter.total_tokens < MAX_CONCURRENT_TURNS:
+            limiter.total_tokens = MAX_CONCURRENT_TURNS
         if not authorized(request):
             return unauthorized()
         try:
