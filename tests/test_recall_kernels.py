@@ -95,3 +95,26 @@ def test_block_scores_equal_reference(dtype, scorer, blocks, heads, kv, d):
         got = T.representative_scores(q.to(DEVICE), reps.to(DEVICE))
         want = R.representative_scores(q.double(), reps.double())
     _check(got, want, torch.float32, f"{scorer} scores")  # float32 accumulation in every dtype
+
+
+def test_recall_session_on_the_triton_backend_equals_torch(checkpoints):
+    """The runtime's Triton path (decode steps through recall_decode_attention) against the
+    PyTorch path, same model, same selection."""
+    import streaming_trt as st
+
+    path, _ = checkpoints("llama", num_hidden_layers=1)
+    torch_model = st.load_model(path, backend="torch")
+    triton_model = st.load_model(path, backend="triton", device=DEVICE)
+    recall = st.Recall(block_size=4, top_k=2)
+    a = torch_model.session(sink_tokens=4, window=8, recall=recall)
+    b = triton_model.session(sink_tokens=4, window=8, recall=recall)
+    ids = torch.randint(0, 97, (50,)).tolist()
+    a.feed(ids[:26])
+    b.feed(ids[:26])
+    recalled = 0
+    for x in ids[26:]:
+        la, lb = a.feed([x])[0, 0], b.feed([x])[0, 0].cpu()
+        assert a.recall.selected == b.recall.selected
+        recalled += bool(a.recall.selected[0])
+        _check(lb, la, torch.float32, "triton backend")
+    assert recalled > 10
