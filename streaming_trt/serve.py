@@ -8,6 +8,7 @@ Ctrl-C / SIGTERM. ``--openai-port`` adds an OpenAI-compatible HTTP endpoint in f
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -16,6 +17,7 @@ import threading
 from pathlib import Path
 
 from .contract import Geometry, UserError
+from .recall import from_flags
 
 
 def build_parser():
@@ -38,6 +40,7 @@ def build_parser():
     g.add_argument("--openai-port", type=int, default=0, help="port of the OpenAI-compatible gateway (0: off)")
     g.add_argument("--served-model-name", default="streaming-trt", help="the model id the OpenAI endpoint lists")
     g.add_argument("--session-dir", default="sessions", help="where conversations are saved after every turn")
+    cli.add_recall_flags(p)
     g = p.add_argument_group("batching and capacity (docs/serving.md: capacity planning)")
     g.add_argument("--slots", type=int, default=None,
                    help="conversations whose turns run at once in one batched step (one cache of S + W slots "
@@ -119,6 +122,7 @@ def settings(args) -> dict:
     for name in ("http_port", "grpc_port", "openai_port"):
         if not 0 <= getattr(args, name) < 65536:
             raise UserError(f"--{name.replace('_', '-')} must be a port number, got {getattr(args, name)}")
+    recall = from_flags(args)
     model = None
     if args.model is not None and args.model.startswith("builtin:"):
         model = args.model
@@ -136,6 +140,7 @@ def settings(args) -> dict:
         "max_new_tokens": args.max_new_tokens, "max_new_tokens_limit": args.max_tokens_limit,
         "max_input_bytes": args.max_input_bytes, "threads": args.threads,
         "cuda_graphs": not args.no_cuda_graphs,  # decode steps replay CUDA graphs on CUDA (--no-cuda-graphs: eager)
+        "recall": None if recall is None else dataclasses.asdict(recall),  # each conversation its own block store
     }
 
 

@@ -187,3 +187,36 @@ def test_identical_turns_beside_a_long_cancelled_decode(local, tmp_path):
     assert replies == [expected] * 4
     assert long_tokens == alone(local, [("tell me a long story " * 3, 120)])[0][: len(long_tokens)]
     assert long_turn.result.finish_reason in ("cancelled", "stop", "length")
+
+
+def test_recall_conversations_equal_their_run_alone(local, tmp_path):
+    """With recall every conversation runs on its own session with its block store: under
+    concurrent turns, prompts past the window and eviction to disk between turns (the files carry
+    the store), each equals the same conversation alone with recall."""
+    recall = st.Recall(block_size=8, top_k=2, chunk=16)
+    model, tok = local
+    store = ConversationStore(model, st.Geometry(SINK, WINDOW), tmp_path / "sessions", 0, fill_value=float("nan"))
+    sched = Scheduler(model, tok, store, slots=3, token_budget=20, recall=recall)
+    scripts = {c: [("q" * (3 * WINDOW), 6), (f"then {c}", 9), ("z" * WINDOW, 5)] for c in range(4)}
+    got, errors = {}, []
+
+    def user(c):
+        try:
+            got[c] = [turn(sched, 300 + c, text, n, start=(i == 0)).wait() for i, (text, n) in enumerate(scripts[c])]
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=user, args=(c,)) for c in scripts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sched.close()
+    assert not errors, errors
+    assert store.loads >= 8
+    for c, turns in scripts.items():
+        session = model.session(SINK, WINDOW, cache_fill=float("nan"), recall=recall)
+        conv = Conversation(tok, eos_ids(tok, model.config))
+        want = [[t for t, _ in conv.reply(session, text, n, Sampler(GREEDY))] for text, n in turns]
+        assert min(session.recall.count) >= 2 * recall.top_k  # blocks were evicted and could be recalled
+        assert got[c] == want, f"conversation {c}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from serving_harness import Server, checkpoint, local, reference, require_tritonserver, texts_of  # noqa: F401
+from serving_harness import SINK, WINDOW, Server, checkpoint, local, reference, require_tritonserver, texts_of  # noqa: F401
 
 require_tritonserver()
 
@@ -59,3 +59,34 @@ def test_sigkill_mid_load_loses_no_acknowledged_turn(checkpoint, local, tmp_path
                 assert rest == expected[c][saved:], f"conversation {c} after the restart"
     finally:
         b.stop()
+
+
+def test_recall_server_carries_each_conversations_block_store(checkpoint, local, tmp_path):  # noqa: F811
+    """``serve --recall``: conversations past the window, evicted to disk between turns (host memory
+    for one) and across a restart, equal the same conversation alone in-process with recall."""
+    from streaming_trt.conversation import Conversation as Chat
+    from streaming_trt.generation import eos_ids
+    from streaming_trt.sampling import Sampler, SamplingParams
+
+    model, tok = local
+    recall = st.Recall(block_size=8, top_k=2)
+    flags = ["--recall", "--recall-top-k", "2", "--recall-block-size", "8"]
+    texts = {c: [f"c{c} " + "long words here " * 8, f"c{c} more", f"c{c} " + "and then some " * 6] for c in range(2)}
+    got = {c: [] for c in texts}
+    for turns in ((0, 2), (2, 3)):  # a restart between the second and the third turn
+        s = Server(checkpoint, tmp_path / "sessions", tmp_path / f"r{turns[0]}.log", max_resident=1, extra=flags)
+        try:
+            with Client(s.url, timeout=120) as client:
+                for t in range(*turns):
+                    for c in texts:
+                        conv = Conversation(client, 800 + c, started=t > 0)
+                        got[c].append([tok_.id for tok_ in conv.tokens(texts[c][t], max_tokens=8)])
+        finally:
+            s.stop()
+    for c in texts:
+        session = model.session(SINK, WINDOW, recall=recall)
+        chat = Chat(tok, eos_ids(tok, model.config))
+        want = [[t for t, _ in chat.reply(session, text, 8, Sampler(SamplingParams(temperature=0.0)))]
+                for text in texts[c]]
+        assert min(session.recall.count) >= 1, "no block was evicted: recall was not exercised"
+        assert got[c] == want, f"conversation {c}"

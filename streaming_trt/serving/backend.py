@@ -20,6 +20,7 @@ from streaming_trt.cache import device_memory
 from streaming_trt.catalog import open_model
 from streaming_trt.cli import set_threads
 from streaming_trt.contract import Geometry, UserError
+from streaming_trt.recall import Recall
 from streaming_trt.sampling import SamplingParams
 from streaming_trt.serving.scheduler import Scheduler, TurnRequest
 from streaming_trt.serving.store import ConversationStore
@@ -56,7 +57,8 @@ class TritonPythonModel:
                                    max_new_tokens=settings["max_new_tokens"],
                                    max_new_tokens_limit=settings["max_new_tokens_limit"],
                                    max_input_bytes=settings["max_input_bytes"],
-                                   capture_decode=None if settings.get("cuda_graphs", True) else False)
+                                   capture_decode=None if settings.get("cuda_graphs", True) else False,
+                                   recall=Recall(**settings["recall"]) if settings.get("recall") else None)
         _log(f"model {settings['model'] or 'built-in'} loaded in {time.perf_counter() - t0:.1f} s; "
              f"{len(self.scheduler.rows)} slots ({self.scheduler.pool.cache.nbytes() / 2**20:.1f} MiB of cache), "
              f"sessions in {settings['session_dir']}, pid {os.getpid()}")

@@ -18,6 +18,10 @@ Each iteration of the scheduler's thread (Sarathi-Serve's stall-free batching):
 3. admits waiting turns into free slots (at most one turn per conversation at a time, in arrival
    order).
 
+With recall (:mod:`streaming_trt.recall`, one stream per block store) every turn runs on its
+conversation's own batch-1 session instead, one forward per conversation: the same order of work,
+without batching.
+
 Every row has its own sampling parameters, seed, stop tokens, stop strings and max_tokens;
 cancellation is checked between steps, during prefill too. A finished turn's state is copied out
 of its slot; it is saved by a writer thread, and only then is the turn's final response sent, so a
@@ -26,11 +30,8 @@ reply the client saw complete survives a SIGKILL.
 from __future__ import annotations
 
 import collections
-import dataclasses
-import json
 import queue
 import threading
-from typing import Callable
 
 import torch
 
@@ -38,75 +39,12 @@ from ..conversation import Conversation
 from ..contract import UserError
 from ..generation import StopStrings, eos_ids
 from ..graphs import DecodeGraphs
-from ..sampling import Sampler, SamplingParams
+from ..sampling import Sampler
 from ..session import Session
 from ..tokenizer import IncrementalDecoder
+from .turns import Overloaded, TokenEvent, TurnRequest, TurnResult, parse_messages
 
-
-class Overloaded(UserError):
-    """Every slot is busy and the waiting queue is full: the client should retry later."""
-
-
-@dataclasses.dataclass
-class TokenEvent:
-    token: int                       # the generated id
-    text: str                        # text safe to show now (stop strings held back)
-    logprob: float | None = None     # log-softmax of the model's logits at ``token``
-    top: list | None = None          # [[token_id, text, logprob], ...], the most likely first
-
-
-@dataclasses.dataclass
-class TurnResult:
-    prompt_tokens: int          # tokens fed for this turn's messages (the reply's closing not counted)
-    completion_tokens: int      # tokens generated (a stop token included)
-    finish_reason: str          # "stop", "length", "cancelled" or "ended"
-    seen: int                   # stream length after the turn
-    text: str = ""              # reply text released at the end (held back while it might begin a stop string)
-
-
-@dataclasses.dataclass
-class TurnRequest:
-    """One turn of conversation ``cid``, as a server receives it.
-
-    ``messages``: a list of ``{"role", "content"}`` dicts, or its JSON (str or UTF-8 bytes); ``[]``
-    with ``end`` ends the conversation without a turn. ``start`` begins conversation ``cid`` anew
-    unless ``resume`` (continue the one saved under that id). ``end`` deletes it after the turn.
-    ``raw``: ``messages`` is a text continued as it is (no chat template, nothing closes the reply).
-    ``on_token(TokenEvent)`` is called per reply token and ``on_done(result, error)`` once, from the
-    scheduler's threads; ``cancelled()`` is polled between steps.
-    """
-
-    cid: int
-    messages: object
-    start: bool = False
-    resume: bool = False
-    end: bool = False
-    max_tokens: int | None = None
-    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None
-    raw: bool = False
-    on_token: Callable[[TokenEvent], None] = lambda event: None
-    on_done: Callable[[TurnResult | None, Exception | None], None] = lambda result, error: None
-    cancelled: Callable[[], bool] = lambda: False
-
-
-def parse_messages(raw, max_bytes: int) -> list[dict] | list:
-    """``raw`` as :class:`TurnRequest` takes it -> a list (validated later by the Conversation)."""
-    if isinstance(raw, (bytes, bytearray, str)):
-        if len(raw) > max_bytes:
-            raise UserError(f"the messages are {len(raw)} bytes, more than the server's limit of {max_bytes} "
-                            "bytes; send a shorter message")
-        if isinstance(raw, (bytes, bytearray)):
-            try:
-                raw = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError("MESSAGES is not valid UTF-8") from None
-        try:
-            raw = json.loads(raw)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise UserError(f"MESSAGES is not valid JSON ({e})") from None
-    return [raw] if isinstance(raw, dict) else raw
+__all__ = ["Scheduler", "Overloaded", "TokenEvent", "TurnRequest", "TurnResult"]
 
 
 class _Turn:
@@ -122,6 +60,7 @@ class _Turn:
         self.seq = 0                  # admission order
         self.fed = 0                  # prompt ids fed so far
         self.row: int | None = None
+        self.session: Session | None = None  # with recall: the conversation's own stream
         self.forced: list[int] = []   # ids fed without sampling (what closes the reply)
         self.count, self.finish = 0, None
         self.last: int | None = None  # the last generated id
@@ -146,11 +85,13 @@ class Scheduler:
             slots, padded with free slots), replayed from one CUDA graph per bucket on CUDA
             (default: on CUDA only). Elsewhere the same captured step runs eagerly (how the tests
             check the padding).
+        recall: a :class:`~streaming_trt.recall.Recall`: every conversation keeps its evicted tokens
+            in a block store of its own, and its turns run on its own session (not batched).
     """
 
     def __init__(self, model, tokenizer, store, slots: int = 16, token_budget: int | None = None, max_queue: int = 256,
                  max_new_tokens: int = 256, max_new_tokens_limit: int = 4096, max_input_bytes: int = 256 * 1024,
-                 capture_decode: bool | None = None):
+                 capture_decode: bool | None = None, recall=None):
         if token_budget is None:
             token_budget = 512 if model.device.type == "cuda" else 64
         for name, value, low in (("slots", slots, 1), ("token_budget", token_budget, 1), ("max_queue", max_queue, 0)):
@@ -158,15 +99,16 @@ class Scheduler:
                 raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
         self.model, self.tokenizer, self.store = model, tokenizer, store
         self.geometry = store.geometry
-        self.pool = Session(model, store.geometry.sink_tokens, store.geometry.window, batch=slots,
-                            cache_fill=store.fill_value)
+        self.recall = recall
+        self.pool = Session(model, store.geometry.sink_tokens, store.geometry.window,
+                            batch=1 if recall is not None else slots, cache_fill=store.fill_value)
         self.logits = torch.zeros(slots, model.config.vocab_size, device=model.device)
         self.rows: list[_Turn | None] = [None] * slots
         self.decoding = 0                      # rows 0 .. decoding-1 are decoding
         self.token_budget, self.max_queue = token_budget, max_queue
         self.max_new_tokens, self.max_new_tokens_limit = max_new_tokens, max_new_tokens_limit
         self.max_input_bytes = max_input_bytes
-        self.capture = model.device.type == "cuda" if capture_decode is None else capture_decode
+        self.capture = recall is None and (model.device.type == "cuda" if capture_decode is None else capture_decode)
         self.buckets: dict[int, DecodeGraphs] = {}
         self.stop_ids = eos_ids(tokenizer, model.config)
         self.encoder = Conversation(tokenizer, self.stop_ids).encoder
@@ -289,11 +231,18 @@ class Scheduler:
         else:
             ids = conversation.turn_ids(messages)
         sink = self.model.config.sink_token_id
-        if fresh and sink is not None:  # a model pre-trained with a sink token starts every stream with it
-            ids = [sink] + ids
+        if fresh and sink is not None and self.recall is None:  # a sink-token model's stream starts with it
+            ids = [sink] + ids  # (a private session feeds it itself)
         turn = _Turn(req, conversation, ids, max_tokens, self.model.device)
         row = max(r for r, t in enumerate(self.rows) if t is None)  # prefill rows fill the pool from the top
-        if fresh:
+        if self.recall is not None:
+            if fresh:
+                self.store.end(req.cid)
+            g = self.geometry
+            turn.session = (Session(self.model, g.sink_tokens, g.window, cache_fill=self.store.fill_value,
+                                    recall=self.recall) if fresh else self.store.get(req.cid))
+            self.logits[row] = 0 if turn.session.last_logits is None else turn.session.last_logits[0]
+        elif fresh:
             self.store.end(req.cid)
             self.pool.reset([row])
             self.logits[row] = 0
@@ -312,11 +261,17 @@ class Scheduler:
             return
         turns = self.rows[:n]
         inputs = [self._next_input(turn, self.logits[r : r + 1]) for r, turn in enumerate(turns)]
-        tokens = torch.tensor(inputs, dtype=torch.int64, device=self.model.device).view(n, 1)
-        self.logits[:n] = self._decode(tokens)
+        if self.recall is not None:
+            for r, (turn, token) in enumerate(zip(turns, inputs)):
+                self.logits[r] = turn.session.feed([token], all_logits=False)[0]
+                self._close_private(turn)
+        else:
+            tokens = torch.tensor(inputs, dtype=torch.int64, device=self.model.device).view(n, 1)
+            self.logits[:n] = self._decode(tokens)
         for turn in turns:
             if turn.finish is None and turn.req.cancelled():
                 self._end_reply(turn, "cancelled")
+                self._close_private(turn)
             if turn.finish is not None and not turn.forced:
                 self._release(turn)
 
@@ -359,6 +314,13 @@ class Scheduler:
         if turn.stops is not None and not turn.stops_hit:
             turn.held = turn.stops.flush()
 
+    def _close_private(self, turn: _Turn) -> None:
+        """With recall, what closes a finished reply is fed at once, as one chunk, as the chat CLI
+        feeds it (each chunk selects its own blocks, so the chunking must be the same)."""
+        if turn.session is not None and turn.finish is not None and turn.forced:
+            self.logits[turn.row] = turn.session.feed(turn.forced, all_logits=False)[0]
+            turn.forced = []
+
     def _prefill_step(self) -> None:
         budget = (max(self.token_budget - self.decoding, self.token_budget // 4, 1) if self.decoding
                   else 4 * self.token_budget)
@@ -371,14 +333,21 @@ class Scheduler:
                 self._release(turn, keep=False)
                 continue
             take = min(len(turn.ids) - turn.fed, budget)
-            chunk = torch.tensor(turn.ids[turn.fed : turn.fed + take], device=self.model.device).view(1, -1)
-            self.logits[turn.row] = self._forward(turn.row, turn.row + 1, chunk, [take])[0]
+            if turn.session is not None:  # whole recall chunks, as one feed of the prompt would make them
+                take = min(len(turn.ids) - turn.fed, max(take // self.recall.chunk, 1) * self.recall.chunk)
+            part = turn.ids[turn.fed : turn.fed + take]
+            if turn.session is not None:
+                self.logits[turn.row] = turn.session.feed(part, all_logits=False)[0]
+            else:
+                chunk = torch.tensor(part, device=self.model.device).view(1, -1)
+                self.logits[turn.row] = self._forward(turn.row, turn.row + 1, chunk, [take])[0]
             turn.fed += take
-            budget -= take
+            budget = max(budget - take, 0)
             if turn.fed == len(turn.ids):
                 self._to_decoding(turn)
                 if turn.max_tokens == 0:
                     self._end_reply(turn, "length")
+                    self._close_private(turn)
                     if not turn.forced:
                         self._release(turn)
 
@@ -421,12 +390,13 @@ class Scheduler:
         self.decoding += 1
 
     def _swap(self, a: int, b: int) -> None:
-        c = self.pool.cache
         idx, rev = [a, b], [b, a]
-        c.keys[:, idx] = c.keys[:, rev]
-        c.values[:, idx] = c.values[:, rev]
-        c.seen[idx] = c.seen[rev]
-        c.seen_host[a], c.seen_host[b] = c.seen_host[b], c.seen_host[a]
+        if self.recall is None:
+            c = self.pool.cache
+            c.keys[:, idx] = c.keys[:, rev]
+            c.values[:, idx] = c.values[:, rev]
+            c.seen[idx] = c.seen[rev]
+            c.seen_host[a], c.seen_host[b] = c.seen_host[b], c.seen_host[a]
         self.logits[idx] = self.logits[rev]
         self.rows[a], self.rows[b] = self.rows[b], self.rows[a]
         for r in (a, b):
@@ -446,7 +416,13 @@ class Scheduler:
         row, cid = turn.row, turn.req.cid
         c = self.pool.cache
         result = None
-        if error is None and keep:
+        if turn.session is not None:  # the conversation's own stream is its state
+            if error is None and keep:
+                turn.session.last_logits = self.logits[row : row + 1].clone()
+                self.store.put(cid, turn.session)
+            else:  # what the turn changed is dropped: the file holds the previous turn
+                self.store.forget(cid)
+        elif error is None and keep:
             holder = self.store.holder(cid)
             holder.cache.keys[:, 0].copy_(c.keys[:, row])
             holder.cache.values[:, 0].copy_(c.values[:, row])
@@ -455,7 +431,8 @@ class Scheduler:
             holder.last_logits = self.logits[row : row + 1].clone()
             self.store.put(cid, holder)
         if error is None:
-            seen = c.seen_host[row] if keep else (self.store.seen(cid) if self.store.exists(cid) else 0)
+            now = turn.session.seen[0] if turn.session is not None else c.seen_host[row]
+            seen = now if keep else (self.store.seen(cid) if self.store.exists(cid) else 0)
             result = TurnResult(len(turn.ids), turn.count, turn.finish, seen, turn.held)
         if row < self.decoding:
             last = self.decoding - 1

@@ -118,6 +118,12 @@ class ConversationStore:
             self._fit_memory()
         self.reap()
 
+    def forget(self, cid: int) -> None:
+        """Drop conversation ``cid`` from memory only (its file keeps the last saved turn)."""
+        with self.lock:
+            self.resident.pop(cid, None)
+            self.unsaved.pop(cid, None)
+
     def end(self, cid: int) -> None:
         """Forget conversation ``cid`` everywhere."""
         with self.lock:
@@ -161,5 +167,5 @@ class ConversationStore:
 
 
 def _bytes(session: Session) -> int:
-    logits = session.last_logits
-    return session.cache.nbytes() + (0 if logits is None else logits.nbytes)
+    logits, recall = session.last_logits, session.recall
+    return session.cache.nbytes() + (0 if logits is None else logits.nbytes) + (0 if recall is None else recall.nbytes())
