@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 import streaming_trt as st
 from checkpoints import make_checkpoint, save_tokenizer
