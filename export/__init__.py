@@ -17,7 +17,7 @@ from .emulate import TrtllmSinkEmulator, expected_agreement, hf_weights
 from .engine import Toolchain, find_toolchain, supports_sinks
 from .settings import SINK_VERSIONS, EngineOptions, SinkSettings, sink_settings, trtllm_build_command
 from .support import SourceModel
-from .triton import TritonOptions, write_triton_repo
+from .inference_server import TritonOptions, write_triton_repo
 from .trtllm import ExportPlan, ExportResult, export_checkpoint, load_trtllm_checkpoint, plan_export
 
 # The user API. Everything else is an implementation detail of its submodule (import it from

@@ -34,7 +34,7 @@ from .files import atomic_dir, check_output_dir, save_tokenizer
 from .onnx import build_onnx
 from .settings import (EngineOptions, SinkSettings, build_script, check_engine_options, runtime_settings,
                        sink_settings, trtllm_build_command)
-from .triton import TritonOptions, write_triton_repo
+from .inference_server import TritonOptions, write_triton_repo
 
 PROG = "python -m streaming_trt.build"
 

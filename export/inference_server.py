@@ -227,7 +227,7 @@ def render_repo(opts: TritonOptions, settings: SinkSettings) -> dict[str, str]:
     return {
         "ensemble/config.pbtxt": ensemble_config(opts),
         "preprocessing/config.pbtxt": preprocessing_config(opts),
-        "preprocessing/1/model.py": (here / "triton_preprocess.py").read_text(),
+        "preprocessing/1/model.py": (here / "inference_server_preprocess.py").read_text(),
         "tensorrt_llm/config.pbtxt": tensorrt_llm_config(opts, settings),
         "postprocessing/config.pbtxt": postprocessing_config(opts),
         "postprocessing/1/model.py": (here / "triton_postprocess.py").read_text(),
