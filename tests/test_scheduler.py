@@ -72,6 +72,29 @@ def make(local, tmp_path, slots=4, host_bytes=1 << 30, **kw):
     return Scheduler(model, tok, store, slots=slots, **kw), store
 
 
+def run_users(sched, scripts: dict, first_id: int, arrive=lambda: None) -> dict:
+    """Each conversation of ``scripts`` from its own thread, turn after turn (``arrive()`` first);
+    closes the scheduler; returns their reply tokens."""
+    got, errors = {}, []
+
+    def user(c):
+        try:
+            arrive()
+            got[c] = [turn(sched, first_id + c, text, n, start=(i == 0)).wait()
+                      for i, (text, n) in enumerate(scripts[c])]
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=user, args=(c,)) for c in scripts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sched.close()
+    assert not errors, errors
+    return got
+
+
 def script(c: int, rng: random.Random) -> list[tuple[str, int]]:
     """A conversation of 3 turns: prompts from 1 character to 3x the window, mixed lengths."""
     lengths = [1, rng.randint(2, 20), 3 * WINDOW]
@@ -90,22 +113,7 @@ def test_batched_equals_alone(local, tmp_path, slots, host_bytes, capture):
     rng = random.Random(slots)
     scripts = {c: script(c, rng) for c in range(8)}
     sched, store = make(local, tmp_path, slots=slots, host_bytes=host_bytes, capture_decode=capture)
-    got, errors = {}, []
-
-    def user(c):
-        try:
-            time.sleep(rng.random() * 0.2)
-            got[c] = [turn(sched, 100 + c, text, n, start=(i == 0)).wait() for i, (text, n) in enumerate(scripts[c])]
-        except Exception as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=user, args=(c,)) for c in scripts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    sched.close()
-    assert not errors, errors
+    got = run_users(sched, scripts, 100, lambda: time.sleep(rng.random() * 0.2))
     for c, turns in scripts.items():
         assert got[c] == alone(local, turns), f"conversation {c}"
     if host_bytes == 0:
@@ -197,21 +205,7 @@ def test_recall_conversations_equal_their_run_alone(local, tmp_path):
     store = ConversationStore(model, st.Geometry(SINK, WINDOW), tmp_path / "sessions", 0, fill_value=float("nan"))
     sched = Scheduler(model, tok, store, slots=3, token_budget=20, recall=recall)
     scripts = {c: [("q" * (3 * WINDOW), 6), (f"then {c}", 9), ("z" * WINDOW, 5)] for c in range(4)}
-    got, errors = {}, []
-
-    def user(c):
-        try:
-            got[c] = [turn(sched, 300 + c, text, n, start=(i == 0)).wait() for i, (text, n) in enumerate(scripts[c])]
-        except Exception as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=user, args=(c,)) for c in scripts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    sched.close()
-    assert not errors, errors
+    got = run_users(sched, scripts, 300)
     assert store.loads >= 8
     for c, turns in scripts.items():
         session = model.session(SINK, WINDOW, cache_fill=float("nan"), recall=recall)
