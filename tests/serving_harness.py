@@ -76,6 +76,19 @@ def wait_free(ports, timeout: float = 30.0) -> None:
             time.sleep(0.2)
 
 
+def scripted_gateway(client, state_dir, **app_kwargs):
+    """The OpenAI gateway on a free loopback port in front of ``client``, a scripted stand-in for
+    :class:`~streaming_trt.client.Client` (no tritonserver); ``.port`` and ``.client`` are set."""
+    pytest.importorskip("uvicorn", reason="the gateway needs uvicorn and starlette")
+    from streaming_trt.serving.gateway import GatewayThread
+
+    port = free_ports(1)[0]
+    g = GatewayThread("unused", "127.0.0.1", port, client=client, state_dir=str(state_dir), **app_kwargs)
+    g.start()
+    g.port, g.client = port, client
+    return g
+
+
 class Server:
     """``python -m streaming_trt.serve`` in its own process group; ports chosen free."""
 

@@ -4,12 +4,12 @@ text the server released at the end, include_usage, refused parameters as OpenAI
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.request
 
 import pytest
 
+from serving_harness import scripted_gateway
 from streaming_trt.client import ServerError, Token, TurnSummary
 
 TOP = {5: [[5, "Hel", -0.5], [6, "He", -1.5]], 6: [[6, "lo", -0.25], [5, "Hel", -2.0]]}
@@ -43,16 +43,7 @@ class ScriptedClient:
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    pytest.importorskip("uvicorn", reason="the gateway needs uvicorn and starlette")
-    from streaming_trt.serving.gateway import GatewayThread
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    client = ScriptedClient()
-    g = GatewayThread("unused", "127.0.0.1", port, client=client, state_dir=str(tmp_path_factory.mktemp("gw")))
-    g.start()
-    g.port, g.client = port, client
+    g = scripted_gateway(ScriptedClient(), tmp_path_factory.mktemp("gw"))
     yield g
     g.stop()
 

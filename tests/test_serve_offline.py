@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import threading
 import time
@@ -13,6 +12,7 @@ import urllib.request
 
 import pytest
 
+from serving_harness import scripted_gateway
 from streaming_trt.client import ServerError, Token, TurnSummary
 from streaming_trt.serving.conversations import Conversations
 
@@ -107,17 +107,7 @@ class ScriptedClient:
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    pytest.importorskip("uvicorn", reason="the gateway needs uvicorn and starlette")
-    from streaming_trt.serving.gateway import GatewayThread
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    client = ScriptedClient()
-    g = GatewayThread("unused", "127.0.0.1", port, client=client, api_key="k",
-                      state_dir=str(tmp_path_factory.mktemp("gateway")), reap_interval=0.1)
-    g.start()
-    g.port, g.client = port, client
+    g = scripted_gateway(ScriptedClient(), tmp_path_factory.mktemp("gateway"), api_key="k", reap_interval=0.1)
     yield g
     g.stop()
 
