@@ -15,7 +15,7 @@ from .sampling import Sampler
 
 
 def chat(session, tokenizer, lines, write, sampling, max_new_tokens: int, system: str | None = None,
-         fresh: bool = True) -> int:
+         fresh: bool = True, stop_strings: tuple[str, ...] = ()) -> int:
     """Run a conversation: ``lines`` yields user messages, ``write`` receives reply text.
 
     Returns the number of turns answered.
@@ -40,7 +40,7 @@ def chat(session, tokenizer, lines, write, sampling, max_new_tokens: int, system
             continue
         if not text.strip():
             continue
-        for _, piece in conversation.reply(session, text, max_new_tokens, sampler):
+        for _, piece in conversation.reply(session, text, max_new_tokens, sampler, stop_strings=stop_strings):
             write(piece)
         write("\n")
         answered += 1
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--system", help="system prompt placed before the first turn")
     parser.add_argument("--load-session", metavar="FILE", help="continue a conversation saved with /save")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="end a reply before TEXT once it appears; TEXT itself is not printed (repeatable)")
     cli.add_recall_flags(parser)
     args = parser.parse_args(argv)
     return cli.run(lambda: _chat(args))
@@ -88,7 +90,7 @@ def _chat(args) -> int:
 
     clock = cli.Clock(session)
     chat(session, tokenizer, lines(), write, cli.sampling(args, session.window), args.max_new_tokens, args.system,
-         fresh=args.load_session is None)
+         fresh=args.load_session is None, stop_strings=tuple(args.stop))
     clock.report()
     return 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from .contract import UserError
-from .generation import generate_tokens
+from .generation import StopStrings, generate_tokens
 from .tokenizer import IncrementalDecoder
 
 _USER, _ASSISTANT = "\x01user-placeholder\x01", "\x01assistant-placeholder\x01"
@@ -128,23 +128,34 @@ class Conversation:
         """What closes a reply whose last generated token was ``last_token`` (None: no reply)."""
         return self.encoder.after_reply(last_token if last_token in self.stop_ids else None)
 
-    def reply(self, session, messages, max_tokens: int, sampler,
-              cancelled: Callable[[], bool] = lambda: False) -> Iterator[tuple[int, str]]:
+    def reply(self, session, messages, max_tokens: int, sampler, cancelled: Callable[[], bool] = lambda: False,
+              stop_strings: tuple[str, ...] = ()) -> Iterator[tuple[int, str]]:
         """Run one turn in-process on stream 0 of a batch-1 ``session``: yields ``(token, text)``
         per reply token (the stop token is fed but not yielded), then feeds the closing ids.
+        ``stop_strings`` end the reply before them (:class:`~streaming_trt.generation.StopStrings`:
+        text that may begin one is held back, and yielded at the end with token -1 if none came).
         ``self.finish_reason`` is then "stop", "length" or "cancelled"."""
         ids = self.turn_ids(messages)
         decoder = IncrementalDecoder(self.tokenizer)
-        last, self.finish_reason = None, "length"
+        stops = StopStrings(list(stop_strings)) if stop_strings else None
+        last, hit, self.finish_reason = None, False, "length"
         for token in generate_tokens(session, ids, max_tokens, sampler=sampler, stop_token_ids=self.stop_ids):
             last = token
             if token in self.stop_ids:
                 self.finish_reason = "stop"
                 break
-            yield token, decoder.push(token)
+            text = decoder.push(token)
+            if stops is not None:
+                text, hit = stops.push(text)
+            yield token, text
+            if hit:
+                self.finish_reason = "stop"
+                break
             if cancelled():
                 self.finish_reason = "cancelled"
                 break
+        if stops is not None and not hit and (held := stops.flush()):
+            yield -1, held
         closing = self.closing_ids(last)
         if closing:
             session.feed(closing, all_logits=False)

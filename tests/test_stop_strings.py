@@ -151,3 +151,31 @@ def test_generate_text_ends_at_the_token_completing_the_stop(pieces, stop, expec
     # without the stop string: the whole script
     full = "".join(generate_text(Scripted(ids), Tok(), "x", len(ids), stop_token_ids=[]))
     assert full == "".join(pieces)
+
+
+def test_chat_stops_before_a_stop_string_and_gives_back_held_text(tmp_path):
+    """Conversation.reply (the chat CLI's turn) with stop strings, greedy: the reply ends before
+    the stop string, and text held back for a stop string that never came is given back."""
+    import streaming_trt as st
+    from checkpoints import make_checkpoint, save_tokenizer
+    from streaming_trt.conversation import Conversation
+    from streaming_trt.generation import eos_ids
+    from streaming_trt.sampling import Sampler, SamplingParams
+
+    make_checkpoint(tmp_path, "llama", seed=3)
+    save_tokenizer(tmp_path)
+    model, tok = st.load_model(tmp_path), st.load_tokenizer(tmp_path)
+
+    def reply(stops):
+        conv = Conversation(tok, eos_ids(tok, model.config))
+        pieces = list(conv.reply(model.session(4, 40), "hello there", 20, Sampler(SamplingParams(temperature=0.0)),
+                                 stop_strings=stops))
+        return "".join(p for _, p in pieces), conv.finish_reason
+
+    full, _ = reply(())
+    assert len(full) >= 6, full
+    cut = full[3:5]
+    text, reason = reply((cut,))
+    assert text == full[: full.index(cut)] and reason == "stop"
+    never = full[-2:] + "\x7f\x7f"  # begins at the reply's end, never completes
+    assert reply((never,)) == reply(())
