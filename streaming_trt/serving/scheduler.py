@@ -39,7 +39,7 @@ from ..conversation import Conversation
 from ..contract import UserError
 from ..generation import StopStrings, eos_ids
 from ..graphs import DecodeGraphs
-from ..sampling import Sampler
+from ..sampling import Sampler, token_logprobs
 from ..session import Session
 from ..tokenizer import IncrementalDecoder
 from .turns import Overloaded, TokenEvent, TurnRequest, TurnResult, parse_messages
@@ -290,11 +290,9 @@ class Scheduler:
             text, hit = turn.stops.push(text)
         event = TokenEvent(token, text)
         if turn.req.logprobs is not None:
-            logp = torch.log_softmax(logits[0].double(), -1)
-            event.logprob = float(logp[token])
+            event.logprob, best = token_logprobs(logits[0], token, turn.req.logprobs)
             if turn.req.logprobs:
-                values, ids = torch.topk(logp, turn.req.logprobs)
-                event.top = [[int(i), self.tokenizer.decode([int(i)]), float(v)] for v, i in zip(values, ids)]
+                event.top = [[i, self.tokenizer.decode([i]), v] for i, v in best]
         try:
             turn.req.on_token(event)
         except Exception:  # the client is gone: end the reply as if it had cancelled
