@@ -2,6 +2,7 @@
 reuse, and bad requests with OpenAI-shaped errors."""
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -68,12 +69,26 @@ def test_openai_bad_requests(server):
         body.update(kw)
         return post(json.dumps(body).encode())
 
+    def announce(length: int):
+        """Headers saying ``length`` bytes follow, none sent: the refusal comes from the Content-Length
+        (sending the body while the server closes the connection could break the pipe first)."""
+        conn = http.client.HTTPConnection("127.0.0.1", server.openai, timeout=60)
+        conn.putrequest("POST", "/v1/chat/completions")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(length))
+        conn.endheaders()
+        r = conn.getresponse()
+        try:
+            return r.status, json.loads(r.read())
+        finally:
+            conn.close()
+
     cases = [
         (post(b"{not json"), 400, "not valid JSON"),
         (chat(messages=[]), 400, "non-empty"),
         (chat(messages=[{"role": "user", "content": " "}]), 400, "empty"),
         (chat(messages=[{"role": "robot", "content": "x"}]), 400, "role"),
-        (chat(messages=[{"role": "user", "content": "x" * (1 << 20)}]), 413, "limit"),
+        (announce(1 << 20), 413, "limit"),
         (chat(temperature=3), 400, "temperature"),
         (chat(top_p=0), 400, "top_p"),
         (chat(max_tokens=0), 400, "max_tokens"),
