@@ -15,14 +15,29 @@
 # Every step runs under its own time limit and the script goes on after a failure; it exits 1 if
 # any step failed.
 #
-#   bash scripts/gpu_check.sh          # the GPU run
-#   bash scripts/gpu_check.sh --cpu    # the same steps on small shapes on a CPU (tests/test_gpu_check.py)
+# Before any test runs, every test id it lists must still collect: a renamed or removed test fails the
+# step "collect", naming the ids, instead of silently shrinking the run.
+#
+#   bash scripts/gpu_check.sh                   # the GPU run
+#   bash scripts/gpu_check.sh --cpu             # the same steps on small shapes on a CPU (tests/test_gpu_check.py)
+#   bash scripts/gpu_check.sh --steps collect,tests   # only these steps (a rerun of the ones that failed)
+# GPU_CHECK_TESTS="id id ..." replaces the list of CUDA test ids (a narrower rerun).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
 MODE=gpu
-[ "${1:-}" = "--cpu" ] && MODE=cpu
+STEPS=all
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --cpu) MODE=cpu ;;
+        --steps) STEPS=${2:?--steps needs a comma-separated list: collect,tests,kernels,latency,endless,serve_step}; shift ;;
+        -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+wanted() { [ "$STEPS" = all ] || [[ ",$STEPS," == *",$1,"* ]]; }
 OUTDIR=${OUT:-$ROOT/runs/gpu_check}
 mkdir -p "$OUTDIR/logs"
 SUMMARY="$OUTDIR/summary.txt"
@@ -35,6 +50,7 @@ say() { echo "[gpu_check] $*" | tee -a "$SUMMARY"; }
 # step NAME LIMIT_S COMMAND...: run with a time limit, log to logs/NAME.log, record the outcome.
 step() {
     local name=$1 limit=$2; shift 2
+    wanted "$name" || return 0
     local log="$OUTDIR/logs/$name.log" t0=$SECONDS rc
     echo "[gpu_check] $name: $*" >&2
     timeout --kill-after=10 "$limit" "$@" > "$log" 2>&1
@@ -73,8 +89,8 @@ else
         # no usable setuptools in the image: the package's layout (pyproject package-dir) as links on PYTHONPATH
         LINKS="$OUTDIR/pkg"; rm -rf "$LINKS"; mkdir -p "$LINKS/streaming_trt"
         for f in "$ROOT"/streaming_trt/*; do ln -s "$f" "$LINKS/streaming_trt/"; done
-        ln -s "$ROOT/kernels" "$LINKS/streaming_trt/kernels"; ln -s "$ROOT/export" "$LINKS/streaming_trt/export"
-        export PYTHONPATH="$LINKS:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+        ln -s "$ROOT/kernels/src" "$LINKS/streaming_trt/kernels"; ln -s "$ROOT/export/src" "$LINKS/streaming_trt/export"
+        export PYTHONPATH="$LINKS${PYTHONPATH:+:$PYTHONPATH}"
         say "install fell back to links on PYTHONPATH ($LINKS)"
     fi
 fi
@@ -90,10 +106,15 @@ CUDA_TESTS=(tests/test_kernels.py tests/test_runtime_triton.py tests/test_kernel
             tests/test_hf.py::test_triton_kernels_equal_the_oracle tests/test_hf.py::test_triton_kernels_in_a_left_padded_generate
             tests/test_hf.py::test_backend_choice_is_checked)
 GPU_ONLY=(tests/test_core.py::test_captured_decode_equals_eager_on_cuda tests/test_kernels.py::test_gpu_bench_shapes)
+if [ -n "${GPU_CHECK_TESTS:-}" ]; then read -r -a CUDA_TESTS <<< "$GPU_CHECK_TESTS"; GPU_ONLY=("${CUDA_TESTS[@]}"); fi
+# every listed id must collect (pytest exits 4 on an id that is gone, 5 when a file collects nothing)
+step collect 120 "$PY" -m pytest -q --collect-only -p no:cacheprovider "${CUDA_TESTS[@]}"
+if wanted collect && ! grep -q "PASS collect " "$SUMMARY"; then
+    say "FAIL collect: a test id listed in scripts/gpu_check.sh no longer collects (above): update CUDA_TESTS"
+fi
 if [ $MODE = gpu ]; then
     step tests 190 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUTDIR/tests.xml" "${CUDA_TESTS[@]}"
 else
-    step tests-collect 120 "$PY" -m pytest -q --collect-only -p no:cacheprovider "${CUDA_TESTS[@]}"
     step tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUTDIR/tests.xml" "${GPU_ONLY[@]}"
 fi
 
@@ -123,7 +144,8 @@ else
 fi
 
 # ---- 6. the batched serving step (the lead's bench.serve_step, once it exists) --------------------
-if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('bench.serve_step') is None)" 2>/dev/null; then
+if ! wanted serve_step; then :
+elif "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('bench.serve_step') is None)" 2>/dev/null; then
     HELP=$("$PY" -m bench.serve_step --help 2>/dev/null || true)
     ARGS=(--out "$OUTDIR/serve_step")
     case "$HELP" in *--no-progress*) ARGS+=(--no-progress);; esac

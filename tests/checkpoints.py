@@ -93,3 +93,19 @@ def save_tokenizer(path: Path, vocab_size: int = 97):
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
     return fast
+
+
+def streaming_hf():
+    """``streaming_trt.hf``, or a skip naming the transformers found when it lies outside the range the
+    package was checked against (or lacks its hooks): drift shows as a skip with its reason, not as a
+    collection error."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    from streaming_trt.contract import UserError
+
+    try:
+        import streaming_trt.hf as sthf
+    except UserError as e:
+        pytest.skip(str(e), allow_module_level=True)
+    return sthf

@@ -26,7 +26,7 @@ def llama(tmp_path_factory):
 
 
 def expected_layout(hf_cfg: dict, tp: int, pp: int, rank: int) -> dict[str, tuple[int, ...]]:
-    """The rules of TensorRT-LLM's Llama checkpoint, written out independently of export/convert.py."""
+    """The rules of TensorRT-LLM's Llama checkpoint, written out independently of export/src/convert.py."""
     heads, kv, hidden = hf_cfg["num_attention_heads"], hf_cfg["num_key_value_heads"], hf_cfg["hidden_size"]
     d, inter = hidden // heads, hf_cfg["intermediate_size"]
     layers, vocab = hf_cfg["num_hidden_layers"], hf_cfg["vocab_size"]

@@ -18,8 +18,19 @@ def test_gpu_check_cpu_mode_passes(tmp_path):
     summary = (tmp_path / "summary.txt").read_text()
     assert run.returncode == 0, summary + run.stderr[-2000:]
     assert "ALL PASSED" in summary
-    for name in ("tests", "kernels", "latency", "endless"):
+    for name in ("collect", "tests", "kernels", "latency", "endless"):
         assert f"PASS {name} " in summary, summary
     assert (tmp_path / "missing_wheels.txt").is_file()
     assert list(tmp_path.glob("latency/*.csv")) and list(tmp_path.glob("latency/*.png"))
     assert list(tmp_path.glob("endless/*.csv")) and list(tmp_path.glob("kernels/*.csv"))
+
+
+def test_gpu_check_fails_loudly_on_a_test_id_that_no_longer_collects(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable,
+               GPU_CHECK_TESTS="tests/test_kernels.py tests/test_core.py::no_such_test")
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--cpu", "--steps", "collect"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert run.returncode == 1, summary
+    assert "FAIL collect" in summary and "tests/test_core.py::no_such_test" in summary, summary
+    assert "no longer collects" in summary and "SOME STEPS FAILED" in summary

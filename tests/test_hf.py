@@ -17,10 +17,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import streaming_trt as st  # noqa: E402
-import streaming_trt.hf as sthf  # noqa: E402
 from streaming_trt import kernels  # noqa: E402
-from checkpoints import make_checkpoint, save_tokenizer  # noqa: E402
+from checkpoints import make_checkpoint, save_tokenizer, streaming_hf  # noqa: E402
 from oracles import recompute  # noqa: E402
+
+sthf = streaming_hf()
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt_neox",
          "falcon", "falcon_gqa", "falcon_rw", "mpt")
@@ -147,9 +148,10 @@ def test_stream_equals_recompute_oracle(arch, sinks):
     assert cache.seen == [ids.shape[0]]
 
 
-def test_generate_streams_past_capacity_like_the_oracle():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_streams_past_capacity_like_the_oracle(arch):
     """generate() itself over 3 x capacity: every step's logits equal re-computation on A(t)."""
-    plain, model = tiny("llama", num_hidden_layers=1)
+    plain, model = tiny(arch, num_hidden_layers=1)
     sinks, window = 2, 6
     sthf.enable_streaming(model, sink_tokens=sinks, window=window)
     prompt = torch.randint(3, 97, (1, 5), generator=torch.Generator().manual_seed(3))
@@ -392,8 +394,8 @@ def test_transformers_version_and_hooks_are_supported():
         sthf.check_transformers()
     except st.UserError as e:
         pytest.fail(f"streaming_trt.hf does not support the installed transformers: {e}")
-    for bad in ("4.57.1", "6.0.0"):
-        with pytest.raises(st.UserError, match="supports transformers >=5.0,<6.0"):
+    for bad in ("4.57.1", "5.23.0", "6.0.0"):
+        with pytest.raises(st.UserError, match="supports transformers >=5.24,<6.0"):
             sthf.check_transformers(bad)
     # the model code still follows the pattern the hooks rely on: rotary at model level, cache.update
     # in the attention, the attention function looked up by name
@@ -404,12 +406,20 @@ def test_transformers_version_and_hooks_are_supported():
     for needle in ("self.rotary_emb(hidden_states", "cache.update(key_states, value_states, self.layer_idx",
                    "ALL_ATTENTION_FUNCTIONS.get_interface"):
         assert needle in src, f"transformers {transformers.__version__} changed its Llama code ({needle!r} gone)"
-    # Falcon and MPT: their attention still projects, updates the cache and applies ALiBi as the adapters assume
+    # Falcon and MPT: their attention still projects, updates the cache and applies ALiBi as the adapters
+    # assume; Falcon from 5.25 on looks its attention up by name and builds ALiBi only when use_alibi is set
     from transformers.models.falcon import modeling_falcon as mf
     from transformers.models.mpt import modeling_mpt as mm
 
-    for mod, needles in ((mf, ("self.query_key_value(hidden_states)", "layer_past.update(key_layer, value_layer, self.layer_idx)",
-                               "def build_alibi_tensor(attention_mask", "attention_logits *= self.inv_norm_factor")),
+    from streaming_trt.hf.adapters import falcon_calls_attention_interface
+
+    if falcon_calls_attention_interface():
+        falcon = ("self.query_key_value(hidden_states)", "layer_past.update(key_states, value_states, self.layer_idx)",
+                  "ALL_ATTENTION_FUNCTIONS.get_interface", "if self.use_alibi:", "def build_alibi_tensor(attention_mask")
+    else:
+        falcon = ("self.query_key_value(hidden_states)", "layer_past.update(key_layer, value_layer, self.layer_idx)",
+                  "def build_alibi_tensor(attention_mask", "attention_logits *= self.inv_norm_factor")
+    for mod, needles in ((mf, falcon),
                          (mm, ("self.Wqkv(hidden_states)", "cache.update(key_states, value_states, self.layer_idx",
                                "self.build_mpt_alibi_tensor(self.num_heads, self.config.max_seq_len"))):
         src = inspect.getsource(mod)
@@ -422,7 +432,7 @@ def test_transformers_version_and_hooks_are_supported():
         sthf.enable_streaming(broken)
     # pyproject pins the same range
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
-    assert '"transformers>=5.0,<6"' in pyproject
+    assert '"transformers>=5.24,<6"' in pyproject
 
 
 # ------------------------------------------------------------------ the cost CLI

@@ -13,13 +13,14 @@ import ast
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"streaming_trt": ROOT / "streaming_trt", "streaming_trt.kernels": ROOT / "kernels",
-           "streaming_trt.export": ROOT / "export"}  # pyproject.toml's package-dir
+FOLDERS = {package: ROOT / folder for package, folder in  # pyproject.toml's package-dir
+           tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].items()}
 APPS = {"streaming_trt.generate", "streaming_trt.build", "streaming_trt.serve"}  # command lines on top of all
 RANK = {"contract": 0, "kernels": 1, "runtime": 2, "hf": 3, "export": 3, "serving": 4, "apps": 5}
 

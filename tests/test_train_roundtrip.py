@@ -8,6 +8,7 @@ import torch
 
 import streaming_trt as st
 import train_runs
+from checkpoints import streaming_hf
 
 VARIANTS = ["vanilla", "sink-token", "zero-sink", "sink-logits"]
 
@@ -24,7 +25,7 @@ def ids_of(model, n: int, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_transformers_with_streaming_equals_the_runtime(trained, variant):
     transformers = pytest.importorskip("transformers")
-    import streaming_trt.hf as sthf
+    sthf = streaming_hf()
 
     folder = trained(variant)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
@@ -41,7 +42,7 @@ def test_transformers_with_streaming_equals_the_runtime(trained, variant):
 
 def test_transformers_generate_starts_with_the_sink_token_once(trained):
     transformers = pytest.importorskip("transformers")
-    import streaming_trt.hf as sthf
+    sthf = streaming_hf()
 
     folder = trained("sink-token")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
@@ -65,7 +66,7 @@ def test_transformers_batched_generate_gives_each_stream_its_sink_token(trained)
     """Left-padded prompts of two lengths, generated past the cache: each row equals its own
     greedy stream in the runtime (padding is never the sink, the sink is never padding)."""
     transformers = pytest.importorskip("transformers")
-    import streaming_trt.hf as sthf
+    sthf = streaming_hf()
 
     folder = trained("sink-token")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()

@@ -1,9 +1,14 @@
-"""Falcon and MPT run their own attention math instead of calling ``AttentionInterface``: their
-attention modules get a forward that projects with the module's own weights and calls
-:func:`~streaming_trt.hf.attention.streaming_attention`.
+"""Models whose attention does not call ``AttentionInterface``, and ALiBi models.
+
+MPT (every transformers 5 release) and Falcon before transformers 5.25 run their own attention math:
+their attention modules get a forward that projects with the module's own weights and calls
+:func:`~streaming_trt.hf.attention.streaming_attention`. From 5.25 on, Falcon's attention looks its
+function up by name like Llama's, so it takes the public hook and nothing of it is replaced.
 
 ALiBi models (MPT, Falcon-RW) rotate nothing: their bias follows the key's rank distance from the
-query, so the sinks sit at distance ``min(t, C-1) - i`` exactly as rotary sinks do.
+query, so the sinks sit at distance ``min(t, C-1) - i`` exactly as rotary sinks do. Their slopes
+ride on each attention module (:data:`~streaming_trt.hf.attention.ALIBI_ATTR`), and the model's own
+ALiBi tensor, which grows with the stream, is switched off.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import transformers
 from transformers.models.falcon import modeling_falcon
 
 from ..contract import UserError
-from .attention import streaming_attention
+from .attention import ALIBI_ATTR, streaming_attention
 
 def _falcon_qkv(module, hidden_states):
     """Falcon's fused projection -> ``q [B, H, L, D]``, ``k, v [B, KVH, L, D]`` (KV heads not broadcast)."""
@@ -37,12 +42,11 @@ def _falcon_qkv(module, hidden_states):
 def _falcon_attention(self, hidden_states, alibi=None, attention_mask=None, position_ids=None, layer_past=None,
                       use_cache=False, output_attentions=False, position_embeddings=None, **kwargs):
     q, k, v = _falcon_qkv(self, hidden_states)
-    slopes = getattr(self, "_streaming_alibi", None)
-    if slopes is None:
+    if not hasattr(self, ALIBI_ATTR):
         cos, sin = position_embeddings
         q, k = modeling_falcon.apply_rotary_pos_emb(q, k, cos, sin)
     k, v = layer_past.update(k, v, self.layer_idx)
-    out, _ = streaming_attention(self, q, k, v, scaling=self.inv_norm_factor, alibi_slopes=slopes)
+    out, _ = streaming_attention(self, q, k, v, scaling=self.inv_norm_factor)
     return self.dense(out.reshape(*hidden_states.shape[:2], -1)), None
 
 
@@ -53,7 +57,7 @@ def _mpt_attention(self, hidden_states, position_bias=None, cache=None, attentio
         qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
     q, k, v = (x.reshape(B, L, self.n_heads, self.head_dim).transpose(1, 2) for x in qkv.chunk(3, dim=2))
     k, v = cache.update(k, v, self.layer_idx)
-    out, _ = streaming_attention(self, q, k, v, scaling=self.softmax_scale, alibi_slopes=self._streaming_alibi)
+    out, _ = streaming_attention(self, q, k, v, scaling=self.softmax_scale)
     return self.out_proj(out.reshape(B, L, -1)), None
 
 
@@ -65,9 +69,15 @@ def _require(module, names: tuple[str, ...]) -> None:
                         f"{', '.join(missing)}): streaming_trt.hf's adapter for it was written against 5.24")
 
 
-def _adapt_falcon(model) -> bool:
-    """Replace every Falcon attention forward; returns whether the model uses ALiBi."""
+def falcon_calls_attention_interface() -> bool:
+    """Whether this transformers' ``FalconAttention`` looks its attention function up by name (5.25 on)."""
+    return "ALL_ATTENTION_FUNCTIONS" in modeling_falcon.FalconAttention.forward.__code__.co_names
+
+
+def _adapt_falcon(model) -> tuple[bool, bool]:
+    """Falcon-RW's slopes on its attention modules; the forwards replaced where the release needs it."""
     base, alibi = model.base_model, bool(model.config.alibi)
+    adapt = not falcon_calls_attention_interface()
     _require(base, ("h", "use_alibi", "rotary_emb"))
     for block in base.h:  # all checked before any is changed
         _require(block.self_attention, ("query_key_value", "dense", "num_heads", "head_dim", "num_kv_heads",
@@ -77,13 +87,14 @@ def _adapt_falcon(model) -> bool:
         if alibi:  # the model's slopes (bf16-rounded, as it uses them) times its 1/sqrt(head_dim)
             ones = torch.ones(1, 2, dtype=torch.long, device=attn.dense.weight.device)
             slopes = modeling_falcon.build_alibi_tensor(ones, attn.num_heads, torch.float32)[:, 0, 1]
-            attn._streaming_alibi = slopes * attn.inv_norm_factor
-        attn.forward = types.MethodType(_falcon_attention, attn)
+            setattr(attn, ALIBI_ATTR, slopes * attn.inv_norm_factor)
+        if adapt:
+            attn.forward = types.MethodType(_falcon_attention, attn)
     base.use_alibi = False  # its own ALiBi tensor grows with the stream and is not used
-    return alibi
+    return alibi, adapt
 
 
-def _adapt_mpt(model) -> bool:
+def _adapt_mpt(model) -> tuple[bool, bool]:
     base = model.base_model
     _require(base, ("wte", "blocks", "num_heads", "build_mpt_alibi_tensor"))
     for block in base.blocks:
@@ -91,13 +102,12 @@ def _adapt_mpt(model) -> bool:
     device = base.wte.weight.device
     slopes = -base.build_mpt_alibi_tensor(base.num_heads, 2, device=device)[:, 0, 0].float()  # what forward builds
     for block in base.blocks:
-        block.attn._streaming_alibi = slopes
+        setattr(block.attn, ALIBI_ATTR, slopes)
         block.attn.forward = types.MethodType(_mpt_attention, block.attn)
-    return True
+    return True, True
 
 
-#: model_type -> installs streaming attention in a model that does not call AttentionInterface; returns
-#: whether the model uses ALiBi (no rotation) instead of rotary positions.
+#: model_type -> prepares a model whose attention is not plain rotary + ``AttentionInterface``; returns
+#: (whether the model uses ALiBi instead of rotary positions, whether its attention forwards were
+#: replaced: when not, streaming attention is installed through ``AttentionInterface``).
 ADAPTERS = {"falcon": _adapt_falcon, "mpt": _adapt_mpt}
-
-

@@ -15,18 +15,19 @@ ACTIVE = threading.local()
 #: the attention modules' non-persistent buffer of learned sink logits ``[num_heads]`` (config.json
 #: ``sink_logits``; set by :func:`streaming_trt.hf.enable_streaming`)
 SINKS_ATTR = "streaming_trt_sinks"
+ALIBI_ATTR = "streaming_trt_alibi"  # [H] ALiBi slopes of an attention module, already scaled like its scores
 
 
 def streaming_attention(module, query, key, value, attention_mask=None, *, scaling=None, dropout=0.0,
-                        softcap=None, sliding_window=None, alibi_slopes=None, **kwargs):
+                        softcap=None, sliding_window=None, **kwargs):
     """The ``"streaming_trt"`` attention function.
 
     ``query [B, H, q, D]`` rotated at text positions; ``key / value [B, KVH, C+q, D]`` from
     :meth:`StreamingLayer.update` (cache slots, then the chunk). Returns ``([B, q, H, D], None)``.
     Token t attends to A(t); its scores against sink slots use the query rotated at ``min(t, C-1)``.
     ``softcap`` (Gemma 2) is applied to the scores; ``sliding_window`` (Gemma, Mistral, Qwen2 sliding
-    layers) is measured in rank distance, as re-computation on A(t) would. ``alibi_slopes [H]`` (MPT,
-    Falcon-RW, already scaled like the scores) adds ``-slope * rank distance``; such queries come unrotated.
+    layers) is measured in rank distance, as re-computation on A(t) would. A module with ALiBi slopes
+    (:data:`ALIBI_ATTR`: MPT, Falcon-RW) adds ``-slope * rank distance``; such queries come unrotated.
     """
     cache = getattr(ACTIVE, "cache", None)
     if cache is None:
@@ -42,6 +43,7 @@ def streaming_attention(module, query, key, value, attention_mask=None, *, scali
         scaling = D ** -0.5
     freqs = cache.layer_freqs[module.layer_idx]
     sinks = getattr(module, SINKS_ATTR, None)  # [H] learned sink logits (zeros: softmax-off-by-one)
+    alibi_slopes = getattr(module, ALIBI_ATTR, None)
     needs_rank = cache.masks.get("rank")
     if needs_rank is None:  # one host sync per chunk, not per layer
         needs_rank = cache.masks["rank"] = S > 0 and bool((qpos >= C).any())

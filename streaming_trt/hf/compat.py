@@ -6,7 +6,10 @@ import inspect
 from ..contract import UserError
 from ..versions import version_tuple
 
-SUPPORTED_TRANSFORMERS = ((5, 0), (6, 0))  # [min, max): the hooks of this package were checked against 5.x
+# [min, max): every architecture equals the oracle on both ends (5.24.0 and the newest 5.x, .ci/run).
+# Before 5.24 models take their cache as `past_key_values` and Falcon / MPT call their attention with
+# other arguments; 5.0.0 has no CacheLayerMixin.get_max_length: the hooks were never right there.
+SUPPORTED_TRANSFORMERS = ((5, 24), (6, 0))
 
 
 def check_transformers(version: str | None = None) -> None:
@@ -48,3 +51,4 @@ def check_transformers(version: str | None = None) -> None:
     if missing:
         raise UserError(f"transformers {v} lacks the hooks streaming_trt.hf needs ({', '.join(missing)}); "
                         f"install a transformers {lo[0]}.x release")
+

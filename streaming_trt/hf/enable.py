@@ -1,7 +1,8 @@
 """``enable_streaming``: the hooks that turn a transformers model into a streaming one, in place.
 
 The model's ``rotary_emb`` becomes an :class:`~streaming_trt.hf.rotary.ExactRotary`, its attention
-the ``"streaming_trt"`` function (or, for Falcon and MPT, an adapted attention module), and its base
+the ``"streaming_trt"`` function (or, for MPT and Falcon before transformers 5.25, an adapted attention
+module), and its base
 ``forward`` is wrapped: it derives each stream's text positions from its own counters and the
 attention mask (left padding is never a sink, never attended, never counts), and feeds inputs longer
 than ``min(max_chunk, window)`` in chunks, so no query ever sees more than A(t).
@@ -32,7 +33,7 @@ ARCHITECTURES = {
     "gemma3_text": "rotary with per-layer-type frequencies; sliding layers keep their window in rank distance",
     "phi3": "rotary (partial rotary allowed)",
     "gpt_neox": "rotary, partial rotary, parallel residual",
-    "falcon": "rotary (multi-query or grouped KV) or ALiBi (Falcon-RW); attention module adapted",
+    "falcon": "rotary (multi-query or grouped KV) or ALiBi (Falcon-RW); attention module adapted before transformers 5.25",
     "mpt": "ALiBi by rank distance, no rotation; attention module adapted",
 }
 
@@ -151,10 +152,8 @@ def enable_streaming(model, sink_tokens: int = 4, window: int = 1020, max_chunk:
     base = model.base_model
     settings = getattr(model, "_streaming_trt", None)
     if settings is None:
-        alibi = False
-        if mt in ADAPTERS:
-            alibi = ADAPTERS[mt](model)
-        else:
+        alibi, adapted = ADAPTERS[mt](model) if mt in ADAPTERS else (False, False)
+        if not adapted:
             AttentionInterface.register(ATTN_NAME, streaming_attention)
             model.set_attn_implementation(ATTN_NAME)
         if not alibi:

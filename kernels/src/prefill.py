@@ -20,7 +20,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import DOT_PRECISION, LOG2E, LOG2E_C, LaunchConfig, load_rows, softmax_step, to_dot
-from streaming_trt.contract import Geometry  # absolute: transformers may import this dir as a top-level "kernels"
+from streaming_trt.contract import Geometry
 
 __all__ = ["prefill_attention", "launch_configs"]
 

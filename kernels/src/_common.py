@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from streaming_trt.contract import Geometry  # absolute: transformers may import this dir as a top-level "kernels"
+from streaming_trt.contract import Geometry
 
 LOG2E = 1.4426950408889634
 LOG2E_C = tl.constexpr(LOG2E)  # the same, readable inside @triton.jit functions

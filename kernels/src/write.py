@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import LaunchConfig
-from streaming_trt.contract import Geometry  # absolute: transformers may import this dir as a top-level "kernels"
+from streaming_trt.contract import Geometry
 
 __all__ = ["cache_write", "launch_configs"]
 

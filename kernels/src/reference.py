@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from streaming_trt.contract import Geometry  # absolute: transformers may import this dir as a top-level "kernels"
+from streaming_trt.contract import Geometry
 
 __all__ = ["cache_write", "decode_attention", "prefill_attention"]
 
