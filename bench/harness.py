@@ -30,13 +30,14 @@ from streaming_trt.contract import UserError
 from streaming_trt.gguf import is_gguf, load_gguf
 from streaming_trt.model import Transformer, resolve_device as runtime_device, resolve_dtype as runtime_dtype
 from streaming_trt.tokenizer import load_tokenizer
+from streaming_trt.train.books import austen_text
 
-from . import text as book_text
 from .baselines import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 BUILTIN_TEXT = DATA / "builtin_text.txt"
+
 
 class CheckFailed(Exception):
     """A self-check of a benchmark failed: its figures must not be trusted (exit status 1)."""
@@ -425,10 +426,9 @@ def quantile(values: Sequence[float], q: float) -> float:
 def load_text_ids(path: str | None, tokenizer, tokens: int, min_tokens: int = 2) -> tuple[torch.Tensor, str]:
     """The first ``tokens`` token ids (int64 ``[tokens]``) of the text and its name, cycling the text
     if it is shorter. ``path``: a UTF-8 file, ``austen:BOOK`` / ``austen:all`` (Jane Austen's novels
-    from a Debian package, :mod:`bench.text`), or None for the small built-in text."""
+    from a Debian package, :mod:`streaming_trt.train.books`), or None for the small built-in text."""
     if path and path.startswith("austen:"):
-        name = path.split(":", 1)[1] or "pride"
-        text, label = book_text.book(name), book_text.describe(name)
+        text, label = austen_text(path, default="pride")
     else:
         file = Path(path) if path else BUILTIN_TEXT
         try:

@@ -263,7 +263,7 @@ def _rdb_record(lines: list[str | None]) -> bytes:
 
 
 def test_text_reads_r_lazy_load_db(tmp_path, monkeypatch):
-    from bench import text
+    from streaming_trt.train import books as text
 
     novels = [[f"BOOK {i}", "", None, f"It is a truth universally acknowledged, {i}."] for i in range(6)]
     rdb = tmp_path / text.INSIDE
@@ -285,7 +285,7 @@ def test_text_reads_r_lazy_load_db(tmp_path, monkeypatch):
                     reason="the Debian package r-cran-janeaustenr is neither installed nor fetched "
                            "(python -m bench.text fetches it)")
 def test_text_real_austen():
-    from bench import text
+    from streaming_trt.train import books as text
 
     pride = text.book("pride", allow_fetch=False)
     assert pride.startswith("PRIDE AND PREJUDICE") and len(pride.split()) > 120_000

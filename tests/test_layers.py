@@ -92,6 +92,17 @@ def test_no_layer_imports_upward():
     assert upward_imports() == []
 
 
+def test_the_package_imports_no_benchmark_or_test_code():
+    """bench/ and tests/ sit on top of the package and ship with no install: nothing below imports them."""
+    bad = []
+    for name, file in sorted(modules().items()):
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bad += [f"{name} imports {n}" for n in names if n.split(".")[0] in ("bench", "tests")]
+    assert bad == []
+
+
 def test_the_check_sees_every_module():
     names = set(modules())
     for must in ("streaming_trt.contract", "streaming_trt.kernels.decode", "streaming_trt.model",

@@ -1,8 +1,7 @@
 """Training text, its tokenizer and the stream of training samples.
 
 The text is a UTF-8 file or ``austen:BOOK`` / ``austen:all`` (Jane Austen's novels, found or
-fetched by :mod:`bench.text`, the project's one home for them). Its last ``heldout`` share (cut at
-a line break) is never trained on. The tokenizer is a byte-level BPE learnt here from the training
+fetched by :mod:`.books`). Its last ``heldout`` share (cut at a line break) is never trained on. The tokenizer is a byte-level BPE learnt here from the training
 part, with two special tokens: ``<|endoftext|>`` (id 0) and ``<|sink|>`` (id 1, the dedicated sink
 token of a sink-token model).
 """
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..contract import UserError
+from .books import austen_text
 
 SPECIALS = ("<|endoftext|>", "<|sink|>")
 EOS_ID, SINK_ID = 0, 1
@@ -23,13 +23,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}
 def read_text(spec: str) -> tuple[str, str]:
     """The text named by ``spec`` (a file or ``austen:BOOK``) and a label saying what it is."""
     if spec.startswith("austen:"):
-        try:
-            from bench import text as austen
-        except ImportError:
-            raise UserError("austen:... needs the bench package of a source checkout; or write the text to a "
-                            "file with python -m bench.text --book all --out austen.txt and pass --text austen.txt") from None
-        name = spec.split(":", 1)[1] or "all"
-        return austen.book(name), austen.describe(name)
+        return austen_text(spec)
     path = Path(spec)
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
