@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from .config import ModelConfig
 from .contract import CheckpointError
@@ -80,9 +82,6 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
     Returns the config and a dict of CPU tensors in their stored dtype. Tensors the model does not
     use (rotary buffers, a duplicated tied lm_head) are dropped.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory; pass a Hugging Face checkpoint directory")

@@ -20,15 +20,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
+import struct
 import sys
 import tempfile
 from pathlib import Path
 
+import gguf
+import numpy as np
 import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
+from .checkpoint import check_state_dict
 from .config import ModelConfig
 from .contract import CheckpointError, UnsupportedModelError
 
@@ -91,9 +100,6 @@ def check_header(path: Path) -> None:
     """Walk the header (metadata and tensor infos) with every count and length bounded by the bytes
     left in the file, before ``GGUFReader`` parses it: the reader loops once per array element a
     header declares, so a crafted count (2**63) would never end."""
-    import mmap
-    import struct
-
     def bad(why: str):
         raise CheckpointError(f"{path}: not a readable GGUF file ({why})")
 
@@ -158,10 +164,6 @@ def check_header(path: Path) -> None:
 
 
 def _reader(path: Path):
-    try:
-        import gguf
-    except ImportError:  # pragma: no cover - gguf is a declared dependency
-        raise CheckpointError("reading .gguf files needs the gguf package: pip install gguf") from None
     check_header(path)
     try:
         return gguf.GGUFReader(str(path), "r")
@@ -251,25 +253,14 @@ def read_gguf(path: str | Path, progress: bool = True) -> tuple[ModelConfig, dic
     Returns the config, float32 CPU tensors by Hugging Face name (Hugging Face shapes,
     ``[out_features, in_features]`` for projections), and the open ``GGUFReader``.
     """
-    import numpy as np
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
-    from .checkpoint import check_state_dict
-
     path = Path(path)
     source = str(path)
     reader = _reader(path)
     config = config_from_metadata(reader, source)
     tensors: dict[str, torch.Tensor] = {}
     items = reader.tensors
-    try:
-        from tqdm import tqdm
-
-        items = tqdm(items, desc=f"dequantizing {path.name}", unit="tensor", disable=not progress, file=sys.stderr,
-                     leave=False)
-    except ImportError:  # pragma: no cover
-        pass
+    items = tqdm(items, desc=f"dequantizing {path.name}", unit="tensor", disable=not progress, file=sys.stderr,
+                 leave=False)
     for t in items:
         name = hf_name(t.name)
         if name is None:
@@ -326,8 +317,6 @@ def load_gguf(path: str | Path, use_cache: bool = True, progress: bool = True
     The first load parses and dequantizes the file and writes ``model.safetensors`` + ``config.json``
     into ``cache_root()/gguf/<sha256>-v1/``; later loads of the same bytes read only those.
     """
-    from safetensors.torch import load_file, save_file
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file; pass a .gguf file or a Hugging Face checkpoint directory")
@@ -358,7 +347,7 @@ def load_gguf(path: str | Path, use_cache: bool = True, progress: bool = True
 def load_gguf_tokenizer(path: str | Path, use_cache: bool = True):
     """The tokenizer (with its chat template) transformers builds from the file's ``tokenizer.*``
     metadata, saved next to the cached weights so later loads skip the GGUF parse."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy (seconds): only GGUF tokenizers need it
 
     path = Path(path)
     if not path.is_file():

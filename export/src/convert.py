@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from streaming_trt.config import ModelConfig, read_json_object
 from streaming_trt.contract import CheckpointError, UserError
@@ -228,8 +230,6 @@ def write_trtllm_checkpoint(
     progress: Callable[[Iterator[int], int], Iterator[int]] | None = None,
 ) -> Path:
     """Write ``config.json`` and every ``rank{r}.safetensors`` into the existing directory ``out_dir``."""
-    from safetensors.torch import save_file
-
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     check_mapping(config, mapping)
@@ -322,9 +322,6 @@ def model_config_from_trtllm(d: dict, source: str = "config.json") -> tuple[Mode
 
 def read_trtllm_checkpoint(path: str | Path) -> tuple[dict, list[dict[str, torch.Tensor]]]:
     """``config.json`` as a dict and the tensors of every rank, checked against the rules."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory; pass a TensorRT-LLM checkpoint directory")

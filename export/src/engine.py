@@ -13,6 +13,8 @@ import shutil
 import subprocess
 import sys
 
+import torch
+
 from streaming_trt.contract import UserError
 from streaming_trt.versions import version_tuple
 
@@ -52,8 +54,6 @@ def _installed_version() -> str | None:
 
 def _cuda_available() -> bool:
     try:
-        import torch
-
         return bool(torch.cuda.is_available())
     except Exception:  # noqa: BLE001 - a broken torch install means no GPU for us
         return False

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ..contract import UserError
 from .attention import ACTIVE, SINKS_ATTR
@@ -39,8 +40,6 @@ def attach_sink_logits(model) -> None:
         if not folder.is_dir():
             raise UserError("this model's config has learned sink logits (sink_logits: learned) but it was not "
                             "loaded from a checkpoint folder they can be read from; load it with from_pretrained(DIR)")
-        from safetensors import safe_open
-
         for file in sorted(folder.glob("*.safetensors")):
             with safe_open(str(file), framework="pt") as f:
                 tensors.update({k: f.get_tensor(k) for k in f.keys() if k.endswith("self_attn.sinks")})

@@ -16,8 +16,10 @@ import json
 import os
 import sys
 
+from .. import cli
+from ..contract import UserError
 from .forward import VARIANTS
-from .loop import Settings
+from .loop import Settings, train
 
 PRESETS = {
     # the CPU demonstration (bench/RESULTS.md): 3.7M parameters, 2048 tokens a step; 140 steps took
@@ -81,8 +83,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def check(s: Settings) -> None:
-    from ..contract import UserError
-
     for name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "context", "batch", "steps",
                  "save_every", "measure_every", "measure_samples"):
         if getattr(s, name) < 1:
@@ -96,9 +96,6 @@ def check(s: Settings) -> None:
 
 
 def main(argv=None) -> int:
-    from .. import cli
-    from .loop import train
-
     args = build_parser().parse_args(argv)
 
     def job() -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from ..contract import UserError
 from .books import austen_text
@@ -47,9 +49,6 @@ def split_text(text: str, heldout: float) -> tuple[str, str]:
 def train_tokenizer(text: str, vocab_size: int, out: Path):
     """Learn a byte-level BPE of ``vocab_size`` ids from ``text`` and save it in ``out`` the way
     checkpoints ship one (tokenizer.json + tokenizer_config.json); returns the transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     if vocab_size < 256 + len(SPECIALS) + 1:
         raise UserError(f"--vocab-size must be at least {256 + len(SPECIALS) + 1} (256 bytes, the special tokens and one merge)")
     tok = Tokenizer(models.BPE())
@@ -67,8 +66,6 @@ def train_tokenizer(text: str, vocab_size: int, out: Path):
 
 
 def load_tokenizer(folder: Path):
-    from transformers import PreTrainedTokenizerFast
-
     return PreTrainedTokenizerFast.from_pretrained(str(folder))
 
 

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from ..config import ModelConfig
 from ..contract import UserError
@@ -37,8 +38,6 @@ def hf_config(config: ModelConfig, variant: str) -> dict:
 
 def save_model(folder: Path, model, variant: str) -> None:
     """Write ``config.json`` and ``model.safetensors`` (float32, Hugging Face names)."""
-    from safetensors.torch import save_file
-
     c: ModelConfig = model.config
     tensors = {}
     for name, p in model.state_dict().items():
@@ -92,7 +91,7 @@ def read_rows(path: Path) -> list[dict]:
 def plot(folder: Path, title: str) -> None:
     """``loss.png`` (training loss per step, smoothed, and held-out loss) and ``attention_mass.png``
     (mean attention on token 0 per layer over steps, Figure 2 style, with the even-spread level)."""
-    import matplotlib
+    import matplotlib  # optional (the bench extra): only the plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -10,9 +10,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
+from ..checkpoint import load_checkpoint
 from ..config import ModelConfig
 from ..contract import UserError
+from ..tokenizer import load_tokenizer
 from . import data, files
 from .forward import VARIANTS, Objective, forward, new_model
 
@@ -96,9 +101,7 @@ class Distributed:
         else:
             raise UserError(f"--device {device!r}: use cpu or cuda")
         if self.world > 1:
-            import torch.distributed as dist
-
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
     @property
     def main(self) -> bool:
@@ -106,24 +109,18 @@ class Distributed:
 
     def barrier(self) -> None:
         if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+            torch.distributed.barrier()
 
     def mean(self, x: torch.Tensor) -> float:
         if self.world > 1:
-            import torch.distributed as dist
-
             x = x.detach().clone()
-            dist.all_reduce(x)
+            torch.distributed.all_reduce(x)
             x /= self.world
         return float(x)
 
     def close(self) -> None:
         if self.world > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            torch.distributed.destroy_process_group()
 
 
 def _prepare(s: Settings, resume: dict | None, out: Path, dist: Distributed):
@@ -135,9 +132,6 @@ def _prepare(s: Settings, resume: dict | None, out: Path, dist: Distributed):
         tokenizer = data.load_tokenizer(out)
         config = ModelConfig.from_hf_dict(resume["config"])
     elif s.init:
-        from ..checkpoint import load_checkpoint
-        from ..tokenizer import load_tokenizer
-
         config, tensors = load_checkpoint(s.init)
         if variant_of(config) != s.variant:
             raise UserError(f"--init {s.init} is a {variant_of(config)} model; pass --variant {variant_of(config)}")
@@ -194,14 +188,10 @@ def train(s: Settings, resume: bool = False, quiet: bool = False) -> dict:
 
 
 def _loop(s, state, out, dist, config, model, ids, held, label, quiet) -> dict:
-    from tqdm import tqdm
-
     device = dist.device
     model.to(device)
     objective = Objective(model)
     if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
         objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     opt = _optimizer(model, s)
     sink_id = config.sink_token_id
