@@ -1,6 +1,7 @@
 """Text generation over a streaming session: token ids or decoded text, streamed as drawn."""
 from __future__ import annotations
 
+import collections
 import numbers
 from typing import Iterable, Iterator
 
@@ -21,6 +22,10 @@ def eos_ids(tokenizer, config) -> set[int]:
     return ids
 
 
+MAX_STOP_STRINGS = 16     # stop strings one request may give
+MAX_STOP_CHARS = 1024     # characters in one stop string
+
+
 class StopStrings:
     """Stop strings matched over streamed text, across token boundaries.
 
@@ -28,7 +33,12 @@ class StopStrings:
     might begin a stop string is held back until it cannot, and neither the stop string nor
     anything after it is ever emitted. The reply ends at the first piece after which the text holds
     a stop string, cut where the earliest one begins. ``flush()`` returns what is still held when
-    generation ends without a hit. Empty strings are ignored.
+    generation ends without a hit. Empty strings are ignored; at most :data:`MAX_STOP_STRINGS` of at
+    most :data:`MAX_STOP_CHARS` characters each.
+
+    The strings are one Aho-Corasick automaton: each character costs amortised constant time however
+    much text is held back, and the held text is the automaton's state (the longest tail of the text
+    that begins some stop string).
     """
 
     def __init__(self, strings: Iterable[str] = ()):
@@ -42,8 +52,48 @@ class StopStrings:
         if bad:
             raise UserError(f"stop strings must be text, got {bad[0]!r}")
         self.strings = [s for s in dict.fromkeys(values) if s]
+        if len(self.strings) > MAX_STOP_STRINGS:
+            raise UserError(f"{len(self.strings)} stop strings given; at most {MAX_STOP_STRINGS}")
+        long = [s for s in self.strings if len(s) > MAX_STOP_CHARS]
+        if long:
+            raise UserError(f"a stop string has {len(long[0])} characters; at most {MAX_STOP_CHARS}")
+        self._build()
+        self.state = 0
         self.held = ""
         self.hit = False
+
+    def _build(self) -> None:
+        """States are the prefixes of the strings (0: the empty one); ``depth`` their length, ``fail``
+        the longest proper suffix that is also a prefix, ``match`` the longest string ending there."""
+        self.goto: list[dict[str, int]] = [{}]
+        self.depth, self.fail, self.match = [0], [0], [0]
+        for text in self.strings:
+            state = 0
+            for ch in text:
+                nxt = self.goto[state].get(ch)
+                if nxt is None:
+                    nxt = self.goto[state][ch] = len(self.goto)
+                    self.goto.append({})
+                    self.depth.append(self.depth[state] + 1)
+                    self.fail.append(0)
+                    self.match.append(0)
+                state = nxt
+            self.match[state] = len(text)
+        queue = collections.deque(self.goto[0].values())
+        while queue:  # breadth first: a state's fail link is shallower, so it is final when used
+            state = queue.popleft()
+            self.match[state] = max(self.match[state], self.match[self.fail[state]])
+            for ch, nxt in self.goto[state].items():
+                f = self.fail[state]
+                while f and ch not in self.goto[f]:
+                    f = self.fail[f]
+                self.fail[nxt] = self.goto[f][ch] if state and ch in self.goto[f] else 0
+                queue.append(nxt)
+
+    def _step(self, state: int, ch: str) -> int:
+        while state and ch not in self.goto[state]:
+            state = self.fail[state]
+        return self.goto[state].get(ch, 0)
 
     def push(self, piece: str) -> tuple[str, bool]:
         if self.hit:
@@ -52,18 +102,22 @@ class StopStrings:
         if not self.strings:
             self.held = ""
             return held, False
-        starts = [i for i in (held.find(s) for s in self.strings) if i >= 0]
-        if starts:
+        state, cut, offset = self.state, None, len(self.held)
+        for i, ch in enumerate(piece):
+            state = self._step(state, ch)
+            if self.match[state]:  # the longest string ending here begins earliest
+                start = offset + i + 1 - self.match[state]
+                cut = start if cut is None else min(cut, start)
+        if cut is not None:
             self.held, self.hit = "", True
-            return held[: min(starts)], True
-        # the longest tail of the text that is the start of some stop string
-        keep = max((k for s in self.strings for k in range(min(len(s) - 1, len(held)), 0, -1)
-                    if held.endswith(s[:k])), default=0)
+            return held[:cut], True
+        self.state = state
+        keep = self.depth[state]
         self.held = held[len(held) - keep:]
         return held[: len(held) - keep], False
 
     def flush(self) -> str:
-        held, self.held = self.held, ""
+        held, self.held, self.state = self.held, "", 0
         return held
 
 

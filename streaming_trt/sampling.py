@@ -24,6 +24,16 @@ def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+def _float32(x) -> float:
+    """``x`` as the sampler computes with it (float32): 1e-300 becomes 0, 1e300 becomes inf."""
+    return float(torch.tensor(float(x), dtype=torch.float32))
+
+
+class SamplingError(UserError):
+    """One stream's next-token distribution is not a distribution (its logits are not finite, or the
+    parameters leave no token): only that stream's request fails."""
+
+
 @dataclasses.dataclass
 class SamplingParams:
     """How tokens are drawn.
@@ -60,20 +70,20 @@ class SamplingParams:
     penalty_window: int = DEFAULT_PENALTY_WINDOW
 
     def __post_init__(self):
-        if not (_is_real(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0):
-            raise UserError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature!r}")
+        if not (_is_real(self.temperature) and math.isfinite(_float32(self.temperature)) and self.temperature >= 0):
+            raise UserError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise UserError(f"top_k must be an integer >= 0 (0 keeps every token), got {self.top_k!r}")
-        if not (_is_real(self.top_p) and 0 < self.top_p <= 1):  # also refuses NaN
-            raise UserError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not (_is_real(self.top_p) and 0 < _float32(self.top_p) <= 1):  # also refuses NaN
+            raise UserError(f"top_p must be a number in (0, 1] (and not round to 0 in float32), got {self.top_p!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise UserError(f"seed must be an integer or None, got {self.seed!r}")
         if not (_is_real(self.min_p) and 0 <= self.min_p <= 1):
             raise UserError(f"min_p must be a number in [0, 1] (0 is off), got {self.min_p!r}")
-        if not (_is_real(self.repetition_penalty) and math.isfinite(self.repetition_penalty)
-                and self.repetition_penalty > 0):
-            raise UserError(f"repetition_penalty must be a number > 0 (1 is off, above 1 discourages "
-                            f"repeats), got {self.repetition_penalty!r}")
+        if not (_is_real(self.repetition_penalty) and self.repetition_penalty > 0
+                and 0 < _float32(self.repetition_penalty) < math.inf):
+            raise UserError(f"repetition_penalty must be a number > 0 that float32 holds (1 is off, above 1 "
+                            f"discourages repeats), got {self.repetition_penalty!r}")
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
             if not (_is_real(value) and -2 <= value <= 2):
@@ -175,9 +185,19 @@ class Sampler:
         """``logits [batch, vocab]`` float -> token ids ``[batch]`` int64; with batch 1 the drawn
         token joins the history."""
         if self.params.temperature < GREEDY_BELOW:
-            ids = self.penalise(logits).argmax(dim=-1)
+            scores = self.penalise(logits)
+            bad = ~torch.isfinite(scores).any(dim=-1) | torch.isnan(scores).any(dim=-1)
         else:
-            ids = torch.multinomial(self.distribution(logits), 1, generator=self.generator).view(-1)
+            scores = self.distribution(logits)
+            bad = ~(torch.isfinite(scores).all(dim=-1) & (scores.sum(dim=-1) > 0))
+        if bool(bad.any()):
+            rows = bad.nonzero().view(-1).tolist()
+            raise SamplingError(f"no next-token distribution for row(s) {rows}: the logits are not finite or the "
+                                f"sampling parameters leave no token")
+        if self.params.temperature < GREEDY_BELOW:
+            ids = scores.argmax(dim=-1)
+        else:
+            ids = torch.multinomial(scores, 1, generator=self.generator).view(-1)
         if ids.shape[0] == 1:
             self.observe([int(ids[0])])
         return ids

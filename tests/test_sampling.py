@@ -398,3 +398,24 @@ def test_generate_cli_prints_the_seed_and_the_seed_repeats_the_run(capsys):
     assert "sampling: greedy frequency_penalty=0.5 penalties over the last 16 tokens" in capsys.readouterr().err
     assert generate.main(argv + ["--presence-penalty", "3"]) == 2
     assert "presence_penalty must be a number in [-2, 2]" in capsys.readouterr().err
+
+
+# --- parameters as float32 holds them, and distributions that are not -------------------------------------
+@pytest.mark.parametrize("field,value", [("repetition_penalty", 1e-300), ("repetition_penalty", 1e300),
+                                         ("top_p", 5e-324), ("temperature", 1e300), ("temperature", float("inf"))])
+def test_parameters_that_float32_breaks_are_refused(field, value):
+    from streaming_trt.sampling import SamplingParams
+
+    with pytest.raises(UserError, match=field):
+        SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("params", [dict(temperature=1.0, seed=0), dict(temperature=0.0)])
+def test_a_stream_without_a_distribution_is_refused_by_name(params):
+    from streaming_trt.sampling import Sampler, SamplingError, SamplingParams
+
+    sampler = Sampler(SamplingParams(**params))
+    with pytest.raises(SamplingError, match=r"row\(s\) \[0\]"):
+        sampler(torch.full((1, 5), float("nan")))
+    assert sampler.history == []  # nothing drawn, nothing recorded
+    assert int(sampler(torch.tensor([[0.0, 5.0, 1.0]]))[0]) in (0, 1, 2)

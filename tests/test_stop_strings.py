@@ -179,3 +179,52 @@ def test_chat_stops_before_a_stop_string_and_gives_back_held_text(tmp_path):
     assert text == full[: full.index(cut)] and reason == "stop"
     never = full[-2:] + "\x7f\x7f"  # begins at the reply's end, never completes
     assert reply((never,)) == reply(())
+
+
+# --- the automaton against the plain definition -------------------------------------------------------
+
+
+def reference_push(strings, held, piece):
+    """The definition, by brute force: cut at the earliest stop in the text, else hold back its
+    longest tail that begins a stop string."""
+    text = held + piece
+    starts = [i for i in (text.find(s) for s in strings) if i >= 0]
+    if starts:
+        return text[: min(starts)], "", True
+    keep = max((k for s in strings for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
+    return text[: len(text) - keep], text[len(text) - keep:], False
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_automaton_equals_the_definition(seed):
+    import random
+
+    rng = random.Random(seed)
+    alphabet = "abc" if seed % 2 else "ab\n"
+    stops = [("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6)))) for _ in range(rng.randint(1, 5))]
+    s, held = StopStrings(stops), ""
+    strings = [x for x in dict.fromkeys(stops) if x]
+    for _ in range(60):
+        piece = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 4)))
+        want_text, held, want_hit = reference_push(strings, held, piece)
+        assert s.push(piece) == (want_text, want_hit), (stops, piece)
+        if want_hit:
+            break
+        assert s.held == held
+
+
+def test_stop_strings_are_bounded():
+    from streaming_trt.generation import MAX_STOP_CHARS, MAX_STOP_STRINGS
+
+    with pytest.raises(UserError, match=f"at most {MAX_STOP_STRINGS}"):
+        StopStrings([f"s{i}" for i in range(MAX_STOP_STRINGS + 1)])
+    with pytest.raises(UserError, match=f"at most {MAX_STOP_CHARS}"):
+        StopStrings(["x" * (MAX_STOP_CHARS + 1)])
+    # the held text never outgrows the longest stop string, however long the near-miss
+    s, emitted = StopStrings(["a" * 50 + "b", "a" * 40 + "c"]), ""
+    for _ in range(1000):
+        emitted += s.push("a")[0]
+        assert len(s.held) <= 50
+    text, hit = s.push("c")
+    assert hit and emitted + text == "a" * 960
