@@ -54,10 +54,16 @@ class BuiltinTokenizer:
     def vocab_size(self) -> int:
         return len(self.specials) + len(self.chars)
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    @property
+    def all_special_tokens(self) -> list[str]:
+        return list(self.specials)
+
+    def encode(self, text: str, add_special_tokens: bool = False, split_special_tokens: bool = False) -> list[int]:
+        """``split_special_tokens``: special-token text is read as its characters (user text stays text)."""
         ids, i = [], 0
+        specials = {} if split_special_tokens else self._special_ids
         while i < len(text):
-            for s, sid in self._special_ids.items():
+            for s, sid in specials.items():
                 if text.startswith(s, i):
                     ids.append(sid)
                     i += len(s)

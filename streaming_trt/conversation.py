@@ -6,6 +6,7 @@ conversation fed in-process does.
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, Iterator
 
 from .contract import UserError
@@ -13,7 +14,17 @@ from .generation import StopStrings, generate_tokens
 from .tokenizer import IncrementalDecoder
 
 _USER, _ASSISTANT = "\x01user-placeholder\x01", "\x01assistant-placeholder\x01"
+_CONTENT = re.compile("\x02content-([0-9]+)\x02")  # a message's text that must stay text
 ROLES = ("system", "user", "assistant")
+
+
+def control_texts(tokenizer) -> tuple[str, ...]:
+    """The strings this tokenizer reads as control tokens wherever they appear in text."""
+    texts = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    added = getattr(tokenizer, "get_added_vocab", None)
+    if added is not None:
+        texts.update(added())
+    return tuple(t for t in texts if t)
 
 
 class TurnEncoder:
@@ -26,6 +37,8 @@ class TurnEncoder:
 
     def __init__(self, tokenizer, system: str | None = None):
         self.tokenizer = tokenizer
+        self.controls = control_texts(tokenizer)
+        self.texts: list[str] = []  # message texts standing in the rendered template as _CONTENT marks
         self.system = [{"role": "system", "content": system}] if system else []
         base = self.system + [{"role": "user", "content": _USER}, {"role": "assistant", "content": _ASSISTANT}]
         self._base = base
@@ -33,8 +46,18 @@ class TurnEncoder:
         self.end_of_reply = self._render(base, False).split(_ASSISTANT, 1)[1]
 
     def _render(self, messages, add_generation_prompt: bool) -> str:
+        """The template over ``messages``; a message whose text holds control-token text (``<|im_end|>``
+        typed by a user) is rendered as a mark that :meth:`_encode` encodes as plain text, so only
+        the template's own control tokens are control tokens."""
+        self.texts = []
+        marked = []
+        for m in messages:
+            if any(c in m["content"] for c in self.controls):
+                self.texts.append(m["content"])
+                m = dict(m, content=f"\x02content-{len(self.texts) - 1}\x02")
+            marked.append(m)
         try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+            return self.tokenizer.apply_chat_template(marked, add_generation_prompt=add_generation_prompt,
                                                       tokenize=False)
         except Exception as e:  # a tokenizer without a template, or a template that rejects roles
             raise UserError(f"the tokenizer's chat template cannot be used ({type(e).__name__}: {e})") from None
@@ -66,7 +89,13 @@ class TurnEncoder:
         return self._encode(end) if end else []
 
     def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        ids, parts = [], _CONTENT.split(text)
+        for i, part in enumerate(parts):  # template text, message index, template text, ...
+            if i % 2:
+                ids += self.tokenizer.encode(self.texts[int(part)], add_special_tokens=False, split_special_tokens=True)
+            elif part:
+                ids += self.tokenizer.encode(part, add_special_tokens=False)
+        return ids
 
 
 def check_messages(messages) -> list[dict]:
