@@ -86,7 +86,7 @@ def test_eviction_to_disk_changes_no_reply(checkpoint, local, tmp_path):
             got = {c: [] for c in range(n)}
             for t in range(turns):  # round robin: every later turn finds its session evicted
                 for c in range(n):
-                    got[c].append([tok.id for tok in convs[c].tokens(texts_of(c, turns)[t])])
+                    got[c].append([tok.token for tok in convs[c].tokens(texts_of(c, turns)[t])])
         restored = s.triton_log().count("restored from")
     finally:
         s.stop()

@@ -104,7 +104,7 @@ def test_an_error_reaches_only_its_own_turn(keyed, local):
             if i < 2:
                 with pytest.raises(ServerError, match="START flag"):
                     list(client.turn(63001 + i, [user("not started")]))
-            got.append(reply + [t.id for t in stream])
+            got.append(reply + [t.token for t in stream])
         conv.end()
     assert got == reference(local, texts, max_tokens=n)
 
