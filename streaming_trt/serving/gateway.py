@@ -293,13 +293,13 @@ async def respond(request, chat: bool):
         turn = await run_in_threadpool(Turn, gateway, req)
     except Exception as e:  # the map's database failed: nothing reached the server
         return server_error(e)
-    headers = {"x-streaming-trt-conversation": str(turn.conv.id)}
     tokens = turn.start()
     # Run the first step here, so a refused request gets an HTTP error and not a broken stream.
     try:
         first = await run_in_threadpool(next, tokens, None)
     except Exception as e:
         return server_error(e)
+    headers = {"x-streaming-trt-conversation": str(turn.conv.id)}  # after a restart, the new conversation
     wants_logprobs = req["logprobs"] is not None
     kind = "chat.completion" if chat else "text_completion"
 

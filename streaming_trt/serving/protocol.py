@@ -142,7 +142,7 @@ _PAYLOAD = "streaming_trt_error"
 
 def encode_error(error: BaseException) -> str:
     """The message of the Triton error a turn ends with: ``{"streaming_trt_error": KIND, "message": TEXT}``."""
-    return json.dumps({_PAYLOAD: kind_of(error).value, "message": str(error)})
+    return json.dumps({_PAYLOAD: kind_of(error).value, "message": str(error)}, ensure_ascii=False)
 
 
 # Triton's own refusals carry no code of ours: its wording is the only signal there is (Triton 2.51).
