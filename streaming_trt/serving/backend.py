@@ -25,7 +25,6 @@ from streaming_trt.serving.scheduler import Scheduler
 from streaming_trt.serving.store import ConversationStore
 
 
-
 def _log(message: str) -> None:
     print(f"[streaming-trt backend] {message}", file=sys.stderr, flush=True)
 

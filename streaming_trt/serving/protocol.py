@@ -20,6 +20,8 @@ import json
 import math
 from typing import Callable
 
+import numpy as np
+
 from ..contract import UserError
 from ..sampling import SamplingParams
 
@@ -197,9 +199,8 @@ class TurnRequest:
     :class:`ServingError` of kind BAD_REQUEST, naming what to change).
 
     ``messages``: a list of ``{"role", "content"}`` dicts, or its JSON (str or UTF-8 bytes), kept
-    parsed; ``[]`` with ``end`` ends the conversation without a turn. With ``raw`` it is a JSON
-    string (or the text itself as a str inside a list-free JSON): a text continued as it is (no chat
-    template, nothing closes the reply). ``start`` begins conversation ``cid`` anew unless ``resume``
+    parsed; ``[]`` with ``end`` ends the conversation without a turn. With ``raw``: the JSON of a
+    string, a text continued as it is (no chat template, nothing closes the reply). ``start`` begins conversation ``cid`` anew unless ``resume``
     (continue the one saved under that id); ``end`` deletes it after the turn. ``sampling``: a
     :class:`SamplingParams` or a dict of its fields. ``on_token(TokenEvent)`` is called per reply
     token and ``on_done(result, error)`` once, from the scheduler's threads; ``cancelled()`` is
@@ -332,8 +333,6 @@ def request_inputs(messages, max_tokens: int | None = None, temperature: float |
                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                    resume: bool = False, options: dict | None = None) -> list[tuple[Tensor, object]]:
     """What a client sends for one turn: ``(tensor, numpy array)`` per input present."""
-    import numpy as np
-
     spec = by_name(INPUTS)
     out = [(spec["MESSAGES"], np.frombuffer(json.dumps(messages).encode("utf-8"), dtype=np.uint8))]
     for name, value in (("MAX_TOKENS", max_tokens), ("TEMPERATURE", temperature), ("TOP_K", top_k),
