@@ -113,7 +113,7 @@ def server_error(e: Exception):
     """An error of a turn in OpenAI's shape, its HTTP status from its kind (:data:`.protocol.HTTP`)."""
     if not isinstance(e, ServerError):
         return error(f"internal error: {type(e).__name__}: {e}", 500, kind="server_error", code="internal_error")
-    http = HTTP.get(e.kind, HTTP[ErrorKind.INTERNAL])
+    http = HTTP[e.kind]
     return error(str(e), http.status, kind=http.type, code=http.code, retry_after=http.retry_after)
 
 
