@@ -14,14 +14,14 @@ stream that broke (a server restart) is replaced by a fresh one on the next turn
 
 A conversation does not hold a Triton sequence slot between turns: the server releases the slot of
 an idle conversation (``--sequence-idle-seconds``), refusing its next turn with "must specify the
-START flag" before the model sees it; the turn is then sent again with START + RESUME, which
-continues the conversation saved on the server. Nothing else is ever resent, so no message is fed twice.
+START flag" before the model sees it (error kind ``SEQUENCE_RELEASED``); the turn is then sent again
+with START + RESUME, which continues the conversation saved on the server. Nothing else is ever
+resent, so no message is fed twice. The tensors, records and error kinds are
+:mod:`streaming_trt.serving.protocol`'s.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
 import os
 import queue
 import secrets
@@ -30,54 +30,28 @@ import threading
 from typing import Iterator
 
 from .contract import UserError
-
-MODEL_NAME = "streaming_llm"
-_RESTARTED = "must specify the START flag"
-_OVERLOADED = ("server busy", "overloaded", "Exceeds maximum queue size")  # the scheduler's and Triton's words
+from .serving.protocol import (MODEL_NAME, ErrorKind, ServingError, TokenEvent, TurnResult, decode_error,
+                               decode_response, request_inputs)
 
 
-class ServerError(UserError):
-    """The server refused or failed a request; the message is the server's.
-
-    ``kind`` says whose fault and whether to retry: "invalid" (the request; do not resend it as is),
-    "internal" (a server bug), "overloaded" (retry later), "unavailable" (the server cannot be reached
-    or the connection broke; retry when it is back), "timeout" (no response in time).
-    """
-
-    def __init__(self, message: str, kind: str = "invalid"):
-        super().__init__(message)
-        self.kind = kind
+class ServerError(ServingError):
+    """The server refused or failed a request; the message is the server's, ``kind`` (an
+    :class:`~streaming_trt.serving.protocol.ErrorKind`, carried on the wire) says whose fault and
+    whether to retry: BAD_REQUEST (do not resend it as is), UNKNOWN_CONVERSATION, BUSY (retry
+    later), SHUTTING_DOWN, INTERNAL (a server bug), UNAVAILABLE (the server cannot be reached or the
+    connection broke; retry when it is back), TIMEOUT (no response in time)."""
 
 
 def _server_error(error) -> ServerError:
     """A tritonclient error as a ServerError: in-band errors (the model's or Triton's refusal of one
-    request) have no gRPC status; a failed stream has one."""
+    request) have no gRPC status and carry the protocol's error payload; a failed stream has a status."""
     message = str(error.message() if hasattr(error, "message") else error)
     status = error.status() if hasattr(error, "status") else None
     if status is not None:
-        kind = "timeout" if "DEADLINE_EXCEEDED" in str(status) else "unavailable"
+        kind = ErrorKind.TIMEOUT if "DEADLINE_EXCEEDED" in str(status) else ErrorKind.UNAVAILABLE
         return ServerError(f"the connection to the server broke ({status}: {message})", kind)
-    if message.startswith("internal error"):
-        return ServerError(message, "internal")
-    if any(word in message for word in _OVERLOADED):
-        return ServerError(message, "overloaded")
-    return ServerError(message)
-
-
-@dataclasses.dataclass
-class Token:
-    id: int
-    text: str
-    logprob: float | None = None    # with OPTIONS logprobs: log-softmax of the model's logits at ``id``
-    top: list | None = None         # [[token_id, text, logprob], ...], the most likely first
-
-
-@dataclasses.dataclass
-class TurnSummary:
-    prompt_tokens: int      # tokens the server fed for this turn's messages
-    seen: int               # stream length after the turn
-    finish_reason: str      # "stop", "length" or "cancelled"
-    text: str = ""          # reply text released at the end (held back while it might begin a stop string)
+    kind, text = decode_error(message)
+    return ServerError(text, kind)
 
 
 class _Stream:
@@ -177,38 +151,16 @@ class Client:
     def turn(self, conversation_id: int, messages: list[dict], start: bool = False, end: bool = False,
              resume: bool = False, max_tokens: int | None = None, temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             options: dict | None = None) -> Iterator[Token | TurnSummary]:
-        """Send one turn; yields a :class:`Token` per reply token, then one :class:`TurnSummary`.
+             options: dict | None = None) -> Iterator[TokenEvent | TurnResult]:
+        """Send one turn; yields a :class:`TokenEvent` per reply token, then one :class:`TurnResult`.
 
         Raises :class:`ServerError` with the server's message on a refused request. Leaving the
         iteration early cancels the turn on the server.
         """
-        import numpy as np
-
-        g = self._grpc
         inputs = []
-
-        def add(name, value, dtype, np_dtype):
-            t = g.InferInput(name, [1], dtype)
-            t.set_data_from_numpy(np.array([value], dtype=np_dtype))
-            inputs.append(t)
-
-        data = np.frombuffer(json.dumps(messages).encode("utf-8"), dtype=np.uint8)
-        t = g.InferInput("MESSAGES", [data.size], "UINT8")
-        t.set_data_from_numpy(data)
-        inputs.append(t)
-        for name, value, dtype, np_dtype in (("MAX_TOKENS", max_tokens, "INT32", np.int32),
-                                             ("TEMPERATURE", temperature, "FP32", np.float32),
-                                             ("TOP_K", top_k, "INT32", np.int32), ("TOP_P", top_p, "FP32", np.float32),
-                                             ("SEED", seed, "INT64", np.int64)):
-            if value is not None:
-                add(name, value, dtype, np_dtype)
-        if resume:
-            add("RESUME", True, "BOOL", np.bool_)
-        if options:  # the other SamplingParams fields, stop, logprobs, raw (docs/serving.md)
-            data = np.frombuffer(json.dumps(options).encode("utf-8"), dtype=np.uint8)
-            t = g.InferInput("OPTIONS", [data.size], "UINT8")
-            t.set_data_from_numpy(data)
+        for spec, values in request_inputs(messages, max_tokens, temperature, top_k, top_p, seed, resume, options):
+            t = self._grpc.InferInput(spec.name, list(values.shape), spec.dtype)
+            t.set_data_from_numpy(values)
             inputs.append(t)
         request_id = f"{id(self)}-{next(self._ids)}"
         stream, reused = self._take()
@@ -232,15 +184,12 @@ class Client:
                     raise ServerError(f"no response from the server within {self.timeout:.0f} s", "timeout") from None
                 if error is not None:
                     raise _server_error(error)
-                token = int(result.as_numpy("TOKEN_ID").reshape(-1)[0])
-                text = result.as_numpy("TEXT").tobytes().decode("utf-8")
-                if token >= 0:
-                    yield Token(token, text, *_logprobs(result))
+                item = decode_response(result.as_numpy)
+                if isinstance(item, TokenEvent):
+                    yield item
                     continue
                 complete = True
-                yield TurnSummary(int(result.as_numpy("PROMPT_TOKENS").reshape(-1)[0]),
-                                  int(result.as_numpy("SEEN").reshape(-1)[0]),
-                                  result.as_numpy("FINISH").tobytes().decode("utf-8"), text)
+                yield item
                 return
         finally:
             self._give_back(stream, complete)
@@ -249,17 +198,6 @@ class Client:
         """End a conversation: the server frees it and deletes its file."""
         for _ in self.turn(conversation_id, [], end=True):  # END with no messages: no turn
             pass
-
-
-def _logprobs(result) -> tuple[float | None, list | None]:
-    """A token response's LOGPROB (NaN: not asked for) and TOP_LOGPROBS (empty: none)."""
-    import math
-
-    value = result.as_numpy("LOGPROB")
-    logprob = None if value is None or math.isnan(float(value.reshape(-1)[0])) else float(value.reshape(-1)[0])
-    raw = result.as_numpy("TOP_LOGPROBS")
-    top = json.loads(raw.tobytes().decode("utf-8")) if raw is not None and raw.size else None
-    return logprob, top
 
 
 def new_conversation_id() -> int:
@@ -276,14 +214,14 @@ class Conversation:
         self.id = conversation_id if conversation_id is not None else new_conversation_id()
         self.system = system
         self.started = started
-        self.last: TurnSummary | None = None
+        self.last: TurnResult | None = None
 
-    def tokens(self, text: str, **sampling) -> Iterator[Token]:
+    def tokens(self, text: str, **sampling) -> Iterator[TokenEvent]:
         """The reply to ``text``, token by token; :attr:`last` holds the turn's summary afterwards."""
         system = [{"role": "system", "content": self.system}] if not self.started and self.system else []
         yield from self.message_tokens(system + [{"role": "user", "content": text}], **sampling)
 
-    def message_tokens(self, messages: list[dict], **sampling) -> Iterator[Token]:
+    def message_tokens(self, messages: list[dict], **sampling) -> Iterator[TokenEvent]:
         """The reply to ``messages``: any history ending with a user message for a conversation not
         yet started, exactly one user message for one that is."""
         first, sent = not self.started, 0
@@ -292,21 +230,21 @@ class Conversation:
                 sent += 1
                 yield token
         except ServerError as e:
-            if first or sent or _RESTARTED not in str(e):
+            if first or sent or e.kind != ErrorKind.SEQUENCE_RELEASED:
                 raise
             # Triton refused the turn before the model saw it: it released the sequence (idle, or a
             # restart). Continue the conversation saved on the server.
             yield from self._turn(messages, start=True, resume=True, **sampling)
         self.started = True
 
-    def _turn(self, messages, **kw) -> Iterator[Token]:
+    def _turn(self, messages, **kw) -> Iterator[TokenEvent]:
         for item in self.client.turn(self.id, messages, **kw):
-            if isinstance(item, TurnSummary):
+            if isinstance(item, TurnResult):
                 self.last = item
             else:
                 yield item
 
-    def completion_tokens(self, text: str, **sampling) -> Iterator[Token]:
+    def completion_tokens(self, text: str, **sampling) -> Iterator[TokenEvent]:
         """A continuation of ``text`` as it is (no chat template), token by token, on this
         conversation id used once: started and ended by this turn (OPTIONS ``raw``)."""
         options = dict(sampling.pop("options", None) or {}, raw=True)
@@ -323,7 +261,7 @@ class Conversation:
         try:
             self.client.end(self.id)
         except ServerError as e:
-            if _RESTARTED not in str(e):
+            if e.kind != ErrorKind.SEQUENCE_RELEASED:
                 raise
             for _ in self.client.turn(self.id, [], start=True, resume=True, end=True):
                 pass
@@ -403,7 +341,8 @@ def _repl(args) -> int:
                     sys.stdout.write(piece)
                     sys.stdout.flush()
             except ServerError as e:
-                again = " (send it again when the server is back)" if e.kind in ("unavailable", "timeout") else ""
+                again = (" (send it again when the server is back)"
+                         if e.kind in (ErrorKind.UNAVAILABLE, ErrorKind.TIMEOUT) else "")
                 cli.info(f"\n[error: {e}]{again}")
                 continue
             sys.stdout.write("\n")

@@ -205,7 +205,7 @@ def texts_of(c: int, turns: int) -> list[str]:
 
 
 def run_turns(client: Client, conv: Conversation, texts: list[str], **kw) -> list[list[int]]:
-    return [[t.id for t in conv.tokens(text, **kw)] for text in texts]
+    return [[t.token for t in conv.tokens(text, **kw)] for text in texts]
 
 
 def raw_turn(url: str, inputs: list[tuple[str, object, str]], seq: int, start: bool = True,

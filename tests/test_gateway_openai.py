@@ -10,7 +10,8 @@ import urllib.request
 import pytest
 
 from serving_harness import scripted_gateway
-from streaming_trt.client import ServerError, Token, TurnSummary
+from streaming_trt.client import ServerError
+from streaming_trt.serving.protocol import TokenEvent, TurnResult
 
 TOP = {5: [[5, "Hel", -0.5], [6, "He", -1.5]], 6: [[6, "lo", -0.25], [5, "Hel", -2.0]]}
 
@@ -30,9 +31,10 @@ class ScriptedClient:
         if text == "refused":
             raise ServerError("OPTIONS has an unknown option 'raw'", "invalid")
         for token, piece, lp in ((5, "Hel", -0.5), (6, "lo", -0.25)):
-            yield Token(token, piece, None if logprobs is None else lp,
+            yield TokenEvent(token, piece, None if logprobs is None else lp,
                         None if not logprobs else TOP[token][:logprobs])
-        yield TurnSummary(3, 10, "length", " world" if text == "tail" else "")
+        yield TurnResult(prompt_tokens=3, completion_tokens=2, finish_reason="length", seen=10,
+                         text=" world" if text == "tail" else "")
 
     def end(self, cid):
         self.turns.append({"cid": cid, "messages": [], "end": True})

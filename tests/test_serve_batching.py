@@ -28,7 +28,7 @@ def test_sigkill_mid_load_loses_no_acknowledged_turn(checkpoint, local, tmp_path
             with Client(a.url, timeout=60) as client:
                 conv = client.conversation(700 + c)
                 for text in texts_of(c, turns):
-                    done[c].append([t.id for t in conv.tokens(text)])
+                    done[c].append([t.token for t in conv.tokens(text)])
         except Exception:  # the server was killed under this conversation
             pass
 
@@ -55,7 +55,7 @@ def test_sigkill_mid_load_loses_no_acknowledged_turn(checkpoint, local, tmp_path
                 # every acknowledged turn is on disk; at most the one in flight is there without its final response
                 assert len(done[c]) <= saved <= len(done[c]) + 1, (c, len(done[c]), saved)
                 conv = Conversation(client, 700 + c, started=saved > 0)
-                rest = [[t.id for t in conv.tokens(text)] for text in texts_of(c, turns)[saved:]]
+                rest = [[t.token for t in conv.tokens(text)] for text in texts_of(c, turns)[saved:]]
                 assert rest == expected[c][saved:], f"conversation {c} after the restart"
     finally:
         b.stop()
@@ -80,7 +80,7 @@ def test_recall_server_carries_each_conversations_block_store(checkpoint, local,
                 for t in range(*turns):
                     for c in texts:
                         conv = Conversation(client, 800 + c, started=t > 0)
-                        got[c].append([tok_.id for tok_ in conv.tokens(texts[c][t], max_tokens=8)])
+                        got[c].append([tok_.token for tok_ in conv.tokens(texts[c][t], max_tokens=8)])
         finally:
             s.stop()
     for c in texts:

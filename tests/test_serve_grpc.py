@@ -15,6 +15,7 @@ from serving_harness import (Server, checkpoint, local, raw_turn, reference, req
 require_tritonserver()
 
 from streaming_trt.client import Client, Conversation, ServerError  # noqa: E402
+from streaming_trt.serving.protocol import ErrorKind  # noqa: E402
 
 
 def test_sixteen_concurrent_conversations_match_in_process(server, local):
@@ -53,8 +54,9 @@ def test_end_deletes_the_conversation(server):
         assert len(files) == 1
         conv.end()
         assert not files[0].exists()
-        with pytest.raises(ServerError, match="unknown or has ended"):
+        with pytest.raises(ServerError, match="unknown or has ended") as gone:
             run_turns(client, conv, ["again"])
+        assert gone.value.kind is ErrorKind.UNKNOWN_CONVERSATION  # decoded from the payload tritonserver carried
 
 
 def test_sigkill_and_restart_continue_bit_exactly(checkpoint, local, tmp_path):
@@ -86,7 +88,7 @@ def test_eviction_to_disk_changes_no_reply(checkpoint, local, tmp_path):
             got = {c: [] for c in range(n)}
             for t in range(turns):  # round robin: every later turn finds its session evicted
                 for c in range(n):
-                    got[c].append([tok.id for tok in convs[c].tokens(texts_of(c, turns)[t])])
+                    got[c].append([tok.token for tok in convs[c].tokens(texts_of(c, turns)[t])])
         restored = s.triton_log().count("restored from")
     finally:
         s.stop()

@@ -13,8 +13,9 @@ import urllib.request
 import pytest
 
 from serving_harness import scripted_gateway
-from streaming_trt.client import ServerError, Token, TurnSummary
+from streaming_trt.client import ServerError
 from streaming_trt.serving.conversations import Conversations
+from streaming_trt.serving.protocol import TokenEvent, TurnResult
 
 
 def user(text):
@@ -93,10 +94,10 @@ class ScriptedClient:
             raise RuntimeError("scripted bug")
         if text == "together":  # returns only once TOGETHER turns are in flight at the same time
             self.together.wait(timeout=20)
-        yield Token(5, "hi")
+        yield TokenEvent(5, "hi")
         if text == "midway":
             raise ServerError("scripted break", "unavailable")
-        yield TurnSummary(3, 10, "stop")
+        yield TurnResult(prompt_tokens=3, completion_tokens=1, finish_reason="stop", seen=10)
 
     def end(self, cid):
         self.turns.append((cid, [], False, True))

@@ -27,6 +27,7 @@ from serving_harness import (TOKENS, Server, checkpoint, local, raw_turn, refere
 require_tritonserver()
 
 from streaming_trt.client import Client, Conversation, ServerError  # noqa: E402
+from streaming_trt.serving.protocol import ErrorKind  # noqa: E402
 
 KEY = "test-key-3f9c"
 SLOTS, IDLE = 2, 1.0
@@ -100,11 +101,12 @@ def test_an_error_reaches_only_its_own_turn(keyed, local):
         got = []
         for i, text in enumerate(texts):
             stream = conv.tokens(text, max_tokens=n)
-            reply = [next(stream).id]
+            reply = [next(stream).token]
             if i < 2:
-                with pytest.raises(ServerError, match="START flag"):
+                with pytest.raises(ServerError, match="START flag") as refused:
                     list(client.turn(63001 + i, [user("not started")]))
-            got.append(reply + [t.id for t in stream])
+                assert refused.value.kind is ErrorKind.SEQUENCE_RELEASED
+            got.append(reply + [t.token for t in stream])
         conv.end()
     assert got == reference(local, texts, max_tokens=n)
 
@@ -241,8 +243,9 @@ def test_gateway_reaps_orphans_and_keeps_two_users_apart(keyed, local):
     while in_gateway_map(keyed.sessions, cid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not in_gateway_map(keyed.sessions, cid), "the gateway still lists the conversation its client left"
-    with Client(keyed.url, api_key=KEY) as client, pytest.raises(ServerError, match="unknown or has ended"):
+    with Client(keyed.url, api_key=KEY) as client, pytest.raises(ServerError, match="unknown or has ended") as gone:
         Conversation(client, cid, started=True).end()  # the gateway ended it already
+    assert gone.value.kind is ErrorKind.UNKNOWN_CONVERSATION
     assert not (keyed.sessions / f"{cid:020d}.session").exists()
 
     first = [user("the same first message")]

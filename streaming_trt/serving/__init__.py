@@ -9,6 +9,6 @@
   one saved after each turn), with an idle TTL and a disk budget;
 - :mod:`.gateway` is an OpenAI-compatible HTTP front end forwarding to Triton over gRPC.
 
-The I/O contract of the Triton model is in :data:`.repo.MODEL_NAME`'s ``config.pbtxt`` and in
-docs/serving.md.
+- :mod:`.protocol` is the wire: the Triton model's tensors and name, the request / token / result
+  records and the error kinds every front door and the backend share (docs/serving.md).
 """

@@ -12,31 +12,52 @@ request is a conversation of its own, started and ended in one turn.
 
 Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 bad request,
 401 missing or wrong API key, 404 unknown model or route, 413 body over the limit (refused from its
-Content-Length, or as soon as the streamed body passes the limit), 429 server busy and 503 server
-unreachable (both with Retry-After), 500 internal error, 504 no response in time.
+Content-Length, or as soon as the streamed body passes the limit); a turn's error has the status of
+its kind (:data:`.protocol.HTTP`): 400 bad request, 404 unknown conversation, 429 server busy and 503
+server unreachable or shutting down (both with Retry-After), 500 internal error, 504 no response in time.
+The handlers share one :class:`Gateway` (``app.state.gateway``).
 """
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import secrets
 import threading
 import time
+from pathlib import Path
 
 from ..contract import UserError
+
+try:
+    import anyio
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+except ImportError:  # the [serve] extra
+    raise UserError("the OpenAI gateway needs starlette and uvicorn: pip install 'streaming-trt[serve]'") from None
+
+from ..client import Client, Conversation, ServerError, new_conversation_id
 from .conversations import Conversations, Reaper, conversation_key  # noqa: F401  (conversation_key: re-exported)
 from .openai_api import BadRequest, chat_logprobs, completion_logprobs, parse_chat, parse_completion
-
-# ServerError.kind -> (HTTP status, OpenAI error type, code, Retry-After seconds)
-_STATUS = {"invalid": (400, "invalid_request_error", None, None),
-           "internal": (500, "server_error", "internal_error", None),
-           "overloaded": (429, "server_error", "server_busy", 1),
-           "unavailable": (503, "server_error", "server_unavailable", 5),
-           "timeout": (504, "server_error", "timeout", None)}
-_UNKNOWN = "unknown or has ended"
-
+from .protocol import HTTP, ErrorKind, TokenEvent
 
 MAX_CONCURRENT_TURNS = 1024  # requests the gateway carries at once (the scheduler refuses beyond its queue)
+
+
+@dataclasses.dataclass
+class Gateway:
+    """What every handler shares: ``request.app.state.gateway``."""
+
+    client: Client
+    conversations: Conversations
+    reaper: Reaper
+    model_id: str
+    max_tokens_limit: int
+    max_body_bytes: int
+    expected_auth: bytes | None   # b"Bearer KEY", or None when no key is needed
 
 
 def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limit: int = 4096,
@@ -48,292 +69,309 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
     ``api_key``: every request must carry ``Authorization: Bearer KEY`` (and Triton is sent it).
     ``state_dir``: where the conversation map is kept (None: in memory only). ``client``: a
     :class:`~streaming_trt.client.Client` to use instead of one made for ``triton_url``.
-    ``app.state.conversations`` / ``app.state.reaper`` are the map and its reaper thread.
+    ``app.state.conversations`` / ``app.state.reaper`` are the map and its reaper thread;
+    ``app.state.gateway`` is the :class:`Gateway` the handlers share.
     """
-    from pathlib import Path
-
-    import anyio
-    from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
-    from starlette.responses import JSONResponse, StreamingResponse
-    from starlette.routing import Route
-
-    from ..client import Client, Conversation, ServerError, Token, new_conversation_id
-
     if client is None:
         client = Client(triton_url, timeout=timeout, api_key=api_key)
-
-    def end_on_server(cid: int) -> None:
-        try:
-            Conversation(client, cid, started=True).end()
-        except ServerError as e:
-            if _UNKNOWN not in str(e):  # unknown: gone already (its session was reaped, or never saved)
-                raise
-
     path = None if state_dir is None else Path(state_dir) / "openai-conversations.sqlite"
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    conversations = Conversations(path, end_on_server, limit=max_conversations, ttl=conversation_ttl,
-                                  busy_limit=max(6 * 3600.0, 2 * timeout))
+    conversations = Conversations(path, lambda cid: end_on_server(client, cid), limit=max_conversations,
+                                  ttl=conversation_ttl, busy_limit=max(6 * 3600.0, 2 * timeout))
     reaper = Reaper(conversations, reap_interval or min(60.0, conversation_ttl / 4)).start()
-    expected = None if not api_key else f"Bearer {api_key}".encode()
-
-    def error(message: str, status: int = 400, param: str | None = None, kind: str = "invalid_request_error",
-              code: str | None = None, retry_after: int | None = None):
-        headers = None if retry_after is None else {"Retry-After": str(retry_after)}
-        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status,
-                            headers=headers)
-
-    def server_error(e: Exception):
-        if not isinstance(e, ServerError):
-            return error(f"internal error: {type(e).__name__}: {e}", 500, kind="server_error", code="internal_error")
-        status, kind, code, retry = _STATUS.get(e.kind, _STATUS["internal"])
-        return error(str(e), status, kind=kind, code=code, retry_after=retry)
-
-    class TurnStream(StreamingResponse):
-        """A streamed reply whose turn is cancelled as soon as the response ends unfinished (the client
-        left): Starlette only abandons the body's iterator, which would keep the turn until collected."""
-
-        def __init__(self, turn, content, **kw):
-            super().__init__(content, **kw)
-            self.turn = turn
-
-        async def __call__(self, scope, receive, send):
-            try:
-                await super().__call__(scope, receive, send)
-            finally:
-                if not self.turn.done:
-                    with anyio.CancelScope(shield=True):
-                        await run_in_threadpool(self.turn.cancel)
-
-    class Turn:
-        """One request's turn; iterate for its reply's tokens (``Token``; the last may carry only text
-        the server held back, id -1). A chat turn's conversation map is settled when the iteration
-        ends: recorded on success, dropped (ended on the server) otherwise. A text completion is a
-        conversation of its own, started and ended by its one turn."""
-
-        def __init__(self, req):
-            self.req, self.pieces, self.done, self.cancelled, self.iterator = req, [], False, False, None
-            self.count, self.kwargs = 0, dict(req["sampling"], options=req["options"] or None)
-            if "prompt" in req:
-                self.conv, self.send = Conversation(client, new_conversation_id()), req["prompt"]
-                return
-            history = req["messages"][:-1]
-            cid = conversations.take(history) if history else None
-            if cid is None:
-                self.conv, self.send = Conversation(client, conversations.new()), req["messages"]
-            else:
-                self.conv, self.send = Conversation(client, cid, started=True), req["messages"][-1:]
-
-        def _tokens(self):
-            if "prompt" in self.req:
-                yield from self.conv.completion_tokens(self.send, **self.kwargs)
-                return
-            tokens = self.conv.message_tokens(self.send, **self.kwargs)
-            try:
-                first = next(tokens, None)
-            except ServerError as e:
-                if self.send is self.req["messages"] or _UNKNOWN not in str(e):
-                    raise
-                # the server no longer has it (its TTL or disk budget): start over with the whole history
-                conversations.drop(self.conv.id, on_server=False)
-                self.conv, self.send = Conversation(client, conversations.new()), self.req["messages"]
-                tokens = self.conv.message_tokens(self.send, **self.kwargs)
-                first = next(tokens, None)
-            if first is not None:
-                yield first
-                yield from tokens
-
-        def __iter__(self):
-            tokens = self._tokens()
-            try:
-                for token in tokens:
-                    if self.cancelled:
-                        return
-                    self.pieces.append(token.text)
-                    self.count += 1
-                    yield token
-                tail = self.conv.last.text if self.conv.last is not None else ""
-                if tail:
-                    self.pieces.append(tail)
-                    yield Token(-1, tail)
-                self.done = True
-                if "messages" in self.req:
-                    conversations.put(self.req["messages"] + [{"role": "assistant", "content": "".join(self.pieces)}],
-                                      self.conv.id)
-            finally:
-                tokens.close()  # a client gone mid-stream: closing the gRPC stream cancels the turn
-                if not self.done and "messages" in self.req:
-                    conversations.drop(self.conv.id)
-                    reaper.wake()
-
-        def start(self):
-            self.iterator = iter(self)
-            return self.iterator
-
-        def cancel(self) -> None:
-            """The HTTP client left: stop the turn (from any thread). A step running in another thread
-            sees ``cancelled`` when its token arrives; a suspended one is closed here."""
-            self.cancelled = True
-            for _ in range(500):
-                try:
-                    self.iterator.close()
-                    return
-                except ValueError:  # "generator already executing": it stops at its next token
-                    time.sleep(0.01)
-
-        def finish(self):
-            return "length" if self.conv.last and self.conv.last.finish_reason == "length" else "stop"
-
-        def usage(self):
-            s, n = self.conv.last, self.count
-            return {"prompt_tokens": s.prompt_tokens, "completion_tokens": n, "total_tokens": s.prompt_tokens + n}
-
-    def authorized(request) -> bool:
-        if expected is None:
-            return True
-        return hmac.compare_digest(request.headers.get("authorization", "").encode("utf-8", "replace"), expected)
-
-    def unauthorized():
-        return error("a valid API key is needed: send the header 'Authorization: Bearer KEY'", 401,
-                     kind="authentication_error", code="invalid_api_key")
-
-    async def read_body(request) -> bytes:
-        """The body, refused (413) from its Content-Length or once the bytes streamed in pass the limit."""
-        too_big = f"more than this server's limit of {max_body_bytes} bytes; send a shorter message"
-        length = request.headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                raise BadRequest(f"Content-Length {length!r} is not a number of bytes")
-            if int(length) > max_body_bytes:
-                raise BadRequest(f"the request is {int(length)} bytes, {too_big}", 413)
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise BadRequest(f"the request is over {max_body_bytes} bytes, {too_big}", 413)
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def models(request):
-        if not authorized(request):
-            return unauthorized()
-        return JSONResponse({"object": "list", "data": [
-            {"id": model_id, "object": "model", "created": 0, "owned_by": "streaming-trt"}]})
-
-    def logprobs_of(tokens, chat: bool, offset: int = 0):
-        """The choice's ``logprobs`` object for ``tokens`` (those the server reported logprobs for)."""
-        entries = [(t.text, t.logprob, t.top) for t in tokens if t.logprob is not None]
-        return chat_logprobs(entries) if chat else completion_logprobs(entries, offset)
-
-    async def respond(request, chat: bool):
-        # Every turn in flight waits for its tokens in a worker thread: anyio's default of 40 threads
-        # would queue the 41st concurrent request behind the others, so the limit follows the server's.
-        limiter = anyio.to_thread.current_default_thread_limiter()
-        if limiter.total_tokens < MAX_CONCURRENT_TURNS:
-            limiter.total_tokens = MAX_CONCURRENT_TURNS
-        if not authorized(request):
-            return unauthorized()
-        try:
-            body = await read_body(request)
-            try:
-                parsed = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise BadRequest(f"the request body is not valid JSON ({e})") from None
-            except RecursionError:
-                raise BadRequest("the request body is JSON nested too deeply") from None
-            req = (parse_chat if chat else parse_completion)(parsed, model_id, max_tokens_limit)
-        except BadRequest as e:
-            return error(str(e), e.status, e.param)
-        created = int(time.time())
-        rid = f"chatcmpl-{secrets.token_hex(12)}" if chat else f"cmpl-{secrets.token_hex(12)}"
-        try:
-            turn = await run_in_threadpool(Turn, req)
-        except Exception as e:  # the map's database failed: nothing reached the server
-            return server_error(e)
-        headers = {"x-streaming-trt-conversation": str(turn.conv.id)}
-        tokens = turn.start()
-        # Run the first step here, so a refused request gets an HTTP error and not a broken stream.
-        try:
-            first = await run_in_threadpool(next, tokens, None)
-        except Exception as e:
-            return server_error(e)
-        wants_logprobs = req["logprobs"] is not None
-        kind = "chat.completion" if chat else "text_completion"
-
-        if not req["stream"]:
-            def rest():
-                return ([first] if first is not None else []) + list(tokens)
-            try:
-                reply = await run_in_threadpool(rest)
-            except Exception as e:
-                return server_error(e)
-            text = "".join(t.text for t in reply)
-            choice = {"index": 0, "finish_reason": turn.finish(),
-                      "logprobs": logprobs_of(reply, chat) if wants_logprobs else None}
-            choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-            return JSONResponse({"id": rid, "object": kind, "created": created, "model": model_id,
-                                 "choices": [choice], "usage": turn.usage()}, headers=headers)
-
-        emitted = 0  # characters streamed so far: the legacy logprobs' text_offset
-
-        def chunk(token=None, finish_reason=None, delta=None, usage=None):
-            nonlocal emitted
-            choices = []
-            if usage is None:
-                text = "" if token is None else token.text
-                logprobs = None
-                if wants_logprobs and token is not None and token.logprob is not None:
-                    logprobs = logprobs_of([token], chat, emitted)
-                emitted += len(text)
-                choice = {"index": 0, "finish_reason": finish_reason, "logprobs": logprobs}
-                if chat:
-                    choice["delta"] = delta if delta is not None else ({"content": text} if token is not None else {})
-                else:
-                    choice["text"] = text
-                choices = [choice]
-            extra = {} if usage is None else {"usage": usage}
-            return "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk" if chat else kind,
-                                          "created": created, "model": model_id, "choices": choices,
-                                          **extra}) + "\n\n"
-
-        def events():
-            try:
-                if chat:
-                    yield chunk(delta={"role": "assistant", "content": ""})
-                if first is not None:
-                    yield chunk(first)
-                    for token in tokens:
-                        yield chunk(token)
-            except Exception as e:  # after the headers: the error goes in the stream, in OpenAI's shape
-                yield "data: " + server_error(e).body.decode() + "\n\n"
-                return
-            yield chunk(finish_reason=turn.finish())
-            if req["include_usage"]:
-                yield chunk(usage=turn.usage())
-            yield "data: [DONE]\n\n"
-
-        return TurnStream(turn, events(), media_type="text/event-stream", headers=headers)
-
-    async def chat_completions(request):
-        return await respond(request, chat=True)
-
-    async def text_completions(request):
-        return await respond(request, chat=False)
-
-    async def http_error(request, exc):
-        return error(str(exc.detail), exc.status_code, kind="invalid_request_error")
-
-    async def internal_error(request, exc):
-        return server_error(exc)
-
+    gateway = Gateway(client, conversations, reaper, model_id, max_tokens_limit, max_body_bytes,
+                      None if not api_key else f"Bearer {api_key}".encode())
     app = Starlette(routes=[Route("/v1/models", models, methods=["GET"]),
                             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
                             Route("/v1/completions", text_completions, methods=["POST"])],
                     exception_handlers={HTTPException: http_error, Exception: internal_error})
+    app.state.gateway = gateway
     app.state.conversations, app.state.reaper, app.state.client = conversations, reaper, client
     return app
+
+
+def end_on_server(client: Client, cid: int) -> None:
+    """End conversation ``cid`` on the server; one the server no longer has is gone already
+    (its session was reaped, or never saved)."""
+    try:
+        Conversation(client, cid, started=True).end()
+    except ServerError as e:
+        if e.kind != ErrorKind.UNKNOWN_CONVERSATION:
+            raise
+
+
+# ----------------------------------------------------------------------------------- errors
+def error(message: str, status: int = 400, param: str | None = None, kind: str = "invalid_request_error",
+          code: str | None = None, retry_after: int | None = None):
+    headers = None if retry_after is None else {"Retry-After": str(retry_after)}
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status,
+                        headers=headers)
+
+
+def server_error(e: Exception):
+    """An error of a turn in OpenAI's shape, its HTTP status from its kind (:data:`.protocol.HTTP`)."""
+    if not isinstance(e, ServerError):
+        return error(f"internal error: {type(e).__name__}: {e}", 500, kind="server_error", code="internal_error")
+    http = HTTP[e.kind]
+    return error(str(e), http.status, kind=http.type, code=http.code, retry_after=http.retry_after)
+
+
+def unauthorized():
+    return error("a valid API key is needed: send the header 'Authorization: Bearer KEY'", 401,
+                 kind="authentication_error", code="invalid_api_key")
+
+
+def authorized(gateway: Gateway, request) -> bool:
+    if gateway.expected_auth is None:
+        return True
+    return hmac.compare_digest(request.headers.get("authorization", "").encode("utf-8", "replace"),
+                               gateway.expected_auth)
+
+
+# ----------------------------------------------------------------------------------- one turn
+class TurnStream(StreamingResponse):
+    """A streamed reply whose turn is cancelled as soon as the response ends unfinished (the client
+    left): Starlette only abandons the body's iterator, which would keep the turn until collected."""
+
+    def __init__(self, turn, content, **kw):
+        super().__init__(content, **kw)
+        self.turn = turn
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.turn.done:
+                with anyio.CancelScope(shield=True):
+                    await run_in_threadpool(self.turn.cancel)
+
+
+class Turn:
+    """One request's turn; iterate for its reply's tokens (``TokenEvent``; the last may carry only
+    text the server held back, id -1). A chat turn's conversation map is settled when the iteration
+    ends: recorded on success, dropped (ended on the server) otherwise. A text completion is a
+    conversation of its own, started and ended by its one turn."""
+
+    def __init__(self, gateway: Gateway, req):
+        self.gateway, client, conversations = gateway, gateway.client, gateway.conversations
+        self.req, self.pieces, self.done, self.cancelled, self.iterator = req, [], False, False, None
+        self.count, self.kwargs = 0, dict(req["sampling"], options=req["options"] or None)
+        if "prompt" in req:
+            self.conv, self.send = Conversation(client, new_conversation_id()), req["prompt"]
+            return
+        history = req["messages"][:-1]
+        cid = conversations.take(history) if history else None
+        if cid is None:
+            self.conv, self.send = Conversation(client, conversations.new()), req["messages"]
+        else:
+            self.conv, self.send = Conversation(client, cid, started=True), req["messages"][-1:]
+
+    def _tokens(self):
+        if "prompt" in self.req:
+            yield from self.conv.completion_tokens(self.send, **self.kwargs)
+            return
+        tokens = self.conv.message_tokens(self.send, **self.kwargs)
+        try:
+            first = next(tokens, None)
+        except ServerError as e:
+            if self.send is self.req["messages"] or e.kind != ErrorKind.UNKNOWN_CONVERSATION:
+                raise
+            # the server no longer has it (its TTL or disk budget): start over with the whole history
+            conversations = self.gateway.conversations
+            conversations.drop(self.conv.id, on_server=False)
+            self.conv, self.send = Conversation(self.gateway.client, conversations.new()), self.req["messages"]
+            tokens = self.conv.message_tokens(self.send, **self.kwargs)
+            first = next(tokens, None)
+        if first is not None:
+            yield first
+            yield from tokens
+
+    def __iter__(self):
+        tokens = self._tokens()
+        try:
+            for token in tokens:
+                if self.cancelled:
+                    return
+                self.pieces.append(token.text)
+                self.count += 1
+                yield token
+            tail = self.conv.last.text if self.conv.last is not None else ""
+            if tail:
+                self.pieces.append(tail)
+                yield TokenEvent(-1, tail)
+            self.done = True
+            if "messages" in self.req:
+                self.gateway.conversations.put(
+                    self.req["messages"] + [{"role": "assistant", "content": "".join(self.pieces)}], self.conv.id)
+        finally:
+            tokens.close()  # a client gone mid-stream: closing the gRPC stream cancels the turn
+            if not self.done and "messages" in self.req:
+                self.gateway.conversations.drop(self.conv.id)
+                self.gateway.reaper.wake()
+
+    def start(self):
+        self.iterator = iter(self)
+        return self.iterator
+
+    def cancel(self) -> None:
+        """The HTTP client left: stop the turn (from any thread). A step running in another thread
+        sees ``cancelled`` when its token arrives; a suspended one is closed here."""
+        self.cancelled = True
+        for _ in range(500):
+            try:
+                self.iterator.close()
+                return
+            except ValueError:  # "generator already executing": it stops at its next token
+                time.sleep(0.01)
+
+    def finish(self):
+        return "length" if self.conv.last and self.conv.last.finish_reason == "length" else "stop"
+
+    def usage(self):
+        s, n = self.conv.last, self.count
+        return {"prompt_tokens": s.prompt_tokens, "completion_tokens": n, "total_tokens": s.prompt_tokens + n}
+
+
+# ----------------------------------------------------------------------------------- handlers
+async def read_body(request, max_body_bytes: int) -> bytes:
+    """The body, refused (413) from its Content-Length or once the bytes streamed in pass the limit."""
+    too_big = f"more than this server's limit of {max_body_bytes} bytes; send a shorter message"
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise BadRequest(f"Content-Length {length!r} is not a number of bytes")
+        if int(length) > max_body_bytes:
+            raise BadRequest(f"the request is {int(length)} bytes, {too_big}", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise BadRequest(f"the request is over {max_body_bytes} bytes, {too_big}", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def models(request):
+    gateway = request.app.state.gateway
+    if not authorized(gateway, request):
+        return unauthorized()
+    return JSONResponse({"object": "list", "data": [
+        {"id": gateway.model_id, "object": "model", "created": 0, "owned_by": "streaming-trt"}]})
+
+
+def logprobs_of(tokens, chat: bool, offset: int = 0):
+    """The choice's ``logprobs`` object for ``tokens`` (those the server reported logprobs for)."""
+    entries = [(t.text, t.logprob, t.top) for t in tokens if t.logprob is not None]
+    return chat_logprobs(entries) if chat else completion_logprobs(entries, offset)
+
+
+async def respond(request, chat: bool):
+    gateway = request.app.state.gateway
+    model_id = gateway.model_id
+    # Every turn in flight waits for its tokens in a worker thread: anyio's default of 40 threads
+    # would queue the 41st concurrent request behind the others, so the limit follows the server's.
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    if limiter.total_tokens < MAX_CONCURRENT_TURNS:
+        limiter.total_tokens = MAX_CONCURRENT_TURNS
+    if not authorized(gateway, request):
+        return unauthorized()
+    try:
+        body = await read_body(request, gateway.max_body_bytes)
+        try:
+            parsed = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRequest(f"the request body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise BadRequest("the request body is JSON nested too deeply") from None
+        req = (parse_chat if chat else parse_completion)(parsed, model_id, gateway.max_tokens_limit)
+    except BadRequest as e:
+        return error(str(e), e.status, e.param)
+    created = int(time.time())
+    rid = f"chatcmpl-{secrets.token_hex(12)}" if chat else f"cmpl-{secrets.token_hex(12)}"
+    try:
+        turn = await run_in_threadpool(Turn, gateway, req)
+    except Exception as e:  # the map's database failed: nothing reached the server
+        return server_error(e)
+    tokens = turn.start()
+    # Run the first step here, so a refused request gets an HTTP error and not a broken stream.
+    try:
+        first = await run_in_threadpool(next, tokens, None)
+    except Exception as e:
+        return server_error(e)
+    headers = {"x-streaming-trt-conversation": str(turn.conv.id)}  # after a restart, the new conversation
+    wants_logprobs = req["logprobs"] is not None
+    kind = "chat.completion" if chat else "text_completion"
+
+    if not req["stream"]:
+        def rest():
+            return ([first] if first is not None else []) + list(tokens)
+        try:
+            reply = await run_in_threadpool(rest)
+        except Exception as e:
+            return server_error(e)
+        text = "".join(t.text for t in reply)
+        choice = {"index": 0, "finish_reason": turn.finish(),
+                  "logprobs": logprobs_of(reply, chat) if wants_logprobs else None}
+        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+        return JSONResponse({"id": rid, "object": kind, "created": created, "model": model_id,
+                             "choices": [choice], "usage": turn.usage()}, headers=headers)
+
+    emitted = 0  # characters streamed so far: the legacy logprobs' text_offset
+
+    def chunk(token=None, finish_reason=None, delta=None, usage=None):
+        nonlocal emitted
+        choices = []
+        if usage is None:
+            text = "" if token is None else token.text
+            logprobs = None
+            if wants_logprobs and token is not None and token.logprob is not None:
+                logprobs = logprobs_of([token], chat, emitted)
+            emitted += len(text)
+            choice = {"index": 0, "finish_reason": finish_reason, "logprobs": logprobs}
+            if chat:
+                choice["delta"] = delta if delta is not None else ({"content": text} if token is not None else {})
+            else:
+                choice["text"] = text
+            choices = [choice]
+        extra = {} if usage is None else {"usage": usage}
+        return "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk" if chat else kind,
+                                      "created": created, "model": model_id, "choices": choices,
+                                      **extra}) + "\n\n"
+
+    def events():
+        try:
+            if chat:
+                yield chunk(delta={"role": "assistant", "content": ""})
+            if first is not None:
+                yield chunk(first)
+                for token in tokens:
+                    yield chunk(token)
+        except Exception as e:  # after the headers: the error goes in the stream, in OpenAI's shape
+            yield "data: " + server_error(e).body.decode() + "\n\n"
+            return
+        yield chunk(finish_reason=turn.finish())
+        if req["include_usage"]:
+            yield chunk(usage=turn.usage())
+        yield "data: [DONE]\n\n"
+
+    return TurnStream(turn, events(), media_type="text/event-stream", headers=headers)
+
+
+async def chat_completions(request):
+    return await respond(request, chat=True)
+
+
+async def text_completions(request):
+    return await respond(request, chat=False)
+
+
+async def http_error(request, exc):
+    return error(str(exc.detail), exc.status_code, kind="invalid_request_error")
+
+
+async def internal_error(request, exc):
+    return server_error(exc)
 
 
 class GatewayThread:
@@ -341,7 +379,7 @@ class GatewayThread:
 
     def __init__(self, triton_url: str, host: str, port: int, **app_kwargs):
         try:
-            import uvicorn
+            import uvicorn  # the [serve] extra, needed only to serve
         except ImportError:
             raise UserError("the OpenAI gateway needs starlette and uvicorn: pip install 'streaming-trt[serve]'") from None
         self.app = create_app(triton_url, **app_kwargs)

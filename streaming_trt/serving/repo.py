@@ -14,49 +14,52 @@ from pathlib import Path
 
 from ..contract import UserError
 
-MODEL_NAME = "streaming_llm"
+from .protocol import CONTROLS, CORRID_DTYPE, INPUTS, MODEL_NAME, OUTPUTS, Tensor
 
 CONFIG = """\
 # Written by `python -m streaming_trt.serve`: the eager streaming-trt runtime on the Python backend.
 # One request = one chat turn; the conversation is the sequence (correlation id); replies stream.
-# MESSAGES is the UTF-8 bytes of a JSON list of {{"role", "content"}} messages; TEXT and FINISH are
-# UTF-8 too (UINT8 rather than BYTES: the wheel's backend stub mishandles numpy 2 arrays).
-# OPTIONS (optional) is a UTF-8 JSON object: sampling parameters by name, "stop", "logprobs".
+# The tensors are streaming_trt.serving.protocol's (docs/serving.md): text is UTF-8 in UINT8 tensors
+# (not BYTES: the wheel's backend stub mishandles numpy 2 arrays).
 # The backend hands every request to its batching scheduler and returns at once.
 name: "{name}"
 backend: "python"
 max_batch_size: 0
 model_transaction_policy {{ decoupled: true }}
 input [
-  {{ name: "MESSAGES" data_type: TYPE_UINT8 dims: [ -1 ] }},
-  {{ name: "MAX_TOKENS" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
-  {{ name: "TEMPERATURE" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
-  {{ name: "TOP_K" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
-  {{ name: "TOP_P" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
-  {{ name: "SEED" data_type: TYPE_INT64 dims: [ 1 ] optional: true }},
-  {{ name: "RESUME" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
-  {{ name: "OPTIONS" data_type: TYPE_UINT8 dims: [ -1 ] optional: true }}
+{inputs}
 ]
 output [
-  {{ name: "TOKEN_ID" data_type: TYPE_INT64 dims: [ 1 ] }},
-  {{ name: "TEXT" data_type: TYPE_UINT8 dims: [ -1 ] }},
-  {{ name: "PROMPT_TOKENS" data_type: TYPE_INT32 dims: [ 1 ] }},
-  {{ name: "SEEN" data_type: TYPE_INT64 dims: [ 1 ] }},
-  {{ name: "FINISH" data_type: TYPE_UINT8 dims: [ -1 ] }},
-  {{ name: "LOGPROB" data_type: TYPE_FP32 dims: [ 1 ] }},
-  {{ name: "TOP_LOGPROBS" data_type: TYPE_UINT8 dims: [ -1 ] }}
+{outputs}
 ]
 sequence_batching {{
   max_sequence_idle_microseconds: {idle_us}
   oldest {{ max_candidate_sequences: {candidates} }}
   control_input [
-    {{ name: "START" control [ {{ kind: CONTROL_SEQUENCE_START fp32_false_true: [ 0, 1 ] }} ] }},
-    {{ name: "END" control [ {{ kind: CONTROL_SEQUENCE_END fp32_false_true: [ 0, 1 ] }} ] }},
-    {{ name: "CORRID" control [ {{ kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 }} ] }}
+{controls}
   ]
 }}
 instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 """
+
+
+def _tensor_lines(tensors: tuple[Tensor, ...]) -> str:
+    return ",\n".join(f'  {{ name: "{t.name}" data_type: TYPE_{t.dtype} dims: [ {", ".join(map(str, t.dims))} ]'
+                      + (" optional: true" if t.optional else "") + " }" for t in tensors)
+
+
+def _control_lines() -> str:
+    lines = []
+    for name, kind in CONTROLS:
+        detail = f"data_type: TYPE_{CORRID_DTYPE}" if kind.endswith("CORRID") else "fp32_false_true: [ 0, 1 ]"
+        lines.append(f'    {{ name: "{name}" control [ {{ kind: {kind} {detail} }} ] }}')
+    return ",\n".join(lines)
+
+
+def config_pbtxt(name: str = MODEL_NAME, idle_seconds: float = 60.0, candidates: int = 4096) -> str:
+    """The model's ``config.pbtxt``: the protocol's tensors, decoupled, sequence batching (``oldest``)."""
+    return CONFIG.format(name=name, idle_us=round(idle_seconds * 1e6), candidates=candidates,
+                         inputs=_tensor_lines(INPUTS), outputs=_tensor_lines(OUTPUTS), controls=_control_lines())
 
 
 def write_repo(repo: str | os.PathLike, settings: dict, name: str = MODEL_NAME, idle_seconds: float = 60.0,
@@ -73,8 +76,7 @@ def write_repo(repo: str | os.PathLike, settings: dict, name: str = MODEL_NAME, 
     model_dir = Path(repo) / name
     try:
         (model_dir / "1").mkdir(parents=True, exist_ok=True)
-        (model_dir / "config.pbtxt").write_text(CONFIG.format(name=name, idle_us=round(idle_seconds * 1e6),
-                                                              candidates=candidates))
+        (model_dir / "config.pbtxt").write_text(config_pbtxt(name, idle_seconds, candidates))
         (model_dir / "serve.json").write_text(json.dumps(settings, indent=2) + "\n")
         template = resources.files("streaming_trt.serving").joinpath("templates/model.py").read_text()
         (model_dir / "1" / "model.py").write_text(template)

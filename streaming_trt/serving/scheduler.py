@@ -42,7 +42,7 @@ from ..graphs import DecodeGraphs
 from ..sampling import Sampler, token_logprobs
 from ..session import Session
 from ..tokenizer import IncrementalDecoder
-from .turns import Overloaded, TokenEvent, TurnRequest, TurnResult, parse_messages
+from .protocol import ErrorKind, Overloaded, ServingError, TokenEvent, TurnRequest, TurnResult
 
 __all__ = ["Scheduler", "Overloaded", "TokenEvent", "TurnRequest", "TurnResult"]
 
@@ -128,7 +128,9 @@ class Scheduler:
     # ----------------------------------------------------------------- the caller's side
     def submit(self, req: TurnRequest) -> None:
         """Queue a turn; returns at once. Raises :class:`Overloaded` when every slot is busy and
-        ``max_queue`` turns already wait (nothing is queued then)."""
+        ``max_queue`` turns already wait (nothing is queued then), :class:`ServingError` when
+        ``req`` exceeds the server's limits."""
+        req.within(self.max_new_tokens_limit)
         with self.lock:
             if self.queued >= self.max_queue + self.free_slots():
                 raise Overloaded(f"server busy: all {len(self.rows)} slots are in use and {self.max_queue} turns are "
@@ -154,7 +156,7 @@ class Scheduler:
             self._drain(block=not active and not self.stopping.is_set())
             if self.stopping.is_set() and not active:
                 for req in self.waiting:
-                    self._done(req, None, UserError("the server is shutting down"))
+                    self._done(req, None, ServingError("the server is shutting down", ErrorKind.SHUTTING_DOWN))
                 self.waiting.clear()
                 return
             self._admit()
@@ -163,7 +165,8 @@ class Scheduler:
                 self._prefill_step()
             except Exception as e:  # a bug: fail the turns in flight, keep serving the others
                 for turn in [t for t in self.rows if t is not None]:
-                    self._release(turn, error=RuntimeError(f"internal error: {type(e).__name__}: {e}"))
+                    self._release(turn, error=ServingError(f"internal error: {type(e).__name__}: {e}",
+                                                           ErrorKind.INTERNAL))
             self.steps += 1
 
     def _drain(self, block: bool) -> None:
@@ -202,7 +205,7 @@ class Scheduler:
             except UserError as e:
                 self._done(req, None, e)
             except Exception as e:  # a bug or an unreadable file: this turn only
-                self._done(req, None, RuntimeError(f"internal error: {type(e).__name__}: {e}"))
+                self._done(req, None, ServingError(f"internal error: {type(e).__name__}: {e}", ErrorKind.INTERNAL))
         self.waiting = kept
 
     @staticmethod
@@ -212,21 +215,18 @@ class Scheduler:
     def _start(self, req: TurnRequest) -> None:
         if self._is_end_only(req):
             if not self.store.exists(req.cid):
-                raise UserError(f"conversation {req.cid} is unknown or has ended")
+                raise ServingError(f"conversation {req.cid} is unknown or has ended", ErrorKind.UNKNOWN_CONVERSATION)
             self.store.end(req.cid)
             self._done(req, TurnResult(0, 0, "ended", 0), None)
             return
-        messages = parse_messages(req.messages, self.max_input_bytes)
+        messages = req.messages  # parsed and validated when the request was made (protocol.TurnRequest)
         max_tokens = self.max_new_tokens if req.max_tokens is None else req.max_tokens
-        if not isinstance(max_tokens, int) or not 0 <= max_tokens <= self.max_new_tokens_limit:
-            raise UserError(f"max_tokens must be in [0, {self.max_new_tokens_limit}], got {max_tokens}")
         fresh = req.start and not req.resume
         if not fresh and not self.store.exists(req.cid):
-            raise UserError(f"conversation {req.cid} is unknown or has ended; start it with the START flag")
+            raise ServingError(f"conversation {req.cid} is unknown or has ended; start it with the START flag",
+                               ErrorKind.UNKNOWN_CONVERSATION)
         conversation = Conversation(self.tokenizer, self.stop_ids, started=not fresh, encoder=self.encoder)
         if req.raw:
-            if not isinstance(messages, str) or not messages:
-                raise UserError("a raw turn's MESSAGES must be a non-empty JSON string: the text to continue")
             ids = self.tokenizer.encode(messages, add_special_tokens=fresh)
         else:
             ids = conversation.turn_ids(messages)
@@ -464,7 +464,8 @@ class Scheduler:
             try:
                 self.store.save(cid)
             except Exception as e:  # a full disk: the reply was streamed, but not kept
-                self._done(req, None, RuntimeError(f"internal error: the conversation could not be saved ({e})"))
+                self._done(req, None, ServingError(f"internal error: the conversation could not be saved ({e})",
+                                                   ErrorKind.INTERNAL))
             else:
                 self._done(req, result, None)
             self.inbox.put(("saved", cid))
