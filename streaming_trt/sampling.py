@@ -76,8 +76,8 @@ class SamplingParams:
             raise UserError(f"top_k must be an integer >= 0 (0 keeps every token), got {self.top_k!r}")
         if not (_is_real(self.top_p) and 0 < _float32(self.top_p) <= 1):  # also refuses NaN
             raise UserError(f"top_p must be a number in (0, 1] (and not round to 0 in float32), got {self.top_p!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise UserError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and not (_is_int(self.seed) and -(1 << 63) <= self.seed < 1 << 64):
+            raise UserError(f"seed must be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
         if not (_is_real(self.min_p) and 0 <= self.min_p <= 1):
             raise UserError(f"min_p must be a number in [0, 1] (0 is off), got {self.min_p!r}")
         if not (_is_real(self.repetition_penalty) and self.repetition_penalty > 0

@@ -182,3 +182,16 @@ def test_client_repl_sends_the_new_parameters_and_prints_held_back_text(monkeypa
     assert capsys.readouterr().out == "Hello world\n"
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
     assert client_module.main([]) == 0 and scripted.turns[-1]["options"] is None
+
+
+def test_numbers_of_thousands_of_digits_are_a_400(gateway):
+    """Python refuses to convert a 5,000-digit integer: the body is refused as bad JSON, not a 500."""
+    before = len(gateway.client.turns)
+    for field in ("max_tokens", "seed"):
+        body = '{"messages": [{"role": "user", "content": "x"}], "%s": %s}' % (field, "9" * 5000)
+        req = urllib.request.Request(f"http://127.0.0.1:{gateway.port}/v1/chat/completions", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 400 and "not valid JSON" in json.loads(e.value.read())["error"]["message"]
+    assert len(gateway.client.turns) == before

@@ -274,6 +274,8 @@ def test_error_kinds_survive_a_reworded_message_end_to_end(wire, monkeypatch):
                                             max_tokens=LIMIT + 1))) is ErrorKind.BAD_REQUEST
     assert kind_of(lambda: list(client.turn(5, [{"role": "user", "content": "hi"}], start=True,
                                             options={"nonsense": 1}))) is ErrorKind.BAD_REQUEST
+    assert kind_of(lambda: list(client.turn(5, [{"role": "user", "content": "hi"}], start=True,  # > 64 KiB
+                                            options={"stop": ["y" * 1000] * 70}))) is ErrorKind.BAD_REQUEST
     # a server bug while admitting the turn
     with monkeypatch.context() as m:
         m.setattr(store, "exists", lambda cid: (_ for _ in ()).throw(RuntimeError("disk on fire")))
@@ -413,6 +415,14 @@ def test_requests_are_validated_once_when_made():
         assert protocol.kind_of(e.value) is ErrorKind.BAD_REQUEST, bad
     with pytest.raises(ServingError, match="unknown option 'nope'"):
         protocol.parse_options(b'{"nope": 1}')
+    # what float32 breaks, a seed of 5,000 digits, stop strings beyond their bounds
+    for bad in (dict(sampling={"top_p": 5e-324}), dict(sampling={"temperature": 1, "repetition_penalty": 1e-300}),
+                dict(sampling={"seed": 1 << 70}), dict(stop=["s"] * 17), dict(stop=["s" * 1025])):
+        with pytest.raises(UserError) as e:
+            protocol.TurnRequest(**{"cid": 3, "messages": "[]", **bad})
+        assert protocol.kind_of(e.value) is ErrorKind.BAD_REQUEST, bad
+    with pytest.raises(ServingError, match="not a valid UTF-8 JSON object"):
+        protocol.parse_options(b'{"seed": ' + b"9" * 5000 + b"}")
     for kind in ErrorKind:
         assert protocol.decode_error(protocol.encode_error(ServingError("any words", kind))) == (kind, "any words")
     assert protocol.decode_error(protocol.encode_error(RuntimeError("bug")))[0] is ErrorKind.INTERNAL

@@ -280,7 +280,7 @@ async def respond(request, chat: bool):
         body = await read_body(request, gateway.max_body_bytes)
         try:
             parsed = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except ValueError as e:  # not JSON, not UTF-8, or an integer of thousands of digits
             raise BadRequest(f"the request body is not valid JSON ({e})") from None
         except RecursionError:
             raise BadRequest("the request body is JSON nested too deeply") from None

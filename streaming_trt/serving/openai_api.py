@@ -9,12 +9,17 @@ SamplingParams fields, ``stop``, ``logprobs``, ``raw``).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+
+from ..contract import UserError
+from ..generation import MAX_STOP_CHARS, MAX_STOP_STRINGS
+from ..sampling import SamplingParams
 
 CHAT, COMPLETIONS = "chat", "completions"
 BOTH = (CHAT, COMPLETIONS)
-MAX_STOP = 16            # stop strings per request
 MAX_TOP_LOGPROBS = 20    # alternatives per token (what the server computes at most)
+SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -44,7 +49,7 @@ PARAMETERS: dict[str, tuple[tuple[str, ...], str, str]] = {
     "frequency_penalty": (BOTH, "honoured", "[-2, 2], over the stream's recent tokens (SamplingParams)"),
     "presence_penalty": (BOTH, "honoured", "[-2, 2], over the stream's recent tokens (SamplingParams)"),
     "seed": (BOTH, "honoured", "default 0, so equal requests get equal replies"),
-    "stop": (BOTH, "honoured", f"a string or up to {MAX_STOP}; the reply ends before it, finish_reason stop"),
+    "stop": (BOTH, "honoured", f"a string or up to {MAX_STOP_STRINGS} of up to {MAX_STOP_CHARS} characters; the reply ends before it, finish_reason stop"),
     "stream": (BOTH, "honoured", "server-sent events, one chunk per token"),
     "stream_options": (BOTH, "honoured", "include_usage: a last chunk with usage"),
     "logprobs": (BOTH, "honoured", f"chat: true/false; completions: 0-{MAX_TOP_LOGPROBS} alternatives per token"),
@@ -142,8 +147,10 @@ def _sampling(body: dict, endpoint: str, max_tokens_limit: int) -> dict:
         stops = [stop] if isinstance(stop, str) else stop
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
             raise BadRequest("stop must be a string or a list of strings", param="stop")
-        if len(stops) > MAX_STOP:
-            raise BadRequest(f"stop holds {len(stops)} strings; at most {MAX_STOP}", param="stop")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise BadRequest(f"stop holds {len(stops)} strings; at most {MAX_STOP_STRINGS}", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise BadRequest(f"a stop string is longer than {MAX_STOP_CHARS} characters", param="stop")
         stops = [s for s in stops if s]
         for s in stops:
             _unicode(s, "stop")
@@ -152,6 +159,11 @@ def _sampling(body: dict, endpoint: str, max_tokens_limit: int) -> dict:
     logprobs = _logprobs(body, endpoint)
     if logprobs is not None:
         options["logprobs"] = logprobs
+    fields = {k: v for k, v in {**scalar, **options}.items() if k in SAMPLING_FIELDS}
+    try:  # as the sampler will compute with them (float32): 1e-300 is 0 there
+        SamplingParams(**fields)
+    except UserError as e:
+        raise BadRequest(str(e), param=str(e).split(" ", 1)[0]) from None
     return {"stream": stream, "include_usage": bool((stream_options or {}).get("include_usage")),
             "sampling": scalar, "options": options, "logprobs": logprobs}
 

@@ -23,9 +23,11 @@ from typing import Callable
 import numpy as np
 
 from ..contract import UserError
+from ..generation import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from ..sampling import SamplingParams
 
 MODEL_NAME = "streaming_llm"
+MAX_OPTIONS_BYTES = 64 * 1024  # the OPTIONS JSON: sampling fields, stop strings (16 x 1024 characters), flags
 
 
 # ----------------------------------------------------------------------------------- tensors
@@ -244,6 +246,8 @@ class TurnRequest:
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
             _bad("stop must be a string or a list of strings")
         self.stop = tuple(s for s in self.stop if s)
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            _bad(f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             _bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (top alternatives per token) or null")
@@ -267,7 +271,7 @@ def _parse_messages(raw):
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
-        except (json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:
             _bad(f"MESSAGES is not valid JSON ({e})")
     return [raw] if isinstance(raw, dict) else raw
 
@@ -278,7 +282,7 @@ def parse_options(raw: bytes | str | dict) -> tuple[dict, dict]:
     if not isinstance(raw, dict):
         try:
             raw = json.loads(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # ValueError: also an integer of thousands of digits
             _bad(f"OPTIONS is not a valid UTF-8 JSON object ({e})")
     if not isinstance(raw, dict):
         _bad("OPTIONS must be a JSON object")
@@ -321,6 +325,8 @@ def decode_request(read: Callable[[str], object], flags: int, cid: int, max_inpu
         else:
             fields[field] = value
     options = read("OPTIONS")
+    if options is not None and options.size > MAX_OPTIONS_BYTES:
+        _bad(f"OPTIONS is {options.size} bytes; at most {MAX_OPTIONS_BYTES}")
     if options is not None:
         more, turn = parse_options(options.tobytes())
         sampling.update(more)
