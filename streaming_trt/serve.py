@@ -39,6 +39,13 @@ def build_parser():
     g.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port (streaming chat)")
     g.add_argument("--openai-port", type=int, default=0, help="port of the OpenAI-compatible gateway (0: off)")
     g.add_argument("--served-model-name", default="streaming-trt", help="the model id the OpenAI endpoint lists")
+    g.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                   help="comma-separated Host names the OpenAI endpoint answers besides 127.0.0.1, localhost and "
+                        "::1 (the name clients use when --host is not loopback; * for any): other names are "
+                        "refused, so a web page cannot reach it by DNS rebinding")
+    g.add_argument("--allowed-origins", default="", metavar="ORIGINS",
+                   help="comma-separated browser Origins allowed to call the OpenAI endpoint (default: none, so "
+                        "no web page can post to it; * for any)")
     g.add_argument("--session-dir", default="sessions", help="where conversations are saved after every turn")
     cli.add_recall_flags(p)
     g = p.add_argument_group("batching and capacity (docs/serving.md: capacity planning)")
@@ -144,6 +151,11 @@ def settings(args) -> dict:
     }
 
 
+def names(text: str) -> list[str]:
+    """``"a, b,,c" -> ["a", "b", "c"]``."""
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def is_loopback(host: str) -> bool:
     import ipaddress
 
@@ -207,7 +219,9 @@ def _serve(args) -> int:
                                     model_id=args.served_model_name, max_tokens_limit=args.max_tokens_limit,
                                     max_body_bytes=args.max_input_bytes, api_key=args.api_key,
                                     state_dir=conf["session_dir"], max_conversations=args.openai_max_conversations,
-                                    conversation_ttl=args.openai_conversation_ttl)
+                                    conversation_ttl=args.openai_conversation_ttl,
+                                    allowed_hosts=names(args.allowed_hosts) + ([] if is_loopback(args.host) else [args.host]),
+                                    allowed_origins=names(args.allowed_origins))
             gateway.start()
         print(f"[streaming-trt] ready: gRPC {args.host}:{args.grpc_port}, HTTP http://{args.host}:{args.http_port}"
               + (f", OpenAI http://{args.host}:{args.openai_port}/v1" if gateway else "")

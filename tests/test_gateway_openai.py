@@ -195,3 +195,41 @@ def test_numbers_of_thousands_of_digits_are_a_400(gateway):
             urllib.request.urlopen(req, timeout=30)
         assert e.value.code == 400 and "not valid JSON" in json.loads(e.value.read())["error"]["message"]
     assert len(gateway.client.turns) == before
+
+
+def raw_post(gateway, headers: dict, body: bytes = b'{"messages": [{"role": "user", "content": "x"}]}',
+             path="/v1/chat/completions"):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+    conn.putrequest("POST", path, skip_host=True, skip_accept_encoding=True)
+    for k, v in headers.items():
+        conn.putheader(k, v)
+    conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders(body)
+    r = conn.getresponse()
+    out = r.status, json.loads(r.read() or b"null")
+    conn.close()
+    return out
+
+
+@pytest.mark.parametrize("headers,status,words", [
+    ({"Host": "evil.example:8000", "Content-Type": "application/json"}, 421, "--allowed-hosts"),
+    ({"Host": "127.0.0.1", "Origin": "https://evil.example", "Content-Type": "application/json"}, 403,
+     "--allowed-origins"),
+    ({"Host": "localhost:1", "Content-Type": "text/plain"}, 415, "application/json"),
+    ({"Host": "[::1]:1"}, 415, "application/json"),
+])
+def test_browsers_and_misdirected_names_are_refused_at_the_door(gateway, headers, status, words):
+    """DNS rebinding (a Host not served), a web page posting cross-site (an Origin), an HTML form's
+    text/plain body: refused before anything reaches the server."""
+    before = len(gateway.client.turns)
+    got, body = raw_post(gateway, headers)
+    assert got == status and words in body["error"]["message"], body
+    assert len(gateway.client.turns) == before
+
+
+def test_loopback_names_with_json_pass_the_door(gateway):
+    for host in ("127.0.0.1:9", "localhost", "[::1]:80"):
+        got, body = raw_post(gateway, {"Host": host, "Content-Type": "application/json; charset=utf-8"})
+        assert got == 200, (host, body)

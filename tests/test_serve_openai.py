@@ -98,7 +98,8 @@ def test_openai_bad_requests(server):
         assert status == want_status and words in body["error"]["message"], body
     # a client that goes away mid-stream; the next request is served
     conn = urllib.request.urlopen(urllib.request.Request(url, data=json.dumps(
-        {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 100, "stream": True}).encode()), timeout=60)
+        {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 100, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"}), timeout=60)
     assert conn.readline().startswith(b"data: ")
     conn.close()
     status, body = chat()

@@ -44,6 +44,8 @@ from .conversations import Conversations, Reaper, conversation_key  # noqa: F401
 from .openai_api import BadRequest, chat_logprobs, completion_logprobs, parse_chat, parse_completion
 from .protocol import HTTP, ErrorKind, TokenEvent
 
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+BODY_SECONDS = 30.0  # a request body that takes longer to arrive is refused (a slow client holds nothing)
 MAX_CONCURRENT_TURNS = 1024  # requests the gateway carries at once (the scheduler refuses beyond its queue)
 
 
@@ -58,19 +60,23 @@ class Gateway:
     max_tokens_limit: int
     max_body_bytes: int
     expected_auth: bytes | None   # b"Bearer KEY", or None when no key is needed
+    allowed_hosts: frozenset[str] = LOOPBACK_NAMES  # Host header names served ("*": any)
+    allowed_origins: frozenset[str] = frozenset()   # Origin headers served ("*": any); none by default
 
 
 def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limit: int = 4096,
                max_body_bytes: int = 256 * 1024, max_conversations: int = 4096, timeout: float = 300.0,
                api_key: str | None = None, state_dir: str | None = None, conversation_ttl: float = 24 * 3600.0,
-               client=None, reap_interval: float | None = None):
+               client=None, reap_interval: float | None = None, allowed_hosts=(), allowed_origins=()):
     """The Starlette app forwarding to Triton's gRPC endpoint ``triton_url``.
 
     ``api_key``: every request must carry ``Authorization: Bearer KEY`` (and Triton is sent it).
     ``state_dir``: where the conversation map is kept (None: in memory only). ``client``: a
     :class:`~streaming_trt.client.Client` to use instead of one made for ``triton_url``.
     ``app.state.conversations`` / ``app.state.reaper`` are the map and its reaper thread;
-    ``app.state.gateway`` is the :class:`Gateway` the handlers share.
+    ``app.state.gateway`` is the :class:`Gateway` the handlers share. ``allowed_hosts``: Host
+    names served besides the loopback ones (``"*"``: any; DNS rebinding needs a name not listed);
+    ``allowed_origins``: browser Origins served (none by default: a web page cannot post here).
     """
     if client is None:
         client = Client(triton_url, timeout=timeout, api_key=api_key)
@@ -81,7 +87,8 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
                                   ttl=conversation_ttl, busy_limit=max(6 * 3600.0, 2 * timeout))
     reaper = Reaper(conversations, reap_interval or min(60.0, conversation_ttl / 4)).start()
     gateway = Gateway(client, conversations, reaper, model_id, max_tokens_limit, max_body_bytes,
-                      None if not api_key else f"Bearer {api_key}".encode())
+                      None if not api_key else f"Bearer {api_key}".encode(),
+                      LOOPBACK_NAMES | {h.lower() for h in allowed_hosts}, frozenset(allowed_origins))
     app = Starlette(routes=[Route("/v1/models", models, methods=["GET"]),
                             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
                             Route("/v1/completions", text_completions, methods=["POST"])],
@@ -120,6 +127,30 @@ def server_error(e: Exception):
 def unauthorized():
     return error("a valid API key is needed: send the header 'Authorization: Bearer KEY'", 401,
                  kind="authentication_error", code="invalid_api_key")
+
+
+def host_name(header: str) -> str:
+    """``"[::1]:8080" -> "::1"``, ``"Example.com:80" -> "example.com"``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def refused_at_the_door(gateway: Gateway, request, post: bool):
+    """The error response for a request no browser page or misdirected name may make, else None:
+    a Host not served (DNS rebinding), an Origin not allowed (a web page posting cross-site), a
+    POST whose body is not declared JSON (an HTML form's text/plain needs no preflight)."""
+    if "*" not in gateway.allowed_hosts and host_name(request.headers.get("host", "")) not in gateway.allowed_hosts:
+        return error(f"Host {request.headers.get('host', '')!r} is not served here; start the server with "
+                     "--allowed-hosts NAME to serve it", 421)
+    origin = request.headers.get("origin")
+    if origin is not None and "*" not in gateway.allowed_origins and origin not in gateway.allowed_origins:
+        return error(f"Origin {origin!r} is not allowed; start the server with --allowed-origins {origin} "
+                     "to let that page call it", 403)
+    if post and request.headers.get("content-type", "").split(";", 1)[0].strip().lower() != "application/json":
+        return error("the request body must be sent as Content-Type: application/json", 415)
+    return None
 
 
 def authorized(gateway: Gateway, request) -> bool:
@@ -254,6 +285,9 @@ async def read_body(request, max_body_bytes: int) -> bytes:
 
 async def models(request):
     gateway = request.app.state.gateway
+    refused = refused_at_the_door(gateway, request, post=False)
+    if refused is not None:
+        return refused
     if not authorized(gateway, request):
         return unauthorized()
     return JSONResponse({"object": "list", "data": [
@@ -274,10 +308,14 @@ async def respond(request, chat: bool):
     limiter = anyio.to_thread.current_default_thread_limiter()
     if limiter.total_tokens < MAX_CONCURRENT_TURNS:
         limiter.total_tokens = MAX_CONCURRENT_TURNS
+    refused = refused_at_the_door(gateway, request, post=True)
+    if refused is not None:
+        return refused
     if not authorized(gateway, request):
         return unauthorized()
     try:
-        body = await read_body(request, gateway.max_body_bytes)
+        with anyio.fail_after(BODY_SECONDS):
+            body = await read_body(request, gateway.max_body_bytes)
         try:
             parsed = json.loads(body)
         except ValueError as e:  # not JSON, not UTF-8, or an integer of thousands of digits
@@ -287,6 +325,8 @@ async def respond(request, chat: bool):
         req = (parse_chat if chat else parse_completion)(parsed, model_id, gateway.max_tokens_limit)
     except BadRequest as e:
         return error(str(e), e.status, e.param)
+    except TimeoutError:
+        return error(f"the request body took more than {BODY_SECONDS:.0f} s to arrive", 408)
     created = int(time.time())
     rid = f"chatcmpl-{secrets.token_hex(12)}" if chat else f"cmpl-{secrets.token_hex(12)}"
     try:
@@ -383,8 +423,9 @@ class GatewayThread:
         except ImportError:
             raise UserError("the OpenAI gateway needs starlette and uvicorn: pip install 'streaming-trt[serve]'") from None
         self.app = create_app(triton_url, **app_kwargs)
-        config = uvicorn.Config(self.app, host=host, port=port, log_level="warning",
-                                lifespan="off", timeout_graceful_shutdown=3)
+        config = uvicorn.Config(self.app, host=host, port=port, log_level="warning", lifespan="off",
+                                timeout_graceful_shutdown=3, limit_concurrency=MAX_CONCURRENT_TURNS + 64,
+                                timeout_keep_alive=5)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
