@@ -34,8 +34,14 @@ def build_parser():
         if action.dest == "max_new_tokens":
             action.help = "default reply length when a request does not say (MAX_TOKENS / max_tokens)"
     g = p.add_argument_group("serving")
-    g.add_argument("--host", default="127.0.0.1", help="address every endpoint binds (loopback by default)")
-    g.add_argument("--http-port", type=int, default=8000, help="Triton HTTP port (health, metadata)")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address the OpenAI endpoint binds (loopback by default); tritonserver itself stays on "
+                        "loopback unless --grpc-host says otherwise")
+    g.add_argument("--grpc-host", default="127.0.0.1",
+                   help="address Triton's gRPC endpoint (streaming chat, streaming_trt.client) binds; loopback by "
+                        "default, so only the gateway and local clients reach it")
+    g.add_argument("--http-port", type=int, default=0,
+                   help="Triton HTTP port (health, metadata), always on loopback; 0 (default): off")
     g.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port (streaming chat)")
     g.add_argument("--openai-port", type=int, default=0, help="port of the OpenAI-compatible gateway (0: off)")
     g.add_argument("--served-model-name", default="streaming-trt", help="the model id the OpenAI endpoint lists")
@@ -61,10 +67,11 @@ def build_parser():
                    help="turns that may wait for a slot; beyond, requests are refused at once (server busy)")
     g.add_argument("--host-memory", type=parse_bytes, default=parse_bytes("4GiB"), metavar="SIZE",
                    help="idle conversations kept in host memory, by bytes; the least recently used wait on disk")
-    g.add_argument("--disk-budget", type=parse_bytes, default=None, metavar="SIZE",
-                   help="bytes of session files; beyond, the least recently used conversations are deleted")
-    g.add_argument("--idle-ttl", type=float, default=None, metavar="SECONDS",
-                   help="delete a conversation this long after its last turn (default: never)")
+    g.add_argument("--disk-budget", type=budget, default="auto", metavar="SIZE",
+                   help="bytes of session files; beyond, the least recently used conversations are deleted "
+                        "(auto: half the space free on --session-dir's disk at start; unlimited: no bound)")
+    g.add_argument("--idle-ttl", type=ttl, default=IDLE_TTL, metavar="SECONDS",
+                   help="delete a conversation this long after its last turn (default: 30 days; never: keep)")
     g.add_argument("--max-tokens-limit", type=int, default=4096, help="largest reply length a request may ask for")
     g.add_argument("--max-input-bytes", type=int, default=256 * 1024, help="largest message list a request may send")
     g.add_argument("--max-sequences", type=int, default=4096,
@@ -90,6 +97,37 @@ def build_parser():
 
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+IDLE_TTL = 30 * 24 * 3600.0
+
+
+def budget(text: str) -> int | str | None:
+    """``--disk-budget``: a size, ``auto`` (resolved at start) or ``unlimited`` (None)."""
+    low = str(text).strip().lower()
+    return None if low == "unlimited" else "auto" if low == "auto" else parse_bytes(text)
+
+
+def ttl(text: str) -> float | None:
+    """``--idle-ttl``: seconds, or ``never`` (None)."""
+    import argparse
+
+    if str(text).strip().lower() == "never":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (or never)") from None
+
+
+def auto_disk_budget(session_dir: str) -> int:
+    """Half the space free on the disk that holds ``session_dir`` (its nearest existing parent)."""
+    import shutil
+
+    path = Path(session_dir).resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free // 2
 
 
 def parse_bytes(text: str) -> int:
@@ -123,9 +161,10 @@ def settings(args) -> dict:
         raise UserError("--openai-max-conversations must be >= 1 and --openai-conversation-ttl > 0")
     if args.api_key is not None and (not args.api_key or any(c.isspace() or not c.isprintable() for c in args.api_key)):
         raise UserError("--api-key must be a non-empty string of printable characters without spaces")
-    if not is_loopback(args.host) and not args.api_key and not args.write_repo:
-        raise UserError(f"--host {args.host} reaches beyond this machine: give --api-key (or "
-                        "$STREAMING_TRT_API_KEY) so that only clients holding it are served")
+    for flag, host in (("--host", args.host), ("--grpc-host", args.grpc_host)):
+        if not is_loopback(host) and not args.api_key and not args.write_repo:
+            raise UserError(f"{flag} {host} reaches beyond this machine: give --api-key (or "
+                            "$STREAMING_TRT_API_KEY) so that only clients holding it are served")
     for name in ("http_port", "grpc_port", "openai_port"):
         if not 0 <= getattr(args, name) < 65536:
             raise UserError(f"--{name.replace('_', '-')} must be a port number, got {getattr(args, name)}")
@@ -143,7 +182,8 @@ def settings(args) -> dict:
         "sink_tokens": args.sink_tokens, "window": args.window,
         "session_dir": str(Path(args.session_dir).resolve()), "slots": args.slots, "slot_memory": args.slot_memory,
         "token_budget": args.token_budget, "max_queue": args.max_queue, "host_memory": args.host_memory,
-        "disk_budget": args.disk_budget, "idle_ttl": args.idle_ttl,
+        "disk_budget": auto_disk_budget(args.session_dir) if args.disk_budget == "auto" else args.disk_budget,
+        "idle_ttl": args.idle_ttl,
         "max_new_tokens": args.max_new_tokens, "max_new_tokens_limit": args.max_tokens_limit,
         "max_input_bytes": args.max_input_bytes, "threads": args.threads,
         "cuda_graphs": not args.no_cuda_graphs,  # decode steps replay CUDA graphs on CUDA (--no-cuda-graphs: eager)
@@ -206,7 +246,7 @@ def _serve(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    server = TritonServer(repo, args.host, args.http_port, args.grpc_port, binary, work,
+    server = TritonServer(repo, args.grpc_host, args.http_port, args.grpc_port, binary, work,
                           extra_args=restricted_protocol_flags(args.api_key))
     gateway = None
     try:
@@ -215,7 +255,7 @@ def _serve(args) -> int:
         if args.openai_port:
             from .serving.gateway import GatewayThread
 
-            gateway = GatewayThread(f"{args.host}:{args.grpc_port}", args.host, args.openai_port,
+            gateway = GatewayThread(f"{server.grpc_address}:{args.grpc_port}", args.host, args.openai_port,
                                     model_id=args.served_model_name, max_tokens_limit=args.max_tokens_limit,
                                     max_body_bytes=args.max_input_bytes, api_key=args.api_key,
                                     state_dir=conf["session_dir"], max_conversations=args.openai_max_conversations,
@@ -223,7 +263,8 @@ def _serve(args) -> int:
                                     allowed_hosts=names(args.allowed_hosts) + ([] if is_loopback(args.host) else [args.host]),
                                     allowed_origins=names(args.allowed_origins))
             gateway.start()
-        print(f"[streaming-trt] ready: gRPC {args.host}:{args.grpc_port}, HTTP http://{args.host}:{args.http_port}"
+        print(f"[streaming-trt] ready: gRPC {args.grpc_host}:{args.grpc_port}"
+              + (f", HTTP http://127.0.0.1:{args.http_port}" if args.http_port else "")
               + (f", OpenAI http://{args.host}:{args.openai_port}/v1" if gateway else "")
               + f"; sessions in {conf['session_dir']}", flush=True)
         while not stop.wait(0.5):

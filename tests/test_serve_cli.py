@@ -40,3 +40,38 @@ def test_serve_cli_sequence_slots_and_key(tmp_path):
     assert r.returncode == 0, r.stderr
     config = (tmp_path / "repo" / "streaming_llm" / "config.pbtxt").read_text()
     assert "max_sequence_idle_microseconds: 1500000\n" in config and "max_candidate_sequences: 7 " in config
+
+
+def test_tritonserver_is_an_internal_component(tmp_path):
+    """Only the gateway faces the network: tritonserver's gRPC binds loopback unless --grpc-host asks,
+    HTTP is off unless a port is given (and then on loopback), no metrics port; --grpc-host beyond
+    loopback needs the key."""
+    from pathlib import Path
+
+    from streaming_trt.serving.repo import triton_command
+
+    cmd = triton_command(Path("tritonserver"), Path("repo"), "127.0.0.1", 8001)
+    flags = dict(zip(cmd[1::2], cmd[2::2]))
+    assert flags["--grpc-address"] == "127.0.0.1" and flags["--allow-http"] == "false"
+    assert "--http-port" not in flags and flags["--allow-metrics"] == "false"
+    flags = dict(zip(*[iter(triton_command(Path("t"), Path("r"), "10.0.0.5", 8001, http_port=8000)[1:])] * 2))
+    assert flags["--http-address"] == "127.0.0.1" and flags["--http-port"] == "8000"
+    r = subprocess.run([sys.executable, "-m", "streaming_trt.serve", "--model", "builtin:random", "--grpc-host",
+                        "0.0.0.0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--grpc-host 0.0.0.0" in r.stderr and "--api-key" in r.stderr, r.stderr
+
+
+def test_disk_and_idle_time_are_bounded_by_default(tmp_path):
+    import shutil
+
+    from streaming_trt import serve
+
+    parser = serve.build_parser()
+    conf = serve.settings(parser.parse_args(["--model", "builtin:random", "--session-dir", str(tmp_path / "new")]))
+    free = shutil.disk_usage(tmp_path).free
+    assert 0 < conf["disk_budget"] <= free // 2 + (64 << 20) and conf["idle_ttl"] == 30 * 24 * 3600
+    conf = serve.settings(parser.parse_args(["--model", "builtin:random", "--disk-budget", "unlimited",
+                                             "--idle-ttl", "never"]))
+    assert conf["disk_budget"] is None and conf["idle_ttl"] is None
+    conf = serve.settings(parser.parse_args(["--model", "builtin:random", "--disk-budget", "2GiB"]))
+    assert conf["disk_budget"] == 2 << 30

@@ -8,12 +8,12 @@ import subprocess
 import sys
 import sysconfig
 import time
-import urllib.request
 from importlib import resources, util
 from pathlib import Path
 
-from ..contract import UserError
+import tritonclient.grpc as grpcclient
 
+from ..contract import UserError
 from .protocol import CONTROLS, CORRID_DTYPE, INPUTS, MODEL_NAME, OUTPUTS, Tensor
 
 CONFIG = """\
@@ -152,15 +152,23 @@ def _die_with_parent() -> None:
         pass
 
 
-class TritonServer:
-    """A ``tritonserver`` child process serving ``repo`` on ``host`` only."""
+def triton_command(binary: Path, repo: Path, grpc_host: str, grpc_port: int, http_port: int = 0,
+                   exit_timeout: int = 5) -> list[str]:
+    """tritonserver's argv: gRPC on ``grpc_host``, HTTP on loopback only and only when ``http_port``
+    is not 0, no metrics port."""
+    http = ["--http-address", "127.0.0.1", "--http-port", str(http_port)] if http_port else ["--allow-http", "false"]
+    return [str(binary), "--model-repository", str(repo), "--grpc-address", grpc_host, "--grpc-port", str(grpc_port),
+            *http, "--allow-metrics", "false", "--exit-timeout-secs", str(exit_timeout), "--log-verbose", "0"]
 
-    def __init__(self, repo: Path, host: str, http_port: int, grpc_port: int, binary: Path, work: Path,
+
+class TritonServer:
+    """A ``tritonserver`` child process serving ``repo``: gRPC on ``grpc_host`` (loopback unless
+    asked), HTTP only when ``http_port`` is not 0 and then on loopback, no metrics."""
+
+    def __init__(self, repo: Path, grpc_host: str, http_port: int, grpc_port: int, binary: Path, work: Path,
                  log_path: Path | None = None, exit_timeout: int = 5, extra_args: list[str] = ()):
-        self.repo, self.host, self.http_port, self.grpc_port = repo, host, http_port, grpc_port
-        cmd = [str(binary), "--model-repository", str(repo), "--http-address", host, "--grpc-address", host,
-               "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--allow-metrics", "false",
-               "--exit-timeout-secs", str(exit_timeout), "--log-verbose", "0", *extra_args]
+        self.repo, self.grpc_host, self.http_port, self.grpc_port = repo, grpc_host, http_port, grpc_port
+        cmd = triton_command(binary, repo, grpc_host, grpc_port, http_port, exit_timeout) + list(extra_args)
         backends = backend_dir(binary, work / "backends")
         if backends is not None:
             cmd += ["--backend-directory", str(backends)]
@@ -169,12 +177,17 @@ class TritonServer:
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=server_env(),
                                      start_new_session=True, preexec_fn=_die_with_parent)
 
+    @property
+    def grpc_address(self) -> str:
+        """Where a local client reaches the gRPC endpoint (loopback when it listens on every address)."""
+        return "127.0.0.1" if self.grpc_host in ("0.0.0.0", "::", "") else self.grpc_host
+
     def ready(self) -> bool:
+        """gRPC health (HTTP may be off); health is never behind the key."""
         try:
-            url = f"http://{self.host}:{self.http_port}/v2/health/ready"
-            with urllib.request.urlopen(url, timeout=2) as r:
-                return r.status == 200
-        except OSError:
+            with grpcclient.InferenceServerClient(f"{self.grpc_address}:{self.grpc_port}") as client:
+                return bool(client.is_server_ready(client_timeout=2))
+        except Exception:  # noqa: BLE001 - not listening yet, or refused: not ready
             return False
 
     def wait_ready(self, timeout: float = 180.0) -> None:
