@@ -427,3 +427,12 @@ def test_requests_are_validated_once_when_made():
         assert protocol.decode_error(protocol.encode_error(ServingError("any words", kind))) == (kind, "any words")
     assert protocol.decode_error(protocol.encode_error(RuntimeError("bug")))[0] is ErrorKind.INTERNAL
     assert np.dtype(protocol.by_name(protocol.INPUTS)["SEED"].numpy) == np.int64
+
+
+def test_conversation_ids_are_decimal_uint64_without_aliasing():
+    assert protocol.conversation_id(123) == protocol.conversation_id("123") == 123
+    assert protocol.conversation_id(str((1 << 64) - 1)) == (1 << 64) - 1
+    for bad in ("0123", "0", "", "12a", "-5", "１２３", str(1 << 64), "9" * 5000, 0, -1, 1 << 64, True, 1.0, None):
+        with pytest.raises(ServingError) as e:
+            protocol.conversation_id(bad)
+        assert protocol.kind_of(e.value) is ErrorKind.BAD_REQUEST, bad

@@ -64,14 +64,14 @@ class TritonPythonModel:
             pb.Tensor.from_dlpack(t.name, torch.utils.dlpack.to_dlpack(
                 torch.tensor(values[t.name], dtype=getattr(torch, t.numpy)))) for t in protocol.OUTPUTS])
 
-    def _error(self, cid: int, error: BaseException):
+    def _error(self, cid, error: BaseException):
         if protocol.kind_of(error) is protocol.ErrorKind.INTERNAL:
             _log(f"conversation {cid}: {error}")
         return self.pb.InferenceResponse(error=self.pb.TritonError(protocol.encode_error(error)))
 
     def _request(self, request, sender) -> protocol.TurnRequest:
         pb = self.pb
-        cid = int(request.correlation_id())
+        cid = protocol.conversation_id(request.correlation_id())
 
         def read(name):
             tensor = pb.get_input_tensor_by_name(request, name)
@@ -95,7 +95,7 @@ class TritonPythonModel:
                 self.scheduler.submit(self._request(request, sender))
             except Exception as e:  # bad input, or every slot and the queue are full: refused at once
                 try:
-                    sender.send(self._error(int(request.correlation_id()), e),
+                    sender.send(self._error(request.correlation_id(), e),
                                 flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 except Exception as sent:  # the client cancelled: nobody to tell
                     _log(f"error response not delivered ({type(sent).__name__}: {sent})")

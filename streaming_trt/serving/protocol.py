@@ -258,6 +258,19 @@ class TurnRequest:
             _bad(f"max_tokens must be in [0, {max_tokens_limit}], got {self.max_tokens}")
 
 
+def conversation_id(value) -> int:
+    """A sequence correlation id as Triton hands it over (an integer, or a string when the client sent
+    one) -> the conversation id: an integer in [1, 2**64), a string only in canonical decimal
+    ("0123" would alias 123; anything else is refused, never truncated)."""
+    if isinstance(value, str):
+        if not (value.isascii() and value.isdigit() and not value.startswith("0") and len(value) <= 20):
+            _bad(f"the conversation id must be a decimal integer in [1, 2**64) without leading zeros, got {value[:40]!r}")
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 64:
+        _bad(f"the conversation id must be an integer in [1, 2**64), got {str(value)[:40]!r}")
+    return value
+
+
 def _bad(message: str):
     raise ServingError(message, ErrorKind.BAD_REQUEST)
 
