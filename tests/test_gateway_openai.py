@@ -22,6 +22,7 @@ class ScriptedClient:
 
     def __init__(self):
         self.turns = []
+        self.busy = set()  # texts refused once as BUSY
 
     def turn(self, cid, messages, start=False, end=False, resume=False, options=None, **sampling):
         self.turns.append({"cid": cid, "messages": messages, "start": start, "end": end, "options": options,
@@ -30,6 +31,9 @@ class ScriptedClient:
         text = messages if isinstance(messages, str) else (messages[-1]["content"] if messages else "")
         if text == "refused":
             raise ServerError("OPTIONS has an unknown option 'raw'", "invalid")
+        if text in self.busy:
+            self.busy.discard(text)
+            raise ServerError("any words: every slot is in use", "overloaded")
         for token, piece, lp in ((5, "Hel", -0.5), (6, "lo", -0.25)):
             yield TokenEvent(token, piece, None if logprobs is None else lp,
                         None if not logprobs else TOP[token][:logprobs])
@@ -233,3 +237,21 @@ def test_loopback_names_with_json_pass_the_door(gateway):
     for host in ("127.0.0.1:9", "localhost", "[::1]:80"):
         got, body = raw_post(gateway, {"Host": host, "Content-Type": "application/json; charset=utf-8"})
         assert got == 200, (host, body)
+
+
+def test_a_busy_continuation_keeps_its_conversation(gateway):
+    """429 on a continuation: the conversation is not ended, and the retry sends only the new message."""
+    first = [{"role": "user", "content": "one"}]
+    status, reply = post(gateway, "/v1/chat/completions", {"messages": first})
+    assert status == 200
+    history = first + [{"role": "assistant", "content": reply["choices"][0]["message"]["content"]},
+                       {"role": "user", "content": "two (busy once)"}]
+    cid = gateway.client.turns[-1]["cid"]
+    gateway.client.busy.add("two (busy once)")
+    status, err = post(gateway, "/v1/chat/completions", {"messages": history})
+    assert status == 429, err
+    assert not any(t["cid"] == cid and t.get("end") for t in gateway.client.turns)  # not ended
+    status, _ = post(gateway, "/v1/chat/completions", {"messages": history})
+    assert status == 200
+    retry = gateway.client.turns[-1]
+    assert retry["cid"] == cid and retry["messages"] == history[-1:] and not retry["start"]

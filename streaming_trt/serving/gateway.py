@@ -44,6 +44,7 @@ from .conversations import Conversations, Reaper, conversation_key  # noqa: F401
 from .openai_api import BadRequest, chat_logprobs, completion_logprobs, parse_chat, parse_completion
 from .protocol import HTTP, ErrorKind, TokenEvent
 
+NOT_RUN = frozenset({ErrorKind.BUSY, ErrorKind.SHUTTING_DOWN, ErrorKind.SEQUENCE_RELEASED})  # turns refused unrun
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 BODY_SECONDS = 30.0  # a request body that takes longer to arrive is refused (a slow client holds nothing)
 MAX_CONCURRENT_TURNS = 1024  # requests the gateway carries at once (the scheduler refuses beyond its queue)
@@ -219,7 +220,7 @@ class Turn:
             yield from tokens
 
     def __iter__(self):
-        tokens = self._tokens()
+        tokens, refused = self._tokens(), False
         try:
             for token in tokens:
                 if self.cancelled:
@@ -235,11 +236,19 @@ class Turn:
             if "messages" in self.req:
                 self.gateway.conversations.put(
                     self.req["messages"] + [{"role": "assistant", "content": "".join(self.pieces)}], self.conv.id)
+        except ServerError as e:
+            refused = e.kind in NOT_RUN
+            raise
         finally:
             tokens.close()  # a client gone mid-stream: closing the gRPC stream cancels the turn
             if not self.done and "messages" in self.req:
-                self.gateway.conversations.drop(self.conv.id)
-                self.gateway.reaper.wake()
+                if refused and self.send is not self.req["messages"]:
+                    # refused before it ran (busy, restarting): the server holds the conversation as
+                    # before, so a retry continues it instead of re-feeding the whole history
+                    self.gateway.conversations.put(self.req["messages"][:-1], self.conv.id)
+                else:
+                    self.gateway.conversations.drop(self.conv.id)
+                    self.gateway.reaper.wake()
 
     def start(self):
         self.iterator = iter(self)
