@@ -4,6 +4,8 @@ text the server released at the end, include_usage, refused parameters as OpenAI
 from __future__ import annotations
 
 import json
+import socket
+import time
 import urllib.error
 import urllib.request
 
@@ -23,6 +25,7 @@ class ScriptedClient:
     def __init__(self):
         self.turns = []
         self.busy = set()  # texts refused once as BUSY
+        self.closed = []  # conversations whose endless reply was closed (cancelled)
 
     def turn(self, cid, messages, start=False, end=False, resume=False, options=None, **sampling):
         self.turns.append({"cid": cid, "messages": messages, "start": start, "end": end, "options": options,
@@ -31,6 +34,14 @@ class ScriptedClient:
         text = messages if isinstance(messages, str) else (messages[-1]["content"] if messages else "")
         if text == "refused":
             raise ServerError("OPTIONS has an unknown option 'raw'", "invalid")
+        if text.startswith("long"):  # a reply without end, in small or 64 KiB pieces, until closed
+            try:
+                for _ in range(1_000_000):
+                    yield TokenEvent(7, "x" * (65536 if text == "long-big" else 1))
+                    time.sleep(0.001)
+            finally:
+                self.closed.append(cid)
+            return
         if text in self.busy:
             self.busy.discard(text)
             raise ServerError("any words: every slot is in use", "overloaded")
@@ -255,3 +266,47 @@ def test_a_busy_continuation_keeps_its_conversation(gateway):
     assert status == 200
     retry = gateway.client.turns[-1]
     assert retry["cid"] == cid and retry["messages"] == history[-1:] and not retry["start"]
+
+
+def open_request(port: int, body: dict, rcvbuf: int | None = None) -> socket.socket:
+    """Send a chat request on a raw socket and read nothing back."""
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(data) + data)
+    return sock
+
+
+def wait_closed(client, cid_count: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if len(client.closed) > cid_count:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_reply_whose_client_left_is_cancelled(gateway):
+    """A non-streamed request: the client hangs up while the reply is being made; the turn stops."""
+    before = len(gateway.client.closed)
+    sock = open_request(gateway.port, {"messages": [{"role": "user", "content": "long"}]})
+    time.sleep(0.5)
+    sock.close()
+    assert wait_closed(gateway.client, before, 10), "the turn went on after its client left"
+
+
+def test_a_stream_nobody_reads_is_cancelled(tmp_path):
+    """A streamed reply the client never reads: once a send has waited send_seconds, the turn stops."""
+    g = scripted_gateway(ScriptedClient(), tmp_path, send_seconds=1.0)
+    try:
+        sock = open_request(g.port, {"messages": [{"role": "user", "content": "long-big"}], "stream": True},
+                            rcvbuf=4096)
+        try:
+            assert wait_closed(g.client, 0, 20), "the turn went on for a client that reads nothing"
+        finally:
+            sock.close()
+    finally:
+        g.stop()

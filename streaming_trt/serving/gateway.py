@@ -34,6 +34,7 @@ try:
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 except ImportError:  # the [serve] extra
@@ -63,12 +64,14 @@ class Gateway:
     expected_auth: bytes | None   # b"Bearer KEY", or None when no key is needed
     allowed_hosts: frozenset[str] = LOOPBACK_NAMES  # Host header names served ("*": any)
     allowed_origins: frozenset[str] = frozenset()   # Origin headers served ("*": any); none by default
+    send_seconds: float = 30.0  # a streamed reply the client does not read for this long is cancelled
 
 
 def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limit: int = 4096,
                max_body_bytes: int = 256 * 1024, max_conversations: int = 4096, timeout: float = 300.0,
                api_key: str | None = None, state_dir: str | None = None, conversation_ttl: float = 24 * 3600.0,
-               client=None, reap_interval: float | None = None, allowed_hosts=(), allowed_origins=()):
+               client=None, reap_interval: float | None = None, allowed_hosts=(), allowed_origins=(),
+               send_seconds: float = 30.0):
     """The Starlette app forwarding to Triton's gRPC endpoint ``triton_url``.
 
     ``api_key``: every request must carry ``Authorization: Bearer KEY`` (and Triton is sent it).
@@ -89,7 +92,7 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
     reaper = Reaper(conversations, reap_interval or min(60.0, conversation_ttl / 4)).start()
     gateway = Gateway(client, conversations, reaper, model_id, max_tokens_limit, max_body_bytes,
                       None if not api_key else f"Bearer {api_key}".encode(),
-                      LOOPBACK_NAMES | {h.lower() for h in allowed_hosts}, frozenset(allowed_origins))
+                      LOOPBACK_NAMES | {h.lower() for h in allowed_hosts}, frozenset(allowed_origins), send_seconds)
     app = Starlette(routes=[Route("/v1/models", models, methods=["GET"]),
                             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
                             Route("/v1/completions", text_completions, methods=["POST"])],
@@ -163,16 +166,25 @@ def authorized(gateway: Gateway, request) -> bool:
 
 # ----------------------------------------------------------------------------------- one turn
 class TurnStream(StreamingResponse):
-    """A streamed reply whose turn is cancelled as soon as the response ends unfinished (the client
-    left): Starlette only abandons the body's iterator, which would keep the turn until collected."""
+    """A streamed reply whose turn is cancelled as soon as the response ends unfinished: the client
+    left (Starlette only abandons the body's iterator, which would keep the turn until collected),
+    or stopped reading for ``send_seconds`` (its socket full, each send would wait for hours)."""
 
-    def __init__(self, turn, content, **kw):
+    def __init__(self, turn, content, send_seconds: float, **kw):
         super().__init__(content, **kw)
-        self.turn = turn
+        self.turn, self.send_seconds = turn, send_seconds
 
     async def __call__(self, scope, receive, send):
+        async def bounded(message):
+            with anyio.move_on_after(self.send_seconds) as waited:
+                await send(message)
+            if waited.cancelled_caught:
+                raise ConnectionError(f"the client read nothing for {self.send_seconds:.0f} s")
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, bounded)
+        except (ConnectionError, ClientDisconnect):
+            pass  # the client is gone or stuck: nobody to answer
         finally:
             if not self.turn.done:
                 with anyio.CancelScope(shield=True):
@@ -354,11 +366,22 @@ async def respond(request, chat: bool):
 
     if not req["stream"]:
         def rest():
-            return ([first] if first is not None else []) + list(tokens)
-        try:
-            reply = await run_in_threadpool(rest)
-        except Exception as e:
-            return server_error(e)
+            try:
+                return ([first] if first is not None else []) + list(tokens), None
+            except Exception as e:  # returned, not raised: the task group below would wrap it
+                return None, e
+
+        async def cancel_when_gone():  # nobody waits for a reply whose client left
+            while not await request.is_disconnected():
+                await anyio.sleep(0.25)
+            await run_in_threadpool(turn.cancel)
+
+        async with anyio.create_task_group() as watch:
+            watch.start_soon(cancel_when_gone)
+            reply, failed = await run_in_threadpool(rest)
+            watch.cancel_scope.cancel()
+        if failed is not None:
+            return server_error(failed)
         text = "".join(t.text for t in reply)
         choice = {"index": 0, "finish_reason": turn.finish(),
                   "logprobs": logprobs_of(reply, chat) if wants_logprobs else None}
@@ -404,7 +427,7 @@ async def respond(request, chat: bool):
             yield chunk(usage=turn.usage())
         yield "data: [DONE]\n\n"
 
-    return TurnStream(turn, events(), media_type="text/event-stream", headers=headers)
+    return TurnStream(turn, events(), gateway.send_seconds, media_type="text/event-stream", headers=headers)
 
 
 async def chat_completions(request):
