@@ -276,7 +276,7 @@ def test_oversized_bodies_are_refused_before_they_are_read(keyed):
     """A body over the limit is refused from its Content-Length, and a chunked one as soon as it
     passes the limit, with the rest never sent (before: the gateway waited for the whole body)."""
     limit = 64 * 1024
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
             "Content-Type: application/json\r\n").encode()
     line = raw_http(keyed.openai, head + b"Content-Length: 1000000000\r\n\r\n", b'{"messages": [')
     assert b" 413 " in line, line
