@@ -46,13 +46,13 @@ class TurnEncoder:
         self.end_of_reply = self._render(base, False).split(_ASSISTANT, 1)[1]
 
     def _render(self, messages, add_generation_prompt: bool) -> str:
-        """The template over ``messages``; a message whose text holds control-token text (``<|im_end|>``
-        typed by a user) is rendered as a mark that :meth:`_encode` encodes as plain text, so only
-        the template's own control tokens are control tokens."""
+        """The template over ``messages``; a user or system message whose text holds control-token
+        text (``<|im_end|>`` typed by a user) is rendered as a mark that :meth:`_encode` encodes as
+        plain text, so only the template's own control tokens are control tokens."""
         self.texts = []
         marked = []
-        for m in messages:
-            if any(c in m["content"] for c in self.controls):
+        for m in messages:  # what users and system prompts say; a reply stays as the model said it
+            if m["role"] != "assistant" and any(c in m["content"] for c in self.controls):
                 self.texts.append(m["content"])
                 m = dict(m, content=f"\x02content-{len(self.texts) - 1}\x02")
             marked.append(m)
