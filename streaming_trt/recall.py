@@ -87,7 +87,8 @@ class RecallStep:
 
 
 class BlockStore:
-    """Evicted keys/values of one stream, every layer, in blocks (module doc).
+    """Evicted keys/values of one stream, every layer, in blocks (module doc). ``attend`` runs over a
+    batch-1 view of the stream's cache row.
 
     ``keys``/``values``: per layer ``[stored, kv_heads, B, head_dim]`` in the cache dtype, on the
     host, growing up to ``max_blocks``; block ``j`` in row ``j % max_blocks``. Summaries float32:
@@ -405,20 +406,26 @@ def recall_from_file(path, text: str) -> Recall:
 def attach(recall: Recall, model, cache) -> BlockStore:
     """Give ``cache`` (one stream of ``model``) a block store for ``recall``; ``UserError`` for
     what this implementation does not do."""
-    if not isinstance(recall, Recall):
-        raise UserError(f"recall must be a streaming_trt.Recall(...), got {type(recall).__name__}")
     if cache.batch != 1:
         raise UserError(f"recall keeps one stream's evicted tokens: open the session with batch=1 (got batch={cache.batch})")
-    g = cache.geometry
+    store = new_store(recall, model, cache.geometry)
+    cache.stores = [store]
+    return store
+
+
+def new_store(recall: Recall, model, geometry: Geometry) -> BlockStore:
+    """An empty block store of one stream of ``model`` (warns where recalled ranks pass the
+    model's positions)."""
+    if not isinstance(recall, Recall):
+        raise UserError(f"recall must be a streaming_trt.Recall(...), got {type(recall).__name__}")
     limit = model.config.max_position_embeddings
-    if limit is not None and g.capacity + recall.slots > limit:
+    if limit is not None and geometry.capacity + recall.slots > limit:
         import warnings
 
-        warnings.warn(f"sink_tokens + window + top_k x block_size = {g.capacity + recall.slots} exceeds the model's "
-                      f"max_position_embeddings ({limit}): recalled tokens take ranks the model never saw", stacklevel=3)
-    store = BlockStore(recall, model.config, g, model.dtype, model.device, model.inv_freq)
-    cache.recall = store
-    return store
+        warnings.warn(f"sink_tokens + window + top_k x block_size = {geometry.capacity + recall.slots} exceeds the "
+                      f"model's max_position_embeddings ({limit}): recalled tokens take ranks the model never saw",
+                      stacklevel=4)
+    return BlockStore(recall, model.config, geometry, model.dtype, model.device, model.inv_freq)
 
 
 def add_flags(parser) -> None:

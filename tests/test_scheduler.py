@@ -213,3 +213,24 @@ def test_recall_conversations_equal_their_run_alone(local, tmp_path):
         want = [[t for t, _ in conv.reply(session, text, n, Sampler(GREEDY))] for text, n in turns]
         assert min(session.recall.count) >= 2 * recall.top_k  # blocks were evicted and could be recalled
         assert got[c] == want, f"conversation {c}"
+
+
+def test_the_scheduler_imports_no_torch():
+    """The scheduler decides who runs and what happens to each turn, with token ids: no module it
+    imports itself is torch (the runner below it owns every tensor)."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import streaming_trt.serving.scheduler as scheduler
+
+    tree = ast.parse(Path(scheduler.__file__).read_text())
+    named = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    named |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+    assert not {m for m in named if m == "torch" or m.startswith("torch.")}, named
+    probe = ("import types, streaming_trt.serving.scheduler as s; print(sorted(k for k, v in vars(s).items() "
+             "if (getattr(v, '__module__', None) or getattr(v, '__name__', '') or '').split('.')[0] == 'torch'))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"scheduler.py holds torch names: {out.stdout}"
