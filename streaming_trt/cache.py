@@ -17,6 +17,7 @@ import torch
 from .config import ModelConfig
 from .contract import Geometry, UserError
 from .kernels import reference
+from .recall import attend_rows as recall_rows
 from .rope import apply_rotary, rotary_angles
 
 
@@ -157,7 +158,7 @@ class StreamingCache:
         """Rotate a layer's new ``q [batch, n, heads, d]`` and ``k, v [batch, n, kv_heads, d]``,
         store ``k, v`` and return attention ``[batch, n, heads, d]`` of every row over its A(t)."""
         if plan.recall is not None:  # sinks + recalled blocks + window: streaming_trt.recall
-            return self._attend_rows(layer, q, k, v, plan, sm_scale, sink_logits)
+            return recall_rows(self, layer, q, k, v, plan, sm_scale, sink_logits)
         k_cache, v_cache = self.keys[layer], self.values[layer]
         q_text, q_rank = plan.rotate(q)
         k = apply_rotary(k, *plan.text)
@@ -178,21 +179,6 @@ class StreamingCache:
         else:
             self.ops.cache_write(k, v, k_cache, v_cache, plan.start, plan.lengths, self.geometry)
         return out
-
-    def _attend_rows(self, layer: int, q, k, v, plan: StepPlan, sm_scale: float, sink_logits) -> torch.Tensor:
-        """:meth:`attend` row by row, each row over its own block store (the selection is per row):
-        the projections around it stay batched."""
-        outs = []
-        for b, step in enumerate(plan.recall):
-            view = self.rows(b, b + 1)
-            one = slice(b, b + 1)
-            if step is None:
-                plain = plan.row(b, full=plan.full)
-                outs.append(view.attend(layer, q[one], k[one], v[one], plain, sm_scale, sink_logits))
-                continue
-            mine = dataclasses.replace(step.plain, recall=step)
-            outs.append(self.stores[b].attend(view, layer, q[one], k[one], v[one], mine, sm_scale, sink_logits))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
     def decode_plan(self, full: bool) -> StepPlan:
         """The plan of a decode step (one token per stream) from device state only, with no host

@@ -29,10 +29,17 @@ def prompts(n: int) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("recall", [None, st.Recall(block_size=8, top_k=2, chunk=16)], ids=["plain", "recall"])
-def test_a_batch_of_rows_equals_each_conversation_alone(model, recall):
+def test_a_batch_of_rows_equals_each_conversation_alone(model, recall, monkeypatch):
     """Four conversations past the window, prefilled in whole quanta and decoded together (rows
     placed and swapped by the runner, one row joining late): each row's logits at every step
-    equal the same conversation alone; with recall, blocks were selected and the selections equal."""
+    equal the same conversation alone; with recall, blocks were selected, the selections equal,
+    and the rows attended to their blocks in one batched call."""
+    import streaming_trt.recall as recall_module
+
+    batched_calls = []
+    one_call = recall_module._attend_recalled_rows
+    monkeypatch.setattr(recall_module, "_attend_recalled_rows",
+                        lambda cache, *a, **kw: batched_calls.append(cache.batch) or one_call(cache, *a, **kw))
     runner = BatchRunner(model, st.Geometry(SINK, WINDOW), slots=6, fill_value=NAN, recall=recall)
     ids = prompts(4)
     alone = [model.session(SINK, WINDOW, cache_fill=NAN, recall=recall) for _ in ids]
@@ -62,6 +69,7 @@ def test_a_batch_of_rows_equals_each_conversation_alone(model, recall):
                 recalled += any(mine.selected)
     if recall is not None:
         assert recalled > 0, "no block was recalled: recall was not exercised"
+        assert 4 in batched_calls, "the four recall rows never attended in one batched call"
         stores = [runner.cache.stores[runner.where[r]] for r in rows]
         assert len({id(x) for x in stores}) == len(rows)  # every conversation its own block store
 
@@ -100,3 +108,31 @@ def test_state_through_runner_file_and_back(model, recall, tmp_path):
     other = BatchRunner(model, st.Geometry(SINK, WINDOW), slots=1, recall=None if recall else st.Recall(chunk=16))
     with pytest.raises(UserError, match="recall"):
         other.load(0, back)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the runner's captured decode buckets need one")
+@pytest.mark.parametrize("recall", [None, st.Recall(block_size=8, top_k=2, chunk=16)], ids=["graphs", "recall"])
+def test_runner_on_cuda_equals_each_conversation_alone(model, recall, tmp_path):
+    """On CUDA: decode steps replayed from the CUDA graph of each bucket (3 rows in a bucket of 4,
+    padded with a free row), or recall rows batched with the Triton backend, equal each
+    conversation alone on its own batch-1 session."""
+    d = tmp_path / "m"
+    make_checkpoint(d, "llama", seed=5, vocab_size=97)
+    gpu = st.load_model(d, device="cuda")
+    runner = BatchRunner(gpu, st.Geometry(SINK, WINDOW), slots=4, fill_value=NAN, recall=recall)
+    assert runner.capture == (recall is None)
+    ids = prompts(3)
+    alone = [gpu.session(SINK, WINDOW, cache_fill=NAN, recall=recall) for _ in ids]
+    rows = [0, 1, 2]
+    for row, p, s in zip(rows, ids, alone):
+        runner.reset(row)
+        for lo in range(0, len(p), 16):
+            runner.prefill(row, p[lo : lo + 16])
+            s.feed(p[lo : lo + 16], all_logits=False)
+    for _ in range(8):
+        tokens = [int(s.last_logits[0].argmax()) for s in alone]
+        out = runner.decode(rows, tokens)
+        for i, (s, t) in enumerate(zip(alone, tokens)):
+            torch.testing.assert_close(out[i], s.feed([t], all_logits=False)[0], rtol=1e-4, atol=1e-4)
+    if recall is None:
+        assert 4 in runner.buckets

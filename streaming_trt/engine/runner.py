@@ -21,7 +21,7 @@ from ..graphs import DecodeGraphs
 from ..kernel_backend import kernel_ops
 from ..recall import Recall, new_store
 from ..sampling import Sampler, SamplingParams, token_logprobs
-from ..session import feed_stream, token_batch
+from ..session import feed_stream, model_fingerprint, token_batch
 from .state import StreamState
 
 MAX_CHUNK = 512  # the most prompt tokens of one row in one forward
@@ -106,6 +106,8 @@ class BatchRunner:
 
     def load(self, row: int, state: StreamState) -> None:
         """Row ``row`` continues ``state``'s stream (copied in; its block store is handed over)."""
+        if state.fingerprint != model_fingerprint(self.model):
+            raise UserError("the conversation's state was made by another model; start it again")
         p = self._place(row)
         try:
             state.write_to(self.cache, p, self.logits[p])
