@@ -103,9 +103,11 @@ TORCH_AFTER=$("$PY" -c "import torch; print(torch.__version__)" 2>/dev/null || e
 # collects the whole selection (it must still exist) and runs only the GPU-only tests (they skip).
 CUDA_TESTS=(tests/test_kernels.py tests/test_runtime_triton.py tests/test_kernel_compile.py
             tests/test_core.py::test_captured_decode_equals_eager_on_cuda
+            tests/test_engine.py::test_runner_on_cuda_equals_each_conversation_alone
             tests/test_hf.py::test_triton_kernels_equal_the_oracle tests/test_hf.py::test_triton_kernels_in_a_left_padded_generate
             tests/test_hf.py::test_backend_choice_is_checked)
-GPU_ONLY=(tests/test_core.py::test_captured_decode_equals_eager_on_cuda tests/test_kernels.py::test_gpu_bench_shapes)
+GPU_ONLY=(tests/test_core.py::test_captured_decode_equals_eager_on_cuda tests/test_kernels.py::test_gpu_bench_shapes
+          tests/test_engine.py::test_runner_on_cuda_equals_each_conversation_alone)
 if [ -n "${GPU_CHECK_TESTS:-}" ]; then read -r -a CUDA_TESTS <<< "$GPU_CHECK_TESTS"; GPU_ONLY=("${CUDA_TESTS[@]}"); fi
 # every listed id must collect (pytest exits 4 on an id that is gone, 5 when a file collects nothing)
 step collect 120 "$PY" -m pytest -q --collect-only -p no:cacheprovider "${CUDA_TESTS[@]}"

@@ -17,6 +17,7 @@ import torch
 from .config import ModelConfig
 from .contract import Geometry, UserError
 from .kernels import reference
+from .recall import attend_rows as recall_rows
 from .rope import apply_rotary, rotary_angles
 
 
@@ -45,7 +46,21 @@ class StepPlan:
     slots: torch.Tensor | None = None
     write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     lengths_host: list[int] | None = None
-    recall: object | None = None  # a streaming_trt.recall.RecallStep when the cache has recall
+    recall: list | None = None  # per row, a streaming_trt.recall.RecallStep (None: that row has no store)
+
+    def row(self, b: int, full: bool) -> "StepPlan":
+        """Row ``b`` of this plan as the plan of a batch of one (``full``: that row's own)."""
+        one = slice(b, b + 1)
+        write = None
+        if self.write is not None:
+            rows, j, s = self.write
+            keep = rows == b
+            write = (torch.zeros_like(rows[keep]), j[keep], s[keep])
+        return StepPlan(start=self.start[one], lengths=self.lengths[one], seen_after=self.seen_after[one],
+                        text=tuple(x[one] for x in self.text),
+                        rank=None if self.rank is None else tuple(x[one] for x in self.rank),
+                        decode=self.decode, full=full, slots=None if self.slots is None else self.slots[one],
+                        write=write)
 
     def rotate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [batch, n, heads, head_dim]`` rotated at the text positions and at the ranks."""
@@ -96,7 +111,7 @@ class StreamingCache:
         self.values = torch.full(shape, fill_value, dtype=dtype, device=device)
         self.seen = torch.zeros(batch, dtype=torch.int64, device=device)
         self.seen_host = [0] * batch
-        self.recall = None  # a streaming_trt.recall.BlockStore (batch 1) when recall is on
+        self.stores: list | None = None  # with recall: each row's streaming_trt.recall.BlockStore (or None)
 
     @property
     def batch(self) -> int:
@@ -127,8 +142,15 @@ class StreamingCache:
             keep = g.kept(start, lengths_t, n)
             b, j = keep.nonzero(as_tuple=True)
             plan.write = (b, j, g.slot(t[b, j]))
-        if self.recall is not None:
-            plan.recall = self.recall.step(start_host[0], lengths[0], dataclasses.replace(plan))
+        if self.stores is not None and any(s is not None for s in self.stores):
+            steps = []
+            for b, store in enumerate(self.stores):
+                if store is None:
+                    steps.append(None)
+                    continue
+                plain = plan.row(b, full=decode and start_host[b] + 1 >= g.capacity)
+                steps.append(store.step(start_host[b], lengths[b], plain))
+            plan.recall = steps
         return plan
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan,
@@ -136,7 +158,7 @@ class StreamingCache:
         """Rotate a layer's new ``q [batch, n, heads, d]`` and ``k, v [batch, n, kv_heads, d]``,
         store ``k, v`` and return attention ``[batch, n, heads, d]`` of every row over its A(t)."""
         if plan.recall is not None:  # sinks + recalled blocks + window: streaming_trt.recall
-            return self.recall.attend(self, layer, q, k, v, plan, sm_scale, sink_logits)
+            return recall_rows(self, layer, q, k, v, plan, sm_scale, sink_logits)
         k_cache, v_cache = self.keys[layer], self.values[layer]
         q_text, q_rank = plan.rotate(q)
         k = apply_rotary(k, *plan.text)
@@ -199,7 +221,32 @@ class StreamingCache:
         view = copy.copy(self)
         view.keys, view.values, view.seen = self.keys[:, lo:hi], self.values[:, lo:hi], self.seen[lo:hi]
         view.seen_host = self.seen_host[lo:hi]
+        view.stores = None if self.stores is None else self.stores[lo:hi]
         return view
+
+    def swap(self, a: int, b: int) -> None:
+        """Exchange streams ``a`` and ``b`` (their slots, counters and block stores)."""
+        idx, rev = [a, b], [b, a]
+        self.keys[:, idx] = self.keys[:, rev]
+        self.values[:, idx] = self.values[:, rev]
+        self.seen[idx] = self.seen[rev]
+        self.seen_host[a], self.seen_host[b] = self.seen_host[b], self.seen_host[a]
+        if self.stores is not None:
+            self.stores[a], self.stores[b] = self.stores[b], self.stores[a]
+
+    def write_row(self, row: int, keys: torch.Tensor, values: torch.Tensor, seen: int) -> None:
+        """Stream ``row`` takes ``keys``/``values [num_layers, kv_heads, capacity, head_dim]`` (any
+        device) holding ``seen`` tokens."""
+        self.keys[:, row].copy_(keys)
+        self.values[:, row].copy_(values)
+        self.seen[row] = seen
+        self.seen_host[row] = int(seen)
+
+    def read_row(self, row: int, keys: torch.Tensor, values: torch.Tensor) -> int:
+        """Copy stream ``row`` into ``keys``/``values`` (shapes as :meth:`write_row`); returns its ``seen``."""
+        keys.copy_(self.keys[:, row])
+        values.copy_(self.values[:, row])
+        return self.seen_host[row]
 
     def reset(self, rows: list[int] | None = None) -> None:
         """Forget streams ``rows`` (all when None); their slots are refilled, memory is kept."""

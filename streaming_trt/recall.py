@@ -87,7 +87,8 @@ class RecallStep:
 
 
 class BlockStore:
-    """Evicted keys/values of one stream, every layer, in blocks (module doc).
+    """Evicted keys/values of one stream, every layer, in blocks (module doc). ``attend`` runs over a
+    batch-1 view of the stream's cache row.
 
     ``keys``/``values``: per layer ``[stored, kv_heads, B, head_dim]`` in the cache dtype, on the
     host, growing up to ``max_blocks``; block ``j`` in row ``j % max_blocks``. Summaries float32:
@@ -278,17 +279,19 @@ class BlockStore:
             return R.bound_scores(q, *parts)
         return R.representative_scores(q, parts[0])
 
-    def select(self, layer: int, q: torch.Tensor, available: int, sm_scale: float) -> list[int]:
+    def select(self, layer: int, q: torch.Tensor, available: int, sm_scale: float,
+               scoring: torch.Tensor | None = None) -> list[int]:
         """Ids (ascending) of the top-k blocks among those stored and ``< available``, for the
-        unrotated queries ``q [n, heads, d]`` of one forward."""
+        unrotated queries ``q [n, heads, d]`` of one forward (``scoring``: the same already rotated
+        at ``W`` on the host, float32)."""
         lo, k = self.first[layer], self.recall.top_k
         if available <= lo or k == 0:
             return []
         ids = torch.arange(lo, available)
-        qd = apply_rotary(q.float().cpu(), *self.score_angles)
-        votes = R.block_votes(self.block_scores(layer, qd, ids), sm_scale)
-        if len(ids) <= k:
+        if len(ids) <= k:  # every block is chosen: no scores needed
             return ids.tolist()
+        qd = apply_rotary(q.float().cpu(), *self.score_angles) if scoring is None else scoring
+        votes = R.block_votes(self.block_scores(layer, qd, ids), sm_scale)
         return sorted(ids[votes.topk(k).indices].tolist())
 
     # -- attending ---------------------------------------------------------------------------
@@ -296,20 +299,39 @@ class BlockStore:
     def attend(self, cache, layer: int, q, k, v, plan, sm_scale: float, sink_logits=None) -> torch.Tensor:
         """:meth:`StreamingCache.attend` with recall, for a batch of one stream."""
         step: RecallStep = plan.recall
-        g, B = self.geometry, self.recall.block_size
+        self.evict(cache, layer, step)
+        return self.attend_selected(cache, layer, q, k, v, plan, self.choose(layer, q[0], step, sm_scale),
+                                    sm_scale, sink_logits)
+
+    def evict(self, cache, layer: int, step: RecallStep) -> None:
+        """Tokens the forward of ``step`` evicts that sit in ``cache`` (a batch-1 view) go to the store."""
+        g = self.geometry
         S, W = g.sink_tokens, g.window
         start, end = step.start, step.start + step.length
-        k_cache, v_cache = cache.keys[layer], cache.values[layer]
-        # 1. Tokens this forward evicts that sit in the cache now go to the store.
         lo_u, hi_u = max(S, start - W), min(start - 1, end - 1 - W)
         if hi_u >= lo_u:
+            k_cache, v_cache = cache.keys[layer], cache.values[layer]
             us = torch.arange(lo_u, hi_u + 1)
             slots = g.slot(us).to(k_cache.device)
             self._push(layer, lo_u, k_cache[0, :, slots], v_cache[0, :, slots],
                        self.slot_mass[layer][:, g.slot(us)] if self.recall.scorer == "representative" else None)
-        # 2. Selection, then attention.
-        ids = self.select(layer, q[0], step.blocks, sm_scale)
+
+    def choose(self, layer: int, q: torch.Tensor, step: RecallStep, sm_scale: float,
+               scoring: torch.Tensor | None = None) -> list[int]:
+        """The blocks the forward of ``step`` attends to (``q [n, heads, d]`` its queries; ``scoring``
+        as for :meth:`select`), recorded in ``selected``."""
+        ids = self.select(layer, q, step.blocks, sm_scale, scoring)
         self.selected[layer] = ids
+        return ids
+
+    def attend_selected(self, cache, layer: int, q, k, v, plan, ids: list[int], sm_scale: float,
+                        sink_logits=None) -> torch.Tensor:
+        """The attention of :meth:`attend` once the evicted tokens are stored and blocks ``ids`` chosen."""
+        step: RecallStep = plan.recall
+        g = self.geometry
+        S, W = g.sink_tokens, g.window
+        start, end = step.start, step.start + step.length
+        k_cache = cache.keys[layer]
         want_mass = self.recall.scorer == "representative"
         mass = k_rot = None
         if not ids:
@@ -394,6 +416,102 @@ class BlockStore:
         return out, k_rot, mass
 
 
+def attend_rows(cache, layer: int, q, k, v, plan, sm_scale: float, sink_logits=None) -> torch.Tensor:
+    """:meth:`StreamingCache.attend <streaming_trt.cache.StreamingCache.attend>` for a batch whose
+    rows have block stores of their own (``cache.stores[b]``, ``plan.recall[b]``; None for a row
+    without). Storing and selection are per row (each row its own blocks); in a decode step of
+    full rows (rank positions, bounds scorer) the rows that recall the same number of blocks then
+    attend in one batched call; anything else attends row by row."""
+    steps, stores, g = plan.recall, cache.stores, cache.geometry
+    batch = len(steps)
+    batched = plan.decode and all(
+        step is not None and step.start + 1 >= g.capacity and store.recall.positions == "rank"
+        and store.recall.scorer == "bounds" for step, store in zip(steps, stores))
+    if batched:
+        _evict_decode_rows(cache, layer, steps)
+        scoring = apply_rotary(q[:, 0].float().cpu(), *stores[0].score_angles)  # [batch, heads, d], every row at W
+        chosen = [store.choose(layer, q[b], step, sm_scale, scoring[b : b + 1])
+                  for b, (store, step) in enumerate(zip(stores, steps))]
+        groups: dict[int, list[int]] = {}
+        for b, ids in enumerate(chosen):
+            groups.setdefault(len(ids), []).append(b)
+        if len(groups) == 1 and 0 in groups:  # no row recalls a block: plain StreamingLLM
+            return cache.attend(layer, q, k, v, dataclasses.replace(plan, recall=None), sm_scale, sink_logits)
+        if len(groups) == 1 and len({s.recall.block_size for s in stores}) == 1:
+            return _attend_recalled_rows(cache, layer, q, k, v, plan, chosen, sm_scale, sink_logits)
+    outs = []
+    for b, step in enumerate(steps):
+        view, one = cache.rows(b, b + 1), slice(b, b + 1)
+        if step is None:
+            outs.append(view.attend(layer, q[one], k[one], v[one], plan.row(b, full=plan.full), sm_scale, sink_logits))
+            continue
+        mine = dataclasses.replace(step.plain, recall=step)
+        if batched:  # stored and chosen above
+            outs.append(stores[b].attend_selected(view, layer, q[one], k[one], v[one], mine, chosen[b], sm_scale,
+                                                  sink_logits))
+        else:
+            outs.append(stores[b].attend(view, layer, q[one], k[one], v[one], mine, sm_scale, sink_logits))
+    return outs[0] if batch == 1 else torch.cat(outs, 0)
+
+
+def _evict_decode_rows(cache, layer: int, steps: list[RecallStep]) -> None:
+    """:meth:`BlockStore.evict` of a decode step of full rows: each row's token ``start - W`` (when
+    past the sinks) leaves its window; read from the cache in one gather."""
+    g = cache.geometry
+    rows = [b for b, step in enumerate(steps) if step.start - g.window >= g.sink_tokens]
+    if not rows:
+        return
+    us = torch.tensor([steps[b].start - g.window for b in rows])
+    index = torch.tensor(rows)
+    slots = g.slot(us)
+    device = cache.keys.device
+    k = cache.keys[layer][index.to(device), :, slots.to(device)].cpu()  # [rows, kv, d]
+    v = cache.values[layer][index.to(device), :, slots.to(device)].cpu()
+    for i, b in enumerate(rows):
+        store = cache.stores[b]
+        mass = store.slot_mass[layer][:, slots[i : i + 1]] if store.recall.scorer == "representative" else None
+        store._push(layer, int(us[i]), k[i].unsqueeze(1), v[i].unsqueeze(1), mass)
+
+
+def _attend_recalled_rows(cache, layer: int, q, k, v, plan, chosen: list[list[int]], sm_scale: float,
+                          sink_logits) -> torch.Tensor:
+    """A decode step of full rows that each recall ``len(chosen[b])`` blocks (one number), in one
+    batched call: what :meth:`BlockStore._attend_recalled` does for one row, for all of them."""
+    stores, g = cache.stores, cache.geometry
+    batch, n_sel = len(chosen), len(chosen[0])
+    B = stores[0].recall.block_size
+    kv, d = k.shape[2], k.shape[3]
+    k_cache, v_cache = cache.keys[layer], cache.values[layer]
+    bk = torch.empty(batch, n_sel, kv, B, d, dtype=k_cache.dtype, device=k_cache.device)
+    bv = torch.empty_like(bk)
+    for b, (store, ids) in enumerate(zip(stores, chosen)):
+        rows = torch.tensor(ids) % store.max_blocks
+        if store.keys[layer].device == bk.device:
+            torch.index_select(store.keys[layer], 0, rows, out=bk[b])
+            torch.index_select(store.values[layer], 0, rows, out=bv[b])
+        else:  # pinned host -> device
+            bk[b].copy_(store.keys[layer].index_select(0, rows), non_blocking=True)
+            bv[b].copy_(store.values[layer].index_select(0, rows), non_blocking=True)
+    # As for one row: the query at rank C - 1 + n_sel * B, and at rank + (j - i) B for block i (id j).
+    rank = g.capacity - 1 + n_sel * B
+    pos = torch.tensor([[rank] + [rank + (j - i) * B for i, j in enumerate(ids)] for ids in chosen], device=q.device)
+    cos, sin = rotary_angles(stores[0].inv_freq, pos)  # [batch, 1 + n_sel, half]
+    half = cos.shape[-1]
+    cos = torch.cat([plan.text[0], cos.view(batch, 1, 1 + n_sel, half)], 2)  # [batch, 1, 2 + n_sel, half]
+    sin = torch.cat([plan.text[1], sin.view(batch, 1, 1 + n_sel, half)], 2)
+    q_all = apply_rotary(q.unsqueeze(3).expand(-1, -1, -1, 2 + n_sel, -1), cos.unsqueeze(2), sin.unsqueeze(2))
+    q_text, q_sink, q_block = q_all[:, :, :, 0], q_all[:, :, :, 1], q_all[:, :, :, 2:]
+    k_rot = apply_rotary(k, *plan.text)
+    every = torch.arange(batch, device=k.device)
+    k_cache[every, :, plan.slots] = k_rot[:, 0].to(k_cache.dtype)
+    v_cache[every, :, plan.slots] = v[:, 0].to(v_cache.dtype)
+    attention = R.recall_decode_attention
+    if cache.ops is not reference:  # the Triton kernel (CUDA)
+        from .kernels.recall_triton import recall_decode_attention as attention
+    out = attention(q_text[:, 0], q_sink[:, 0], q_block[:, 0], k_cache, v_cache, bk, bv, g, sm_scale, sink_logits)
+    return out[:, None]
+
+
 def recall_from_file(path, text: str) -> Recall:
     """The :class:`Recall` a session file's metadata names."""
     try:
@@ -405,20 +523,26 @@ def recall_from_file(path, text: str) -> Recall:
 def attach(recall: Recall, model, cache) -> BlockStore:
     """Give ``cache`` (one stream of ``model``) a block store for ``recall``; ``UserError`` for
     what this implementation does not do."""
-    if not isinstance(recall, Recall):
-        raise UserError(f"recall must be a streaming_trt.Recall(...), got {type(recall).__name__}")
     if cache.batch != 1:
         raise UserError(f"recall keeps one stream's evicted tokens: open the session with batch=1 (got batch={cache.batch})")
-    g = cache.geometry
+    store = new_store(recall, model, cache.geometry)
+    cache.stores = [store]
+    return store
+
+
+def new_store(recall: Recall, model, geometry: Geometry) -> BlockStore:
+    """An empty block store of one stream of ``model`` (warns where recalled ranks pass the
+    model's positions)."""
+    if not isinstance(recall, Recall):
+        raise UserError(f"recall must be a streaming_trt.Recall(...), got {type(recall).__name__}")
     limit = model.config.max_position_embeddings
-    if limit is not None and g.capacity + recall.slots > limit:
+    if limit is not None and geometry.capacity + recall.slots > limit:
         import warnings
 
-        warnings.warn(f"sink_tokens + window + top_k x block_size = {g.capacity + recall.slots} exceeds the model's "
-                      f"max_position_embeddings ({limit}): recalled tokens take ranks the model never saw", stacklevel=3)
-    store = BlockStore(recall, model.config, g, model.dtype, model.device, model.inv_freq)
-    cache.recall = store
-    return store
+        warnings.warn(f"sink_tokens + window + top_k x block_size = {geometry.capacity + recall.slots} exceeds the "
+                      f"model's max_position_embeddings ({limit}): recalled tokens take ranks the model never saw",
+                      stacklevel=4)
+    return BlockStore(recall, model.config, geometry, model.dtype, model.device, model.inv_freq)
 
 
 def add_flags(parser) -> None:

@@ -1,6 +1,7 @@
 """A session: a batch of streams over one model, fed tokens in chunks of any length."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -148,6 +149,47 @@ def feed_chunks(tokens: torch.Tensor, lengths: list[int], max_chunk: int, run, a
     return logits, last
 
 
+def feed_stream(model, cache, tokens: torch.Tensor, lengths: list[int], max_chunk: int, all_logits: bool,
+                last: torch.Tensor | None, graphs=None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The one feed path of the eager model (:class:`Session`'s and the serving engine's): a
+    sink-token model's token 0 first, to each stream of ``cache`` about to receive its first
+    tokens (never to a continued or restored stream, whose ``seen`` is past 0), then
+    ``tokens [batch, n]`` (row ``b`` valid for its first ``lengths[b]``) in chunks of at most
+    ``max_chunk``; a decode chunk is replayed from ``graphs`` (a DecodeGraphs) when given.
+    Returns what :func:`feed_chunks` returns."""
+    config = model.config
+    starts = sink_token_starts(config, lengths, cache.seen_host)
+    if starts is not None:  # ``seen`` counts it; its logits predict the first token
+        ids = torch.full((cache.batch, 1), config.sink_token_id, dtype=torch.int64, device=model.device)
+        last = merge_newest(last, model(ids, cache, starts, last_only=True), starts)
+
+    def run(chunk: torch.Tensor, part: list[int], all_rows: bool) -> torch.Tensor:
+        if graphs is not None and chunk.shape[1] == 1 and all(part):
+            newest = graphs(chunk).clone()
+            return newest[:, None] if all_rows else newest
+        # Chunks only ever hold a stream's newest tokens, so each row's last valid one is it.
+        return model(chunk, cache, part, last_only=not all_rows)
+
+    return feed_chunks(tokens, lengths, max_chunk, run, all_logits, config.vocab_size, model.device, last)
+
+
+@dataclasses.dataclass
+class SavedStreams:
+    """A session file's contents, validated against the model (:func:`read_session_file`).
+    ``keys``/``values [num_layers, batch, kv_heads, capacity, head_dim]``, ``seen`` per stream,
+    ``last_logits [batch, vocab]`` or None, ``tensors``: everything read (the recall store's too)."""
+
+    geometry: Geometry
+    max_chunk: int
+    fill: float
+    keys: torch.Tensor
+    values: torch.Tensor
+    seen: list[int]
+    last_logits: torch.Tensor | None
+    recall: object | None  # the streaming_trt.recall.Recall the file was written with
+    tensors: dict[str, torch.Tensor]
+
+
 class StreamSession(Protocol):
     """What generation and the command lines ask of a batch of streams: :class:`Session` (eager),
     ``streaming_trt.export.onnx.OnnxSession`` (onnxruntime) and whatever else feeds a model. Both
@@ -266,31 +308,9 @@ class Session(StreamSession):
         if not isinstance(all_logits, bool):
             raise UserError(f"all_logits must be True or False, got {all_logits!r}")
         tokens, lengths = token_batch(tokens, lengths, self.batch, self.model.config.vocab_size, self.model.device)
-        self._start_with_sink_token(lengths)
-        logits, self.last_logits = feed_chunks(tokens, lengths, self.max_chunk, self._chunk, all_logits,
-                                               self.model.config.vocab_size, self.model.device, self.last_logits)
+        logits, self.last_logits = feed_stream(self.model, self.cache, tokens, lengths, self.max_chunk, all_logits,
+                                               self.last_logits, self.graphs)
         return logits if all_logits else self.last_logits
-
-    def _start_with_sink_token(self, lengths: list[int]) -> None:
-        """A model pre-trained with a sink token gets it as token 0 of every stream, once: fed here
-        to each stream that is about to receive its first tokens (never to a continued or restored
-        stream, whose ``seen`` is past 0). ``seen`` counts it; its logits predict the first token."""
-        starts = sink_token_starts(self.model.config, lengths, self.cache.seen_host)
-        if starts is None:
-            return
-        ids = torch.full((self.batch, 1), self.model.config.sink_token_id, dtype=torch.int64, device=self.model.device)
-        self._set_last(self.model(ids, self.cache, starts, last_only=True), starts)
-
-    def _chunk(self, chunk: torch.Tensor, part: list[int], all_rows: bool) -> torch.Tensor:
-        """One forward of :func:`feed_chunks`: logits ``[batch, width, vocab]``, or each row's newest ``[batch, vocab]``."""
-        if self.graphs is not None and chunk.shape[1] == 1 and all(part):
-            newest = self.graphs(chunk).clone()
-            return newest[:, None] if all_rows else newest
-        # Chunks only ever hold a stream's newest tokens, so each row's last valid one is it.
-        return self.model(chunk, self.cache, part, last_only=not all_rows)
-
-    def _set_last(self, newest: torch.Tensor, part: list[int]) -> None:
-        self.last_logits = merge_newest(self.last_logits, newest, part)
 
     def reset(self, rows: list[int] | None = None) -> None:
         """Start streams ``rows`` (all when None) afresh."""
@@ -309,41 +329,11 @@ class Session(StreamSession):
     def save(self, path: str | Path) -> None:
         """Write the whole state (cache, counters, newest logits) to one safetensors file,
         atomically, with the model's fingerprint and a checksum over everything in it."""
-        from safetensors import SafetensorError
-        from safetensors.torch import save_file
-
         c = self.cache
         tensors = {"keys": c.keys, "values": c.values, "seen": c.seen}
-        if self.recall is not None:
-            tensors.update(self.recall.tensors())
         if self.last_logits is not None:
             tensors["last_logits"] = self.last_logits
-        tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
-        meta = {
-            "format": FORMAT,
-            "version": str(VERSION),
-            "model": model_fingerprint(self.model),
-            "model_shape": self.model.config.fingerprint(),
-            "sink_tokens": str(c.geometry.sink_tokens),
-            "window": str(c.geometry.window),
-            "max_chunk": str(self.max_chunk),
-            "cache_fill": repr(float(c.fill_value)),
-        }
-        if self.recall is not None:
-            meta["recall"] = self.recall.settings()
-        meta["checksum"] = _checksum(tensors, meta)
-        path = Path(path)
-        if not path.parent.is_dir():
-            what = "is not a directory" if path.parent.exists() else "does not exist"
-            raise UserError(f"{path}: cannot save the session, {path.parent} {what}")
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))  # private from its first byte
-            save_file(tensors, str(tmp), metadata=meta)
-            _durable_replace(tmp, path)
-        except (OSError, SafetensorError) as e:
-            tmp.unlink(missing_ok=True)
-            raise UserError(f"{path}: cannot save the session ({e})") from None
+        write_session_file(path, self.model, tensors, c.geometry, self.max_chunk, c.fill_value, self.recall)
 
     @classmethod
     def load(cls, path: str | Path, model) -> "Session":
@@ -352,68 +342,117 @@ class Session(StreamSession):
         Refuses (``UserError`` naming what differs) a file of another version, another model
         (by content, not only shape), or one whose contents were changed or are inconsistent.
         """
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"{path}: cannot be read as a saved session ({e})") from None
-        if meta.get("format") not in (FORMAT, f"{FORMAT}/1"):
-            raise UserError(f"{path}: not a streaming-trt session file")
-        version = meta.get("version", "1")
-        if version != str(VERSION):
-            raise UserError(f"{path}: a session file of format version {version}, written by another version of "
-                            f"streaming-trt; this one reads version {VERSION} (its caches store keys rotated), so "
-                            "the conversation must be started again")
-        if meta.get("checksum") != _checksum(tensors, meta):
-            raise UserError(f"{path}: the file's contents do not match its checksum: it was changed or damaged")
-        if meta.get("model") != model_fingerprint(model):
-            raise UserError(f"{path}: saved for another model ({meta.get('model_shape')}, weights "
-                            f"{str(meta.get('model'))[:12]}), but the loaded model is "
-                            f"{model.config.fingerprint()}, weights {model_fingerprint(model)[:12]}")
-        try:
-            sink_tokens, window, max_chunk = (int(meta[k]) for k in ("sink_tokens", "window", "max_chunk"))
-            fill = float(meta["cache_fill"])
-            keys, values, seen = tensors["keys"], tensors["values"], tensors["seen"]
-        except (KeyError, ValueError) as e:
-            raise UserError(f"{path}: the session file lacks or mangles {e}") from None
-        geometry = Geometry(sink_tokens, window)
-        c = model.config
-        shape = (c.num_layers, seen.shape[0] if seen.dim() == 1 else -1, c.num_kv_heads, geometry.capacity, c.head_dim)
-        problems = []
-        if seen.dim() != 1 or seen.dtype != torch.int64 or seen.numel() < 1 or bool((seen < 0).any()):
-            problems.append(f"stream counters {seen.tolist()} must be one integer >= 0 per stream")
-        for name, t in (("keys", keys), ("values", values)):
-            if tuple(t.shape) != shape or t.dtype != model.dtype:
-                problems.append(f"{name} are {list(t.shape)} {t.dtype}, the model needs {list(shape)} {model.dtype}")
-        last = tensors.get("last_logits")
-        if last is not None and (tuple(last.shape) != (seen.shape[0], c.vocab_size) or not bool(last.isfinite().all())):
-            problems.append("the newest logits are mis-shaped or not finite")
-        if problems:
-            raise UserError(f"{path}: " + "; ".join(problems))
-        written = geometry.slot_tokens(seen) >= 0  # [batch, capacity]
-        for name, t in (("keys", keys), ("values", values)):
-            if not bool(t.float().isfinite().all(-1).all(2).all(0)[written].all()):
-                raise UserError(f"{path}: the cached {name} hold non-finite values")
-        if not math.isnan(fill) and not bool((keys.float().isfinite()).all()):
-            raise UserError(f"{path}: the cache holds non-finite values")
-        recall = None
-        if "recall" in meta:
-            from .recall import recall_from_file
-
-            recall = recall_from_file(path, meta["recall"])
-        session = cls(model, sink_tokens, window, batch=seen.shape[0], max_chunk=max_chunk, cache_fill=fill,
-                      recall=recall)
-        if recall is not None:
-            session.recall.load_tensors(path, tensors)
-        session.cache.keys.copy_(keys)
-        session.cache.values.copy_(values)
-        session.cache.set_seen(seen.tolist())
-        if last is not None:
-            session.last_logits = last.to(model.device)
+        saved = read_session_file(path, model)
+        g = saved.geometry
+        session = cls(model, g.sink_tokens, g.window, batch=len(saved.seen), max_chunk=saved.max_chunk,
+                      cache_fill=saved.fill, recall=saved.recall)
+        if session.recall is not None:
+            session.recall.load_tensors(path, saved.tensors)
+        session.cache.keys.copy_(saved.keys)
+        session.cache.values.copy_(saved.values)
+        session.cache.set_seen(saved.seen)
+        if saved.last_logits is not None:
+            session.last_logits = saved.last_logits.to(model.device)
         return session
+
+
+def write_session_file(path: str | Path, model, tensors: dict[str, torch.Tensor], geometry: Geometry, max_chunk: int,
+                       fill: float, recall=None) -> None:
+    """The session file format, its one writer (:meth:`Session.save`, the serving engine's
+    states): ``tensors`` (``keys``/``values [layers, batch, kv, C, d]``, ``seen [batch]``,
+    optionally ``last_logits [batch, vocab]``) and those of ``recall`` (a BlockStore), with the
+    metadata, the model's fingerprint and a checksum, written atomically and durably."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    tensors = dict(tensors)
+    if recall is not None:
+        tensors.update(recall.tensors())
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    meta = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "model": model_fingerprint(model),
+        "model_shape": model.config.fingerprint(),
+        "sink_tokens": str(geometry.sink_tokens),
+        "window": str(geometry.window),
+        "max_chunk": str(max_chunk),
+        "cache_fill": repr(float(fill)),
+    }
+    if recall is not None:
+        meta["recall"] = recall.settings()
+    meta["checksum"] = _checksum(tensors, meta)
+    path = Path(path)
+    if not path.parent.is_dir():
+        what = "is not a directory" if path.parent.exists() else "does not exist"
+        raise UserError(f"{path}: cannot save the session, {path.parent} {what}")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))  # private from its first byte
+        save_file(tensors, str(tmp), metadata=meta)
+        _durable_replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot save the session ({e})") from None
+
+
+def read_session_file(path: str | Path, model) -> SavedStreams:
+    """Read a file of :func:`write_session_file` for ``model``, validated: ``UserError`` naming what
+    differs for a file of another version, another model (by content, not only shape), or one
+    whose contents were changed or are inconsistent."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: cannot be read as a saved session ({e})") from None
+    if meta.get("format") not in (FORMAT, f"{FORMAT}/1"):
+        raise UserError(f"{path}: not a streaming-trt session file")
+    version = meta.get("version", "1")
+    if version != str(VERSION):
+        raise UserError(f"{path}: a session file of format version {version}, written by another version of "
+                        f"streaming-trt; this one reads version {VERSION} (its caches store keys rotated), so "
+                        "the conversation must be started again")
+    if meta.get("checksum") != _checksum(tensors, meta):
+        raise UserError(f"{path}: the file's contents do not match its checksum: it was changed or damaged")
+    if meta.get("model") != model_fingerprint(model):
+        raise UserError(f"{path}: saved for another model ({meta.get('model_shape')}, weights "
+                        f"{str(meta.get('model'))[:12]}), but the loaded model is "
+                        f"{model.config.fingerprint()}, weights {model_fingerprint(model)[:12]}")
+    try:
+        sink_tokens, window, max_chunk = (int(meta[k]) for k in ("sink_tokens", "window", "max_chunk"))
+        fill = float(meta["cache_fill"])
+        keys, values, seen = tensors["keys"], tensors["values"], tensors["seen"]
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{path}: the session file lacks or mangles {e}") from None
+    geometry = Geometry(sink_tokens, window)
+    c = model.config
+    shape = (c.num_layers, seen.shape[0] if seen.dim() == 1 else -1, c.num_kv_heads, geometry.capacity, c.head_dim)
+    problems = []
+    if seen.dim() != 1 or seen.dtype != torch.int64 or seen.numel() < 1 or bool((seen < 0).any()):
+        problems.append(f"stream counters {seen.tolist()} must be one integer >= 0 per stream")
+    for name, t in (("keys", keys), ("values", values)):
+        if tuple(t.shape) != shape or t.dtype != model.dtype:
+            problems.append(f"{name} are {list(t.shape)} {t.dtype}, the model needs {list(shape)} {model.dtype}")
+    last = tensors.get("last_logits")
+    if last is not None and (tuple(last.shape) != (seen.shape[0], c.vocab_size) or not bool(last.isfinite().all())):
+        problems.append("the newest logits are mis-shaped or not finite")
+    if problems:
+        raise UserError(f"{path}: " + "; ".join(problems))
+    written = geometry.slot_tokens(seen) >= 0  # [batch, capacity]
+    for name, t in (("keys", keys), ("values", values)):
+        if not bool(t.float().isfinite().all(-1).all(2).all(0)[written].all()):
+            raise UserError(f"{path}: the cached {name} hold non-finite values")
+    if not math.isnan(fill) and not bool((keys.float().isfinite()).all()):
+        raise UserError(f"{path}: the cache holds non-finite values")
+    recall = None
+    if "recall" in meta:
+        from .recall import recall_from_file
+
+        recall = recall_from_file(path, meta["recall"])
+    return SavedStreams(geometry, max_chunk, fill, keys, values, seen.tolist(), last, recall, tensors)
 
 
 def _durable_replace(tmp: Path, path: Path) -> None:

@@ -1,8 +1,8 @@
-"""The import graph points one way: contract <- kernels <- runtime <- {hf, export} <- serving <- apps.
+"""The import graph points one way: contract <- kernels <- runtime <- {hf, export, engine} <- serving <- apps.
 
 Two checks. Statically, every ``import`` in the package (function-local ones included) is mapped to
 the layer of the module it names, and no module may import a layer above its own, nor its sibling
-(``streaming_trt.hf`` and ``streaming_trt.export`` know nothing of each other). Dynamically, each
+(``streaming_trt.hf``, ``streaming_trt.export`` and ``streaming_trt.engine`` know nothing of each other). Dynamically, each
 layer is imported in a fresh interpreter and must not have pulled in a module of a higher layer
 (``streaming_trt/__init__.py`` resolves its public names lazily, so importing ``streaming_trt.kernels``
 runs no runtime code). The layers are drawn in README.md.
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {package: ROOT / folder for package, folder in  # pyproject.toml's package-dir
            tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].items()}
 APPS = {"streaming_trt.generate", "streaming_trt.build", "streaming_trt.serve"}  # command lines on top of all
-RANK = {"contract": 0, "kernels": 1, "runtime": 2, "hf": 3, "export": 3, "serving": 4, "apps": 5}
+RANK = {"contract": 0, "kernels": 1, "runtime": 2, "hf": 3, "export": 3, "engine": 3, "serving": 4, "apps": 5}
 
 
 def layer(module: str) -> str:
@@ -30,7 +30,8 @@ def layer(module: str) -> str:
     if module == "streaming_trt.contract":
         return "contract"
     for prefix, name in (("streaming_trt.kernels", "kernels"), ("streaming_trt.export", "export"),
-                         ("streaming_trt.hf", "hf"), ("streaming_trt.serving", "serving")):
+                         ("streaming_trt.hf", "hf"), ("streaming_trt.engine", "engine"),
+                         ("streaming_trt.serving", "serving")):
         if module == prefix or module.startswith(prefix + "."):
             return name
     if module == "streaming_trt.client":  # the serving protocol's client side (the gateway uses it)
@@ -106,7 +107,8 @@ def test_the_package_imports_no_benchmark_or_test_code():
 def test_the_check_sees_every_module():
     names = set(modules())
     for must in ("streaming_trt.contract", "streaming_trt.kernels.decode", "streaming_trt.model",
-                 "streaming_trt.hf.attention", "streaming_trt.export.settings", "streaming_trt.serving"):
+                 "streaming_trt.hf.attention", "streaming_trt.export.settings", "streaming_trt.serving",
+                 "streaming_trt.engine.runner"):
         assert must in names, must
     assert layer("streaming_trt.kernels.reference") == "kernels" and layer("streaming_trt.session") == "runtime"
 
@@ -135,9 +137,10 @@ def test_kernels_import_only_the_contract():
 
 
 @pytest.mark.parametrize("top, above", [
-    ("streaming_trt.session, streaming_trt.generation, streaming_trt.cli", ("hf", "export", "serving", "apps")),
-    ("streaming_trt.hf", ("export", "serving", "apps")),
-    ("streaming_trt.export, streaming_trt.export.onnx", ("hf", "serving", "apps")),
+    ("streaming_trt.session, streaming_trt.generation, streaming_trt.cli", ("hf", "export", "engine", "serving", "apps")),
+    ("streaming_trt.hf", ("export", "engine", "serving", "apps")),
+    ("streaming_trt.engine", ("hf", "export", "serving", "apps")),
+    ("streaming_trt.export, streaming_trt.export.onnx", ("hf", "engine", "serving", "apps")),
 ])
 def test_a_layer_does_not_pull_the_ones_above(top, above):
     loaded = _loaded_after(f"import {top}")

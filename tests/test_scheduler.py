@@ -213,3 +213,43 @@ def test_recall_conversations_equal_their_run_alone(local, tmp_path):
         want = [[t for t, _ in conv.reply(session, text, n, Sampler(GREEDY))] for text, n in turns]
         assert min(session.recall.count) >= 2 * recall.top_k  # blocks were evicted and could be recalled
         assert got[c] == want, f"conversation {c}"
+
+
+def test_the_scheduler_imports_no_torch():
+    """The scheduler decides who runs and what happens to each turn, with token ids: no module it
+    imports itself is torch (the runner below it owns every tensor)."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import streaming_trt.serving.scheduler as scheduler
+
+    tree = ast.parse(Path(scheduler.__file__).read_text())
+    named = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    named |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+    assert not {m for m in named if m == "torch" or m.startswith("torch.")}, named
+    probe = ("import types, streaming_trt.serving.scheduler as s; print(sorted(k for k, v in vars(s).items() "
+             "if (getattr(v, '__module__', None) or getattr(v, '__name__', '') or '').split('.')[0] == 'torch'))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"scheduler.py holds torch names: {out.stdout}"
+
+
+def test_sink_token_model_conversations_equal_their_run_alone(tmp_path):
+    """A model pre-trained with a sink token: the runner's feed path (the one Session uses) gives
+    each new conversation token 0 once, batched turns equal each conversation alone."""
+    import json
+
+    d = tmp_path / "sink-model"
+    make_checkpoint(d, "llama", seed=4, vocab_size=97)
+    save_tokenizer(d, vocab_size=97)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(config, sink_token_id=1)))
+    sink_local = (st.load_model(d), st.load_tokenizer(d))
+    assert sink_local[0].config.sink_token_id == 1
+    sched, _ = make(sink_local, tmp_path, slots=2)
+    scripts = {c: [(f"hello {c}" * (c + 1), 5), ("and more", 4)] for c in range(3)}
+    got = run_users(sched, scripts, 500)
+    for c, turns in scripts.items():
+        assert got[c] == alone(sink_local, turns), f"conversation {c}"

@@ -54,7 +54,7 @@ class TritonPythonModel:
                                    capture_decode=None if settings.get("cuda_graphs", True) else False,
                                    recall=Recall(**settings["recall"]) if settings.get("recall") else None)
         _log(f"model {settings['model'] or 'built-in'} loaded in {time.perf_counter() - t0:.1f} s; "
-             f"{len(self.scheduler.rows)} slots ({self.scheduler.pool.cache.nbytes() / 2**20:.1f} MiB of cache), "
+             f"{len(self.scheduler.rows)} slots ({self.scheduler.runner.nbytes() / 2**20:.1f} MiB of cache), "
              f"sessions in {settings['session_dir']}, pid {os.getpid()}")
 
     def _response(self, item):

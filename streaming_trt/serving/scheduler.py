@@ -1,31 +1,31 @@
 """Continuous batching: every conversation turn in flight advances in one step over a pool of slots.
 
 A sink + ring cache has a fixed size per conversation (S + W slots), so the pool is one batched
-:class:`~streaming_trt.cache.StreamingCache` of ``slots`` streams allocated once: no paging, no
-preemption, and the server's capacity is an exact number. A conversation holds a slot only while
-one of its turns is in flight; between turns its state waits in the :class:`ConversationStore`
-(host memory, then disk).
+cache of ``slots`` streams allocated once: no paging, no preemption, and the server's capacity is
+an exact number. The pool and every other tensor belong to the
+:class:`~streaming_trt.engine.BatchRunner`; this module decides only who runs and what happens to
+each turn, with token ids (it imports no torch). A conversation holds a slot only while one of its
+turns is in flight; between turns its :class:`~streaming_trt.engine.StreamState` waits in the
+:class:`ConversationStore` (host memory, then disk).
 
 Each iteration of the scheduler's thread (Sarathi-Serve's stall-free batching):
 
-1. decodes one token for every decoding slot, in one forward over rows ``0 .. decoding - 1``
-   (decoding slots are kept contiguous at the bottom of the pool, so that forward is a view of
-   the cache, never a copy);
+1. draws one token for every decoding slot and feeds them all in one batched forward;
 2. then feeds prompt chunks of the turns that are still prefilling (oldest first) with what is
    left of the step's token budget (``token_budget`` minus the decoding slots, at least a quarter
    of it; the whole budget times four when nothing decodes), so a long prompt never stalls the
-   others' token streams;
+   others' token streams (pieces are whole multiples of the runner's ``quantum``);
 3. admits waiting turns into free slots (at most one turn per conversation at a time, in arrival
    order).
 
-With recall (:mod:`streaming_trt.recall`, one stream per block store) every turn runs on its
-conversation's own batch-1 session instead, one forward per conversation: the same order of work,
-without batching.
+With recall (:mod:`streaming_trt.recall`) every conversation keeps its own block store, and its
+rows decode in the same batched forward as all the others.
 
 Every row has its own sampling parameters, seed, stop tokens, stop strings and max_tokens;
-cancellation is checked between steps, during prefill too. A finished turn's state is copied out
-of its slot; it is saved by a writer thread, and only then is the turn's final response sent, so a
-reply the client saw complete survives a SIGKILL.
+cancellation is checked between steps, during prefill too. What closes a finished reply is fed as
+one chunk, as ``Conversation.reply`` feeds it; the turn's state is then copied out of its slot;
+it is saved by a writer thread, and only then is the turn's final response sent, so a reply the
+client saw complete survives a SIGKILL.
 """
 from __future__ import annotations
 
@@ -33,14 +33,10 @@ import collections
 import queue
 import threading
 
-import torch
-
-from ..conversation import Conversation
 from ..contract import UserError
+from ..conversation import Conversation
+from ..engine import BatchRunner
 from ..generation import StopStrings, eos_ids
-from ..graphs import DecodeGraphs
-from ..sampling import Sampler, token_logprobs
-from ..session import Session
 from ..tokenizer import IncrementalDecoder
 from .protocol import ErrorKind, Overloaded, ServingError, TokenEvent, TurnRequest, TurnResult
 
@@ -50,17 +46,17 @@ __all__ = ["Scheduler", "Overloaded", "TokenEvent", "TurnRequest", "TurnResult"]
 class _Turn:
     """A turn inside the scheduler: its conversation, what is left to feed, its reply so far."""
 
-    def __init__(self, req: TurnRequest, conversation: Conversation, ids: list[int], max_tokens: int, device):
+    def __init__(self, req: TurnRequest, conversation: Conversation, ids: list[int], max_tokens: int, sampler):
         self.req, self.conversation, self.ids = req, conversation, ids
         self.max_tokens = max_tokens
-        self.sampler = Sampler(req.sampling, device)
+        self.sampler = sampler
         self.sampler.observe(list(ids))  # penalties count this turn's prompt and reply
         self.decoder = IncrementalDecoder(conversation.tokenizer)
         self.stops = StopStrings(list(req.stop)) if req.stop else None
         self.seq = 0                  # admission order
         self.fed = 0                  # prompt ids fed so far
         self.row: int | None = None
-        self.session: Session | None = None  # with recall: the conversation's own stream
+        self.decoding = False         # the prompt is fed: the turn draws tokens
         self.forced: list[int] = []   # ids fed without sampling (what closes the reply)
         self.count, self.finish = 0, None
         self.last: int | None = None  # the last generated id
@@ -86,7 +82,7 @@ class Scheduler:
             (default: on CUDA only). Elsewhere the same captured step runs eagerly (how the tests
             check the padding).
         recall: a :class:`~streaming_trt.recall.Recall`: every conversation keeps its evicted tokens
-            in a block store of its own, and its turns run on its own session (not batched).
+            in a block store of its own (its rows still decode in the batched step).
     """
 
     def __init__(self, model, tokenizer, store, slots: int = 16, token_budget: int | None = None, max_queue: int = 256,
@@ -97,19 +93,13 @@ class Scheduler:
         for name, value, low in (("slots", slots, 1), ("token_budget", token_budget, 1), ("max_queue", max_queue, 0)):
             if not isinstance(value, int) or value < low:
                 raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
-        self.model, self.tokenizer, self.store = model, tokenizer, store
-        self.geometry = store.geometry
-        self.recall = recall
-        self.pool = Session(model, store.geometry.sink_tokens, store.geometry.window,
-                            batch=1 if recall is not None else slots, cache_fill=store.fill_value)
-        self.logits = torch.zeros(slots, model.config.vocab_size, device=model.device)
+        self.tokenizer, self.store = tokenizer, store
+        self.runner = BatchRunner(model, store.geometry, slots, fill_value=store.fill_value, recall=recall,
+                                  capture_decode=capture_decode)
         self.rows: list[_Turn | None] = [None] * slots
-        self.decoding = 0                      # rows 0 .. decoding-1 are decoding
         self.token_budget, self.max_queue = token_budget, max_queue
         self.max_new_tokens, self.max_new_tokens_limit = max_new_tokens, max_new_tokens_limit
         self.max_input_bytes = max_input_bytes
-        self.capture = recall is None and (model.device.type == "cuda" if capture_decode is None else capture_decode)
-        self.buckets: dict[int, DecodeGraphs] = {}
         self.stop_ids = eos_ids(tokenizer, model.config)
         self.encoder = Conversation(tokenizer, self.stop_ids).encoder
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -152,7 +142,7 @@ class Scheduler:
     # ----------------------------------------------------------------- the scheduler's thread
     def _loop(self) -> None:
         while True:
-            active = self.decoding or any(r is not None for r in self.rows)
+            active = any(r is not None for r in self.rows)
             self._drain(block=not active and not self.stopping.is_set())
             if self.stopping.is_set() and not active:
                 for req in self.waiting:
@@ -230,25 +220,13 @@ class Scheduler:
             ids = self.tokenizer.encode(messages, add_special_tokens=fresh)
         else:
             ids = conversation.turn_ids(messages)
-        sink = self.model.config.sink_token_id
-        if fresh and sink is not None and self.recall is None:  # a sink-token model's stream starts with it
-            ids = [sink] + ids  # (a private session feeds it itself)
-        turn = _Turn(req, conversation, ids, max_tokens, self.model.device)
-        row = max(r for r, t in enumerate(self.rows) if t is None)  # prefill rows fill the pool from the top
-        if self.recall is not None:
-            if fresh:
-                self.store.end(req.cid)
-            g = self.geometry
-            turn.session = (Session(self.model, g.sink_tokens, g.window, cache_fill=self.store.fill_value,
-                                    recall=self.recall) if fresh else self.store.get(req.cid))
-            self.logits[row] = 0 if turn.session.last_logits is None else turn.session.last_logits[0]
-        elif fresh:
+        turn = _Turn(req, conversation, ids, max_tokens, self.runner.sampler(req.sampling))
+        row = next(r for r, t in enumerate(self.rows) if t is None)
+        if fresh:
             self.store.end(req.cid)
-            self.pool.reset([row])
-            self.logits[row] = 0
+            self.runner.reset(row)
         else:
-            saved = self.store.get(req.cid)
-            self._copy_in(saved, row)
+            self.runner.load(row, self.store.get(req.cid))
         self.admitted += 1
         turn.row, turn.seq = row, self.admitted
         self.rows[row] = turn
@@ -256,30 +234,23 @@ class Scheduler:
 
     # ----------------------------------------------------------------- one step
     def _decode_step(self) -> None:
-        n = self.decoding
-        if n == 0:
+        turns = [t for t in self.rows if t is not None and t.decoding]
+        if not turns:
             return
-        turns = self.rows[:n]
-        inputs = [self._next_input(turn, self.logits[r : r + 1]) for r, turn in enumerate(turns)]
-        if self.recall is not None:
-            for r, (turn, token) in enumerate(zip(turns, inputs)):
-                self.logits[r] = turn.session.feed([token], all_logits=False)[0]
-                self._close_private(turn)
-        else:
-            tokens = torch.tensor(inputs, dtype=torch.int64, device=self.model.device).view(n, 1)
-            self.logits[:n] = self._decode(tokens)
+        rows = [t.row for t in turns]
+        draws = self.runner.sample(rows, [t.sampler for t in turns], [t.req.logprobs for t in turns])
+        self.runner.decode(rows, [self._take(turn, draw) for turn, draw in zip(turns, draws)])
         for turn in turns:
             if turn.finish is None and turn.req.cancelled():
                 self._end_reply(turn, "cancelled")
-                self._close_private(turn)
-            if turn.finish is not None and not turn.forced:
+            if turn.finish is not None:
+                self._close(turn)
                 self._release(turn)
 
-    def _next_input(self, turn: _Turn, logits: torch.Tensor) -> int:
-        """The id a decoding row feeds now: a closing id, or a token drawn (and reported)."""
-        if turn.forced:
-            return turn.forced.pop(0)
-        token = int(turn.sampler(logits)[0])
+    def _take(self, turn: _Turn, draw) -> int:
+        """A decoding row's drawn token: reported, and the reply ended where it must be; returns
+        the id the row feeds now."""
+        token = draw.token
         turn.count += 1
         turn.last = token
         if token in self.stop_ids:
@@ -290,9 +261,9 @@ class Scheduler:
             text, hit = turn.stops.push(text)
         event = TokenEvent(token, text)
         if turn.req.logprobs is not None:
-            event.logprob, best = token_logprobs(logits[0], token, turn.req.logprobs)
+            event.logprob = draw.logprob
             if turn.req.logprobs:
-                event.top = [[i, self.tokenizer.decode([i]), v] for i, v in best]
+                event.top = [[i, self.tokenizer.decode([i]), v] for i, v in draw.top]
         try:
             turn.req.on_token(event)
         except Exception:  # the client is gone: end the reply as if it had cancelled
@@ -306,23 +277,24 @@ class Scheduler:
         return token
 
     def _end_reply(self, turn: _Turn, reason: str) -> None:
-        """The reply is over; what closes it is fed in the next decode steps."""
+        """The reply is over; what closes it is fed by :meth:`_close`."""
         turn.finish = reason
         turn.forced = [] if turn.req.raw else turn.conversation.closing_ids(turn.last)
         if turn.stops is not None and not turn.stops_hit:
             turn.held = turn.stops.flush()
 
-    def _close_private(self, turn: _Turn) -> None:
-        """With recall, what closes a finished reply is fed at once, as one chunk, as the chat CLI
-        feeds it (each chunk selects its own blocks, so the chunking must be the same)."""
-        if turn.session is not None and turn.finish is not None and turn.forced:
-            self.logits[turn.row] = turn.session.feed(turn.forced, all_logits=False)[0]
+    def _close(self, turn: _Turn) -> None:
+        """Feed what closes a finished reply, as one chunk, as ``Conversation.reply`` feeds it
+        (with recall each chunk selects its own blocks, so the chunking must be the same)."""
+        if turn.forced:
+            self.runner.prefill(turn.row, turn.forced)
             turn.forced = []
 
     def _prefill_step(self) -> None:
-        budget = (max(self.token_budget - self.decoding, self.token_budget // 4, 1) if self.decoding
-                  else 4 * self.token_budget)
-        prefilling = sorted((t for t in self.rows[self.decoding :] if t is not None), key=lambda t: t.seq)
+        decoding = sum(t is not None and t.decoding for t in self.rows)
+        budget = max(self.token_budget - decoding, self.token_budget // 4, 1) if decoding else 4 * self.token_budget
+        prefilling = sorted((t for t in self.rows if t is not None and not t.decoding), key=lambda t: t.seq)
+        quantum = self.runner.quantum
         for turn in prefilling:
             if budget == 0:
                 return
@@ -330,114 +302,31 @@ class Scheduler:
                 turn.finish = "cancelled"
                 self._release(turn, keep=False)
                 continue
-            take = min(len(turn.ids) - turn.fed, budget)
-            if turn.session is not None:  # whole recall chunks, as one feed of the prompt would make them
-                take = min(len(turn.ids) - turn.fed, max(take // self.recall.chunk, 1) * self.recall.chunk)
-            part = turn.ids[turn.fed : turn.fed + take]
-            if turn.session is not None:
-                self.logits[turn.row] = turn.session.feed(part, all_logits=False)[0]
-            else:
-                chunk = torch.tensor(part, device=self.model.device).view(1, -1)
-                self.logits[turn.row] = self._forward(turn.row, turn.row + 1, chunk, [take])[0]
+            left = len(turn.ids) - turn.fed
+            take = min(left, max(min(left, budget) // quantum, 1) * quantum)
+            self.runner.prefill(turn.row, turn.ids[turn.fed : turn.fed + take])
             turn.fed += take
             budget = max(budget - take, 0)
             if turn.fed == len(turn.ids):
-                self._to_decoding(turn)
+                turn.decoding = True
                 if turn.max_tokens == 0:
                     self._end_reply(turn, "length")
-                    self._close_private(turn)
-                    if not turn.forced:
-                        self._release(turn)
-
-    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The decode step of rows ``0 .. n-1``: over a bucket of rows padded with free slots (a
-        padded row's state is garbage afterwards, and every admitted turn overwrites its row), or
-        eagerly over exactly ``n`` rows when capture is off or a prefilling row sits in the bucket."""
-        n = tokens.shape[0]
-        b = min(1 << (n - 1).bit_length(), len(self.rows))
-        if not self.capture or any(t is not None for t in self.rows[n:b]):
-            return self._forward(0, n, tokens, [1] * n)
-        cache = self.pool.cache
-        if b not in self.buckets:
-            self.buckets[b] = DecodeGraphs(self.model, cache.rows(0, b))
-        graphs = self.buckets[b]
-        graphs.cache.seen_host = cache.seen_host[:b]
-        padded = torch.zeros(b, 1, dtype=torch.int64, device=tokens.device)
-        padded[:n] = tokens
-        if tokens.device.type == "cuda":
-            out = graphs(padded)
-        else:
-            out = graphs.step(padded, graphs.cache.full_after_decode())
-            graphs.cache.count_host([1] * b)
-        cache.seen_host[:b] = graphs.cache.seen_host
-        return out[:n]
-
-    def _forward(self, lo: int, hi: int, tokens: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        """Feed rows ``lo .. hi-1`` of the pool; returns their newest logits ``[hi - lo, vocab]``."""
-        cache = self.pool.cache
-        view = cache.rows(lo, hi)
-        out = self.model(tokens, view, lengths, last_only=True)
-        cache.seen_host[lo:hi] = view.seen_host
-        return out
+                    self._close(turn)
+                    self._release(turn)
 
     # ----------------------------------------------------------------- slots
-    def _to_decoding(self, turn: _Turn) -> None:
-        target = self.decoding
-        if turn.row != target:
-            self._swap(turn.row, target)
-        self.decoding += 1
-
-    def _swap(self, a: int, b: int) -> None:
-        idx, rev = [a, b], [b, a]
-        if self.recall is None:
-            c = self.pool.cache
-            c.keys[:, idx] = c.keys[:, rev]
-            c.values[:, idx] = c.values[:, rev]
-            c.seen[idx] = c.seen[rev]
-            c.seen_host[a], c.seen_host[b] = c.seen_host[b], c.seen_host[a]
-        self.logits[idx] = self.logits[rev]
-        self.rows[a], self.rows[b] = self.rows[b], self.rows[a]
-        for r in (a, b):
-            if self.rows[r] is not None:
-                self.rows[r].row = r
-
-    def _copy_in(self, saved: Session, row: int) -> None:
-        c = self.pool.cache
-        c.keys[:, row].copy_(saved.cache.keys[:, 0])
-        c.values[:, row].copy_(saved.cache.values[:, 0])
-        c.seen[row] = saved.cache.seen[0]
-        c.seen_host[row] = saved.cache.seen_host[0]
-        self.logits[row] = 0 if saved.last_logits is None else saved.last_logits[0]
-
     def _release(self, turn: _Turn, error: Exception | None = None, keep: bool = True) -> None:
         """Free the turn's slot; a finished turn's state goes to the store, then its file."""
         row, cid = turn.row, turn.req.cid
-        c = self.pool.cache
         result = None
-        if turn.session is not None:  # the conversation's own stream is its state
-            if error is None and keep:
-                turn.session.last_logits = self.logits[row : row + 1].clone()
-                self.store.put(cid, turn.session)
-            else:  # what the turn changed is dropped: the file holds the previous turn
-                self.store.forget(cid)
-        elif error is None and keep:
-            holder = self.store.holder(cid)
-            holder.cache.keys[:, 0].copy_(c.keys[:, row])
-            holder.cache.values[:, 0].copy_(c.values[:, row])
-            holder.cache.seen[0] = c.seen[row]
-            holder.cache.seen_host[0] = c.seen_host[row]
-            holder.last_logits = self.logits[row : row + 1].clone()
-            self.store.put(cid, holder)
+        if error is None and keep:
+            self.store.put(cid, self.runner.save(row, into=self.store.holder(cid)))
+        else:  # what the turn changed is dropped (a block store too): the file holds the previous turn
+            self.store.forget(cid)
         if error is None:
-            now = turn.session.seen[0] if turn.session is not None else c.seen_host[row]
-            seen = now if keep else (self.store.seen(cid) if self.store.exists(cid) else 0)
+            seen = self.runner.seen(row) if keep else (self.store.seen(cid) if self.store.exists(cid) else 0)
             result = TurnResult(len(turn.ids), turn.count, turn.finish, seen, turn.held)
-        if row < self.decoding:
-            last = self.decoding - 1
-            if row != last:
-                self._swap(row, last)
-            self.decoding -= 1
-            row = last
+        self.runner.free(row)
         self.rows[row] = None
         if error is None and keep and not turn.req.end:
             self.writes.put((cid, turn.req, result))  # busy until saved

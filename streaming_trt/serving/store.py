@@ -2,7 +2,8 @@
 
 Every finished turn is saved to ``session_dir`` (one file per conversation, written atomically,
 fsynced) before its final response goes out, so a restarted server finds every conversation there.
-Host memory keeps the most recently used conversations, as batch-1 sessions, up to ``host_bytes``;
+Host memory keeps the most recently used conversations, as
+:class:`~streaming_trt.engine.StreamState` values, up to ``host_bytes``;
 the least recently used beyond that are dropped from memory (their file is current) and loaded
 again on their next turn.
 
@@ -19,7 +20,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from ..contract import UserError
-from ..session import Session
+from ..engine import StreamState
 
 SUFFIX = ".session"
 
@@ -47,8 +48,8 @@ class ConversationStore:
         self.host_bytes, self.disk_bytes, self.idle_ttl = host_bytes, disk_bytes, idle_ttl
         self.dir = Path(session_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.resident: OrderedDict[int, Session] = OrderedDict()
-        self.unsaved: dict[int, Session] = {}   # put, not yet written: never dropped from memory
+        self.resident: OrderedDict[int, StreamState] = OrderedDict()
+        self.unsaved: dict[int, StreamState] = {}   # put, not yet written: never dropped from memory
         self.files: dict[int, tuple[float, int]] = {}  # id -> (last turn time, bytes)
         self.lock = threading.RLock()
         self.loads = 0      # conversations restored from disk
@@ -67,7 +68,7 @@ class ConversationStore:
         with self.lock:
             return cid in self.resident or cid in self.unsaved or cid in self.files
 
-    def get(self, cid: int) -> Session:
+    def get(self, cid: int) -> StreamState:
         """The saved state of conversation ``cid`` (from memory, or loaded from its file)."""
         with self.lock:
             if cid in self.unsaved:
@@ -77,42 +78,39 @@ class ConversationStore:
                 return self.resident[cid]
             if cid not in self.files:
                 raise UserError(f"conversation {cid} is unknown or has ended; start it with the START flag")
-            session = Session.load(self.path(cid), self.model)
+            state = StreamState.load(self.path(cid), self.model)
             self.loads += 1
             self.log(f"conversation {cid} restored from {self.path(cid)}")
-            self.resident[cid] = session
+            self.resident[cid] = state
             self._fit_memory()
-            return session
+            return state
 
     def seen(self, cid: int) -> int:
-        return self.get(cid).seen[0]
+        return self.get(cid).seen
 
-    def holder(self, cid: int) -> Session:
-        """A batch-1 session to copy conversation ``cid``'s new state into (its own if resident)."""
+    def holder(self, cid: int) -> StreamState | None:
+        """Conversation ``cid``'s state in memory, whose memory its new state may reuse (None when not resident)."""
         with self.lock:
-            session = self.unsaved.get(cid) or self.resident.get(cid)
-        if session is None:
-            session = Session(self.model, self.geometry.sink_tokens, self.geometry.window, cache_fill=self.fill_value)
-        return session
+            return self.unsaved.get(cid) or self.resident.get(cid)
 
-    def put(self, cid: int, session: Session) -> None:
-        """``session`` is conversation ``cid``'s newest state; :meth:`save` writes it."""
+    def put(self, cid: int, state: StreamState) -> None:
+        """``state`` is conversation ``cid``'s newest state; :meth:`save` writes it."""
         with self.lock:
-            self.unsaved[cid] = session
-            self.resident[cid] = session
+            self.unsaved[cid] = state
+            self.resident[cid] = state
             self.resident.move_to_end(cid)
             self._fit_memory()
 
     def save(self, cid: int) -> None:
-        """Write conversation ``cid``'s newest state to its file (atomically; see Session.save)."""
+        """Write conversation ``cid``'s newest state to its file (atomically; see StreamState.save)."""
         with self.lock:
-            session = self.unsaved.get(cid) or self.resident.get(cid)
-        if session is None:
+            state = self.unsaved.get(cid) or self.resident.get(cid)
+        if state is None:
             raise UserError(f"conversation {cid} has no state to save")
         path = self.path(cid)
-        session.save(path)
+        state.save(path)
         with self.lock:
-            if self.unsaved.get(cid) is session:
+            if self.unsaved.get(cid) is state:
                 del self.unsaved[cid]
             self.files[cid] = (time.time(), path.stat().st_size)
             self._fit_memory()
@@ -154,18 +152,14 @@ class ConversationStore:
 
     def resident_bytes(self) -> int:
         with self.lock:
-            return sum(_bytes(s) for s in self.resident.values())
+            return sum(s.nbytes() for s in self.resident.values())
 
     def _fit_memory(self) -> None:
-        total = sum(_bytes(s) for s in self.resident.values())
+        total = sum(s.nbytes() for s in self.resident.values())
         for cid in list(self.resident):
             if total <= self.host_bytes:
                 return
             if cid in self.unsaved:
                 continue
-            total -= _bytes(self.resident.pop(cid))
+            total -= self.resident.pop(cid).nbytes()
 
-
-def _bytes(session: Session) -> int:
-    logits, recall = session.last_logits, session.recall
-    return session.cache.nbytes() + (0 if logits is None else logits.nbytes) + (0 if recall is None else recall.nbytes())
