@@ -253,3 +253,38 @@ def test_sink_token_model_conversations_equal_their_run_alone(tmp_path):
     got = run_users(sched, scripts, 500)
     for c, turns in scripts.items():
         assert got[c] == alone(sink_local, turns), f"conversation {c}"
+
+
+def test_a_turn_without_a_distribution_fails_alone(local, tmp_path, monkeypatch):
+    """One row's sampler finds no distribution mid-reply: only its turn fails (BAD_REQUEST, the
+    reason named), the turn beside it goes on, and its conversation continues as before that turn."""
+    from streaming_trt.sampling import SamplingError
+    from streaming_trt.serving.protocol import ErrorKind, kind_of
+
+    sched, store = make(local, tmp_path, slots=4)
+    real = sched.runner.sampler
+
+    class Poisoned(Sampler):
+        draws = 0
+
+        def __call__(self, logits):
+            Poisoned.draws += 1
+            if Poisoned.draws == 3:
+                raise SamplingError("no next-token distribution for row(s) [0]: test")
+            return super().__call__(logits)
+
+    monkeypatch.setattr(sched.runner, "sampler", lambda p: Poisoned(p) if p.seed == 4242 else real(p))
+    a1, b1 = turn(sched, 31, "hello", 4, start=True), turn(sched, 32, "other", 4, start=True)
+    a1.wait(), b1.wait()
+    w = Waiter()
+    sched.submit(TurnRequest(31, [{"role": "user", "content": "poisoned"}], max_tokens=8, on_token=w.on_token,
+                             sampling=SamplingParams(temperature=0.0, seed=4242), on_done=w.on_done))
+    b2 = turn(sched, 32, "more", 8, start=False)
+    with pytest.raises(UserError, match="no next-token distribution") as e:
+        w.wait()
+    assert kind_of(e.value) is ErrorKind.BAD_REQUEST
+    b2_tokens = b2.wait()
+    a3 = turn(sched, 31, "and then", 4, start=False).wait()
+    sched.close()
+    assert b2_tokens == alone(local, [("other", 4), ("more", 8)])[1]
+    assert a3 == alone(local, [("hello", 4), ("and then", 4)])[1]  # the failed turn left no trace

@@ -20,7 +20,7 @@ from ..contract import Geometry, UserError
 from ..graphs import DecodeGraphs
 from ..kernel_backend import kernel_ops
 from ..recall import Recall, new_store
-from ..sampling import Sampler, SamplingParams, token_logprobs
+from ..sampling import Sampler, SamplingError, SamplingParams, token_logprobs
 from ..session import feed_stream, model_fingerprint, token_batch
 from .state import StreamState
 
@@ -35,6 +35,7 @@ class Draw:
     token: int
     logprob: float | None = None
     top: list[tuple[int, float]] | None = None
+    error: SamplingError | None = None  # the row had no distribution to draw from (token -1)
 
 
 class BatchRunner:
@@ -158,7 +159,11 @@ class BatchRunner:
         draws = []
         for row, sampler, top in zip(rows, samplers, logprobs):
             logits = self.logits[self.where[row]].view(1, -1)
-            token = int(sampler(logits)[0])
+            try:
+                token = int(sampler(logits)[0])
+            except SamplingError as e:  # this row only: the others draw on
+                draws.append(Draw(-1, error=e))
+                continue
             draw = Draw(token)
             if top is not None:
                 draw.logprob, draw.top = token_logprobs(logits[0], token, top)

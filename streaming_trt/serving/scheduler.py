@@ -237,9 +237,15 @@ class Scheduler:
         turns = [t for t in self.rows if t is not None and t.decoding]
         if not turns:
             return
-        rows = [t.row for t in turns]
-        draws = self.runner.sample(rows, [t.sampler for t in turns], [t.req.logprobs for t in turns])
-        self.runner.decode(rows, [self._take(turn, draw) for turn, draw in zip(turns, draws)])
+        draws = self.runner.sample([t.row for t in turns], [t.sampler for t in turns], [t.req.logprobs for t in turns])
+        for turn, draw in zip(turns, draws):
+            if draw.error is not None:  # its own turn fails; the conversation stays as before it
+                self._release(turn, error=ServingError(str(draw.error), ErrorKind.BAD_REQUEST))
+        kept = [(t, d) for t, d in zip(turns, draws) if d.error is None]
+        if not kept:
+            return
+        turns, draws = zip(*kept)
+        self.runner.decode([t.row for t in turns], [self._take(turn, draw) for turn, draw in zip(turns, draws)])
         for turn in turns:
             if turn.finish is None and turn.req.cancelled():
                 self._end_reply(turn, "cancelled")
