@@ -20,8 +20,7 @@ from pathlib import Path
 
 from ..contract import UserError
 from ..session import Session
-
-SUFFIX = ".session"
+from .journal import SUFFIX, Journal
 
 
 class ConversationStore:
@@ -47,6 +46,7 @@ class ConversationStore:
         self.host_bytes, self.disk_bytes, self.idle_ttl = host_bytes, disk_bytes, idle_ttl
         self.dir = Path(session_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(self.dir, model, geometry, fill_value, log=log)
         self.resident: OrderedDict[int, Session] = OrderedDict()
         self.unsaved: dict[int, Session] = {}   # put, not yet written: never dropped from memory
         self.files: dict[int, tuple[float, int]] = {}  # id -> (last turn time, bytes)
@@ -61,7 +61,7 @@ class ConversationStore:
                 continue
 
     def path(self, cid: int) -> Path:
-        return self.dir / f"{int(cid):020d}{SUFFIX}"
+        return self.journal.path(cid)
 
     def exists(self, cid: int) -> bool:
         with self.lock:
@@ -77,7 +77,7 @@ class ConversationStore:
                 return self.resident[cid]
             if cid not in self.files:
                 raise UserError(f"conversation {cid} is unknown or has ended; start it with the START flag")
-            session = Session.load(self.path(cid), self.model)
+            session = self.journal.load(cid)
             self.loads += 1
             self.log(f"conversation {cid} restored from {self.path(cid)}")
             self.resident[cid] = session
@@ -110,7 +110,7 @@ class ConversationStore:
         if session is None:
             raise UserError(f"conversation {cid} has no state to save")
         path = self.path(cid)
-        session.save(path)
+        self.journal.save(cid, session)
         with self.lock:
             if self.unsaved.get(cid) is session:
                 del self.unsaved[cid]
@@ -130,7 +130,7 @@ class ConversationStore:
             self.resident.pop(cid, None)
             self.unsaved.pop(cid, None)
             self.files.pop(cid, None)
-            self.path(cid).unlink(missing_ok=True)
+            self.journal.delete(cid)
 
     def reap(self, now: float | None = None, keep: set[int] = frozenset()) -> list[int]:
         """Apply the disk policy (module docstring); returns the ids deleted. ``keep``: ids in use."""
