@@ -312,25 +312,48 @@ def read_file(path: str | os.PathLike, model):
     return state_from(model, r.geometry, r.fill, r.keys, r.values, r.seen, r.logits)
 
 
+class _NewFile:
+    """A file written beside ``path`` (``.<name>.<tag>``) and renamed over it on :meth:`commit`, so
+    that a crash leaves the old or the new file whole (data fsynced before the rename, the rename
+    before returning); mode 0600 from its first byte."""
+
+    def __init__(self, path: Path, tag: str):
+        self.path, self.tmp, self.size = path, path.with_name(f".{path.name}.{tag}"), 0
+        self.fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(self.fd, 0o600)
+
+    def write(self, data) -> None:
+        _write_all(self.fd, data)
+        self.size += len(data)
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def commit(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = None
+        self.tmp.replace(self.path)
+        _sync_dir(self.path.parent)
+
+    def discard(self) -> None:
+        """Remove the file unless committed."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            self.tmp.unlink(missing_ok=True)
+
+
 def _write_new(path: Path, parts: list[bytes]) -> int:
-    """Write ``parts`` to a file beside ``path`` and rename it over ``path`` so that a crash leaves
-    the old or the new file whole (data fsynced before the rename, the rename before returning);
-    mode 0600 from its first byte. Returns the bytes written."""
-    tmp = path.with_name(f".{path.name}.new")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Replace ``path`` by ``parts`` (:class:`_NewFile`); returns the bytes written."""
+    new = _NewFile(path, "new")
     try:
-        os.fchmod(fd, 0o600)
         for p in parts:
-            _write_all(fd, p)
-        os.fsync(fd)
-    except OSError:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    tmp.replace(path)
-    _sync_dir(path.parent)
-    return sum(len(p) for p in parts)
+            new.write(p)
+        new.commit()
+    finally:
+        new.discard()
+    return new.size
 
 
 def _write_all(fd: int, data) -> None:
@@ -376,6 +399,7 @@ class Journal:
         self._tails: dict[int, _Tail] = {}
         self._locks: dict[int, threading.RLock] = {}
         self._compacting: set[int] = set()
+        self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
 
     def path(self, cid: int) -> Path:
@@ -401,7 +425,7 @@ class Journal:
                 self._tails.pop(cid, None)
                 state.save(self.path(cid))
                 size = self.size(cid)
-                self.compacted += size
+                self._count(compacted=size)
                 return size
         return self.append(cid, state)
 
@@ -415,7 +439,10 @@ class Journal:
         with self._cid_lock(cid):
             tail = self._tail(cid)
             if tail is None and path.exists():  # a whole-state file: the state is the new base
-                return self._rewrite(cid, keys, values, seen_after, logits, generation=0)
+                written = _write_new(path, self._base_parts(keys, values, seen_after, logits, 0))
+                self._tails[cid] = _Tail(0, seen_after, written, 0, path.stat().st_ino)
+                self._count(compacted=written)
+                return written
             have = 0 if tail is None else tail.seen
             if seen_before is not None and seen_before != have:
                 raise ValueError(f"conversation {cid}: a turn from {seen_before} tokens, but its file holds {have}")
@@ -432,7 +459,7 @@ class Journal:
                 written = len(record)
                 tail.generation, tail.seen = tail.generation + 1, seen_after
                 tail.end, tail.log_bytes = tail.end + len(record), tail.log_bytes + len(record)
-            self.appended += written
+            self._count(appended=written)
             grown = self._tails[cid].log_bytes > self.compact_ratio * self.snapshot_bytes
         if grown:
             self._compact_later(cid)
@@ -469,18 +496,16 @@ class Journal:
             tail = self._tails[cid]
         return tail
 
-    def _rewrite(self, cid: int, keys, values, seen: int, logits, generation: int, extra: bytes = b"",
-                 newest: tuple[int, int] | None = None) -> int:
-        """Replace conversation ``cid``'s file by a base of the given state (at ``generation``)
-        followed by the records ``extra``, which end at ``newest`` (generation, seen)."""
+    def _base_parts(self, keys, values, seen: int, logits, generation: int) -> list[bytes]:
+        """Header and base of a file whose base is the given state, at ``generation``."""
         base = self.layout.base(keys, values, logits)
-        header = self.layout.header(self.fill_value, generation, seen, base, logits is not None)
-        path = self.path(cid)
-        written = _write_new(path, [header, *base, extra])
-        generation, seen = newest if extra else (generation, seen)
-        self._tails[cid] = _Tail(generation, seen, written, len(extra), path.stat().st_ino)
-        self.compacted += written
-        return written
+        return [self.layout.header(self.fill_value, generation, seen, base, logits is not None), *base]
+
+    def _count(self, appended: int = 0, compacted: int = 0, compactions: int = 0) -> None:
+        with self._lock:
+            self.appended += appended
+            self.compacted += compacted
+            self.compactions += compactions
 
     # ------------------------------------------------------------- compaction
     def _compact_later(self, cid: int) -> None:
@@ -489,7 +514,10 @@ class Journal:
                 return
             self._compacting.add(cid)
         if self.background:
-            threading.Thread(target=self._compact_job, args=(cid,), name=f"compact-{cid}", daemon=True).start()
+            thread = threading.Thread(target=self._compact_job, args=(cid,), name=f"compact-{cid}", daemon=True)
+            with self._lock:
+                self._threads.add(thread)
+            thread.start()
         else:
             self._compact_job(cid)
 
@@ -501,37 +529,49 @@ class Journal:
         finally:
             with self._lock:
                 self._compacting.discard(cid)
+                self._threads.discard(threading.current_thread())
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the background compactions in flight (benchmarks, tests)."""
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(timeout)
 
     def compact(self, cid: int) -> int:
         """Fold conversation ``cid``'s records into a new base; appends go on meanwhile (records
         written during the compaction are carried over). Returns the bytes written (0: nothing to do)."""
         path = self.path(cid)
         with self._cid_lock(cid):
-            tail = self._tail(cid)
+            tail = self._tail(cid)  # appends move this very object on; a new file gets a new one
             if tail is None or tail.log_bytes == 0:
                 return 0
             f = open(path, "rb")
             upto = dataclasses.replace(tail)
+        new = None
         try:
-            if os.fstat(f.fileno()).st_ino != upto.inode:
-                return 0
-            data = _read_upto(f, upto.end)
-            r = _replay(data, self.model, path)
+            r = _replay(_read_upto(f, upto.end), self.model, path)
             if (r.generation, r.end) != (upto.generation, upto.end):
                 raise RuntimeError(f"{path}: the file ends at generation {r.generation}, the journal expected "
                                    f"{upto.generation}")
+            new = _NewFile(path, "compact")
+            for part in self._base_parts(r.keys, r.values, r.seen, r.logits, r.generation):
+                new.write(part)
+            new.sync()  # the bulk reaches the disk before the lock is taken
             with self._cid_lock(cid):
-                now = self._tails.get(cid)
-                if now is None or now.inode != upto.inode:  # deleted or started again meanwhile
+                if self._tails.get(cid) is not tail:  # deleted, reloaded or started again meanwhile
                     return 0
                 f.seek(upto.end)
-                extra = f.read(now.end - upto.end)
-                written = self._rewrite(cid, r.keys, r.values, r.seen, r.logits, r.generation, extra,
-                                        (now.generation, now.seen))
-                self.compactions += 1
-                return written
+                extra = _read_upto(f, tail.end - upto.end)  # records appended meanwhile
+                new.write(extra)
+                new.commit()
+                self._tails[cid] = _Tail(tail.generation, tail.seen, new.size, len(extra), path.stat().st_ino)
+            self._count(compacted=new.size, compactions=1)
+            return new.size
         finally:
             f.close()
+            if new is not None:
+                new.discard()
 
     # ------------------------------------------------------------- reading, deleting
     def load(self, cid: int):

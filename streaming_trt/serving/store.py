@@ -1,7 +1,8 @@
 """Where conversations wait between turns: host memory up to a byte budget, then disk.
 
-Every finished turn is saved to ``session_dir`` (one file per conversation, written atomically,
-fsynced) before its final response goes out, so a restarted server finds every conversation there.
+Every finished turn is saved to ``session_dir`` (one file per conversation: a base snapshot plus
+fsynced turn records, :mod:`.journal`) before its final response goes out, so a restarted server
+finds every conversation there.
 Host memory keeps the most recently used conversations, as batch-1 sessions, up to ``host_bytes``;
 the least recently used beyond that are dropped from memory (their file is current) and loaded
 again on their next turn.
