@@ -4,7 +4,6 @@ restores the turn before it, a damaged or foreign file is refused, never loaded 
 from __future__ import annotations
 
 import random
-import shutil
 
 import pytest
 import torch
@@ -291,4 +290,3 @@ def test_recall_sessions_keep_the_whole_file(model, tmp_path):
 def test_files_are_private(model, tmp_path):
     j, _, _ = _history(model, tmp_path, n_turns=3, compact_after=1)
     assert j.path(3).stat().st_mode & 0o077 == 0
-    shutil.rmtree(tmp_path)

@@ -218,13 +218,14 @@ def _replay(data: bytearray, model, path) -> _Replayed:
     except (KeyError, TypeError, ValueError, UserError) as e:
         raise damaged(f"the header lacks or mangles {e}") from None
     lay = _Layout(model, geometry)
-    if meta.get("dtype") != _dtype_name(lay.dtype) or meta.get("shape") != list(lay.shape) or meta.get("vocab") != lay.vocab:
+    if (meta.get("dtype"), meta.get("shape"), meta.get("vocab")) != (_dtype_name(lay.dtype), list(lay.shape), lay.vocab):
         raise UserError(f"{path}: a cache of {meta.get('shape')} {meta.get('dtype')}, vocab {meta.get('vocab')}; "
                         f"the model needs {list(lay.shape)} {_dtype_name(lay.dtype)}, vocab {lay.vocab}")
     pos = head_end + _DIGEST
     cache_bytes = lay.shape[0] * lay.shape[1] * lay.shape[2] * lay.shape[3] * lay.item
     want = 0 if base_bytes == 0 else 2 * cache_bytes + (4 * lay.vocab if has_logits else 0)
-    if base_bytes != want or pos + base_bytes > len(data) or _digest(mv[pos : pos + base_bytes]).hex() != base["digest"]:
+    if (base_bytes != want or pos + base_bytes > len(data)
+            or _digest(mv[pos : pos + base_bytes]).hex() != base["digest"]):
         raise damaged("the base snapshot is incomplete or does not match its checksum")
 
     def tensor(offset, shape, dtype):
@@ -240,7 +241,8 @@ def _replay(data: bytearray, model, path) -> _Replayed:
     else:
         if seen != 0 or has_logits:
             raise damaged("an empty base that claims tokens")
-        keys, values, logits = torch.full(lay.shape, fill, dtype=lay.dtype), torch.full(lay.shape, fill, dtype=lay.dtype), None
+        keys, values = (torch.full(lay.shape, fill, dtype=lay.dtype) for _ in range(2))
+        logits = None
     pos += base_bytes
     base_end = pos
     while pos < len(data):
@@ -259,9 +261,11 @@ def _replay(data: bytearray, model, path) -> _Replayed:
                 break
             raise damaged(f"the turn record at byte {pos} (generation {gen}) does not match its checksum, "
                           "and turns were recorded after it")
+        if size < _TURN.size or size < _TURN.size + payload[_TURN.size - 1] * _RANGE.size:
+            raise damaged(f"the turn record at byte {pos} is too short for its own fields")
         before, after, rec_logits, n_ranges = _TURN.unpack_from(payload, 0)
         ranges = [_RANGE.unpack_from(payload, _TURN.size + i * _RANGE.size) for i in range(n_ranges)]
-        if gen != generation + 1 or before != seen or after < before or ranges != written_slots(geometry, before, after):
+        if (gen, before) != (generation + 1, seen) or after < before or ranges != written_slots(geometry, before, after):
             raise damaged(f"the turn record at byte {pos} (generation {gen}, tokens {before}..{after}) does not "
                           f"follow generation {generation} at {seen} tokens")
         slots = sum(b - a for a, b in ranges)
@@ -607,6 +611,9 @@ class Journal:
 
     def delete(self, cid: int) -> None:
         """Remove conversation ``cid``'s file (a compaction in flight is abandoned)."""
+        path = self.path(cid)
         with self._cid_lock(cid):
             self._tails.pop(cid, None)
-            self.path(cid).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            for tag in ("new", "compact"):  # what a crash mid-write left
+                path.with_name(f".{path.name}.{tag}").unlink(missing_ok=True)
