@@ -104,6 +104,11 @@ def test_restore_is_bit_exact_after_many_turns_and_compactions(model, tmp_path, 
     log = []
     j = Journal(tmp_path, model, g, NAN, compact_ratio=0.3, background=background, log=log.append)
     session = model.session(SINK, WINDOW, cache_fill=NAN)
+    session.feed([1, 2, 3, 4, 5])
+    j.append(7, session)
+    restored = Journal(tmp_path, model, g, NAN).load(7)
+    assert bool(restored.cache.keys.isnan().any()), "slots never written keep the fill value"
+    assert_same_state(restored, session)
     for k, ids in enumerate(turns(2, 24)):
         session.feed(ids, all_logits=False)
         j.append(7, session)
@@ -290,3 +295,20 @@ def test_recall_sessions_keep_the_whole_file(model, tmp_path):
 def test_files_are_private(model, tmp_path):
     j, _, _ = _history(model, tmp_path, n_turns=3, compact_after=1)
     assert j.path(3).stat().st_mode & 0o077 == 0
+
+
+def test_persist_bench_smoke(tmp_path):
+    import csv
+
+    from bench import persist
+
+    assert persist.main(["--turns", "6", "--conversations", "1", "--window", "60", "--turn-tokens", "20",
+                         "--compact-ratio", "0.5", "--out", str(tmp_path), "--dir", str(tmp_path / "files"),
+                         "--no-progress"]) == 0
+    with open(tmp_path / "persist_summary.csv") as f:
+        summary = next(csv.DictReader(f))
+    assert int(summary["journal_compactions"]) >= 1
+    assert float(summary["journal_vs_turn_kv"]) < float(summary["full_vs_turn_kv"])
+    with open(tmp_path / "persist.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and all(int(r["journal_write_calls"]) >= int(r["journal_record_bytes"]) > 0 for r in rows)
