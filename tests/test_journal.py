@@ -3,12 +3,19 @@ restore is bit-exact (NaN-filled unwritten slots included) through compactions, 
 restores the turn before it, a damaged or foreign file is refused, never loaded wrong."""
 from __future__ import annotations
 
+import csv
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 import streaming_trt as st
+from bench import persist
 from checkpoints import make_checkpoint
 from streaming_trt.contract import Geometry, UserError
 from streaming_trt.serving import journal as jr
@@ -20,10 +27,15 @@ NAN = float("nan")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("journal-model")
     make_checkpoint(d, "llama", seed=5, vocab_size=61)
-    return st.load_model(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return st.load_model(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -298,10 +310,6 @@ def test_files_are_private(model, tmp_path):
 
 
 def test_persist_bench_smoke(tmp_path):
-    import csv
-
-    from bench import persist
-
     assert persist.main(["--turns", "6", "--conversations", "1", "--window", "60", "--turn-tokens", "20",
                          "--compact-ratio", "0.5", "--out", str(tmp_path), "--dir", str(tmp_path / "files"),
                          "--no-progress"]) == 0
@@ -312,3 +320,59 @@ def test_persist_bench_smoke(tmp_path):
     with open(tmp_path / "persist.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and all(int(r["journal_write_calls"]) >= int(r["journal_record_bytes"]) > 0 for r in rows)
+
+
+CHILD = """
+import sys, torch, random
+import streaming_trt as st
+from streaming_trt.contract import Geometry
+from streaming_trt.serving.journal import Journal
+torch.set_num_threads(1)
+model = st.load_model(sys.argv[1])
+j = Journal(sys.argv[2], model, Geometry({sink}, {window}), float("nan"), compact_ratio=0.5)
+session = model.session({sink}, {window}, cache_fill=float("nan"))
+rng = random.Random(8)
+for turn in range(10_000):
+    session.feed([rng.randrange(61) for _ in range(rng.randint(1, 30))], all_logits=False)
+    j.append(5, session)
+    print(turn, flush=True)  # acknowledged
+"""
+
+
+def test_sigkill_loses_no_acknowledged_turn(model, model_dir, tmp_path):
+    """A process appending turns (compacting in the background) is SIGKILLed at a few moments; the
+    file then holds the last acknowledged turn or the one after it, bit-exactly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the child: the same sums in the same order
+    try:
+        _kill_and_restore(model, model_dir, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _kill_and_restore(model, model_dir, tmp_path):
+    rng = random.Random(8)
+    feeds = [[rng.randrange(61) for _ in range(rng.randint(1, 30))] for _ in range(400)]
+    for kill_after in (3, 11, 26):
+        files = tmp_path / f"k{kill_after}"
+        code = CHILD.format(sink=SINK, window=WINDOW)
+        child = subprocess.Popen([sys.executable, "-c", code, str(model_dir), str(files)],
+                                 stdout=subprocess.PIPE, text=True)
+        acked = -1
+        deadline = time.monotonic() + 120
+        while acked < kill_after and time.monotonic() < deadline:
+            line = child.stdout.readline()
+            assert line, f"the child stopped by itself (status {child.poll()})"
+            acked = int(line)
+        time.sleep(random.Random(kill_after).random() * 0.05)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(30)
+        acked = max([acked] + [int(line) for line in child.stdout.read().split()])
+        restored = Journal(files, model, Geometry(SINK, WINDOW), NAN).load(5)
+        live = model.session(SINK, WINDOW, cache_fill=NAN)
+        for turn, ids in enumerate(feeds):
+            live.feed(ids, all_logits=False)
+            if live.seen == restored.seen:
+                break
+        assert turn in (acked, acked + 1), f"restored turn {turn}, the last acknowledged was {acked}"
+        assert_same_state(restored, live)
