@@ -10,7 +10,10 @@ turns of ``--tokens`` greedy tokens. Reported per server and level:
 - time to first token (TTFT, request sent -> first token received), p50 and p99 over the turns;
 - inter-token latency (ITL, the gap between consecutive tokens of a reply), p50 and p99;
 - ``turn_alone``: the mean time of one whole turn at level 1 on the batched server, the yardstick
-  of the targets in docs/serving.md.
+  of the targets in docs/serving.md;
+- ``written_per_turn``: bytes the server's processes passed to write() during the level, per turn
+  (``wchar`` of /proc/<pid>/io over the tritonserver and its backend: the session files, whose
+  per-turn records and compactions dominate, and the server's log).
 
     python -m bench.serve                                   # built-in random model, a few minutes
     python -m bench.serve --model builtin:smollm2 --levels 1,8,16 --tokens 32 --threads 2
@@ -43,6 +46,27 @@ def _port() -> int:
 def _pct(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
+
+
+def written(pid: int) -> int:
+    """Bytes process ``pid`` and its descendants have passed to write() so far (0 where /proc cannot tell)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            with open(f"/proc/{p}/io") as f:
+                total += int(next(line for line in f if line.startswith("wchar:")).split()[1])
+        except (OSError, StopIteration, ValueError):
+            continue
+    return total
 
 
 def texts(n: int, turns: int, first: int) -> list[list[str]]:
@@ -141,12 +165,14 @@ def main(argv=None) -> int:
             for kind in (kinds if i % 2 == 0 else kinds[::-1]):
                 if kind == "serial" and args.serial_max_level is not None and n > args.serial_max_level:
                     continue
+                before = written(servers[kind].proc.pid)
                 r = level(urls[kind], n, args, cid)
+                r["written_per_turn"] = (written(servers[kind].proc.pid) - before) / (n * args.turns)
                 cid += n
                 rows.append({"server": kind, "concurrency": n, **r})
                 print(f"{kind:8s} {n:3d} convs: {r['tokens_per_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:8.0f} ms "
                       f"p99 {r['ttft_p99_ms']:8.0f} ms  ITL p50 {r['itl_p50_ms']:6.0f} ms p99 {r['itl_p99_ms']:6.0f} ms  "
-                      f"turn {r['turn_ms']:7.0f} ms", flush=True)
+                      f"turn {r['turn_ms']:7.0f} ms  written {r['written_per_turn'] / 2**20:.2f} MiB/turn", flush=True)
     finally:
         for s in servers.values():
             s.stop()

@@ -1,7 +1,8 @@
 """Where conversations wait between turns: host memory up to a byte budget, then disk.
 
-Every finished turn is saved to ``session_dir`` (one file per conversation, written atomically,
-fsynced) before its final response goes out, so a restarted server finds every conversation there.
+Every finished turn is saved to ``session_dir`` (one file per conversation: a base snapshot plus
+fsynced turn records, :mod:`.journal`) before its final response goes out, so a restarted server
+finds every conversation there.
 Host memory keeps the most recently used conversations, as
 :class:`~streaming_trt.engine.StreamState` values, up to ``host_bytes``;
 the least recently used beyond that are dropped from memory (their file is current) and loaded
@@ -21,8 +22,7 @@ from pathlib import Path
 
 from ..contract import UserError
 from ..engine import StreamState
-
-SUFFIX = ".session"
+from .journal import SUFFIX, Journal
 
 
 class ConversationStore:
@@ -48,6 +48,7 @@ class ConversationStore:
         self.host_bytes, self.disk_bytes, self.idle_ttl = host_bytes, disk_bytes, idle_ttl
         self.dir = Path(session_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(self.dir, model, geometry, fill_value, log=log)
         self.resident: OrderedDict[int, StreamState] = OrderedDict()
         self.unsaved: dict[int, StreamState] = {}   # put, not yet written: never dropped from memory
         self.files: dict[int, tuple[float, int]] = {}  # id -> (last turn time, bytes)
@@ -62,7 +63,7 @@ class ConversationStore:
                 continue
 
     def path(self, cid: int) -> Path:
-        return self.dir / f"{int(cid):020d}{SUFFIX}"
+        return self.journal.path(cid)
 
     def exists(self, cid: int) -> bool:
         with self.lock:
@@ -78,7 +79,7 @@ class ConversationStore:
                 return self.resident[cid]
             if cid not in self.files:
                 raise UserError(f"conversation {cid} is unknown or has ended; start it with the START flag")
-            state = StreamState.load(self.path(cid), self.model)
+            state = self.journal.load(cid)
             self.loads += 1
             self.log(f"conversation {cid} restored from {self.path(cid)}")
             self.resident[cid] = state
@@ -108,7 +109,7 @@ class ConversationStore:
         if state is None:
             raise UserError(f"conversation {cid} has no state to save")
         path = self.path(cid)
-        state.save(path)
+        self.journal.save(cid, state)
         with self.lock:
             if self.unsaved.get(cid) is state:
                 del self.unsaved[cid]
@@ -128,7 +129,7 @@ class ConversationStore:
             self.resident.pop(cid, None)
             self.unsaved.pop(cid, None)
             self.files.pop(cid, None)
-            self.path(cid).unlink(missing_ok=True)
+            self.journal.delete(cid)
 
     def reap(self, now: float | None = None, keep: set[int] = frozenset()) -> list[int]:
         """Apply the disk policy (module docstring); returns the ids deleted. ``keep``: ids in use."""
