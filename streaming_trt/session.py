@@ -388,7 +388,8 @@ def write_session_file(path: str | Path, model, tensors: dict[str, torch.Tensor]
         raise UserError(f"{path}: cannot save the session, {path.parent} {what}")
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))  # private from its first byte
+        tmp.unlink(missing_ok=True)  # a crash's leftover; a link planted there is not followed
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))  # private from its first byte
         save_file(tensors, str(tmp), metadata=meta)
         _durable_replace(tmp, path)
     except (OSError, SafetensorError) as e:

@@ -402,3 +402,25 @@ def _kill_and_restore(model, model_dir, tmp_path):
                 break
         assert turn in (acked, acked + 1), f"restored turn {turn}, the last acknowledged was {acked}"
         assert_same_state(restored, live)
+
+
+def test_the_session_directory_is_private_and_crash_leftovers_go(model, tmp_path):
+    """0700 (ids are file names); temporary files a crash left are removed at start and counted;
+    a link planted at a temporary name is replaced, never written through."""
+    g = Geometry(SINK, WINDOW)
+    d = tmp_path / "sessions"
+    d.mkdir(mode=0o755)
+    (d / f".{1:020d}.session.new").write_bytes(b"half")
+    (d / f".{2:020d}.session.tmp").write_bytes(b"half")
+    store = ConversationStore(model, g, d, host_bytes=0, fill_value=NAN)
+    assert d.stat().st_mode & 0o077 == 0
+    assert store.leftovers == 2 and not list(d.glob(".*"))
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    (d / f".{3:020d}.session.new").symlink_to(victim)
+    session = model.session(SINK, WINDOW, cache_fill=NAN)
+    session.feed([1, 2, 3])
+    store.put(3, as_state(session))
+    store.save(3)
+    assert victim.read_text() == "keep me"
+    assert_same_state(ConversationStore(model, g, d, host_bytes=0, fill_value=NAN).get(3), session)

@@ -322,7 +322,8 @@ class _NewFile:
 
     def __init__(self, path: Path, tag: str):
         self.path, self.tmp, self.size = path, path.with_name(f".{path.name}.{tag}"), 0
-        self.fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.tmp.unlink(missing_ok=True)  # a crash's leftover; a link planted there is not followed
+        self.fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         os.fchmod(self.fd, 0o600)
 
     def write(self, data) -> None:

@@ -47,7 +47,8 @@ class ConversationStore:
         self.model, self.geometry, self.fill_value, self.log = model, geometry, fill_value, log
         self.host_bytes, self.disk_bytes, self.idle_ttl = host_bytes, disk_bytes, idle_ttl
         self.dir = Path(session_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.dir, 0o700)  # conversation ids are file names: no other user lists them
         self.journal = Journal(self.dir, model, geometry, fill_value, log=log)
         self.resident: OrderedDict[int, StreamState] = OrderedDict()
         self.unsaved: dict[int, StreamState] = {}   # put, not yet written: never dropped from memory
@@ -55,6 +56,12 @@ class ConversationStore:
         self.lock = threading.RLock()
         self.loads = 0      # conversations restored from disk
         self.reaped = 0     # conversations deleted by the TTL or the disk budget
+        self.leftovers = 0  # temporary files a crash left, removed at start
+        for path in self.dir.glob(f".*{SUFFIX}.*"):  # .<id>.session.new / .compact / .tmp
+            path.unlink(missing_ok=True)
+            self.leftovers += 1
+        if self.leftovers:
+            log(f"removed {self.leftovers} temporary file(s) a crash left in {self.dir}")
         for path in self.dir.glob(f"*{SUFFIX}"):
             try:
                 st = path.stat()
