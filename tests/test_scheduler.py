@@ -288,3 +288,24 @@ def test_a_turn_without_a_distribution_fails_alone(local, tmp_path, monkeypatch)
     sched.close()
     assert b2_tokens == alone(local, [("other", 4), ("more", 8)])[1]
     assert a3 == alone(local, [("hello", 4), ("and then", 4)])[1]  # the failed turn left no trace
+
+
+def test_waiting_turns_whose_client_left_never_run_and_busy_files_are_not_reaped(local, tmp_path):
+    """A turn cancelled while it waits for a slot is dropped at admission (nothing fed, no file);
+    the disk policy applied after a save never deletes a conversation with a turn in flight."""
+    sched, store = make(local, tmp_path, slots=1)
+    release = threading.Event()
+    first = turn(sched, 41, "a" * 40, 30, start=True, cancelled=lambda: release.is_set())
+    gone = turn(sched, 42, "b", 2, start=True, cancelled=lambda: True)
+    with pytest.raises(UserError, match="cancelled before it started"):
+        gone.wait()
+    release.set()
+    first.wait()
+    sched.close()
+    assert store.exists(41) and not store.exists(42)
+    store.idle_ttl = 1e-9  # everything idle is now expired
+    store.put(43, store.get(41))
+    store.save(43, in_use=frozenset({41}))
+    assert store.exists(41) and store.exists(43)
+    store.save(43)
+    assert not store.exists(41)

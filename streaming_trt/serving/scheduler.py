@@ -184,6 +184,11 @@ class Scheduler:
                 blocked.add(req.cid)
                 kept.append(req)
                 continue
+            if req.cancelled():  # its client left while it waited: nothing of it ran
+                with self.lock:
+                    self.queued -= 1
+                self._done(req, None, ServingError("the turn was cancelled before it started", ErrorKind.BAD_REQUEST))
+                continue
             if self.free_slots() == 0 and not self._is_end_only(req):
                 kept.append(req)
                 blocked.add(req.cid)
@@ -357,7 +362,7 @@ class Scheduler:
                 return
             cid, req, result = item
             try:
-                self.store.save(cid)
+                self.store.save(cid, in_use=frozenset(self.busy))
             except Exception as e:  # a full disk: the reply was streamed, but not kept
                 self._done(req, None, ServingError(f"internal error: the conversation could not be saved ({e})",
                                                    ErrorKind.INTERNAL))

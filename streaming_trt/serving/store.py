@@ -109,8 +109,9 @@ class ConversationStore:
             self.resident.move_to_end(cid)
             self._fit_memory()
 
-    def save(self, cid: int) -> None:
-        """Write conversation ``cid``'s newest state to its file (atomically; see StreamState.save)."""
+    def save(self, cid: int, in_use: frozenset[int] = frozenset()) -> None:
+        """Write conversation ``cid``'s newest state to its file (atomically; see StreamState.save),
+        then apply the disk policy to the others, never to ``in_use`` (conversations with a turn in flight)."""
         with self.lock:
             state = self.unsaved.get(cid) or self.resident.get(cid)
         if state is None:
@@ -122,7 +123,7 @@ class ConversationStore:
                 del self.unsaved[cid]
             self.files[cid] = (time.time(), path.stat().st_size)
             self._fit_memory()
-        self.reap()
+        self.reap(keep=in_use | {cid})
 
     def forget(self, cid: int) -> None:
         """Drop conversation ``cid`` from memory only (its file keeps the last saved turn)."""
