@@ -424,21 +424,26 @@ def attend_rows(cache, layer: int, q, k, v, plan, sm_scale: float, sink_logits=N
     attend in one batched call; anything else attends row by row."""
     steps, stores, g = plan.recall, cache.stores, cache.geometry
     batch = len(steps)
-    batched = plan.decode and all(
-        step is not None and step.start + 1 >= g.capacity and store.recall.positions == "rank"
-        and store.recall.scorer == "bounds" for step, store in zip(steps, stores))
+    batched = plan.decode and len({s.recall.block_size for s in stores if s is not None}) == 1 and all(
+        step is not None and store.recall.positions == "rank" and store.recall.scorer == "bounds"
+        for step, store in zip(steps, stores))
     if batched:
         _evict_decode_rows(cache, layer, steps)
         scoring = apply_rotary(q[:, 0].float().cpu(), *stores[0].score_angles)  # [batch, heads, d], every row at W
         chosen = [store.choose(layer, q[b], step, sm_scale, scoring[b : b + 1])
                   for b, (store, step) in enumerate(zip(stores, steps))]
-        groups: dict[int, list[int]] = {}
-        for b, ids in enumerate(chosen):
-            groups.setdefault(len(ids), []).append(b)
-        if len(groups) == 1 and 0 in groups:  # no row recalls a block: plain StreamingLLM
+        recalling = [b for b, ids in enumerate(chosen) if ids]  # full rows (blocks are evicted only past C)
+        if not recalling:  # no row recalls a block: plain StreamingLLM, all rows at once
             return cache.attend(layer, q, k, v, dataclasses.replace(plan, recall=None), sm_scale, sink_logits)
-        if len(groups) == 1 and len({s.recall.block_size for s in stores}) == 1:
-            return _attend_recalled_rows(cache, layer, q, k, v, plan, chosen, sm_scale, sink_logits)
+        if len({len(chosen[b]) for b in recalling}) == 1:
+            out = torch.empty_like(q)
+            out[recalling] = _attend_recalled_rows(cache, layer, q, k, v, plan, recalling,
+                                                   [chosen[b] for b in recalling], sm_scale, sink_logits)
+            for b in (b for b, ids in enumerate(chosen) if not ids):  # rows not yet past capacity
+                one = slice(b, b + 1)
+                out[one] = cache.rows(b, b + 1).attend(layer, q[one], k[one], v[one], steps[b].plain, sm_scale,
+                                                       sink_logits)
+            return out
     outs = []
     for b, step in enumerate(steps):
         view, one = cache.rows(b, b + 1), slice(b, b + 1)
@@ -473,12 +478,20 @@ def _evict_decode_rows(cache, layer: int, steps: list[RecallStep]) -> None:
         store._push(layer, int(us[i]), k[i].unsqueeze(1), v[i].unsqueeze(1), mass)
 
 
-def _attend_recalled_rows(cache, layer: int, q, k, v, plan, chosen: list[list[int]], sm_scale: float,
-                          sink_logits) -> torch.Tensor:
-    """A decode step of full rows that each recall ``len(chosen[b])`` blocks (one number), in one
-    batched call: what :meth:`BlockStore._attend_recalled` does for one row, for all of them."""
-    stores, g = cache.stores, cache.geometry
+def _attend_recalled_rows(cache, layer: int, q, k, v, plan, rows: list[int], chosen: list[list[int]],
+                          sm_scale: float, sink_logits) -> torch.Tensor:
+    """A decode step of full ``rows`` of the batch that each recall ``len(chosen[i])`` blocks (one
+    number), in one batched call: what :meth:`BlockStore._attend_recalled` does for one row, for
+    all of them. Returns ``[len(rows), 1, heads, d]``."""
+    g = cache.geometry
+    stores = [cache.stores[b] for b in rows]
     batch, n_sel = len(chosen), len(chosen[0])
+    if batch < len(cache.stores):  # a subset of the rows: theirs only
+        index = torch.tensor(rows, device=q.device)
+        q, k, v = q[index], k[index], v[index]
+        plan = dataclasses.replace(plan, text=tuple(x[index] for x in plan.text), slots=plan.slots[index])
+    else:
+        index = torch.arange(batch, device=q.device)
     B = stores[0].recall.block_size
     kv, d = k.shape[2], k.shape[3]
     k_cache, v_cache = cache.keys[layer], cache.values[layer]
@@ -502,9 +515,10 @@ def _attend_recalled_rows(cache, layer: int, q, k, v, plan, chosen: list[list[in
     q_all = apply_rotary(q.unsqueeze(3).expand(-1, -1, -1, 2 + n_sel, -1), cos.unsqueeze(2), sin.unsqueeze(2))
     q_text, q_sink, q_block = q_all[:, :, :, 0], q_all[:, :, :, 1], q_all[:, :, :, 2:]
     k_rot = apply_rotary(k, *plan.text)
-    every = torch.arange(batch, device=k.device)
-    k_cache[every, :, plan.slots] = k_rot[:, 0].to(k_cache.dtype)
-    v_cache[every, :, plan.slots] = v[:, 0].to(v_cache.dtype)
+    k_cache[index, :, plan.slots] = k_rot[:, 0].to(k_cache.dtype)
+    v_cache[index, :, plan.slots] = v[:, 0].to(v_cache.dtype)
+    if batch < len(cache.stores):
+        k_cache, v_cache = k_cache[index], v_cache[index]
     attention = R.recall_decode_attention
     if cache.ops is not reference:  # the Triton kernel (CUDA)
         from .kernels.recall_triton import recall_decode_attention as attention

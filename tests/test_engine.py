@@ -30,20 +30,22 @@ def prompts(n: int) -> list[list[int]]:
 
 @pytest.mark.parametrize("recall", [None, st.Recall(block_size=8, top_k=2, chunk=16)], ids=["plain", "recall"])
 def test_a_batch_of_rows_equals_each_conversation_alone(model, recall, monkeypatch):
-    """Four conversations past the window, prefilled in whole quanta and decoded together (rows
-    placed and swapped by the runner, one row joining late): each row's logits at every step
-    equal the same conversation alone; with recall, blocks were selected, the selections equal,
-    and the rows attended to their blocks in one batched call."""
+    """Four conversations past the window and one short of it, prefilled in whole quanta and
+    decoded together (rows placed and swapped by the runner, one row joining late): each row's
+    logits at every step equal the same conversation alone; with recall, blocks were selected, the
+    selections equal, and the four rows past the window attended to their blocks in one batched
+    call beside the short one."""
     import streaming_trt.recall as recall_module
 
     batched_calls = []
     one_call = recall_module._attend_recalled_rows
     monkeypatch.setattr(recall_module, "_attend_recalled_rows",
-                        lambda cache, *a, **kw: batched_calls.append(cache.batch) or one_call(cache, *a, **kw))
+                        lambda cache, layer, q, k, v, plan, rows, *a: batched_calls.append((cache.batch, len(rows)))
+                        or one_call(cache, layer, q, k, v, plan, rows, *a))
     runner = BatchRunner(model, st.Geometry(SINK, WINDOW), slots=6, fill_value=NAN, recall=recall)
-    ids = prompts(4)
+    ids = prompts(4) + [list(range(3, 23))]  # the last stays short of S + W for the 12 steps
     alone = [model.session(SINK, WINDOW, cache_fill=NAN, recall=recall) for _ in ids]
-    rows = [5, 2, 0, 3]  # the caller's names; where they live is the runner's choice
+    rows = [5, 2, 0, 3, 4]  # the caller's names; where they live is the runner's choice
     for row, p, s in zip(rows, ids, alone):
         runner.reset(row)
         piece = max(3 * runner.quantum, 20)  # whole quanta, as the scheduler feeds them
@@ -69,7 +71,8 @@ def test_a_batch_of_rows_equals_each_conversation_alone(model, recall, monkeypat
                 recalled += any(mine.selected)
     if recall is not None:
         assert recalled > 0, "no block was recalled: recall was not exercised"
-        assert 4 in batched_calls, "the four recall rows never attended in one batched call"
+        assert (5, 4) in batched_calls, "the four recall rows never attended in one batched call"
+        assert max(alone[-1].seen) < SINK + WINDOW
         stores = [runner.cache.stores[runner.where[r]] for r in rows]
         assert len({id(x) for x in stores}) == len(rows)  # every conversation its own block store
 
