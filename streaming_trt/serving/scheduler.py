@@ -184,10 +184,11 @@ class Scheduler:
                 blocked.add(req.cid)
                 kept.append(req)
                 continue
-            if req.cancelled():  # its client left while it waited: nothing of it ran
+            if req.cancelled():  # its client left while it waited: nothing of it runs, nothing changes
                 with self.lock:
                     self.queued -= 1
-                self._done(req, None, ServingError("the turn was cancelled before it started", ErrorKind.BAD_REQUEST))
+                seen = self.store.seen(req.cid) if not (req.start and not req.resume) and self.store.exists(req.cid) else 0
+                self._done(req, TurnResult(0, 0, "cancelled", seen), None)
                 continue
             if self.free_slots() == 0 and not self._is_end_only(req):
                 kept.append(req)
