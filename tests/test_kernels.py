@@ -301,6 +301,22 @@ def run_prefill(start, lengths, chunk, sink_tokens, window, heads, head_dim, dty
     return out, ref
 
 
+@pytest.mark.parametrize("sink_tokens", [1, 4])
+def test_reference_prefill_one_query_tensor_for_both(sink_tokens):
+    """Streams that stay within capacity, the same tensor passed as both queries (what the runtime
+    passes then): the reference skips the rank scores and gives what it gives for an equal copy."""
+    torch.manual_seed(sink_tokens)
+    geometry = Geometry(sink_tokens, 12)
+    start, lengths = torch.tensor([0, 2, 7, 3]), torch.tensor([5, 3, 9, 0])
+    k_cache, v_cache = (x.cpu() for x in nan_cache(4, 2, sink_tokens, 12, 16, start, torch.float64))
+    q, k, v = (torch.randn(4, 9, h, 16, dtype=torch.float64) for h in (6, 2, 2))
+    sinks = torch.randn(6, dtype=torch.float64)
+    same = R.prefill_attention(q, q, k, v, k_cache, v_cache, start, lengths, geometry, 0.3, sinks)
+    copied = R.prefill_attention(q, q.clone(), k, v, k_cache, v_cache, start, lengths, geometry, 0.3, sinks)
+    assert not same.isnan().any()
+    torch.testing.assert_close(same, copied, rtol=0, atol=0)
+
+
 def prefill_streams(sink_tokens: int, window: int, chunk: int) -> tuple[list[int], list[int]]:
     """(start, lengths): empty cache, fewer tokens than the sinks, around capacity, far past it;
     full chunks, right-padded ones and one with no token at all."""

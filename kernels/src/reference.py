@@ -139,6 +139,7 @@ def prefill_attention(
     Args:
         q_text, q_rank: ``[batch, chunk, num_heads, head_dim]``, row ``i`` (token
             ``t = start + i``) rotated at ``t`` and at ``min(t, C - 1)``; rows right-padded.
+            The same tensor for both: no row is past capacity (sink scores are not formed twice).
         k, v: ``[batch, chunk, num_kv_heads, head_dim]``, the chunk's own keys (rotated at their
             text positions) and values.
         k_cache, v_cache: ``[batch, num_kv_heads, capacity, head_dim]``, not yet holding the chunk.
@@ -164,13 +165,13 @@ def prefill_attention(
     keys = torch.cat([k_cache[:, :, :used], k.transpose(1, 2).to(k_cache.dtype)], dim=2)  # [batch, kv, keys, d]
     vals = torch.cat([v_cache[:, :, :used], v.transpose(1, 2).to(v_cache.dtype)], dim=2)
     visible = geometry.visible(t.unsqueeze(-1), token.unsqueeze(1)) & row_valid.unsqueeze(-1)  # [b, chunk, keys]
-    written = (token >= 0).view(batch, 1, -1, 1)
-    keys, vals = torch.where(written, keys, 0), torch.where(written, vals, 0)
+    # Unwritten keys only give scores that are masked below; unwritten values are zeroed (0 * NaN is NaN).
+    vals = torch.where((token >= 0).view(batch, 1, -1, 1), vals, 0)
 
     # Query heads of one KV head share its keys: fold them into the row dimension.
     fold = lambda q: q.transpose(1, 2).reshape(batch, kv_heads, group * chunk, head_dim).to(keys.dtype)  # noqa: E731
     scores = fold(q_text) @ keys.transpose(-1, -2)
-    if geometry.sink_tokens:
+    if geometry.sink_tokens and q_rank is not q_text:
         is_sink = (token < geometry.sink_tokens) & (token >= 0)
         scores = torch.where(is_sink.view(batch, 1, 1, -1), fold(q_rank) @ keys.transpose(-1, -2), scores)
     scores = scores.view(batch, kv_heads, group, chunk, -1) * sm_scale
