@@ -88,11 +88,11 @@ def decode_attention(
         seen: ``[batch]`` int, tokens stored including the current one (``>= 1``).
         sink_logits: optional ``[num_heads]`` learned per-head sink logit.
         full: the caller knows every stream has ``seen >= capacity``: no slot is masked or copied.
-        written: what the caller's host knows of ``seen``: ``(lo, hi)`` with ``lo = min(seen, C)``
-            and ``hi = max(seen, C)`` over the streams (``min`` and ``max`` capped at C): slots
-            ``< lo`` are written in every stream and no stream has one ``>= hi``. Only slots
-            ``< hi`` are read and only ``lo .. hi - 1`` masked. None: all C slots, masked unless
-            ``full``. (The Triton kernel reads ``seen`` on the device and ignores it.)
+        written: what the caller's host knows of ``seen``: ``(lo, hi)``, the least and the
+            greatest ``min(seen, C)`` over the streams: slots ``< lo`` are written in every stream
+            and no stream has one ``>= hi``. Only slots ``< hi`` are read and only ``lo .. hi - 1``
+            masked. None: all C slots, masked unless ``full``. (The Triton kernel reads ``seen``
+            on the device and ignores it.)
     Returns:
         ``[batch, num_heads, head_dim]`` in ``q_text.dtype``.
     """
