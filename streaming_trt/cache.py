@@ -31,6 +31,9 @@ class StepPlan:
     ``min(t, C - 1)`` (sink scores), ``None`` when no row is past capacity (then it equals
     ``text``). ``decode``: one token in every row. ``full``: every stream has ``seen_after >= C``,
     so decode needs no mask. ``slots``: decode only, ``[batch]`` the slot each new token takes.
+    ``written``: decode only, from the host counters, ``(lo, hi)`` the least and greatest
+    ``min(seen_after, C)`` over the streams (the decode kernel's ``written``); None in a plan a
+    CUDA graph captures.
     ``write``: prefill with the torch backend, the ``(row, chunk index, slot)`` triples kept.
     ``lengths_host``: ``lengths`` on the host, for :meth:`StreamingCache.advance` to move the host
     counters too; None in a plan a CUDA graph captures (its replays are counted by ``count_host``).
@@ -45,6 +48,7 @@ class StepPlan:
     full: bool
     slots: torch.Tensor | None = None
     write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    written: tuple[int, int] | None = None
     lengths_host: list[int] | None = None
     recall: list | None = None  # per row, a streaming_trt.recall.RecallStep (None: that row has no store)
 
@@ -138,6 +142,8 @@ class StreamingCache:
                         decode=decode, full=decode and self.full_after_decode(), lengths_host=list(lengths))
         if decode:
             plan.slots = g.slot(start)
+            after = [min(s + 1, g.capacity) for s in start_host]
+            plan.written = (min(after), max(after))
         elif self.ops is reference:  # the Triton write kernel derives its slots itself
             keep = g.kept(start, lengths_t, n)
             b, j = keep.nonzero(as_tuple=True)
@@ -167,8 +173,10 @@ class StreamingCache:
             rows = torch.arange(k.shape[0], device=k.device)
             k_cache[rows, :, plan.slots] = k[:, 0].to(k_cache.dtype)
             v_cache[rows, :, plan.slots] = v[:, 0].to(v_cache.dtype)
-            out = self.ops.decode_attention(q_text[:, 0], q_rank[:, 0], k_cache, v_cache, plan.seen_after,
-                                            self.geometry, sm_scale, sink_logits, full=plan.full)
+            q_now = q_text[:, 0]
+            out = self.ops.decode_attention(q_now, q_now if plan.rank is None else q_rank[:, 0], k_cache, v_cache,
+                                            plan.seen_after, self.geometry, sm_scale, sink_logits, full=plan.full,
+                                            written=plan.written)
             return out[:, None]
         out = self.ops.prefill_attention(q_text, q_rank, k, v, k_cache, v_cache, plan.start, plan.lengths,
                                          self.geometry, sm_scale, sink_logits)

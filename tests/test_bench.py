@@ -373,3 +373,16 @@ def test_figure3_from_long_ppl_csvs(tmp_path):
     assert float(got["dense"]["ppl"]) == pytest.approx(math.exp(1.0), rel=1e-5)
     assert_png(tmp_path / "o" / "figure3.png")
     assert figure3.main(["--run", "x=y", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_step_profile_smoke(tmp_path):
+    from bench import step_profile
+
+    rc = step_profile.main(["--rows", "3", "--steps", "2", "--prompt-tokens", "5", "--window", "20", "--out",
+                            str(tmp_path), "--no-progress"])
+    assert rc == 0
+    rows = read_csv(tmp_path / "step_profile.csv")
+    ops = {r["operator"]: r for r in rows}
+    assert "aten::mm" in ops and float(ops["aten::mm"]["ms_per_step"]) > 0
+    assert abs(sum(float(r["share"]) for r in rows) - 1) < 1e-3
+    assert step_profile.main(["--rows", "0", "--out", str(tmp_path)]) == 2

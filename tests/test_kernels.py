@@ -199,6 +199,55 @@ def test_decode_full(monkeypatch, sink_tokens, split):
     check(out, ref, torch.float32, "full decode")
 
 
+def _decode_alone(q_text, q_rank, k_cache, v_cache, seen, geometry, scale, sink_logits):
+    """float64 decode attention of each stream and head alone, over the slots it has written
+    (``slot_tokens``), sinks scored with ``q_rank``: the contract written out without masks."""
+    batch, num_heads, _ = q_text.shape
+    group = num_heads // k_cache.shape[1]
+    tokens = geometry.slot_tokens(seen.cpu()).to(q_text.device)
+    out = torch.zeros_like(q_text, dtype=torch.float64)
+    for b in range(batch):
+        slots = (tokens[b] >= 0).nonzero().view(-1)
+        for h in range(num_heads):
+            keys, vals = k_cache[b, h // group, slots].double(), v_cache[b, h // group, slots].double()
+            q = torch.where((slots < geometry.sink_tokens).view(-1, 1), q_rank[b, h].double(), q_text[b, h].double())
+            scores = (q * keys).sum(-1) * scale
+            if sink_logits is not None:
+                scores = torch.cat([scores, sink_logits[h].double().view(1)])
+            out[b, h] = torch.softmax(scores, 0)[: len(slots)] @ vals
+    return out
+
+
+@pytest.mark.parametrize("seen", [[1, 2, 9, 10, 11, 40], [5, 5, 5], [3, 1, 1], [10, 12, 30], [1]], ids=str)
+@pytest.mark.parametrize("sink_tokens", [0, 3])
+def test_reference_decode_reads_only_what_the_host_knows_is_written(seen, sink_tokens):
+    """The reference with the host's ``written = (min, max)`` of ``min(seen, C)`` (what the runtime
+    passes: it reads slots below the max only and masks from the min) equals each stream alone, in
+    float64, over NaN caches; and so does the same tensor passed as both queries when no stream is
+    past capacity (the sink scores are then not formed twice)."""
+    torch.manual_seed(seed_of(tuple(seen), sink_tokens))
+    geometry = Geometry(sink_tokens, 10 - sink_tokens)
+    capacity = geometry.capacity
+    seen = torch.tensor(seen)
+    k_cache, v_cache = nan_cache(len(seen), 2, sink_tokens, geometry.window, 16, seen, torch.float64)
+    k_cache, v_cache = k_cache.cpu(), v_cache.cpu()
+    q_text, q_rank = (torch.randn(len(seen), 6, 16, dtype=torch.float64) for _ in range(2))
+    sinks = torch.randn(6, dtype=torch.float64)
+    stored = seen.clamp(max=capacity)
+    written = (int(stored.min()), int(stored.max()))
+    full = written[0] == capacity
+    for logits in (None, sinks):
+        want = _decode_alone(q_text, q_rank, k_cache, v_cache, seen, geometry, 0.3, logits)
+        for hint in (written, None):
+            got = R.decode_attention(q_text, q_rank, k_cache, v_cache, seen, geometry, 0.3, logits, full=full, written=hint)
+            assert not got.isnan().any()
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        if int(seen.max()) <= capacity:
+            same = R.decode_attention(q_text, q_text, k_cache, v_cache, seen, geometry, 0.3, logits, written=written)
+            want = _decode_alone(q_text, q_text, k_cache, v_cache, seen, geometry, 0.3, logits)
+            torch.testing.assert_close(same, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("sink_tokens,window,heads,head_dim", [(4, 9, "gqa4", 128), (1, 5, "mha", 80), (0, 6, "mqa", 64)])
 def test_decode_16bit(sink_tokens, window, heads, head_dim, dtype):
@@ -250,6 +299,22 @@ def run_prefill(start, lengths, chunk, sink_tokens, window, heads, head_dim, dty
     ref = R.prefill_attention(f64(q_text), f64(q_rank), f64(k), f64(v), f64(k_cache), f64(v_cache), start, lengths,
                               geometry, scale, f64(sinks))
     return out, ref
+
+
+@pytest.mark.parametrize("sink_tokens", [1, 4])
+def test_reference_prefill_one_query_tensor_for_both(sink_tokens):
+    """Streams that stay within capacity, the same tensor passed as both queries (what the runtime
+    passes then): the reference skips the rank scores and gives what it gives for an equal copy."""
+    torch.manual_seed(sink_tokens)
+    geometry = Geometry(sink_tokens, 12)
+    start, lengths = torch.tensor([0, 2, 7, 3]), torch.tensor([5, 3, 9, 0])
+    k_cache, v_cache = (x.cpu() for x in nan_cache(4, 2, sink_tokens, 12, 16, start, torch.float64))
+    q, k, v = (torch.randn(4, 9, h, 16, dtype=torch.float64) for h in (6, 2, 2))
+    sinks = torch.randn(6, dtype=torch.float64)
+    same = R.prefill_attention(q, q, k, v, k_cache, v_cache, start, lengths, geometry, 0.3, sinks)
+    copied = R.prefill_attention(q, q.clone(), k, v, k_cache, v_cache, start, lengths, geometry, 0.3, sinks)
+    assert not same.isnan().any()
+    torch.testing.assert_close(same, copied, rtol=0, atol=0)
 
 
 def prefill_streams(sink_tokens: int, window: int, chunk: int) -> tuple[list[int], list[int]]:

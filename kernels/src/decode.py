@@ -211,6 +211,7 @@ def decode_attention(
     sm_scale: float,
     sink_logits: torch.Tensor | None = None,
     full: bool = False,
+    written: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Attention of one new query per stream over its sink + ring cache (Triton).
 
@@ -237,6 +238,8 @@ def decode_attention(
             denominator (gpt-oss), any float dtype.
         full: the caller knows every stream has ``seen >= capacity``: every slot is read without
             looking at ``seen``.
+        written: the host's ``(min, max)`` of ``min(seen, capacity)`` that the reference slices by;
+            ignored here (each program reads its stream's ``seen`` on the device).
     Returns:
         ``[batch, num_heads, head_dim]`` contiguous, in ``q_text.dtype``.
 

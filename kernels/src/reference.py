@@ -75,37 +75,50 @@ def decode_attention(
     sm_scale: float,
     sink_logits: torch.Tensor | None = None,
     full: bool = False,
+    written: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """One query per stream over its cache, which already holds the query's own key/value.
 
     Args:
         q_text, q_rank: ``[batch, num_heads, head_dim]``, the query of token ``t = seen - 1``
             rotated at ``t`` and at ``min(t, C - 1)``; ``num_heads`` a multiple of ``num_kv_heads``.
+            Passing the same tensor for both says no stream is past capacity (the sink scores are
+            then the window ones, not formed twice).
         k_cache, v_cache: ``[batch, num_kv_heads, capacity, head_dim]``, keys rotated (layout above).
         seen: ``[batch]`` int, tokens stored including the current one (``>= 1``).
         sink_logits: optional ``[num_heads]`` learned per-head sink logit.
         full: the caller knows every stream has ``seen >= capacity``: no slot is masked or copied.
+        written: what the caller's host knows of ``seen``: ``(lo, hi)``, the least and the
+            greatest ``min(seen, C)`` over the streams: slots ``< lo`` are written in every stream
+            and no stream has one ``>= hi``. Only slots ``< hi`` are read and only ``lo .. hi - 1``
+            masked. None: all C slots, masked unless ``full``. (The Triton kernel reads ``seen``
+            on the device and ignores it.)
     Returns:
         ``[batch, num_heads, head_dim]`` in ``q_text.dtype``.
     """
     batch, num_heads, head_dim = q_text.shape
     kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
-    sinks = geometry.sink_tokens
+    group, sinks = num_heads // kv_heads, geometry.sink_tokens
+    lo, hi = (capacity, capacity) if full else (written if written is not None else (0, capacity))
+    keys, vals = k_cache[:, :, :hi], v_cache[:, :, :hi]
     # Query heads of one KV head share its keys: [batch, kv_heads, group, head_dim].
-    qt = q_text.view(batch, kv_heads, num_heads // kv_heads, head_dim).to(k_cache.dtype)
-    scores = qt @ k_cache.transpose(-1, -2)  # [batch, kv_heads, group, capacity]
-    if sinks:
-        qr = q_rank.view(batch, kv_heads, num_heads // kv_heads, head_dim).to(k_cache.dtype)
-        scores[..., :sinks] = qr @ k_cache[:, :, :sinks].transpose(-1, -2)
-    scores = scores.view(batch, num_heads, capacity) * sm_scale
-    v = v_cache
-    if not full:
+    qt = q_text.view(batch, kv_heads, group, head_dim).to(k_cache.dtype)
+    scores = qt @ keys.transpose(-1, -2)  # [batch, kv_heads, group, hi]
+    if sinks and q_rank is not q_text:
+        qr = q_rank.view(batch, kv_heads, group, head_dim).to(k_cache.dtype)
+        scores[..., :sinks] = qr @ keys[:, :, :sinks].transpose(-1, -2)
+    scores = scores.view(batch, num_heads, hi) * sm_scale
+    if lo < hi:
         # Before a stream is full, slot s holds token s: the slots in use are 0 .. seen - 1.
-        visible = torch.arange(capacity, device=seen.device).view(1, -1) < seen.view(-1, 1)
-        scores = scores.masked_fill(~visible.view(batch, 1, capacity), float("-inf"))
-        v = torch.where(visible.view(batch, 1, capacity, 1), v_cache, 0)
-    p = _softmax_with_sink_logits(scores, sink_logits).view(batch, kv_heads, -1, capacity)
-    return (p.to(v.dtype) @ v).view(batch, num_heads, head_dim).to(q_text.dtype)
+        visible = torch.arange(lo, hi, device=seen.device).view(1, -1) < seen.view(-1, 1)  # [batch, hi - lo]
+        scores[..., lo:].masked_fill_(~visible.view(batch, 1, hi - lo), float("-inf"))
+    p = _softmax_with_sink_logits(scores, sink_logits).view(batch, kv_heads, group, hi).to(vals.dtype)
+    # Slots every stream has written are read as they are; only the others are zeroed (0 * NaN is NaN).
+    out = p[..., :lo] @ vals[:, :, :lo] if lo else None
+    if lo < hi:
+        tail = p[..., lo:] @ torch.where(visible.view(batch, 1, hi - lo, 1), vals[:, :, lo:], 0)
+        out = tail if out is None else out + tail
+    return out.view(batch, num_heads, head_dim).to(q_text.dtype)
 
 
 def prefill_attention(
@@ -126,6 +139,7 @@ def prefill_attention(
     Args:
         q_text, q_rank: ``[batch, chunk, num_heads, head_dim]``, row ``i`` (token
             ``t = start + i``) rotated at ``t`` and at ``min(t, C - 1)``; rows right-padded.
+            The same tensor for both: no row is past capacity (sink scores are not formed twice).
         k, v: ``[batch, chunk, num_kv_heads, head_dim]``, the chunk's own keys (rotated at their
             text positions) and values.
         k_cache, v_cache: ``[batch, num_kv_heads, capacity, head_dim]``, not yet holding the chunk.
@@ -151,13 +165,13 @@ def prefill_attention(
     keys = torch.cat([k_cache[:, :, :used], k.transpose(1, 2).to(k_cache.dtype)], dim=2)  # [batch, kv, keys, d]
     vals = torch.cat([v_cache[:, :, :used], v.transpose(1, 2).to(v_cache.dtype)], dim=2)
     visible = geometry.visible(t.unsqueeze(-1), token.unsqueeze(1)) & row_valid.unsqueeze(-1)  # [b, chunk, keys]
-    written = (token >= 0).view(batch, 1, -1, 1)
-    keys, vals = torch.where(written, keys, 0), torch.where(written, vals, 0)
+    # Unwritten keys only give scores that are masked below; unwritten values are zeroed (0 * NaN is NaN).
+    vals = torch.where((token >= 0).view(batch, 1, -1, 1), vals, 0)
 
     # Query heads of one KV head share its keys: fold them into the row dimension.
     fold = lambda q: q.transpose(1, 2).reshape(batch, kv_heads, group * chunk, head_dim).to(keys.dtype)  # noqa: E731
     scores = fold(q_text) @ keys.transpose(-1, -2)
-    if geometry.sink_tokens:
+    if geometry.sink_tokens and q_rank is not q_text:
         is_sink = (token < geometry.sink_tokens) & (token >= 0)
         scores = torch.where(is_sink.view(batch, 1, 1, -1), fold(q_rank) @ keys.transpose(-1, -2), scores)
     scores = scores.view(batch, kv_heads, group, chunk, -1) * sm_scale
