@@ -109,3 +109,12 @@ def streaming_hf():
     except UserError as e:
         pytest.skip(str(e), allow_module_level=True)
     return sthf
+
+
+def tiny_chat_model(folder: Path, seed: int = 3, vocab_size: int = 97):
+    """A tiny random Llama and its chat tokenizer written to ``folder``, loaded: ``(model, tokenizer)``."""
+    import streaming_trt as st
+
+    make_checkpoint(folder, "llama", seed=seed, vocab_size=vocab_size)
+    save_tokenizer(folder, vocab_size=vocab_size)
+    return st.load_model(folder), st.load_tokenizer(folder)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import streaming_trt as st
-from checkpoints import make_checkpoint, save_tokenizer
+from checkpoints import tiny_chat_model
 from serving_harness import free_ports
 from streaming_trt.contract import UserError
 from streaming_trt.serving import protocol
@@ -170,10 +170,7 @@ class FakeGrpc:
 # ------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
-    d = tmp_path_factory.mktemp("protocol-model")
-    make_checkpoint(d, "llama", seed=3, vocab_size=97)
-    save_tokenizer(d, vocab_size=97)
-    return st.load_model(d), st.load_tokenizer(d)
+    return tiny_chat_model(tmp_path_factory.mktemp("protocol-model"))
 
 
 @pytest.fixture

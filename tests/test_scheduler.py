@@ -10,7 +10,7 @@ import time
 import pytest
 
 import streaming_trt as st
-from checkpoints import make_checkpoint, save_tokenizer
+from checkpoints import make_checkpoint, save_tokenizer, tiny_chat_model
 from streaming_trt.conversation import Conversation
 from streaming_trt.contract import UserError
 from streaming_trt.generation import eos_ids
@@ -24,10 +24,7 @@ GREEDY = SamplingParams(temperature=0.0)
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sched-model")
-    make_checkpoint(d, "llama", seed=3, vocab_size=97)
-    save_tokenizer(d, vocab_size=97)
-    return st.load_model(d), st.load_tokenizer(d)
+    return tiny_chat_model(tmp_path_factory.mktemp("sched-model"))
 
 
 def alone(local, turns: list[tuple[str, int]]) -> list[list[int]]:
