@@ -305,3 +305,25 @@ def test_waiting_turns_whose_client_left_never_run_and_busy_files_are_not_reaped
     assert store.exists(41) and store.exists(43)
     store.save(43)
     assert not store.exists(41)
+
+
+def test_a_turn_whose_save_failed_leaves_no_trace(local, tmp_path, monkeypatch):
+    """The disk refuses one turn's save: that turn fails (INTERNAL), and the conversation continues
+    from the turn before it, so a client that resends the turn has it fed once, not twice."""
+    sched, store = make(local, tmp_path, slots=2)
+    turn(sched, 51, "hello", 4, start=True).wait()
+    real = store.journal.save
+    calls = []
+
+    def full_disk(cid, state):
+        calls.append(cid)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(cid, state)
+
+    monkeypatch.setattr(store.journal, "save", full_disk)
+    with pytest.raises(UserError, match="could not be saved"):
+        turn(sched, 51, "go on", 5, start=False).wait()
+    resent = turn(sched, 51, "go on", 5, start=False).wait()
+    sched.close()
+    assert resent == alone(local, [("hello", 4), ("go on", 5)])[1]

@@ -365,6 +365,7 @@ class Scheduler:
             try:
                 self.store.save(cid, in_use=frozenset(self.busy))
             except Exception as e:  # a full disk: the reply was streamed, but not kept
+                self.store.forget(cid)  # the next turn continues from the file: a resent turn is fed once
                 self._done(req, None, ServingError(f"internal error: the conversation could not be saved ({e})",
                                                    ErrorKind.INTERNAL))
             else:
