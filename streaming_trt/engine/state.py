@@ -29,8 +29,9 @@ class StreamState:
         shape = (c.num_layers, c.num_kv_heads, geometry.capacity, c.head_dim)
         self.model, self.geometry, self.fill_value = model, geometry, fill_value
         self.fingerprint = model_fingerprint(model)
-        self.keys = torch.full(shape, fill_value, dtype=model.dtype)
-        self.values = torch.full(shape, fill_value, dtype=model.dtype)
+        pinned = model.device.type == "cuda"  # host memory the GPU copies to and from directly
+        self.keys = torch.full(shape, fill_value, dtype=model.dtype, pin_memory=pinned)
+        self.values = torch.full(shape, fill_value, dtype=model.dtype, pin_memory=pinned)
         self.seen = 0
         self.last_logits: torch.Tensor | None = None
         self.recall = None if recall is None else new_store(recall, model, geometry)
