@@ -26,6 +26,28 @@ MAX_STOP_STRINGS = 16     # stop strings one request may give
 MAX_STOP_CHARS = 1024     # characters in one stop string
 
 
+def stop_strings(strings: Iterable[str]) -> list[str]:
+    """The stop strings as :class:`StopStrings` takes them: text only, at most
+    :data:`MAX_STOP_STRINGS` non-empty ones of at most :data:`MAX_STOP_CHARS` characters (``UserError``
+    saying which bound otherwise), then empty ones and repeats dropped."""
+    if isinstance(strings, str):
+        strings = [strings]
+    try:
+        values = list(strings)
+    except TypeError:
+        raise UserError(f"stop strings must be a list of text, got {type(strings).__name__}") from None
+    bad = [s for s in values if not isinstance(s, str)]
+    if bad:
+        raise UserError(f"stop strings must be text, got {bad[0]!r}")
+    values = [s for s in values if s]
+    if len(values) > MAX_STOP_STRINGS:  # counted as given, repeats included
+        raise UserError(f"{len(values)} stop strings given; at most {MAX_STOP_STRINGS}")
+    long = [s for s in values if len(s) > MAX_STOP_CHARS]
+    if long:
+        raise UserError(f"a stop string has {len(long[0])} characters; at most {MAX_STOP_CHARS}")
+    return list(dict.fromkeys(values))
+
+
 class StopStrings:
     """Stop strings matched over streamed text, across token boundaries.
 
@@ -42,21 +64,7 @@ class StopStrings:
     """
 
     def __init__(self, strings: Iterable[str] = ()):
-        if isinstance(strings, str):
-            strings = [strings]
-        try:
-            values = list(strings)
-        except TypeError:
-            raise UserError(f"stop strings must be a list of text, got {type(strings).__name__}") from None
-        bad = [s for s in values if not isinstance(s, str)]
-        if bad:
-            raise UserError(f"stop strings must be text, got {bad[0]!r}")
-        self.strings = [s for s in dict.fromkeys(values) if s]
-        if len(self.strings) > MAX_STOP_STRINGS:
-            raise UserError(f"{len(self.strings)} stop strings given; at most {MAX_STOP_STRINGS}")
-        long = [s for s in self.strings if len(s) > MAX_STOP_CHARS]
-        if long:
-            raise UserError(f"a stop string has {len(long[0])} characters; at most {MAX_STOP_CHARS}")
+        self.strings = stop_strings(strings)
         self._build()
         self.state = 0
         self.held = ""

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from ..contract import UserError
-from ..generation import MAX_STOP_CHARS, MAX_STOP_STRINGS
+from ..generation import stop_strings
 from ..sampling import SamplingParams
 
 MODEL_NAME = "streaming_llm"
@@ -245,9 +245,7 @@ class TurnRequest:
             self.stop = (self.stop,)
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
             _bad("stop must be a string or a list of strings")
-        self.stop = tuple(s for s in self.stop if s)
-        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
-            _bad(f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
+        self.stop = tuple(stop_strings(self.stop))  # bounded as the matcher takes them (a UserError: BAD_REQUEST)
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             _bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (top alternatives per token) or null")
