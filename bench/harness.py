@@ -23,13 +23,14 @@ import torch
 from tqdm import tqdm
 
 from streaming_trt import cli
-from streaming_trt.builtin import SMOLLM2_NAME, builtin_config, builtin_state_dict, require_smollm2
-from streaming_trt.checkpoint import expected_shapes, load_checkpoint
-from streaming_trt.config import ModelConfig
+from streaming_trt.loading.builtin import SMOLLM2_NAME, builtin_config, builtin_state_dict, require_smollm2
+from streaming_trt.loading.checkpoint import load_checkpoint
+from streaming_trt.runtime.model import expected_shapes
+from streaming_trt.runtime.config import ModelConfig
 from streaming_trt.contract import UserError
-from streaming_trt.gguf import is_gguf, load_gguf
-from streaming_trt.model import Transformer, resolve_device as runtime_device, resolve_dtype as runtime_dtype
-from streaming_trt.tokenizer import load_tokenizer
+from streaming_trt.loading.gguf import is_gguf, load_gguf
+from streaming_trt.runtime.model import Transformer, resolve_device as runtime_device, resolve_dtype as runtime_dtype
+from streaming_trt.loading.tokenizer import load_tokenizer
 from streaming_trt.train.books import austen_text
 
 from .baselines import METHODS

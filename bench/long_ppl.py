@@ -97,7 +97,7 @@ def validate(args):
 def chunked_stream(method: str, built, args, n_tokens: int):
     """A fresh stream of a chunk-fed method."""
     if method == "recall":  # chunks of at most Recall.chunk: each selects its own blocks
-        from streaming_trt.recall import Recall
+        from streaming_trt.runtime.recall import Recall
 
         s, w = baselines.cache_shape("streaming", args.cache, args.sink_tokens)
         return baselines.RuntimeStream("recall", built.model, s, w, args.chunk, recall=Recall(scorer=args.recall, positions=args.recall_positions))

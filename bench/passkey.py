@@ -1,5 +1,5 @@
 """Pass-key retrieval: a 5-digit key hidden D tokens before the question, for dense attention,
-window attention, StreamingLLM and StreamingLLM + recall (``streaming_trt.recall``).
+window attention, StreamingLLM and StreamingLLM + recall (``streaming_trt.runtime.recall``).
 
 The filler is this benchmark's own: sentences drawn by a seeded grammar (:func:`filler`), about
 nothing in particular. Each trial is one stream: an instruction, some filler, the key sentence, then
@@ -303,7 +303,7 @@ def main(argv=None) -> int:
         (RESULTS / f"passkey{args.tag}.md").write_text(f"merged from {args.replot}\n\n{table}\n")
         print(table)
         return 0
-    from streaming_trt.catalog import open_model
+    from streaming_trt.loading.catalog import open_model
 
     model, tokenizer = open_model(args.model)
     RESULTS.mkdir(parents=True, exist_ok=True)

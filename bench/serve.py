@@ -76,7 +76,7 @@ def texts(n: int, turns: int, first: int) -> list[list[str]]:
 
 def level(url: str, n: int, args, first_id: int) -> dict:
     """N conversations at once on the server at ``url``; their figures."""
-    from streaming_trt.client import Client
+    from streaming_trt.serving.client import Client
 
     ttft, itl, turn_s, counts, errors = [], [], [], [], []
     lock = threading.Lock()
@@ -123,7 +123,7 @@ def level(url: str, n: int, args, first_id: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="builtin:random", help="as for `python -m streaming_trt.serve`")
+    p.add_argument("--model", default="builtin:random", help="as for `python -m streaming_trt.cli.serve`")
     p.add_argument("--levels", default="1,8,16,32,64", help="concurrent conversations, comma-separated")
     p.add_argument("--turns", type=int, default=2, help="turns per conversation")
     p.add_argument("--tokens", type=int, default=32, help="tokens generated per turn")

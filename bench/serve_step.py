@@ -27,7 +27,7 @@ import time
 
 from bench import harness
 from bench.harness import info, median, quantile
-from streaming_trt.recall import Recall
+from streaming_trt.runtime.recall import Recall
 
 
 def arguments(argv=None):
@@ -55,7 +55,7 @@ def recall_settings(args) -> Recall:
 
 def one_level(built, n: int, args, recall: Recall | None = None) -> dict:
     from streaming_trt.contract import Geometry
-    from streaming_trt.sampling import SamplingParams
+    from streaming_trt.runtime.sampling import SamplingParams
     from streaming_trt.serving.scheduler import Scheduler, TurnRequest
     from streaming_trt.serving.store import ConversationStore
 

@@ -1,6 +1,6 @@
 """Table 3 of the StreamingLLM paper in small: models pre-trained here with and without a sink.
 
-Reads run folders of ``python -m streaming_trt.train`` (one per variant), streams each model over
+Reads run folders of ``python -m streaming_trt.cli.train`` (one per variant), streams each model over
 the held-out part of its training text with the runtime at S + (C - S) for S in 0, 1, 2, 4 (C = the
 training context), and writes:
 
@@ -68,7 +68,7 @@ def strongest_heads(folder: Path, config: dict, settings: dict, ids: torch.Tenso
     """Per layer, the one head that gives key 0 (and the sink term) the most attention from the
     second half of the queries of ``samples`` held-out windows, as ``"a/b/c/d"`` strings, and the
     even-spread level: a sink head would stand far above it."""
-    from streaming_trt.config import ModelConfig
+    from streaming_trt.runtime.config import ModelConfig
     from streaming_trt.train import data, files, forward, new_model
 
     model = new_model(ModelConfig.from_hf_dict(config), 0)
@@ -91,7 +91,7 @@ def evaluate(folder: Path, sinks: list[int], tokens: int, chunk: int) -> dict:
     log = files.read_rows(folder / "log.csv")
     mass = files.read_rows(folder / "attention_mass.csv")
     if not log:
-        raise UserError(f"{folder}: no log.csv; is it a run folder of python -m streaming_trt.train?")
+        raise UserError(f"{folder}: no log.csv; is it a run folder of python -m streaming_trt.cli.train?")
     model = st.load_model(folder, backend="torch")
     ids = heldout_ids(folder, settings, tokens)
     late = strongest_heads(folder, state_config, settings, ids)
@@ -150,7 +150,7 @@ def run(args, argv=None) -> None:
     runs = {v: Path(args.runs) / v for v in variants}
     for v, folder in runs.items():
         if not (folder / "train_state.pt").is_file():
-            raise UserError(f"--runs {args.runs}: no run folder {folder} (train it with python -m streaming_trt.train "
+            raise UserError(f"--runs {args.runs}: no run folder {folder} (train it with python -m streaming_trt.cli.train "
                             f"--variant {v} --out {folder})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     args = arguments(argv)
     torch.set_num_threads(args.threads)
     from bench import report
-    from streaming_trt.catalog import open_model
+    from streaming_trt.loading.catalog import open_model
 
     model, tokenizer = open_model(args.model)
     name = args.model or "SmolLM2-135M-Instruct"

@@ -40,11 +40,11 @@ _check_installed()
 # importing the runtime here would make every kernel import drag in the model, the session and
 # the tokenizers (tests/test_layers.py checks that it does not).
 _PUBLIC = {
-    "ModelConfig": "config", "Transformer": "model", "load_model": "model", "Session": "session",
-    "SamplingParams": "sampling", "load_tokenizer": "tokenizer", "builtin_model": "builtin",
-    "default_model": "builtin", "generate_text": "generation", "generate_tokens": "generation",
-    "UserError": "contract", "CheckpointError": "contract", "UnsupportedModelError": "contract",
-    "Geometry": "contract", "Recall": "recall",
+    "ModelConfig": "runtime.config", "Transformer": "runtime.model", "load_model": "loading.load",
+    "Session": "runtime.session", "SamplingParams": "runtime.sampling", "load_tokenizer": "loading.tokenizer",
+    "builtin_model": "loading.builtin", "default_model": "loading.builtin", "generate_text": "runtime.generation",
+    "generate_tokens": "runtime.generation", "UserError": "contract", "CheckpointError": "contract",
+    "UnsupportedModelError": "contract", "Geometry": "contract", "Recall": "runtime.recall",
 }
 __all__ = list(_PUBLIC)
 __version__ = "0.1.0"

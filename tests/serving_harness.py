@@ -1,5 +1,5 @@
 """Process harness for the serving tests: a real tritonserver (the one nvidia-pytriton bundles)
-started by ``python -m streaming_trt.serve``, bound to 127.0.0.1, on a tiny random checkpoint.
+started by ``python -m streaming_trt.cli.serve``, bound to 127.0.0.1, on a tiny random checkpoint.
 
 Every reply is checked token by token against the same conversation run in-process with
 ``Session`` through the same ``Conversation`` the chat CLI and the scheduler use, greedy. Test modules that need a
@@ -21,7 +21,7 @@ import torch
 
 import streaming_trt as st
 from checkpoints import make_checkpoint, save_tokenizer
-from streaming_trt.client import Client, Conversation
+from streaming_trt.serving.client import Client, Conversation
 
 SINK, WINDOW, TOKENS = 4, 40, 6   # the cache rolls after about two turns
 
@@ -78,7 +78,7 @@ def wait_free(ports, timeout: float = 30.0) -> None:
 
 def scripted_gateway(client, state_dir, **app_kwargs):
     """The OpenAI gateway on a free loopback port in front of ``client``, a scripted stand-in for
-    :class:`~streaming_trt.client.Client` (no tritonserver); ``.port`` and ``.client`` are set."""
+    :class:`~streaming_trt.serving.client.Client` (no tritonserver); ``.port`` and ``.client`` are set."""
     pytest.importorskip("uvicorn", reason="the gateway needs uvicorn and starlette")
     from streaming_trt.serving.gateway import GatewayThread
 
@@ -90,14 +90,14 @@ def scripted_gateway(client, state_dir, **app_kwargs):
 
 
 class Server:
-    """``python -m streaming_trt.serve`` in its own process group; ports chosen free."""
+    """``python -m streaming_trt.cli.serve`` in its own process group; ports chosen free."""
 
     def __init__(self, model_dir: Path, session_dir: Path, log: Path, max_resident: int = 64, openai: bool = False,
                  extra: list[str] = (), ports: tuple[int, int, int] | None = None):
         self.http, self.grpc, self.openai = ports or free_ports(3)
         if ports:
             wait_free(ports)
-        cmd = [sys.executable, "-m", "streaming_trt.serve", "--model", str(model_dir), "--sink-tokens", str(SINK),
+        cmd = [sys.executable, "-m", "streaming_trt.cli.serve", "--model", str(model_dir), "--sink-tokens", str(SINK),
                "--window", str(WINDOW), "--threads", "1", "--max-new-tokens", str(TOKENS), "--host", "127.0.0.1",
                "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--session-dir", str(session_dir),
                "--host-memory", str(max_resident * conversation_bytes(model_dir)), "--max-input-bytes", str(64 * 1024)]
@@ -177,11 +177,11 @@ def server(checkpoint, tmp_path_factory):
 
 def reference(local, texts: list[str], max_tokens: int = TOKENS, seen: list | None = None) -> list[list[int]]:
     """Reply tokens (stop tokens left out) of one conversation run in-process, greedy, through the
-    same :class:`~streaming_trt.conversation.Conversation` the server's scheduler uses; ``seen``
+    same :class:`~streaming_trt.runtime.chat.Conversation` the server's scheduler uses; ``seen``
     receives the stream length after each turn."""
-    from streaming_trt.conversation import Conversation
-    from streaming_trt.generation import eos_ids
-    from streaming_trt.sampling import Sampler, SamplingParams
+    from streaming_trt.runtime.chat import Conversation
+    from streaming_trt.runtime.generation import eos_ids
+    from streaming_trt.runtime.sampling import Sampler, SamplingParams
 
     model, tok = local
     threads = torch.get_num_threads()
@@ -237,7 +237,7 @@ def raw_turn(url: str, inputs: list[tuple[str, object, str]], seq: int, start: b
 
 
 def reference_text(local, tokens: list[int]) -> str:
-    from streaming_trt.tokenizer import IncrementalDecoder
+    from streaming_trt.runtime.generation import IncrementalDecoder
 
     decoder = IncrementalDecoder(local[1])
     return "".join(decoder.push(t) for t in tokens)

@@ -17,8 +17,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import baselines, endless, harness, latency, long_ppl  # noqa: E402
-from streaming_trt.builtin import builtin_config, builtin_state_dict  # noqa: E402
-from streaming_trt.model import Transformer  # noqa: E402
+from streaming_trt.loading.builtin import builtin_config, builtin_state_dict  # noqa: E402
+from streaming_trt.runtime.model import Transformer  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -236,7 +236,7 @@ def test_hf_twin_shares_weights_and_is_checked():
 def test_builtin_text_is_there_and_plain():
     text = harness.BUILTIN_TEXT.read_text(encoding="ascii")
     assert 200_000 < len(text) < 1_000_000
-    from streaming_trt.tokenizer import load_tokenizer
+    from streaming_trt.loading.tokenizer import load_tokenizer
 
     ids = load_tokenizer(None).encode(text[:5000])
     assert 0 not in ids  # the character tokenizer knows every character

@@ -1,4 +1,4 @@
-"""``python -m streaming_trt.build``: outputs, the written engine command, errors and atomicity."""
+"""``python -m streaming_trt.cli.build``: outputs, the written engine command, errors and atomicity."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 
-import streaming_trt.export.cli as export_cli
+import streaming_trt.cli.build as export_cli
 from checkpoints import make_checkpoint
-from streaming_trt.build import main
+from streaming_trt.cli.build import main
 from streaming_trt.export import Toolchain
 from streaming_trt.export.inference_server import model_parameters, parse_model_config
 
@@ -202,12 +202,12 @@ def test_a_failed_build_leaves_nothing(llama, tmp_path, capsys, monkeypatch):
 
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "streaming_trt.build", "--model", str(tmp_path / "none"),
+    proc = subprocess.run([sys.executable, "-m", "streaming_trt.cli.build", "--model", str(tmp_path / "none"),
                            "--output", str(tmp_path / "out"), "--sink-tokens", "4", "--window", "8"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "no such directory" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "streaming_trt.build", "--model", "x"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "streaming_trt.cli.build", "--model", "x"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "required" in proc.stderr
 

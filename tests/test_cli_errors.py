@@ -31,68 +31,68 @@ BUILD = ["--model", "{model}", "--sink-tokens", "4", "--window", "8"]
 # file that is not a session; every path is relative to the case's own empty working directory.
 CASES = [
     # generate
-    ("gen-window-0", "streaming_trt.generate", RANDOM + ["--window", "0"], "window must be"),
-    ("gen-window-bool-text", "streaming_trt.generate", RANDOM + ["--window", "True"], "invalid int value"),
-    ("gen-window-float", "streaming_trt.generate", RANDOM + ["--window", "3.5"], "invalid int value"),
-    ("gen-sinks-negative", "streaming_trt.generate", RANDOM + ["--sink-tokens", "-1"], "sink_tokens must be"),
-    ("gen-window-huge", "streaming_trt.generate", RANDOM + ["--window", "1000000000"], "needs"),
-    ("gen-sinks-huge", "streaming_trt.generate", RANDOM + ["--sink-tokens", "1000000000"], "needs"),
-    ("gen-temperature", "streaming_trt.generate", RANDOM + ["--temperature", "-1"], "temperature must be"),
-    ("gen-temperature-nan", "streaming_trt.generate", RANDOM + ["--temperature", "nan"], "temperature must be"),
-    ("gen-top-p", "streaming_trt.generate", RANDOM + ["--top-p", "1.5"], "top_p must be"),
-    ("gen-top-k", "streaming_trt.generate", RANDOM + ["--top-k", "-3"], "top_k must be"),
-    ("gen-max-new", "streaming_trt.generate", RANDOM + ["--max-new-tokens", "-1"], "max_new_tokens must be"),
-    ("gen-model-missing", "streaming_trt.generate", ["--model", "nowhere/model"], "nowhere/model"),
-    ("gen-model-file", "streaming_trt.generate", ["--model", "{file}"], "not a directory"),
-    ("gen-model-empty-dir", "streaming_trt.generate", ["--model", "{dir}"], "config.json"),
-    ("gen-device", "streaming_trt.generate", RANDOM + ["--device", "gpu"], "not a device name"),
-    ("gen-dtype", "streaming_trt.generate", RANDOM + ["--dtype", "int8"], "invalid choice"),
-    ("gen-unknown-flag", "streaming_trt.generate", RANDOM + ["--bogus"], "unrecognized arguments"),
-    ("gen-prompt-file-missing", "streaming_trt.generate", RANDOM + ["--prompt-file", "none.txt"], "No such file"),
-    ("gen-prompt-file-dir", "streaming_trt.generate", RANDOM + ["--prompt-file", "{dir}"], "Is a directory"),
-    ("gen-save-under-file", "streaming_trt.generate", RANDOM + ["--save-session", "{file}/s.st"],
+    ("gen-window-0", "streaming_trt.cli.generate", RANDOM + ["--window", "0"], "window must be"),
+    ("gen-window-bool-text", "streaming_trt.cli.generate", RANDOM + ["--window", "True"], "invalid int value"),
+    ("gen-window-float", "streaming_trt.cli.generate", RANDOM + ["--window", "3.5"], "invalid int value"),
+    ("gen-sinks-negative", "streaming_trt.cli.generate", RANDOM + ["--sink-tokens", "-1"], "sink_tokens must be"),
+    ("gen-window-huge", "streaming_trt.cli.generate", RANDOM + ["--window", "1000000000"], "needs"),
+    ("gen-sinks-huge", "streaming_trt.cli.generate", RANDOM + ["--sink-tokens", "1000000000"], "needs"),
+    ("gen-temperature", "streaming_trt.cli.generate", RANDOM + ["--temperature", "-1"], "temperature must be"),
+    ("gen-temperature-nan", "streaming_trt.cli.generate", RANDOM + ["--temperature", "nan"], "temperature must be"),
+    ("gen-top-p", "streaming_trt.cli.generate", RANDOM + ["--top-p", "1.5"], "top_p must be"),
+    ("gen-top-k", "streaming_trt.cli.generate", RANDOM + ["--top-k", "-3"], "top_k must be"),
+    ("gen-max-new", "streaming_trt.cli.generate", RANDOM + ["--max-new-tokens", "-1"], "max_new_tokens must be"),
+    ("gen-model-missing", "streaming_trt.cli.generate", ["--model", "nowhere/model"], "nowhere/model"),
+    ("gen-model-file", "streaming_trt.cli.generate", ["--model", "{file}"], "not a directory"),
+    ("gen-model-empty-dir", "streaming_trt.cli.generate", ["--model", "{dir}"], "config.json"),
+    ("gen-device", "streaming_trt.cli.generate", RANDOM + ["--device", "gpu"], "not a device name"),
+    ("gen-dtype", "streaming_trt.cli.generate", RANDOM + ["--dtype", "int8"], "invalid choice"),
+    ("gen-unknown-flag", "streaming_trt.cli.generate", RANDOM + ["--bogus"], "unrecognized arguments"),
+    ("gen-prompt-file-missing", "streaming_trt.cli.generate", RANDOM + ["--prompt-file", "none.txt"], "No such file"),
+    ("gen-prompt-file-dir", "streaming_trt.cli.generate", RANDOM + ["--prompt-file", "{dir}"], "Is a directory"),
+    ("gen-save-under-file", "streaming_trt.cli.generate", RANDOM + ["--save-session", "{file}/s.st"],
      "is a file, not a directory"),
-    ("gen-save-no-dir", "streaming_trt.generate", RANDOM + ["--save-session", "no/such/s.st"], "does not exist"),
-    ("gen-save-is-dir", "streaming_trt.generate", RANDOM + ["--save-session", "{dir}"], "is a directory"),
-    ("gen-save-unwritable", "streaming_trt.generate", RANDOM + ["--save-session", UNWRITABLE + ".st"],
+    ("gen-save-no-dir", "streaming_trt.cli.generate", RANDOM + ["--save-session", "no/such/s.st"], "does not exist"),
+    ("gen-save-is-dir", "streaming_trt.cli.generate", RANDOM + ["--save-session", "{dir}"], "is a directory"),
+    ("gen-save-unwritable", "streaming_trt.cli.generate", RANDOM + ["--save-session", UNWRITABLE + ".st"],
      "not writable"),
-    ("gen-load-missing", "streaming_trt.generate", RANDOM + ["--load-session", "none.st"], "none.st"),
-    ("gen-load-garbage", "streaming_trt.generate", RANDOM + ["--load-session", "{garbage}"], "garbage"),
-    ("gen-load-dir", "streaming_trt.generate", RANDOM + ["--load-session", "{dir}"], "dir"),
+    ("gen-load-missing", "streaming_trt.cli.generate", RANDOM + ["--load-session", "none.st"], "none.st"),
+    ("gen-load-garbage", "streaming_trt.cli.generate", RANDOM + ["--load-session", "{garbage}"], "garbage"),
+    ("gen-load-dir", "streaming_trt.cli.generate", RANDOM + ["--load-session", "{dir}"], "dir"),
     # chat
-    ("chat-window-0", "streaming_trt.chat", RANDOM + ["--window", "0"], "window must be"),
-    ("chat-window-huge", "streaming_trt.chat", RANDOM + ["--window", "1000000000"], "needs"),
-    ("chat-top-p", "streaming_trt.chat", RANDOM + ["--top-p", "0"], "top_p must be"),
-    ("chat-model-file", "streaming_trt.chat", ["--model", "{file}"], "not a directory"),
-    ("chat-load-garbage", "streaming_trt.chat", RANDOM + ["--load-session", "{garbage}"], "garbage"),
+    ("chat-window-0", "streaming_trt.cli.chat", RANDOM + ["--window", "0"], "window must be"),
+    ("chat-window-huge", "streaming_trt.cli.chat", RANDOM + ["--window", "1000000000"], "needs"),
+    ("chat-top-p", "streaming_trt.cli.chat", RANDOM + ["--top-p", "0"], "top_p must be"),
+    ("chat-model-file", "streaming_trt.cli.chat", ["--model", "{file}"], "not a directory"),
+    ("chat-load-garbage", "streaming_trt.cli.chat", RANDOM + ["--load-session", "{garbage}"], "garbage"),
     # build
-    ("build-window-huge", "streaming_trt.build", ["--model", "{model}", "--output", "out", "--sink-tokens", "4",
+    ("build-window-huge", "streaming_trt.cli.build", ["--model", "{model}", "--output", "out", "--sink-tokens", "4",
                                                   "--window", "1000000000"], "no GPU has more than"),
-    ("build-sinks-huge", "streaming_trt.build", ["--model", "{model}", "--output", "out", "--sink-tokens",
+    ("build-sinks-huge", "streaming_trt.cli.build", ["--model", "{model}", "--output", "out", "--sink-tokens",
                                                  "1000000000", "--window", "8"], "no GPU has more than"),
-    ("build-window-int32", "streaming_trt.build", ["--model", "{model}", "--output", "out", "--sink-tokens", "4",
+    ("build-window-int32", "streaming_trt.cli.build", ["--model", "{model}", "--output", "out", "--sink-tokens", "4",
                                                    "--window", "3000000000"], "32-bit"),
-    ("build-window-1", "streaming_trt.build", ["--model", "{model}", "--output", "out", "--sink-tokens", "4",
+    ("build-window-1", "streaming_trt.cli.build", ["--model", "{model}", "--output", "out", "--sink-tokens", "4",
                                                "--window", "1"], "--window must be an integer >= 2"),
-    ("build-output-under-file", "streaming_trt.build", BUILD + ["--output", "{file}/out"],
+    ("build-output-under-file", "streaming_trt.cli.build", BUILD + ["--output", "{file}/out"],
      "is a file, not a directory"),
-    ("build-output-deep-under-file", "streaming_trt.build", BUILD + ["--output", "{file}/a/b"],
+    ("build-output-deep-under-file", "streaming_trt.cli.build", BUILD + ["--output", "{file}/a/b"],
      "is a file, not a directory"),
-    ("build-output-no-parent", "streaming_trt.build", BUILD + ["--output", "no/such/out"], "does not exist"),
-    ("build-output-unwritable", "streaming_trt.build", BUILD + ["--output", UNWRITABLE], "not writable"),
-    ("build-output-is-file", "streaming_trt.build", BUILD + ["--output", "{file}"], "already exists"),
-    ("build-output-is-file-overwrite", "streaming_trt.build", BUILD + ["--output", "{file}", "--overwrite"],
+    ("build-output-no-parent", "streaming_trt.cli.build", BUILD + ["--output", "no/such/out"], "does not exist"),
+    ("build-output-unwritable", "streaming_trt.cli.build", BUILD + ["--output", UNWRITABLE], "not writable"),
+    ("build-output-is-file", "streaming_trt.cli.build", BUILD + ["--output", "{file}"], "already exists"),
+    ("build-output-is-file-overwrite", "streaming_trt.cli.build", BUILD + ["--output", "{file}", "--overwrite"],
      "not a directory"),
-    ("build-triton-unwritable", "streaming_trt.build", BUILD + ["--output", "out", "--triton-repo", UNWRITABLE],
+    ("build-triton-unwritable", "streaming_trt.cli.build", BUILD + ["--output", "out", "--triton-repo", UNWRITABLE],
      "not writable"),
-    ("build-triton-under-file", "streaming_trt.build", BUILD + ["--output", "out", "--triton-repo", "{file}/r"],
+    ("build-triton-under-file", "streaming_trt.cli.build", BUILD + ["--output", "out", "--triton-repo", "{file}/r"],
      "is a file, not a directory"),
-    ("build-model-missing", "streaming_trt.build", ["--model", "none", "--output", "out", "--sink-tokens", "4",
+    ("build-model-missing", "streaming_trt.cli.build", ["--model", "none", "--output", "out", "--sink-tokens", "4",
                                                     "--window", "8"], "no such directory"),
-    ("build-tp", "streaming_trt.build", BUILD + ["--output", "out", "--tp", "3"], "does not divide"),
-    ("build-batch-0", "streaming_trt.build", BUILD + ["--output", "out", "--max-batch-size", "0"], "must be >= 1"),
-    ("build-missing-flag", "streaming_trt.build", ["--model", "{model}"], "required"),
-    ("build-format", "streaming_trt.build", BUILD + ["--output", "out", "--format", "nope"], "invalid choice"),
+    ("build-tp", "streaming_trt.cli.build", BUILD + ["--output", "out", "--tp", "3"], "does not divide"),
+    ("build-batch-0", "streaming_trt.cli.build", BUILD + ["--output", "out", "--max-batch-size", "0"], "must be >= 1"),
+    ("build-missing-flag", "streaming_trt.cli.build", ["--model", "{model}"], "required"),
+    ("build-format", "streaming_trt.cli.build", BUILD + ["--output", "out", "--format", "nope"], "invalid choice"),
     # benchmarks
     *[(f"{b}-out-under-file", f"bench.{b}", ["--out", "{file}/x"], "cannot create the folder")
       for b in ("latency", "long_ppl", "endless", "kernels")],
@@ -110,8 +110,8 @@ CASES = [
 
 if os.getuid() != 0:  # a read-only folder stops everyone but root
     CASES += [
-        ("build-output-readonly", "streaming_trt.build", BUILD + ["--output", "{readonly}/out"], "not writable"),
-        ("gen-save-readonly", "streaming_trt.generate", RANDOM + ["--save-session", "{readonly}/s.st"],
+        ("build-output-readonly", "streaming_trt.cli.build", BUILD + ["--output", "{readonly}/out"], "not writable"),
+        ("gen-save-readonly", "streaming_trt.cli.generate", RANDOM + ["--save-session", "{readonly}/s.st"],
          "not writable"),
     ]
 
@@ -119,7 +119,7 @@ DRIVER = textwrap.dedent(r"""
     import json, os, runpy, sys, traceback
     sys.path.insert(0, sys.argv[1])
     import torch, transformers, safetensors.torch  # noqa: F401  (imported once, shared by every child)
-    import streaming_trt, streaming_trt.cli, streaming_trt.export.cli  # noqa: F401
+    import streaming_trt, streaming_trt.cli.common, streaming_trt.cli.build  # noqa: F401
 
     def child(case):
         code = 1
@@ -233,8 +233,8 @@ def run_module(*args, cwd=None, **kw):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["streaming_trt.generate", *RANDOM, "--window", "1000000000"], "needs"),
-    (["streaming_trt.build", "--model", "nowhere", "--output", "out", "--sink-tokens", "4", "--window", "8"],
+    (["streaming_trt.cli.generate", *RANDOM, "--window", "1000000000"], "needs"),
+    (["streaming_trt.cli.build", "--model", "nowhere", "--output", "out", "--sink-tokens", "4", "--window", "8"],
      "no such directory"),
     (["bench.kernels", "--out", UNWRITABLE], "cannot create the folder"),
 ], ids=["generate", "build", "bench"])
@@ -247,9 +247,9 @@ def test_plain_processes_agree_with_the_forked_ones(argv, message, tmp_path):
 
 
 def test_before_set_up_a_command_says_to_run_it(tmp_path):
-    """A fresh clone without the dependencies: `python -m streaming_trt.generate` names the set-up
+    """A fresh clone without the dependencies: `python -m streaming_trt.cli.generate` names the set-up
     script instead of an ImportError traceback (-S hides the installed packages, as before set-up)."""
-    r = run_module("-S", "-m", "streaming_trt.generate")
+    r = run_module("-S", "-m", "streaming_trt.cli.generate")
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "bash scripts/setup.sh" in r.stderr and "torch" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -267,7 +267,7 @@ def report_seconds(stderr: str) -> float:
 def test_chat_tokens_per_second_leave_out_the_users_typing():
     """The user types for 3 s before the second turn: the reported time does not include it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "streaming_trt.chat", *RANDOM, "--window", "16"],
+    proc = subprocess.Popen([sys.executable, "-m", "streaming_trt.cli.chat", *RANDOM, "--window", "16"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=ROOT)
     proc.stdin.write("hi\n")
@@ -288,7 +288,7 @@ def test_chat_ctrl_d_puts_the_report_on_its_own_line():
     if pid == 0:  # the child: stdin, stdout and stderr are the terminal
         os.chdir(ROOT)
         os.environ["OMP_NUM_THREADS"] = "1"
-        os.execv(sys.executable, [sys.executable, "-m", "streaming_trt.chat", *RANDOM, "--window", "16"])
+        os.execv(sys.executable, [sys.executable, "-m", "streaming_trt.cli.chat", *RANDOM, "--window", "16"])
     output, sent, deadline = b"", False, time.time() + 240
     while time.time() < deadline:
         ready, _, _ = select.select([fd], [], [], 0.5)

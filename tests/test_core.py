@@ -61,7 +61,7 @@ def test_capacity_warning_boundary(checkpoints):
 def test_keys_are_stored_rotated_at_their_text_position(checkpoints):
     """Layout check: a key read back from the cache, rotated back by its text position, equals the
     unrotated projection; stored keys are never rewritten while they stay in the cache."""
-    from streaming_trt.rope import apply_rotary, rotary_angles
+    from streaming_trt.runtime.rope import apply_rotary, rotary_angles
 
     path, _ = checkpoints("llama", num_hidden_layers=1)
     model = st.load_model(path, backend="torch")
@@ -175,7 +175,7 @@ def _rewrite(file, change_tensors=None, change_meta=None):
 
 
 def _resum(tensors, meta):
-    from streaming_trt.session import _checksum
+    from streaming_trt.runtime.session import _checksum
 
     meta["checksum"] = _checksum(tensors, meta)
 
@@ -233,7 +233,7 @@ def test_cli_refuses_damaged_session_with_one_line(saved, tmp_path):
     from checkpoints import save_tokenizer
 
     save_tokenizer(ckpt)
-    r = subprocess.run([sys.executable, "-m", "streaming_trt.generate", "--model", str(ckpt), "--load-session",
+    r = subprocess.run([sys.executable, "-m", "streaming_trt.cli.generate", "--model", str(ckpt), "--load-session",
                         str(file), "--prompt", "a", "--max-new-tokens", "2"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "checksum" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -267,7 +267,7 @@ class _nothing:
 def test_device_only_decode_plan_equals_planned_decode(checkpoints):
     """The step a CUDA graph captures (plan from device state only, rank angles always formed,
     the cache-full variant without a mask), run eagerly, equals the host-planned decode."""
-    from streaming_trt.graphs import DecodeGraphs
+    from streaming_trt.runtime.graphs import DecodeGraphs
 
     path, _ = checkpoints("llama")
     model = st.load_model(path, backend="torch")

@@ -10,7 +10,7 @@ import streaming_trt as st
 from checkpoints import make_checkpoint
 from streaming_trt.contract import UserError
 from streaming_trt.engine import BatchRunner, StreamState
-from streaming_trt.sampling import SamplingParams
+from streaming_trt.runtime.sampling import SamplingParams
 
 SINK, WINDOW = 4, 40
 NAN = float("nan")
@@ -35,7 +35,7 @@ def test_a_batch_of_rows_equals_each_conversation_alone(model, recall, monkeypat
     logits at every step equal the same conversation alone; with recall, blocks were selected, the
     selections equal, and the four rows past the window attended to their blocks in one batched
     call beside the short one."""
-    import streaming_trt.recall as recall_module
+    import streaming_trt.runtime.recall as recall_module
 
     batched_calls = []
     one_call = recall_module._attend_recalled_rows

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoints import make_checkpoint
-from streaming_trt.checkpoint import load_checkpoint
+from streaming_trt.loading.checkpoint import load_checkpoint
 from streaming_trt.contract import CheckpointError, UnsupportedModelError, UserError
 from streaming_trt.export import (Mapping, export_checkpoint, load_trtllm_checkpoint, merge_trtllm_checkpoint,
                                   read_trtllm_checkpoint)

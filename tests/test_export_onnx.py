@@ -4,7 +4,7 @@ One export per architecture (module-scoped fixtures): the graph takes ``sink_tok
 and the capacity from the caches' shape, so one export serves S in {0, 1, 4}. Every token's logits
 over streams three times the capacity, fed token by token, in chunks of 7 and in chunks longer than
 the window, in a ragged batch, within 1e-4 (float32). The llama export is made by the command line
-(``python -m streaming_trt.build --format onnx``); the others by ``export_onnx``.
+(``python -m streaming_trt.cli.build --format onnx``); the others by ``export_onnx``.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def _export(arch: str, tmp_path_factory):
     model = st.load_model(base / "ckpt", backend="torch")
     out = base / "export"
     if arch == "llama":
-        from streaming_trt.export.cli import main
+        from streaming_trt.cli.build import main
 
         assert main(["--format", "onnx", "--model", str(base / "ckpt"), "--output", str(out), "--sink-tokens",
                      str(EXPORT_S), "--window", str(WINDOW), "--max-input-len", "64", "--max-batch-size", "4"]) == 0
@@ -176,11 +176,11 @@ def test_manifest_trtexec_and_triton(exported_llama):
 def test_generate_cli_engine(exported_llama):
     arch, model, out = exported_llama
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "streaming_trt.generate", "--engine", str(out), "--prompt", "hello",
+    r = subprocess.run([sys.executable, "-m", "streaming_trt.cli.generate", "--engine", str(out), "--prompt", "hello",
                         "--max-new-tokens", "12", "--ignore-eos"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "12 tokens" in r.stderr or "tokens fed" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "streaming_trt.generate", "--engine", str(out), "--save-session",
+    r = subprocess.run([sys.executable, "-m", "streaming_trt.cli.generate", "--engine", str(out), "--save-session",
                         str(out.parent / "s.safetensors")], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "eager runtime only" in r.stderr and "Traceback" not in r.stderr
 
@@ -199,7 +199,7 @@ def test_refusals(exported_llama, tmp_path):
         sx.OnnxSession(out).feed([model.config.vocab_size])
     with pytest.raises(st.UserError, match="cannot be saved"):
         sx.OnnxSession(out).save(tmp_path / "s")
-    from streaming_trt.export.cli import main
+    from streaming_trt.cli.build import main
 
     assert main(["--format", "onnx", "--model", str(out), "--output", str(tmp_path / "y"), "--sink-tokens", "4",
                  "--window", "8", "--tp", "2"]) == 2
@@ -225,7 +225,7 @@ REAL = os.environ.get("STREAMING_TRT_ONNX_REAL") == "1"
 @pytest.mark.skipif(not REAL, reason="exporting the 30-layer SmolLM2 graph takes minutes (13 min on 2 busy cores); "
                                      "set STREAMING_TRT_ONNX_REAL=1 to run it")
 def test_real_default_model(tmp_path):
-    from streaming_trt.builtin import INSTALL_HINT, smollm2_path
+    from streaming_trt.loading.builtin import INSTALL_HINT, smollm2_path
 
     path = smollm2_path()
     if path is None:

@@ -1,7 +1,7 @@
 """Parity of a real TensorRT-LLM sink-token engine with the emulation and the contract.
 
 Runs only where TensorRT-LLM 0.9-0.21 and a CUDA GPU are present (it builds a tiny engine with
-``python -m streaming_trt.build``); elsewhere every test is skipped with what is missing. The
+``python -m streaming_trt.cli.build``); elsewhere every test is skipped with what is missing. The
 engine's greedy tokens and generation logits are compared with:
 
 - ``TrtllmSinkEmulator`` (TensorRT-LLM's convention in PyTorch) for every prompt length;
@@ -28,7 +28,7 @@ ATOL = 5e-2  # float16 engine against float64 emulation
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     from checkpoints import make_checkpoint
-    from streaming_trt.build import main
+    from streaming_trt.cli.build import main
 
     root = tmp_path_factory.mktemp("parity")
     # head_dim 64: a size every TensorRT-LLM attention kernel supports
@@ -58,8 +58,8 @@ def run_engine(root, prompt: list[int]):
 
 def fp16_model(root):
     """The eager model with the engine's float16-rounded weights, computing in float32."""
-    from streaming_trt.checkpoint import load_checkpoint
-    from streaming_trt.model import Transformer
+    from streaming_trt.loading.checkpoint import load_checkpoint
+    from streaming_trt.runtime.model import Transformer
 
     config, tensors = load_checkpoint(root / "hf")
     return Transformer.from_state_dict(config, {k: v.half().float() for k, v in tensors.items()})

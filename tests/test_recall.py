@@ -15,7 +15,7 @@ import torch
 
 import streaming_trt as st
 from oracles import close
-from streaming_trt.recall import BlockStore, Recall
+from streaming_trt.runtime.recall import BlockStore, Recall
 
 NAN = float("nan")
 

@@ -166,7 +166,7 @@ def test_sharded_checkpoint_loads(tmp_path):
 
 def test_rotary_table_matches_transformers(checkpoints):
     """llama3 rope scaling: our table against transformers' rotary embedding."""
-    from streaming_trt.rope import rotary_table
+    from streaming_trt.runtime.rope import rotary_table
 
     path, hf = checkpoints("llama3")
     cos, sin = rotary_table(st.ModelConfig.from_dir(path), 64)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from streaming_trt.contract import UserError
-from streaming_trt.sampling import Sampler, SamplingParams
+from streaming_trt.runtime.sampling import Sampler, SamplingParams
 
 # Distinct logits, far enough apart that no kept set sits on a rounding boundary.
 LOGITS = [2.0, 0.5, -1.0, 1.2, 3.1, -0.3, 0.9, -2.2]
@@ -309,7 +309,7 @@ def test_generate_tokens_counts_the_prompt_and_the_reply():
     """On the built-in model, greedy with a frequency penalty: every token equals the argmax of
     the reference-penalised logits of the runtime, the history being the prompt and the reply."""
     import streaming_trt as st
-    from streaming_trt.builtin import builtin_model
+    from streaming_trt.loading.builtin import builtin_model
 
     model = builtin_model()
     prompt = [5, 6, 7, 5, 6, 7, 5]
@@ -328,7 +328,7 @@ def test_generate_tokens_counts_the_prompt_and_the_reply():
 
 
 def test_token_logprobs_are_the_log_softmax():
-    from streaming_trt.sampling import token_logprobs
+    from streaming_trt.runtime.sampling import token_logprobs
 
     total = math.log(sum(math.exp(x) for x in LOGITS))
     chosen, top = token_logprobs(torch.tensor(LOGITS), 3, top=3)
@@ -342,7 +342,7 @@ def test_token_logprobs_are_the_log_softmax():
 
 # --- the command lines' defaults -------------------------------------------------------------------------
 
-from streaming_trt.sampling import checkpoint_defaults, cli_params  # noqa: E402
+from streaming_trt.cli.common import checkpoint_defaults, cli_params  # noqa: E402
 
 NO_FLAGS = dict(temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None,
                 frequency_penalty=None, presence_penalty=None, penalty_window=None, seed=None)
@@ -404,7 +404,7 @@ def test_generate_cli_prints_the_seed_and_the_seed_repeats_the_run(capsys):
 @pytest.mark.parametrize("field,value", [("repetition_penalty", 1e-300), ("repetition_penalty", 1e300),
                                          ("top_p", 5e-324), ("temperature", 1e300), ("temperature", float("inf"))])
 def test_parameters_that_float32_breaks_are_refused(field, value):
-    from streaming_trt.sampling import SamplingParams
+    from streaming_trt.runtime.sampling import SamplingParams
 
     with pytest.raises(UserError, match=field):
         SamplingParams(**{field: value})
@@ -412,7 +412,7 @@ def test_parameters_that_float32_breaks_are_refused(field, value):
 
 @pytest.mark.parametrize("params", [dict(temperature=1.0, seed=0), dict(temperature=0.0)])
 def test_a_stream_without_a_distribution_is_refused_by_name(params):
-    from streaming_trt.sampling import Sampler, SamplingError, SamplingParams
+    from streaming_trt.runtime.sampling import Sampler, SamplingError, SamplingParams
 
     sampler = Sampler(SamplingParams(**params))
     with pytest.raises(SamplingError, match=r"row\(s\) \[0\]"):

@@ -11,10 +11,10 @@ import pytest
 
 import streaming_trt as st
 from checkpoints import make_checkpoint, save_tokenizer, tiny_chat_model
-from streaming_trt.conversation import Conversation
+from streaming_trt.runtime.chat import Conversation
 from streaming_trt.contract import UserError
-from streaming_trt.generation import eos_ids
-from streaming_trt.sampling import Sampler, SamplingParams
+from streaming_trt.runtime.generation import eos_ids
+from streaming_trt.runtime.sampling import Sampler, SamplingParams
 from streaming_trt.serving.scheduler import Overloaded, Scheduler, TurnRequest
 from streaming_trt.serving.store import ConversationStore
 
@@ -255,7 +255,7 @@ def test_sink_token_model_conversations_equal_their_run_alone(tmp_path):
 def test_a_turn_without_a_distribution_fails_alone(local, tmp_path, monkeypatch):
     """One row's sampler finds no distribution mid-reply: only its turn fails (BAD_REQUEST, the
     reason named), the turn beside it goes on, and its conversation continues as before that turn."""
-    from streaming_trt.sampling import SamplingError
+    from streaming_trt.runtime.sampling import SamplingError
     from streaming_trt.serving.protocol import ErrorKind, kind_of
 
     sched, store = make(local, tmp_path, slots=4)

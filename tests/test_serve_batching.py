@@ -11,7 +11,7 @@ from serving_harness import SINK, WINDOW, Server, checkpoint, local, reference, 
 require_tritonserver()
 
 import streaming_trt as st  # noqa: E402
-from streaming_trt.client import Client, Conversation  # noqa: E402
+from streaming_trt.serving.client import Client, Conversation  # noqa: E402
 from streaming_trt.serving.journal import read_file  # noqa: E402
 
 
@@ -65,9 +65,9 @@ def test_sigkill_mid_load_loses_no_acknowledged_turn(checkpoint, local, tmp_path
 def test_recall_server_carries_each_conversations_block_store(checkpoint, local, tmp_path):  # noqa: F811
     """``serve --recall``: conversations past the window, evicted to disk between turns (host memory
     for one) and across a restart, equal the same conversation alone in-process with recall."""
-    from streaming_trt.conversation import Conversation as Chat
-    from streaming_trt.generation import eos_ids
-    from streaming_trt.sampling import Sampler, SamplingParams
+    from streaming_trt.runtime.chat import Conversation as Chat
+    from streaming_trt.runtime.generation import eos_ids
+    from streaming_trt.runtime.sampling import Sampler, SamplingParams
 
     model, tok = local
     recall = st.Recall(block_size=8, top_k=2)

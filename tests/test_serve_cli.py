@@ -1,4 +1,4 @@
-"""``python -m streaming_trt.serve`` without a server: flag errors and ``--write-repo``."""
+"""``python -m streaming_trt.cli.serve`` without a server: flag errors and ``--write-repo``."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import sys
 
 def test_serve_cli_bad_flags_and_write_repo(tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "streaming_trt.serve", *args], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "streaming_trt.cli.serve", *args], capture_output=True, text=True,
                               timeout=120)
 
     for args, words in ((["--slots", "0"], "--slots"), (["--host-memory", "lots"], "--host-memory"), (["--model", str(tmp_path / "nope")], "no such"),
@@ -28,7 +28,7 @@ def test_serve_cli_bad_flags_and_write_repo(tmp_path):
 
 def test_serve_cli_sequence_slots_and_key(tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "streaming_trt.serve", *args], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "streaming_trt.cli.serve", *args], capture_output=True, text=True,
                               timeout=120)
 
     r = run("--host", "0.0.0.0", "--model", "builtin:random")
@@ -56,7 +56,7 @@ def test_tritonserver_is_an_internal_component(tmp_path):
     assert "--http-port" not in flags and flags["--allow-metrics"] == "false"
     flags = dict(zip(*[iter(triton_command(Path("t"), Path("r"), "10.0.0.5", 8001, http_port=8000)[1:])] * 2))
     assert flags["--http-address"] == "127.0.0.1" and flags["--http-port"] == "8000"
-    r = subprocess.run([sys.executable, "-m", "streaming_trt.serve", "--model", "builtin:random", "--grpc-host",
+    r = subprocess.run([sys.executable, "-m", "streaming_trt.cli.serve", "--model", "builtin:random", "--grpc-host",
                         "0.0.0.0"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--grpc-host 0.0.0.0" in r.stderr and "--api-key" in r.stderr, r.stderr
 

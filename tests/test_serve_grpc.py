@@ -1,4 +1,4 @@
-"""Serving over Triton's gRPC stream with ``streaming_trt.client``: replies equal the in-process
+"""Serving over Triton's gRPC stream with ``streaming_trt.serving.client``: replies equal the in-process
 run, conversations survive eviction and SIGKILL, bad input is refused, nothing listens beyond loopback."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from serving_harness import (Server, checkpoint, local, raw_turn, reference, req
 
 require_tritonserver()
 
-from streaming_trt.client import Client, Conversation, ServerError  # noqa: E402
+from streaming_trt.serving.client import Client, Conversation, ServerError  # noqa: E402
 from streaming_trt.serving.protocol import ErrorKind  # noqa: E402
 
 

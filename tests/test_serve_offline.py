@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from serving_harness import scripted_gateway
-from streaming_trt.client import ServerError
+from streaming_trt.serving.client import ServerError
 from streaming_trt.serving.conversations import Conversations
 from streaming_trt.serving.protocol import TokenEvent, TurnResult
 
@@ -78,7 +78,7 @@ TOGETHER = 60  # more than anyio's default of 40 worker threads
 
 
 class ScriptedClient:
-    """Stands in for streaming_trt.client.Client: the user message says what the "server" does."""
+    """Stands in for streaming_trt.serving.client.Client: the user message says what the "server" does."""
 
     def __init__(self):
         self.turns = []

@@ -17,7 +17,7 @@ require_tritonserver()
 
 def test_openai_client_streamed_and_not_equal_in_process_and_reuse_the_prefix(server, local):
     openai = pytest.importorskip("openai", reason="the openai client is not installed")
-    from streaming_trt.conversation import TurnEncoder
+    from streaming_trt.runtime.chat import TurnEncoder
 
     api = openai.OpenAI(base_url=f"http://127.0.0.1:{server.openai}/v1", api_key="unused", timeout=60, max_retries=0)
     assert [m.id for m in api.models.list().data] == ["streaming-trt"]

@@ -47,7 +47,7 @@ def ask(api, text: str, stream: bool, **kw):
 def greedy_steps(local, ids: list[int], max_tokens: int, top: int):
     """In-process greedy decoding of ``ids`` on a fresh session: per reply token (id, its
     log-softmax value, the ``top`` most likely (id, logprob)), the stop token left out."""
-    from streaming_trt.generation import eos_ids
+    from streaming_trt.runtime.generation import eos_ids
 
     model, tok = local
     stop = eos_ids(tok, model.config)
@@ -92,7 +92,7 @@ def test_text_held_back_for_a_stop_string_is_given_back(api, local, stream):
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_logprobs_are_the_log_softmax_of_the_runtime_logits(api, local, stream):
-    from streaming_trt.conversation import TurnEncoder
+    from streaming_trt.runtime.chat import TurnEncoder
 
     text = f"logprobs test {stream}"
     steps = greedy_steps(local, TurnEncoder(local[1]).first_turn(text), 10, 3)

@@ -26,7 +26,7 @@ from serving_harness import (TOKENS, Server, checkpoint, local, raw_turn, refere
 
 require_tritonserver()
 
-from streaming_trt.client import Client, Conversation, ServerError  # noqa: E402
+from streaming_trt.serving.client import Client, Conversation, ServerError  # noqa: E402
 from streaming_trt.serving.protocol import ErrorKind  # noqa: E402
 
 KEY = "test-key-3f9c"
@@ -116,12 +116,12 @@ def test_client_and_repl_continue_across_a_server_restart(checkpoint, local, tmp
     conversations (the broken gRPC stream is replaced); while the server is down a turn fails with
     a clear error and is not fed; the OpenAI gateway's map survives, so the next request feeds only
     its new message."""
-    from streaming_trt.conversation import TurnEncoder
+    from streaming_trt.runtime.chat import TurnEncoder
 
     texts = texts_of(12, 3)
     a = Server(checkpoint, tmp_path / "sessions", tmp_path / "a.log", openai=True)
     ports = (a.http, a.grpc, a.openai)
-    repl = subprocess.Popen([sys.executable, "-m", "streaming_trt.client", "--url", a.url],
+    repl = subprocess.Popen([sys.executable, "-m", "streaming_trt.serving.client", "--url", a.url],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = bytearray(), bytearray()
     for pipe, buf in ((repl.stdout, out), (repl.stderr, err)):
@@ -230,7 +230,7 @@ def test_gateway_reaps_orphans_and_keeps_two_users_apart(keyed, local):
     on disk forever). Two users who send the same first message each continue their own
     conversation, feeding only their new message (before: the second one's map entry replaced the
     first's, orphaning it, and the first user's next turn fed its whole history)."""
-    from streaming_trt.conversation import TurnEncoder
+    from streaming_trt.runtime.chat import TurnEncoder
 
     conn = urllib.request.urlopen(urllib.request.Request(
         f"http://127.0.0.1:{keyed.openai}/v1/chat/completions",

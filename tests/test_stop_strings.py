@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from streaming_trt.contract import UserError
-from streaming_trt.generation import StopStrings, generate_text
+from streaming_trt.runtime.generation import StopStrings, generate_text
 
 # token id -> text piece; the stop "STOP" / "<|end|>" split over several of them
 VOCAB = ["Hel", "lo", " wor", "ld", "!", " S", "T", "OP", "ST", "<", "|e", "nd", "|>", " more", "S", "O", "P",
@@ -158,9 +158,9 @@ def test_chat_stops_before_a_stop_string_and_gives_back_held_text(tmp_path):
     the stop string, and text held back for a stop string that never came is given back."""
     import streaming_trt as st
     from checkpoints import make_checkpoint, save_tokenizer
-    from streaming_trt.conversation import Conversation
-    from streaming_trt.generation import eos_ids
-    from streaming_trt.sampling import Sampler, SamplingParams
+    from streaming_trt.runtime.chat import Conversation
+    from streaming_trt.runtime.generation import eos_ids
+    from streaming_trt.runtime.sampling import Sampler, SamplingParams
 
     make_checkpoint(tmp_path, "llama", seed=3)
     save_tokenizer(tmp_path)
@@ -215,7 +215,7 @@ def test_automaton_equals_the_definition(seed):
 
 
 def test_stop_strings_are_bounded():
-    from streaming_trt.generation import MAX_STOP_CHARS, MAX_STOP_STRINGS
+    from streaming_trt.runtime.generation import MAX_STOP_CHARS, MAX_STOP_STRINGS
 
     with pytest.raises(UserError, match=f"at most {MAX_STOP_STRINGS}"):
         StopStrings([f"s{i}" for i in range(MAX_STOP_STRINGS + 1)])

@@ -1,4 +1,4 @@
-"""python -m streaming_trt.train: training falls, resumes exactly, and its checkpoints run as trained."""
+"""python -m streaming_trt.cli.train: training falls, resumes exactly, and its checkpoints run as trained."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import streaming_trt as st
-from streaming_trt.config import ModelConfig
+from streaming_trt.runtime.config import ModelConfig
 from streaming_trt.contract import CheckpointError
-from streaming_trt.model import Transformer
+from streaming_trt.runtime.model import Transformer
 from streaming_trt.train import forward, new_model, train
-from streaming_trt.train import cli, data, files
+from streaming_trt.cli import train as cli
+from streaming_trt.train import data, files
 import train_runs
 from train_runs import tiny
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import streaming_trt as st
-from streaming_trt.config import ModelConfig
+from streaming_trt.runtime.config import ModelConfig
 from streaming_trt.contract import Geometry
 from streaming_trt.kernels import triton_available
 from streaming_trt.train import causal_attention, forward, new_model

@@ -141,7 +141,7 @@ def test_tensorrt_llm_checkpoint_keeps_the_sink_token(trained, tmp_path):
 
 @pytest.mark.parametrize("variant", ["zero-sink", "sink-logits"])
 def test_tensorrt_llm_export_refuses_sink_logits(trained, tmp_path, variant):
-    from streaming_trt.checkpoint import load_checkpoint
+    from streaming_trt.loading.checkpoint import load_checkpoint
     from streaming_trt.contract import UnsupportedModelError, UserError
     from streaming_trt.export import Mapping, export_checkpoint
     from streaming_trt.export.convert import write_trtllm_checkpoint

@@ -1,11 +1,11 @@
-"""Tiny training runs shared by the tests of python -m streaming_trt.train (seconds on a CPU)."""
+"""Tiny training runs shared by the tests of python -m streaming_trt.cli.train (seconds on a CPU)."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
 from streaming_trt.train import Settings, train
-from streaming_trt.train import cli
+from streaming_trt.cli import train as cli
 
 TEXT = Path(__file__).resolve().parent.parent / "bench" / "data" / "builtin_text.txt"
 

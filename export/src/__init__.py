@@ -7,7 +7,7 @@ a TensorRT-LLM that still has StreamingLLM (0.9 to 0.21) and a GPU are present.
 >>> export_checkpoint("llama-hf", "llama-trtllm", dtype="float16", tp=2)      # doctest: +SKIP
 >>> model = load_trtllm_checkpoint("llama-trtllm")   # any tp/pp, merged back  # doctest: +SKIP
 
-See docs/export.md for the command line (``python -m streaming_trt.build``) and the off-by-one
+See docs/export.md for the command line (``python -m streaming_trt.cli.build``) and the off-by-one
 between the streaming contract and TensorRT-LLM's ``max_attention_window_size``.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .inference_server import TritonOptions, write_triton_repo
 from .trtllm import ExportPlan, ExportResult, export_checkpoint, load_trtllm_checkpoint, plan_export
 
 # The user API. Everything else is an implementation detail of its submodule (import it from
-# there: ``streaming_trt.export.settings.runtime_settings``); the command line is ``export.cli``, the
+# there: ``streaming_trt.export.settings.runtime_settings``); the command line is ``streaming_trt.cli.build``, the
 # conversion ``export.trtllm``, the ONNX export the package ``export.onnx``.
 __all__ = [
     "SINK_VERSIONS", "EngineOptions", "ExportPlan", "ExportResult", "Mapping", "SinkSettings", "SourceModel",

@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from streaming_trt.config import ModelConfig, read_json_object
+from streaming_trt.runtime.config import ModelConfig, read_json_object
 from streaming_trt.contract import CheckpointError, UserError
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

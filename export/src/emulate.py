@@ -24,15 +24,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from streaming_trt.config import ModelConfig
+from streaming_trt.runtime.config import ModelConfig
 from streaming_trt.contract import Geometry, UserError
-from streaming_trt.rope import inverse_frequencies
+from streaming_trt.runtime.rope import inverse_frequencies
 
 from .settings import CONVENTIONS
 
 
 def hf_weights(model) -> dict[str, torch.Tensor]:
-    """Hugging Face names for the parameters of a :class:`streaming_trt.model.Transformer`."""
+    """Hugging Face names for the parameters of a :class:`streaming_trt.runtime.model.Transformer`."""
     return {(k if k.startswith("lm_head.") else "model." + k): v for k, v in model.state_dict().items()}
 
 
@@ -40,7 +40,7 @@ class TrtllmSinkEmulator:
     """One sequence through a sink-token engine: :meth:`context` once, then :meth:`step` per token.
 
     Args:
-        config: the model's :class:`~streaming_trt.config.ModelConfig`.
+        config: the model's :class:`~streaming_trt.runtime.config.ModelConfig`.
         weights: tensors with Hugging Face names (see :func:`hf_weights`).
         sink_token_length, max_attention_window_size: the engine's run-time settings.
         convention: ``"exclusive"`` (0.9 to 0.21) or ``"inclusive"``; see the module doc.

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from streaming_trt.contract import UserError
-from streaming_trt.versions import version_tuple
+from streaming_trt.runtime.versions import version_tuple
 
 from .settings import SINK_VERSIONS
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Iterator
 
 from streaming_trt.contract import UserError
-from streaming_trt.paths import check_parent_writable
-from streaming_trt.tokenizer import BuiltinTokenizer, load_tokenizer
+from streaming_trt.runtime.paths import check_parent_writable
+from streaming_trt.loading.tokenizer import BuiltinTokenizer, load_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
 TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "config.json")

@@ -71,7 +71,7 @@ def _parameters(params: dict[str, object]) -> str:
 
 
 def _header(name: str, backend: str | None, max_batch_size: int, platform: str | None = None) -> str:
-    lines = [f"# Written by streaming-trt (python -m streaming_trt.build --triton-repo).", f'name: "{name}"']
+    lines = [f"# Written by streaming-trt (python -m streaming_trt.cli.build --triton-repo).", f'name: "{name}"']
     if backend:
         lines.append(f'backend: "{backend}"')
     if platform:

@@ -27,7 +27,7 @@ import dataclasses
 import shlex
 
 from streaming_trt.contract import Geometry, UserError
-from streaming_trt.versions import version_tuple
+from streaming_trt.runtime.versions import version_tuple
 
 SINK_VERSIONS = "0.9.0 to 0.21.x"
 CONVENTIONS = ("exclusive", "inclusive")

@@ -21,7 +21,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from streaming_trt.config import ModelConfig
+from streaming_trt.runtime.config import ModelConfig
 from streaming_trt.contract import CheckpointError, UnsupportedModelError
 
 SINK_ROPE_TYPES = ("default", "linear")

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from streaming_trt.checkpoint import load_checkpoint
+from streaming_trt.loading.checkpoint import load_checkpoint
 from streaming_trt.contract import UserError
-from streaming_trt.model import Transformer
+from streaming_trt.runtime.model import Transformer
 
 from .convert import DTYPES, Mapping, check_mapping, merge_trtllm_checkpoint, write_trtllm_checkpoint
 from .files import atomic_dir
@@ -96,7 +96,7 @@ def export_checkpoint(model_dir: str | Path, output_dir: str | Path, *, dtype: s
 
 def load_trtllm_checkpoint(path: str | Path, dtype: torch.dtype | str = torch.float32,
                            device: torch.device | str = "cpu", backend: str = "auto"):
-    """The eager runtime's :class:`~streaming_trt.model.Transformer` from a TensorRT-LLM checkpoint.
+    """The eager runtime's :class:`~streaming_trt.runtime.model.Transformer` from a TensorRT-LLM checkpoint.
 
     Every tp/pp rank is merged back into Hugging Face names (duplicated KV heads and vocab padding
     removed) and handed to ``Transformer.from_state_dict``.

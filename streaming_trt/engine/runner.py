@@ -1,6 +1,6 @@
 """The batch runner: every tensor of serving, behind rows named by plain integers.
 
-It holds one batched :class:`~streaming_trt.cache.StreamingCache` of ``slots`` streams (the pool),
+It holds one batched :class:`~streaming_trt.runtime.cache.StreamingCache` of ``slots`` streams (the pool),
 each row's newest logits, the decode steps captured per batch bucket (CUDA graphs on CUDA), and
 the placement of rows: a caller's row ``r`` lives in some physical row of the pool, chosen here.
 Rows that decode together are moved (swapped) to the bottom of the pool so that their decode
@@ -15,13 +15,13 @@ import dataclasses
 
 import torch
 
-from ..cache import StreamingCache
+from ..runtime.cache import StreamingCache
 from ..contract import Geometry, UserError
-from ..graphs import DecodeGraphs
-from ..kernel_backend import kernel_ops
-from ..recall import Recall, new_store
-from ..sampling import Sampler, SamplingError, SamplingParams, token_logprobs
-from ..session import feed_stream, model_fingerprint, token_batch
+from ..runtime.graphs import DecodeGraphs
+from ..runtime.kernel_backend import kernel_ops
+from ..runtime.recall import Recall, new_store
+from ..runtime.sampling import Sampler, SamplingError, SamplingParams, token_logprobs
+from ..runtime.session import feed_stream, model_fingerprint, token_batch
 from .state import StreamState
 
 MAX_CHUNK = 512  # the most prompt tokens of one row in one forward
@@ -42,11 +42,11 @@ class BatchRunner:
     """Runs ``slots`` streams of ``model`` in one batch.
 
     Args:
-        model: a :class:`~streaming_trt.model.Transformer`.
+        model: a :class:`~streaming_trt.runtime.model.Transformer`.
         geometry: every stream's cache geometry.
         slots: B, the streams held at once.
         fill_value: value of never-written cache slots (tests use NaN).
-        recall: a :class:`~streaming_trt.recall.Recall`: each row keeps its own block store.
+        recall: a :class:`~streaming_trt.runtime.recall.Recall`: each row keeps its own block store.
         capture_decode: run decode steps over a bucket (the next power of two of the rows,
             padded with free rows), replayed from one CUDA graph per bucket on CUDA (default: on
             CUDA only, without recall). Elsewhere the captured step runs eagerly.

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 
 from ..contract import Geometry, UserError
-from ..recall import new_store
-from ..session import model_fingerprint, read_session_file, write_session_file
+from ..runtime.recall import new_store
+from ..runtime.session import model_fingerprint, read_session_file, write_session_file
 
 MAX_CHUNK = 512  # what a session file records; a Session opened on it feeds prompts in chunks of this
 
@@ -18,9 +18,9 @@ class StreamState:
     ``keys``/``values``: ``[num_layers, kv_heads, capacity, head_dim]`` in the model's dtype, on
     the host (never-written slots hold ``fill_value``). ``seen``: tokens fed so far.
     ``last_logits``: ``[vocab]`` float32 of the newest token (None before any). ``recall``: the
-    stream's :class:`~streaming_trt.recall.BlockStore` when recall is on (host memory already; it is
+    stream's :class:`~streaming_trt.runtime.recall.BlockStore` when recall is on (host memory already; it is
     handed to the runner, not copied). ``fingerprint``: the model's (see
-    :func:`~streaming_trt.session.model_fingerprint`). Its file is a batch-1 session file, so
+    :func:`~streaming_trt.runtime.session.model_fingerprint`). Its file is a batch-1 session file, so
     ``Session.load`` opens it and :meth:`load` refuses another model's, a damaged or a foreign one.
     """
 

@@ -8,7 +8,7 @@ from types import ModuleType
 import torch
 
 from ..contract import Geometry, UserError
-from ..kernel_backend import kernel_ops, resolve_backend
+from ..runtime.kernel_backend import kernel_ops, resolve_backend
 from .compat import check_transformers
 
 check_transformers()  # a clear UserError on another release, before the imports below fail on it
@@ -114,8 +114,8 @@ class HFStreamingCache(Cache):
     ``sink_tokens + window`` slots per layer and stream (defaults: the model's enabled geometry); pass
     it as ``cache=`` to ``generate()`` or ``model()``. ``seen`` lists each stream's real tokens.
 
-    Not the runtime's :class:`streaming_trt.cache.StreamingCache` (that one serves
-    :class:`streaming_trt.model.Transformer`); ``streaming_trt.hf.StreamingCache`` is this class's old name.
+    Not the runtime's :class:`streaming_trt.runtime.cache.StreamingCache` (that one serves
+    :class:`streaming_trt.runtime.model.Transformer`); ``streaming_trt.hf.StreamingCache`` is this class's old name.
     """
 
     def __init__(self, model, sink_tokens: int | None = None, window: int | None = None):

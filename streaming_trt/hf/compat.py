@@ -4,7 +4,7 @@ from __future__ import annotations
 import inspect
 
 from ..contract import UserError
-from ..versions import version_tuple
+from ..runtime.versions import version_tuple
 
 # [min, max): every architecture equals the oracle on both ends (5.24.0 and the newest 5.x, .ci/run).
 # Before 5.24 models take their cache as `past_key_values` and Falcon / MPT call their attention with

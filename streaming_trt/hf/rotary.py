@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..contract import exact_angles
-from ..rope import apply_rotary
+from ..runtime.rope import apply_rotary
 
 
 class ExactRotary(nn.Module):

@@ -1,4 +1,4 @@
-"""Models pre-trained with a sink (``python -m streaming_trt.train``), inside transformers.
+"""Models pre-trained with a sink (``python -m streaming_trt.cli.train``), inside transformers.
 
 transformers' Llama knows neither config.json field, so :func:`attach_sink_logits` puts the sink
 logits on the attention modules and :func:`start_with_sink_token` feeds the sink token; both are

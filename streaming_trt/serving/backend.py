@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streaming_trt.cache import device_memory
-from streaming_trt.catalog import open_model
-from streaming_trt.cli import set_threads
+from streaming_trt.runtime.cache import device_memory
+from streaming_trt.loading.catalog import open_model
+from streaming_trt.runtime.threads import set_threads
 from streaming_trt.contract import Geometry, UserError
-from streaming_trt.recall import Recall
+from streaming_trt.runtime.recall import Recall
 from streaming_trt.serving import protocol
 from streaming_trt.serving.scheduler import Scheduler
 from streaming_trt.serving.store import ConversationStore

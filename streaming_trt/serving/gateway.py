@@ -40,7 +40,7 @@ try:
 except ImportError:  # the [serve] extra
     raise UserError("the OpenAI gateway needs starlette and uvicorn: pip install 'streaming-trt[serve]'") from None
 
-from ..client import Client, Conversation, ServerError, new_conversation_id
+from .client import Client, Conversation, ServerError, new_conversation_id
 from .conversations import Conversations, Reaper, conversation_key  # noqa: F401  (conversation_key: re-exported)
 from .openai_api import BadRequest, chat_logprobs, completion_logprobs, parse_chat, parse_completion
 from .protocol import HTTP, ErrorKind, TokenEvent
@@ -76,7 +76,7 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
 
     ``api_key``: every request must carry ``Authorization: Bearer KEY`` (and Triton is sent it).
     ``state_dir``: where the conversation map is kept (None: in memory only). ``client``: a
-    :class:`~streaming_trt.client.Client` to use instead of one made for ``triton_url``.
+    :class:`~streaming_trt.serving.client.Client` to use instead of one made for ``triton_url``.
     ``app.state.conversations`` / ``app.state.reaper`` are the map and its reaper thread;
     ``app.state.gateway`` is the :class:`Gateway` the handlers share. ``allowed_hosts``: Host
     names served besides the loopback ones (``"*"``: any; DNS rebinding needs a name not listed);

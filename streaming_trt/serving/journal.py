@@ -41,7 +41,7 @@ import torch
 
 from ..contract import Geometry, UserError
 from ..engine import StreamState
-from ..session import model_fingerprint
+from ..runtime.session import model_fingerprint
 
 SUFFIX = ".session"
 MAGIC = b"\x89STRTJ\r\n"  # not text, not a plausible safetensors header length

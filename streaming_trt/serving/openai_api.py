@@ -13,8 +13,8 @@ import dataclasses
 import math
 
 from ..contract import UserError
-from ..generation import MAX_STOP_CHARS, MAX_STOP_STRINGS
-from ..sampling import SamplingParams
+from ..runtime.generation import MAX_STOP_CHARS, MAX_STOP_STRINGS
+from ..runtime.sampling import SamplingParams
 
 CHAT, COMPLETIONS = "chat", "completions"
 BOTH = (CHAT, COMPLETIONS)

@@ -2,7 +2,7 @@
 
 - the Triton model's name and tensors (:data:`INPUTS`, :data:`OUTPUTS`, :data:`CONTROLS`): what
   ``config.pbtxt`` declares (:mod:`.repo`), what the backend reads and writes (:mod:`.backend`)
-  and what :mod:`streaming_trt.client` sends and reads;
+  and what :mod:`streaming_trt.serving.client` sends and reads;
 - the records: :class:`TurnRequest` (one turn, parsed and validated once, when it is made),
   :class:`TokenEvent` (one reply token) and :class:`TurnResult` (the turn's end);
 - errors: :class:`ErrorKind` codes carried on the wire in a structured payload
@@ -23,8 +23,8 @@ from typing import Callable
 import numpy as np
 
 from ..contract import UserError
-from ..generation import stop_strings
-from ..sampling import SamplingParams
+from ..runtime.generation import stop_strings
+from ..runtime.sampling import SamplingParams
 
 MODEL_NAME = "streaming_llm"
 MAX_OPTIONS_BYTES = 64 * 1024  # the OPTIONS JSON: sampling fields, stop strings (16 x 1024 characters), flags

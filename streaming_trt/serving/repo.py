@@ -17,7 +17,7 @@ from ..contract import UserError
 from .protocol import CONTROLS, CORRID_DTYPE, INPUTS, MODEL_NAME, OUTPUTS, Tensor
 
 CONFIG = """\
-# Written by `python -m streaming_trt.serve`: the eager streaming-trt runtime on the Python backend.
+# Written by `python -m streaming_trt.cli.serve`: the eager streaming-trt runtime on the Python backend.
 # One request = one chat turn; the conversation is the sequence (correlation id); replies stream.
 # The tensors are streaming_trt.serving.protocol's (docs/serving.md): text is UTF-8 in UINT8 tensors
 # (not BYTES: the wheel's backend stub mishandles numpy 2 arrays).

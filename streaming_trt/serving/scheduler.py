@@ -18,7 +18,7 @@ Each iteration of the scheduler's thread (Sarathi-Serve's stall-free batching):
 3. admits waiting turns into free slots (at most one turn per conversation at a time, in arrival
    order).
 
-With recall (:mod:`streaming_trt.recall`) every conversation keeps its own block store, and its
+With recall (:mod:`streaming_trt.runtime.recall`) every conversation keeps its own block store, and its
 rows decode in the same batched forward as all the others.
 
 Every row has its own sampling parameters, seed, stop tokens, stop strings and max_tokens;
@@ -34,10 +34,10 @@ import queue
 import threading
 
 from ..contract import UserError
-from ..conversation import Conversation
+from ..runtime.chat import Conversation
 from ..engine import BatchRunner
-from ..generation import StopStrings, eos_ids
-from ..tokenizer import IncrementalDecoder
+from ..runtime.generation import StopStrings, eos_ids
+from ..runtime.generation import IncrementalDecoder
 from .protocol import ErrorKind, Overloaded, ServingError, TokenEvent, TurnRequest, TurnResult
 
 __all__ = ["Scheduler", "Overloaded", "TokenEvent", "TurnRequest", "TurnResult"]
@@ -67,7 +67,7 @@ class Scheduler:
     """Batches turns of many conversations on one model (see the module docstring).
 
     Args:
-        model: a :class:`~streaming_trt.model.Transformer`.
+        model: a :class:`~streaming_trt.runtime.model.Transformer`.
         tokenizer: its tokenizer (chat template).
         store: a :class:`~streaming_trt.serving.store.ConversationStore` (idle conversations).
         slots: B, conversations whose turns run at once (one batched cache of B streams).
@@ -81,7 +81,7 @@ class Scheduler:
             slots, padded with free slots), replayed from one CUDA graph per bucket on CUDA
             (default: on CUDA only). Elsewhere the same captured step runs eagerly (how the tests
             check the padding).
-        recall: a :class:`~streaming_trt.recall.Recall`: every conversation keeps its evicted tokens
+        recall: a :class:`~streaming_trt.runtime.recall.Recall`: every conversation keeps its evicted tokens
             in a block store of its own (its rows still decode in the batched step).
     """
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..config import ModelConfig
+from ..runtime.config import ModelConfig
 from ..contract import UserError
 
 STATE = "train_state.pt"

@@ -1,9 +1,9 @@
 """The training forward: full causal attention over a sample, with the variant's softmax.
 
-It runs over the modules of the runtime's :class:`~streaming_trt.model.Transformer` (same
+It runs over the modules of the runtime's :class:`~streaming_trt.runtime.model.Transformer` (same
 parameter names, so a trained state dict loads into the runtime as it is) but never touches its
 cache or its inference-mode ``forward``. Positions are 0 .. n-1, the rotary convention is the
-runtime's (:mod:`streaming_trt.rope`).
+runtime's (:mod:`streaming_trt.runtime.rope`).
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelConfig
-from ..model import Transformer
-from ..rope import apply_rotary, rotary_angles
+from ..runtime.config import ModelConfig
+from ..runtime.model import Transformer
+from ..runtime.rope import apply_rotary, rotary_angles
 
 VARIANTS = ("vanilla", "sink-token", "zero-sink", "sink-logits")
 

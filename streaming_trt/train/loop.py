@@ -14,10 +14,10 @@ import torch.distributed
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..checkpoint import load_checkpoint
-from ..config import ModelConfig
+from ..loading.checkpoint import load_checkpoint
+from ..runtime.config import ModelConfig
 from ..contract import UserError
-from ..tokenizer import load_tokenizer
+from ..loading.tokenizer import load_tokenizer
 from . import data, files
 from .forward import VARIANTS, Objective, forward, new_model
 

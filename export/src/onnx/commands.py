@@ -1,12 +1,12 @@
-"""The command lines' ONNX paths: ``python -m streaming_trt.build --format onnx`` and
-``python -m streaming_trt.generate --engine DIR``."""
+"""The command lines' ONNX paths: ``python -m streaming_trt.cli.build --format onnx`` and
+``python -m streaming_trt.cli.generate --engine DIR``."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from streaming_trt.contract import Geometry, UserError
-from streaming_trt.model import load_model
-from streaming_trt.tokenizer import load_tokenizer
+from streaming_trt.loading.load import load_model
+from streaming_trt.loading.tokenizer import load_tokenizer
 
 from ..files import check_output_dir
 from .runner import OnnxSession, load_manifest
@@ -14,7 +14,7 @@ from .writer import Profile, check_dtype, export_onnx, say
 
 
 def build_onnx(args) -> int:
-    """The ``--format onnx`` writer of :mod:`streaming_trt.export.cli`: refuses TensorRT-LLM-only
+    """The ``--format onnx`` writer of :mod:`streaming_trt.cli.build`: refuses TensorRT-LLM-only
     flags, loads ``--model`` (directory or .gguf) on the CPU in float32 and calls :func:`export_onnx`."""
     refused = [flag for flag, bad in (("--tp", getattr(args, "tp", 1) != 1), ("--pp", getattr(args, "pp", 1) != 1),
                                       ("--gather-logits", getattr(args, "gather_logits", False)),
@@ -36,12 +36,12 @@ def build_onnx(args) -> int:
     model = load_model(args.model, dtype="float32", device="cpu", backend="torch")
     export_onnx(model, args.output, args.sink_tokens, args.window, dtype=dtype, profile=profile,
                 tokenizer_source=args.model, overwrite=args.overwrite, source=str(args.model))
-    say(f"run it: python -m streaming_trt.generate --engine {args.output}; TensorRT: sh {args.output}/build_trt_engine.sh")
+    say(f"run it: python -m streaming_trt.cli.generate --engine {args.output}; TensorRT: sh {args.output}/build_trt_engine.sh")
     return 0
 
 
 def open_engine(args):
-    """``python -m streaming_trt.generate --engine DIR``: ``(OnnxSession, tokenizer)`` for the flags;
+    """``python -m streaming_trt.cli.generate --engine DIR``: ``(OnnxSession, tokenizer)`` for the flags;
     refuses the flags an onnxruntime session cannot honour."""
     for flag, value in (("--save-session", getattr(args, "save_session", None)),
                         ("--load-session", getattr(args, "load_session", None))):

@@ -1,9 +1,9 @@
 """The streaming step as one traceable graph over explicit K/V caches (what ``export_onnx`` traces).
 
-The model's own modules run it: every decoder :class:`~streaming_trt.model.Block` (its norms,
+The model's own modules run it: every decoder :class:`~streaming_trt.runtime.model.Block` (its norms,
 projections, q/k norms and MLP) is called as the runtime calls it, with a :class:`GraphCache` in the
-place of the runtime's cache and a :class:`~streaming_trt.cache.StepPlan` built from the graph inputs
-(the host-formed cos/sin), so the rotation is :func:`streaming_trt.rope.apply_rotary`. Only the
+place of the runtime's cache and a :class:`~streaming_trt.runtime.cache.StepPlan` built from the graph inputs
+(the host-formed cos/sin), so the rotation is :func:`streaming_trt.runtime.rope.apply_rotary`. Only the
 attention over the past caches, and the ring write into them, are written here, as plain tensor ops
 that the ONNX exporter and TensorRT take: the slot bookkeeping (which slot holds which token, A(t),
 which chunk rows survive) is computed from ``seen`` and ``lengths``; the write is one ``ScatterND``.
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streaming_trt.cache import StepPlan
-from streaming_trt.rope import apply_rotary
+from streaming_trt.runtime.cache import StepPlan
+from streaming_trt.runtime.rope import apply_rotary
 
 INPUTS = ["input_ids", "logits_index", "seen", "lengths", "sink_tokens", "cos_text", "sin_text", "cos_rank", "sin_rank"]
 
@@ -68,7 +68,7 @@ class GraphCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan,
                sm_scale: float, sink_logits: torch.Tensor | None = None) -> torch.Tensor:
-        """As :meth:`streaming_trt.cache.StreamingCache.attend`: ``q [b, n, heads, d]``, ``k, v
+        """As :meth:`streaming_trt.runtime.cache.StreamingCache.attend`: ``q [b, n, heads, d]``, ``k, v
         [b, n, kv_heads, d]`` -> ``[b, n, heads, d]``; the layer's caches after the chunk go to ``presents``."""
         b, n, heads, d = q.shape
         kvh = k.shape[2]
@@ -98,7 +98,7 @@ class GraphCache:
 
 
 class StreamingStep(nn.Module):
-    """The streaming step of a :class:`streaming_trt.model.Transformer` with explicit caches.
+    """The streaming step of a :class:`streaming_trt.runtime.model.Transformer` with explicit caches.
 
     ``forward`` takes and returns the tensors listed in :mod:`streaming_trt.export.onnx` (past
     caches as ``*past``: keys and values interleaved per layer); the model's modules do the work.

@@ -1,4 +1,4 @@
-"""Running an ONNX export on onnxruntime as a stream session (:class:`streaming_trt.session.StreamSession`)."""
+"""Running an ONNX export on onnxruntime as a stream session (:class:`streaming_trt.runtime.session.StreamSession`)."""
 from __future__ import annotations
 
 import json
@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streaming_trt.config import ModelConfig
+from streaming_trt.runtime.config import ModelConfig
 from streaming_trt.contract import Geometry, UserError
-from streaming_trt.rope import rotary_angles
-from streaming_trt.session import StreamSession, feed_chunks, sink_token_starts, token_batch
+from streaming_trt.runtime.rope import rotary_angles
+from streaming_trt.runtime.session import StreamSession, feed_chunks, sink_token_starts, token_batch
 
 from .graph import INPUTS, io_names
 from .writer import FORMAT, VERSION
@@ -34,7 +34,7 @@ def load_manifest(path: str | Path) -> dict:
     path = Path(path)
     file = path / "manifest.json"
     if not file.is_file():
-        raise UserError(f"{path}: no manifest.json; export one with python -m streaming_trt.build --format onnx")
+        raise UserError(f"{path}: no manifest.json; export one with python -m streaming_trt.cli.build --format onnx")
     try:
         m = json.loads(file.read_text())
     except json.JSONDecodeError as e:
@@ -48,7 +48,7 @@ def load_manifest(path: str | Path) -> dict:
 
 class OnnxSession(StreamSession):
     """A batch of streams run by onnxruntime on an exported graph; the same ``feed`` as
-    :class:`streaming_trt.session.Session` (a :class:`~streaming_trt.session.StreamSession`), so
+    :class:`streaming_trt.runtime.session.Session` (a :class:`~streaming_trt.runtime.session.StreamSession`), so
     ``st.generate_tokens/generate_text`` accept it. Logits come back on the CPU.
 
     The caches stay on the execution provider's device between calls (I/O binding, two buffers per
@@ -157,7 +157,7 @@ class OnnxSession(StreamSession):
         return logits if all_rows else logits[:, 0]
 
     def feed(self, tokens, lengths=None, all_logits: bool = True) -> torch.Tensor:
-        """As :meth:`streaming_trt.session.Session.feed`: float32 logits ``[batch, n, vocab]`` of every
+        """As :meth:`streaming_trt.runtime.session.Session.feed`: float32 logits ``[batch, n, vocab]`` of every
         token fed (zero past a stream's length), or ``[batch, vocab]`` with ``all_logits=False``."""
         tokens, lengths = token_batch(tokens, lengths, self.batch, self.config.vocab_size, self.device)
         starts = sink_token_starts(self.config, lengths, self._seen)

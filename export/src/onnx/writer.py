@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from streaming_trt.contract import Geometry, UserError
-from streaming_trt.rope import inverse_frequencies
+from streaming_trt.runtime.rope import inverse_frequencies
 
 from ..files import atomic_dir, check_output_dir, save_tokenizer
 from .graph import StreamingStep, io_names
@@ -113,7 +113,7 @@ def export_onnx(model, output: str | Path, sink_tokens: int, window: int, dtype:
     ``triton/`` (onnxruntime- and tensorrt-backend repositories). Created whole or not at all.
 
     Args:
-        model: a :class:`streaming_trt.model.Transformer` (any dtype; cast to ``dtype``).
+        model: a :class:`streaming_trt.runtime.model.Transformer` (any dtype; cast to ``dtype``).
         sink_tokens, window: S and W, baked into the graph (C = S + W is the caches' slot axis).
         dtype: ``float32`` or ``float16`` (weights and caches; logits are always float32).
     """

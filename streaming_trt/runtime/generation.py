@@ -5,9 +5,34 @@ import collections
 import numbers
 from typing import Iterable, Iterator
 
-from .contract import UserError
+from ..contract import UserError
 from .sampling import Sampler, SamplingParams
-from .tokenizer import IncrementalDecoder
+
+
+class IncrementalDecoder:
+    """Turns a stream of token ids into text pieces without re-decoding the whole output.
+
+    Keeps only a few recent ids, so memory stays constant however long the stream; text is
+    held back while it ends in an incomplete UTF-8 sequence.
+    """
+
+    def __init__(self, tokenizer, context: int = 4):
+        self.tokenizer, self.context = tokenizer, context
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of decode(self.ids) already returned
+
+    def push(self, token: int) -> str:
+        self.ids.append(int(token))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[self.emitted :]
+        if len(self.ids) > self.context:
+            keep = self.ids[-self.context :]
+            self.ids, self.emitted = keep, len(self.tokenizer.decode(keep))
+        else:
+            self.emitted = len(text)
+        return piece
 
 
 def eos_ids(tokenizer, config) -> set[int]:
@@ -190,7 +215,7 @@ def generate_text(
     """Stream text: encode ``prompt``, feed it, and yield decoded pieces as tokens are drawn.
 
     Args:
-        session: a batch-1 :class:`~streaming_trt.session.Session`.
+        session: a batch-1 :class:`~streaming_trt.runtime.session.Session`.
         tokenizer: the model's tokenizer (``load_tokenizer``).
         prompt: text; empty is an error for a fresh session.
         stop_token_ids: ends generation (default: the tokenizer's and config's eos ids).

@@ -10,7 +10,7 @@ import sys
 
 from . import builtin
 from .builtin import DEFAULT_NOTICE, FALLBACK_NOTICE, NOTICE, RANDOM_NAME, SMOLLM2_NAME, builtin_model, default_model
-from .model import load_model
+from .load import load_model
 from .tokenizer import load_tokenizer
 
 

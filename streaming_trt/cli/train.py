@@ -1,4 +1,4 @@
-"""``python -m streaming_trt.train``: pre-train (or continue) a Llama-architecture model from scratch.
+"""``python -m streaming_trt.cli.train``: pre-train (or continue) a Llama-architecture model from scratch.
 
 Variants (section 3.3 of the StreamingLLM paper, and gpt-oss):
   vanilla       plain softmax attention;
@@ -16,10 +16,10 @@ import json
 import os
 import sys
 
-from .. import cli
 from ..contract import UserError
-from .forward import VARIANTS
-from .loop import Settings, train
+from ..train.forward import VARIANTS
+from ..train.loop import Settings, train
+from . import common
 
 PRESETS = {
     # the CPU demonstration (bench/RESULTS.md): 3.7M parameters, 2048 tokens a step; 140 steps took
@@ -38,9 +38,9 @@ PRESETS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m streaming_trt.train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m streaming_trt.cli.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example: nice -n 10 python -m streaming_trt.train --variant sink-token "
+                                epilog="example: nice -n 10 python -m streaming_trt.cli.train --variant sink-token "
                                        "--preset cpu-small --threads 1 --max-minutes 12 --out runs/sink-token")
     d = Settings()
     p.add_argument("--variant", choices=VARIANTS, default=None, help=f"default: {d.variant}")
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
             print(json.dumps(summary))
         return 0
 
-    return cli.run(job)
+    return common.run(job)
 
 
 if __name__ == "__main__":

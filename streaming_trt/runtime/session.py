@@ -14,7 +14,7 @@ import torch
 from .kernel_backend import kernel_ops
 from .cache import StreamingCache
 from .config import ModelConfig
-from .contract import Geometry, UserError
+from ..contract import Geometry, UserError
 from .graphs import DecodeGraphs
 
 FORMAT = "streaming-trt-session"
@@ -186,7 +186,7 @@ class SavedStreams:
     values: torch.Tensor
     seen: list[int]
     last_logits: torch.Tensor | None
-    recall: object | None  # the streaming_trt.recall.Recall the file was written with
+    recall: object | None  # the streaming_trt.runtime.recall.Recall the file was written with
     tensors: dict[str, torch.Tensor]
 
 
@@ -228,7 +228,7 @@ class Session(StreamSession):
     """``batch`` independent streams with their own StreamingLLM caches.
 
     Args:
-        model: a :class:`~streaming_trt.model.Transformer`.
+        model: a :class:`~streaming_trt.runtime.model.Transformer`.
         sink_tokens: S, the first tokens of each stream kept forever.
         window: W, the most recent tokens kept, the current one included (capacity = S + W).
         batch: number of streams.
@@ -236,9 +236,9 @@ class Session(StreamSession):
             invisible; it bounds the memory of one forward).
         cache_fill: value of never-written cache slots (tests use NaN to expose masking bugs).
         capture_decode: on CUDA, replay decode steps (one token per stream) from CUDA graphs
-            captured on first use (:mod:`streaming_trt.graphs`); ignored on a CPU. Default: the
+            captured on first use (:mod:`streaming_trt.runtime.graphs`); ignored on a CPU. Default: the
             model's ``cuda_graphs`` (True unless turned off, e.g. by ``--no-cuda-graphs``).
-        recall: a :class:`~streaming_trt.recall.Recall`: evicted tokens go to a host block store
+        recall: a :class:`~streaming_trt.runtime.recall.Recall`: evicted tokens go to a host block store
             and each forward attends to the most relevant blocks again (batch 1; prompts fed in
             chunks of at most ``recall.chunk``; no decode graphs). ``None``: plain StreamingLLM.
     """
@@ -257,7 +257,7 @@ class Session(StreamSession):
                                     model.inv_freq, cache_fill)
         self.last_logits: torch.Tensor | None = None  # [batch, vocab] logits of each stream's newest token
         self.graphs = None
-        self.recall = None  # the streaming_trt.recall.BlockStore when recall is on
+        self.recall = None  # the streaming_trt.runtime.recall.BlockStore when recall is on
         if recall is not None:
             from .recall import attach
 

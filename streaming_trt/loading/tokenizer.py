@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .builtin import SMOLLM2_NAME, BuiltinTokenizer, require_smollm2
-from .contract import CheckpointError
+from ..contract import CheckpointError
 from .gguf import is_gguf, load_gguf_tokenizer
 
 
@@ -37,29 +37,3 @@ def load_tokenizer(path: str | Path | None):
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # transformers raises many kinds for a missing or broken tokenizer
         raise CheckpointError(f"{path}: no usable tokenizer ({type(e).__name__}: {e})") from None
-
-
-class IncrementalDecoder:
-    """Turns a stream of token ids into text pieces without re-decoding the whole output.
-
-    Keeps only a few recent ids, so memory stays constant however long the stream; text is
-    held back while it ends in an incomplete UTF-8 sequence.
-    """
-
-    def __init__(self, tokenizer, context: int = 4):
-        self.tokenizer, self.context = tokenizer, context
-        self.ids: list[int] = []
-        self.emitted = 0  # characters of decode(self.ids) already returned
-
-    def push(self, token: int) -> str:
-        self.ids.append(int(token))
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        piece = text[self.emitted :]
-        if len(self.ids) > self.context:
-            keep = self.ids[-self.context :]
-            self.ids, self.emitted = keep, len(self.tokenizer.decode(keep))
-        else:
-            self.emitted = len(text)
-        return piece

@@ -25,9 +25,9 @@ import json
 
 import torch
 
-from .contract import Geometry, UserError
-from .kernels import recall_reference as R
-from .kernels import reference
+from ..contract import Geometry, UserError
+from ..kernels import recall_reference as R
+from ..kernels import reference
 from .rope import apply_rotary, rotary_angles
 
 SCORERS = ("bounds", "representative")
@@ -398,7 +398,7 @@ class BlockStore:
             v_cache[0, :, slot] = v[0, 0].to(v_cache.dtype).unsqueeze(1)
             attention = R.recall_decode_attention
             if cache.ops is not reference and not want_mass:  # the Triton kernel (CUDA)
-                from .kernels.recall_triton import recall_decode_attention as attention
+                from ..kernels.recall_triton import recall_decode_attention as attention
             out = attention(q_text[:, 0], q_sink[:, 0], q_block[:, 0], k_cache, v_cache, bk[None], bv[None], g,
                             sm_scale, sink_logits, **({"mass": True} if want_mass else {}))
             if want_mass:
@@ -417,7 +417,7 @@ class BlockStore:
 
 
 def attend_rows(cache, layer: int, q, k, v, plan, sm_scale: float, sink_logits=None) -> torch.Tensor:
-    """:meth:`StreamingCache.attend <streaming_trt.cache.StreamingCache.attend>` for a batch whose
+    """:meth:`StreamingCache.attend <streaming_trt.runtime.cache.StreamingCache.attend>` for a batch whose
     rows have block stores of their own (``cache.stores[b]``, ``plan.recall[b]``; None for a row
     without). Storing and selection are per row (each row its own blocks); in a decode step of
     full rows (rank positions, bounds scorer) the rows that recall the same number of blocks then
@@ -521,7 +521,7 @@ def _attend_recalled_rows(cache, layer: int, q, k, v, plan, rows: list[int], cho
         k_cache, v_cache = k_cache[index], v_cache[index]
     attention = R.recall_decode_attention
     if cache.ops is not reference:  # the Triton kernel (CUDA)
-        from .kernels.recall_triton import recall_decode_attention as attention
+        from ..kernels.recall_triton import recall_decode_attention as attention
     out = attention(q_text[:, 0], q_sink[:, 0], q_block[:, 0], k_cache, v_cache, bk, bv, g, sm_scale, sink_logits)
     return out[:, None]
 
@@ -557,31 +557,3 @@ def new_store(recall: Recall, model, geometry: Geometry) -> BlockStore:
                       f"model's max_position_embeddings ({limit}): recalled tokens take ranks the model never saw",
                       stacklevel=4)
     return BlockStore(recall, model.config, geometry, model.dtype, model.device, model.inv_freq)
-
-
-def add_flags(parser) -> None:
-    """``--recall`` and its settings, for the command lines that open a session (generate, chat)."""
-    g = parser.add_argument_group("recall of evicted tokens (streaming_trt.recall)")
-    g.add_argument("--recall", action="store_true",
-                   help="keep evicted tokens in a host block store and attend, at each step, to the blocks most "
-                        "relevant to the query again (one stream; GPU memory stays S + W + top-k x block size)")
-    d = Recall()
-    g.add_argument("--recall-top-k", type=int, default=None, metavar="K", help=f"blocks recalled per layer (default: {d.top_k})")
-    g.add_argument("--recall-block-size", type=int, default=None, metavar="B", help=f"tokens per block (default: {d.block_size})")
-    g.add_argument("--recall-scorer", choices=SCORERS, default=None,
-                   help=f"block scores: Quest min/max bounds or InfLLM representative keys (default: {d.scorer})")
-    g.add_argument("--recall-budget-mb", type=int, default=None, metavar="MB",
-                   help=f"host memory of the block store; the oldest blocks are dropped beyond it (default: {d.budget_bytes >> 20})")
-
-
-def from_flags(args) -> Recall | None:
-    """The :class:`Recall` that :func:`add_flags`' flags ask for, or None without ``--recall``."""
-    if not getattr(args, "recall", False):
-        given = [f for f in ("recall_top_k", "recall_block_size", "recall_scorer", "recall_budget_mb")
-                 if getattr(args, f, None) is not None]
-        if given:
-            raise UserError(f"--{given[0].replace('_', '-')} goes with --recall")
-        return None
-    kw = dict(top_k=args.recall_top_k, block_size=args.recall_block_size, scorer=args.recall_scorer,
-              budget_bytes=None if args.recall_budget_mb is None else args.recall_budget_mb << 20)
-    return Recall(**{k: v for k, v in kw.items() if v is not None})

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .contract import CheckpointError, UnsupportedModelError
+from ..contract import CheckpointError, UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")

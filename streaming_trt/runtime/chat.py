@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 from typing import Callable, Iterator
 
-from .contract import UserError
+from ..contract import UserError
 from .generation import StopStrings, generate_tokens
-from .tokenizer import IncrementalDecoder
+from .generation import IncrementalDecoder
 
 _USER, _ASSISTANT = "\x01user-placeholder\x01", "\x01assistant-placeholder\x01"
 _CONTENT = re.compile("\x02content-([0-9]+)\x02")  # a message's text that must stay text
@@ -128,7 +128,7 @@ class Conversation:
 
     Args:
         tokenizer: the model's tokenizer.
-        stop_ids: ids that end a reply (:func:`streaming_trt.generation.eos_ids`).
+        stop_ids: ids that end a reply (:func:`streaming_trt.runtime.generation.eos_ids`).
         system: a system prompt placed before the first turn.
         started: the stream already holds earlier turns (a continued or restored conversation).
         encoder: a :class:`TurnEncoder` to share between conversations of one tokenizer.
@@ -161,7 +161,7 @@ class Conversation:
               stop_strings: tuple[str, ...] = ()) -> Iterator[tuple[int, str]]:
         """Run one turn in-process on stream 0 of a batch-1 ``session``: yields ``(token, text)``
         per reply token (the stop token is fed but not yielded), then feeds the closing ids.
-        ``stop_strings`` end the reply before them (:class:`~streaming_trt.generation.StopStrings`:
+        ``stop_strings`` end the reply before them (:class:`~streaming_trt.runtime.generation.StopStrings`:
         text that may begin one is held back, and yielded at the end with token -1 if none came).
         ``self.finish_reason`` is then "stop", "length" or "cancelled"."""
         ids = self.turn_ids(messages)

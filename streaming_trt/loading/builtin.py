@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import expected_shapes
-from .config import ModelConfig
-from .contract import CheckpointError
+from ..runtime.model import expected_shapes
+from ..runtime.config import ModelConfig
+from ..contract import CheckpointError
 from .gguf import load_gguf_tokenizer
-from .model import Transformer, load_model
+from ..runtime.model import Transformer
+from .load import load_model
 
 RANDOM_NAME = "builtin:random"
 SMOLLM2_NAME = "builtin:smollm2"

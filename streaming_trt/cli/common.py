@@ -2,12 +2,24 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import secrets
 import sys
 import time
 import warnings
+from pathlib import Path
 
-from .contract import UserError
+import torch
+
+from ..contract import UserError
+from ..loading.catalog import open_model
+from ..runtime.paths import check_parent_writable
+from ..runtime.recall import SCORERS, Recall
+from ..runtime.sampling import GREEDY_BELOW, SamplingParams
+from ..runtime.session import Session
+from ..runtime.threads import DEFAULT_THREADS_HELP, set_threads
 
 
 def info(message: str) -> None:
@@ -85,10 +97,6 @@ def run(job) -> int:
 def check_output_file(path: str | None, flag: str) -> None:
     """Refuse, before any work, an output file ``path`` that cannot be written: its folder is
     missing, is a file, or is read-only, or ``path`` is a folder."""
-    from pathlib import Path
-
-    from .paths import check_parent_writable
-
     if path is None:
         return
     if Path(path).is_dir():
@@ -96,69 +104,29 @@ def check_output_file(path: str | None, flag: str) -> None:
     check_parent_writable(Path(path), f"{flag} {path}")
 
 
-DEFAULT_THREADS_HELP = "every CPU this process may use, at most 4, half of them beyond that"
-
-
-def default_threads() -> int:
-    """PyTorch CPU threads when --threads is not given.
-
-    With OpenMP waiting passively (set by ``import streaming_trt``), using both cores of a 2-core
-    machine was faster than one thread both idle and next to a busy process (README, Threads); a
-    larger machine gets half its CPUs (SMT siblings add little to decoding), at least 4.
-    """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cpus if cpus <= 4 else max(4, cpus // 2)
-
-
-def set_threads(threads: int | None) -> int:
-    """Apply ``--threads`` (or the default) to PyTorch; returns the count used."""
-    import torch
-
-    n = default_threads() if threads is None else threads
-    if n < 1:
-        raise UserError(f"--threads must be at least 1 (got {n})")
-    torch.set_num_threads(n)
-    return n
-
-
 def load(args):
-    """The model and tokenizer the flags name (:func:`streaming_trt.catalog.open_model`), with
+    """The model and tokenizer the flags name (:func:`streaming_trt.loading.catalog.open_model`), with
     ``--threads`` applied first."""
-    from .catalog import open_model
-
     if hasattr(args, "threads"):
         set_threads(args.threads)
     seed = 0  # the random model's weights: fixed, so that --seed repeats a run's sampling on the same model
     return open_model(args.model, args.dtype, args.device, args.backend, seed=seed)
 
 
-def add_recall_flags(p: argparse.ArgumentParser) -> None:
-    """``--recall`` and its settings (:mod:`streaming_trt.recall`), for generate and chat."""
-    from .recall import add_flags
-
-    add_flags(p)
-
-
 def open_session(args, model):
-    from .session import Session
-
     model.cuda_graphs = not getattr(args, "no_cuda_graphs", False)
     if getattr(args, "load_session", None):
         session = Session.load(args.load_session, model)
         info(f"[streaming-trt] continuing session {args.load_session}: {session.seen[0]} tokens so far, "
              f"sink_tokens={session.sink_tokens}, window={session.window}")
         return session
-    from .recall import from_flags
-
-    return Session(model, sink_tokens=args.sink_tokens, window=args.window, recall=from_flags(args))
+    return Session(model, sink_tokens=args.sink_tokens, window=args.window, recall=recall_from_flags(args))
 
 
 def sampling(args, window: int | None = None):
     """SamplingParams from the flags, the checkpoint's generation_config.json and the demo defaults
-    (:func:`streaming_trt.sampling.cli_params`); prints the one sampling line with the seed.
+    (:func:`cli_params`); prints the one sampling line with the seed.
     Penalties count the last ``window`` tokens (default ``--window``)."""
-    from .sampling import FLAG_FIELDS, cli_params
-
     flags = {name: getattr(args, name, None) for name in FLAG_FIELDS + ("seed",)}
     if flags["penalty_window"] is None:
         flags["penalty_window"] = window or getattr(args, "window", None)
@@ -178,8 +146,6 @@ class Clock:
 
     def waiting(self):
         """``with clock.waiting(): input()``: time inside is left out of the tokens per second."""
-        import contextlib
-
         @contextlib.contextmanager
         def idle():
             began = time.perf_counter()
@@ -199,3 +165,91 @@ class Clock:
              f"stream length {s.seen[0]}, cache {s.geometry.capacity} slots "
              f"(sink_tokens={s.sink_tokens}, window={s.window}), {s.nbytes() / 2**20:.1f} MiB")
 
+
+# --- the command lines' defaults ---------------------------------------------------------------------------
+
+DEMO_DEFAULTS = {"temperature": 0.7, "top_p": 0.9}  # where the checkpoint says nothing
+CHECKPOINT_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+FLAG_FIELDS = CHECKPOINT_FIELDS + ("frequency_penalty", "presence_penalty", "penalty_window")
+
+
+def checkpoint_defaults(model: str | None) -> dict:
+    """The sampling fields a checkpoint directory's ``generation_config.json`` sets (Hugging Face
+    names); an explicit ``"do_sample": false`` means greedy. ``{}`` without such a file."""
+    path = Path(model) / "generation_config.json" if model and Path(model).is_dir() else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: cannot be read as JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: must hold a JSON object")
+    found = {k: config[k] for k in CHECKPOINT_FIELDS if config.get(k) is not None}
+    if config.get("do_sample") is False:
+        found = {k: v for k, v in found.items() if k == "repetition_penalty"}
+        found["temperature"] = 0.0
+    return found
+
+
+def cli_params(flags: dict, model: str | None = None) -> tuple[SamplingParams, str]:
+    """(SamplingParams, one banner line) for a command line: each field is the flag where given
+    (``flags[name]`` not None), else the checkpoint's ``generation_config.json``, else the demo
+    default (temperature 0.7, top-p 0.9, the rest off). Without a seed a fresh one is drawn; the
+    banner names it so that the run can be repeated."""
+    from_file = checkpoint_defaults(model)
+    values, sources = {}, []
+    for name in FLAG_FIELDS:
+        if flags.get(name) is not None:
+            values[name] = flags[name]
+        elif name in from_file:
+            values[name] = from_file[name]
+            sources.append(name)
+        elif name in DEMO_DEFAULTS:
+            values[name] = DEMO_DEFAULTS[name]
+    seed = flags.get("seed")
+    values["seed"] = secrets.randbelow(1 << 31) if seed is None else seed
+    try:
+        params = SamplingParams(**values)
+    except UserError as e:
+        if sources:
+            raise UserError(f"{e} (flags, or {model}/generation_config.json for {', '.join(sources)})") from None
+        raise
+    off = SamplingParams()
+    shown = [f"{k}={getattr(params, k)}" for k in FLAG_FIELDS[:-1] if getattr(params, k) != getattr(off, k)]
+    if params.temperature < GREEDY_BELOW:
+        shown = ["greedy"] + [s for s in shown if not s.startswith(("temperature", "top_", "min_p"))]
+    else:
+        shown.append(f"seed={params.seed}")
+    if params.penalised:
+        shown.append(f"penalties over the last {params.penalty_window} tokens")
+    where = f" ({', '.join(sources)} from generation_config.json)" if sources else ""
+    return params, "[streaming-trt] sampling: " + " ".join(shown) + where
+
+
+def add_recall_flags(parser: argparse.ArgumentParser) -> None:
+    """``--recall`` and its settings, for the command lines that open a session (generate, chat)."""
+    g = parser.add_argument_group("recall of evicted tokens (streaming_trt.runtime.recall)")
+    g.add_argument("--recall", action="store_true",
+                   help="keep evicted tokens in a host block store and attend, at each step, to the blocks most "
+                        "relevant to the query again (one stream; GPU memory stays S + W + top-k x block size)")
+    d = Recall()
+    g.add_argument("--recall-top-k", type=int, default=None, metavar="K", help=f"blocks recalled per layer (default: {d.top_k})")
+    g.add_argument("--recall-block-size", type=int, default=None, metavar="B", help=f"tokens per block (default: {d.block_size})")
+    g.add_argument("--recall-scorer", choices=SCORERS, default=None,
+                   help=f"block scores: Quest min/max bounds or InfLLM representative keys (default: {d.scorer})")
+    g.add_argument("--recall-budget-mb", type=int, default=None, metavar="MB",
+                   help=f"host memory of the block store; the oldest blocks are dropped beyond it (default: {d.budget_bytes >> 20})")
+
+
+def recall_from_flags(args) -> Recall | None:
+    """The :class:`Recall` that :func:`add_recall_flags`' flags ask for, or None without ``--recall``."""
+    if not getattr(args, "recall", False):
+        given = [f for f in ("recall_top_k", "recall_block_size", "recall_scorer", "recall_budget_mb")
+                 if getattr(args, f, None) is not None]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} goes with --recall")
+        return None
+    kw = dict(top_k=args.recall_top_k, block_size=args.recall_block_size, scorer=args.recall_scorer,
+              budget_bytes=None if args.recall_budget_mb is None else args.recall_budget_mb << 20)
+    return Recall(**{k: v for k, v in kw.items() if v is not None})

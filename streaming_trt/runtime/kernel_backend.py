@@ -11,8 +11,8 @@ from types import ModuleType
 
 import torch
 
-from . import kernels
-from .contract import UserError
+from .. import kernels
+from ..contract import UserError
 
 BACKENDS = ("auto", "torch", "triton")
 

@@ -1,4 +1,4 @@
-"""Multi-turn chat on one endless stream: ``python -m streaming_trt.chat``.
+"""Multi-turn chat on one endless stream: ``python -m streaming_trt.cli.chat``.
 
 Every turn is appended to the same StreamingLLM stream: history is never re-encoded, memory stays
 constant, and the chat runs for as long as the user types. Lines starting with ``/`` are commands:
@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import sys
 
-from .conversation import Conversation
-from .contract import UserError
-from .generation import eos_ids
-from .sampling import Sampler
+from ..contract import UserError
+from ..runtime.chat import Conversation
+from . import common
+from ..runtime.generation import eos_ids
+from ..runtime.sampling import Sampler
 
 
 def chat(session, tokenizer, lines, write, sampling, max_new_tokens: int, system: str | None = None,
@@ -48,10 +49,9 @@ def chat(session, tokenizer, lines, write, sampling, max_new_tokens: int, system
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import cli
 
-    parser = cli.parser(
-        "streaming_trt.chat",
+    parser = common.parser(
+        "streaming_trt.cli.chat",
         "Chat with a model on one endless StreamingLLM stream: every turn is appended to the same "
         "cache (attention sinks + rolling window), so the conversation can go on forever in constant "
         "memory. Type a message and press Enter; /save FILE writes the session, /quit or Ctrl-D ends.",
@@ -60,16 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-session", metavar="FILE", help="continue a conversation saved with /save")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="end a reply before TEXT once it appears; TEXT itself is not printed (repeatable)")
-    cli.add_recall_flags(parser)
+    common.add_recall_flags(parser)
     args = parser.parse_args(argv)
-    return cli.run(lambda: _chat(args))
+    return common.run(lambda: _chat(args))
 
 
 def _chat(args) -> int:
-    from . import cli
 
-    model, tokenizer = cli.load(args)
-    session = cli.open_session(args, model)
+    model, tokenizer = common.load(args)
+    session = common.open_session(args, model)
     interactive = sys.stdin.isatty()
 
     def lines():
@@ -88,8 +87,8 @@ def _chat(args) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    clock = cli.Clock(session)
-    chat(session, tokenizer, lines(), write, cli.sampling(args, session.window), args.max_new_tokens, args.system,
+    clock = common.Clock(session)
+    chat(session, tokenizer, lines(), write, common.sampling(args, session.window), args.max_new_tokens, args.system,
          fresh=args.load_session is None, stop_strings=tuple(args.stop))
     clock.report()
     return 0

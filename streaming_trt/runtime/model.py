@@ -1,7 +1,6 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) in plain PyTorch over a streaming cache."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -9,10 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernel_backend import resolve_backend
-from .checkpoint import check_state_dict, load_checkpoint
 from .config import ModelConfig
-from .contract import UserError
-from .gguf import is_gguf, load_gguf
+from ..contract import CheckpointError, UserError
 from .rope import inverse_frequencies
 from .session import Session
 
@@ -20,6 +17,52 @@ if TYPE_CHECKING:
     from .cache import StepPlan, StreamingCache
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the runtime needs, by Hugging Face name, with its shape."""
+    c = config
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size), "model.norm.weight": (c.hidden_size,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        layer = {
+            "input_layernorm.weight": (c.hidden_size,),
+            "post_attention_layernorm.weight": (c.hidden_size,),
+            "self_attn.q_proj.weight": (q, c.hidden_size),
+            "self_attn.k_proj.weight": (kv, c.hidden_size),
+            "self_attn.v_proj.weight": (kv, c.hidden_size),
+            "self_attn.o_proj.weight": (c.hidden_size, q),
+            "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+            "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+            "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+        }
+        if c.attention_bias:
+            layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+        if c.o_proj_bias:
+            layer["self_attn.o_proj.bias"] = (c.hidden_size,)
+        if c.mlp_bias:
+            layer.update({"mlp.gate_proj.bias": (c.intermediate_size,), "mlp.up_proj.bias": (c.intermediate_size,),
+                          "mlp.down_proj.bias": (c.hidden_size,)})
+        if c.qk_norm:
+            layer.update({"self_attn.q_norm.weight": (c.head_dim,), "self_attn.k_norm.weight": (c.head_dim,)})
+        if c.sink_logits == "learned":
+            layer["self_attn.sinks"] = (c.num_heads,)
+        shapes.update({p + k: v for k, v in layer.items()})
+    return shapes
+
+
+def check_state_dict(config: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError naming the first missing or mis-shaped tensor."""
+    for name, shape in expected_shapes(config).items():
+        if name not in tensors:
+            raise CheckpointError(f"{source}: tensor {name!r} is missing (expected shape {list(shape)})")
+        if tuple(tensors[name].shape) != shape:
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {list(tensors[name].shape)}, config.json implies {list(shape)}"
+            )
 
 
 class RMSNorm(nn.Module):
@@ -85,7 +128,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A decoder whose attention runs over a :class:`~streaming_trt.cache.StreamingCache`.
+    """A decoder whose attention runs over a :class:`~streaming_trt.runtime.cache.StreamingCache`.
 
     Module names follow Hugging Face's (``layers.0.self_attn.q_proj`` ...), so a checkpoint loads
     by name. Build one with :meth:`from_state_dict` or :func:`streaming_trt.load_model`.
@@ -145,7 +188,7 @@ class Transformer(nn.Module):
         return self._inv_freq
 
     def session(self, sink_tokens: int = 4, window: int = 1020, batch: int = 1, **kwargs):
-        """Open a :class:`~streaming_trt.session.Session` (a batch of streams) on this model."""
+        """Open a :class:`~streaming_trt.runtime.session.Session` (a batch of streams) on this model."""
         return Session(self, sink_tokens=sink_tokens, window=window, batch=batch, **kwargs)
 
     @torch.inference_mode()
@@ -218,23 +261,3 @@ def check_device_dtype(device: torch.device, dtype: torch.dtype) -> None:
     else:
         raise UserError(f"device {device} is not supported; use cpu or cuda")
 
-
-def load_model(
-    path: str | Path,
-    dtype: torch.dtype | str = torch.float32,
-    device: torch.device | str = "cpu",
-    backend: str = "auto",
-) -> Transformer:
-    """Load a Hugging Face checkpoint directory (config.json + safetensors) or a llama.cpp ``.gguf`` file.
-
-    Args:
-        path: directory with ``config.json`` and ``*.safetensors`` (sharded or not), or a ``.gguf``
-            file (dequantized to float32 once, then cached; see :mod:`streaming_trt.gguf`).
-        dtype: ``float32``, ``float16`` or ``bfloat16`` (name or torch dtype).
-        device: ``cpu`` or ``cuda[:i]``.
-        backend: ``auto`` (Triton kernels on CUDA, PyTorch otherwise), ``torch`` or ``triton``.
-    """
-    if not isinstance(path, (str, Path)):
-        raise UserError(f"load_model needs a checkpoint directory or .gguf file path, got {type(path).__name__}")
-    config, tensors = load_gguf(path) if is_gguf(path) else load_checkpoint(path)
-    return Transformer.from_state_dict(config, tensors, dtype=dtype, device=device, backend=backend, source=str(path))

@@ -1,8 +1,8 @@
 """The export command line: a Hugging Face checkpoint in, a TensorRT-LLM sink-token engine out.
 
-Run as ``python -m streaming_trt.build`` (a thin entry point) or ``python -m streaming_trt.export.cli``::
+Run as ``python -m streaming_trt.cli.build``::
 
-    python -m streaming_trt.build --model ~/Llama-3.2-1B --output llama-sinks \\
+    python -m streaming_trt.cli.build --model ~/Llama-3.2-1B --output llama-sinks \\
         --sink-tokens 4 --window 1020 --dtype float16 --tp 2 --triton-repo llama-triton
 
 Writes ``OUTPUT/checkpoint`` (TensorRT-LLM checkpoint), then, where TensorRT-LLM 0.9 to 0.21 and
@@ -24,19 +24,18 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from streaming_trt.checkpoint import expected_shapes
-from streaming_trt.cli import run
-from streaming_trt.contract import Geometry, UserError
-
-from .trtllm import ExportPlan, plan_export
-from .engine import find_toolchain, run_build
-from .files import atomic_dir, check_output_dir, save_tokenizer
-from .onnx import build_onnx
-from .settings import (EngineOptions, SinkSettings, build_script, check_engine_options, runtime_settings,
+from ..contract import Geometry, UserError
+from ..export.engine import find_toolchain, run_build
+from ..export.files import atomic_dir, check_output_dir, save_tokenizer
+from ..export.inference_server import TritonOptions, write_triton_repo
+from ..export.onnx import build_onnx
+from ..export.trtllm import ExportPlan, plan_export
+from ..runtime.model import expected_shapes
+from .common import run
+from ..export.settings import (EngineOptions, SinkSettings, build_script, check_engine_options, runtime_settings,
                        sink_settings, trtllm_build_command)
-from .inference_server import TritonOptions, write_triton_repo
 
-PROG = "python -m streaming_trt.build"
+PROG = "python -m streaming_trt.cli.build"
 
 # The most memory one GPU has today (NVIDIA B300: 288 GB of HBM3e). Settings that cannot fit even
 # one sequence there are refused; nothing is allocated to find out.

@@ -15,8 +15,8 @@ from types import ModuleType
 import torch
 
 from .config import ModelConfig
-from .contract import Geometry, UserError
-from .kernels import reference
+from ..contract import Geometry, UserError
+from ..kernels import reference
 from .recall import attend_rows as recall_rows
 from .rope import apply_rotary, rotary_angles
 
@@ -50,7 +50,7 @@ class StepPlan:
     write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     written: tuple[int, int] | None = None
     lengths_host: list[int] | None = None
-    recall: list | None = None  # per row, a streaming_trt.recall.RecallStep (None: that row has no store)
+    recall: list | None = None  # per row, a streaming_trt.runtime.recall.RecallStep (None: that row has no store)
 
     def row(self, b: int, full: bool) -> "StepPlan":
         """Row ``b`` of this plan as the plan of a batch of one (``full``: that row's own)."""
@@ -115,7 +115,7 @@ class StreamingCache:
         self.values = torch.full(shape, fill_value, dtype=dtype, device=device)
         self.seen = torch.zeros(batch, dtype=torch.int64, device=device)
         self.seen_host = [0] * batch
-        self.stores: list | None = None  # with recall: each row's streaming_trt.recall.BlockStore (or None)
+        self.stores: list | None = None  # with recall: each row's streaming_trt.runtime.recall.BlockStore (or None)
 
     @property
     def batch(self) -> int:
@@ -163,7 +163,7 @@ class StreamingCache:
                sm_scale: float, sink_logits: torch.Tensor | None = None) -> torch.Tensor:
         """Rotate a layer's new ``q [batch, n, heads, d]`` and ``k, v [batch, n, kv_heads, d]``,
         store ``k, v`` and return attention ``[batch, n, heads, d]`` of every row over its A(t)."""
-        if plan.recall is not None:  # sinks + recalled blocks + window: streaming_trt.recall
+        if plan.recall is not None:  # sinks + recalled blocks + window: streaming_trt.runtime.recall
             return recall_rows(self, layer, q, k, v, plan, sm_scale, sink_logits)
         k_cache, v_cache = self.keys[layer], self.values[layer]
         q_text, q_rank = plan.rotate(q)

@@ -9,7 +9,7 @@ from collections import deque
 
 import torch
 
-from .contract import UserError
+from ..contract import UserError
 
 
 GREEDY_BELOW = 1e-5  # smaller temperatures would overflow the scaled logits; they mean greedy
@@ -213,69 +213,3 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int = 0) -> tuple[floa
         values, ids = torch.topk(logp, min(int(top), logp.shape[0]))
         best = [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist())]
     return float(logp[int(token)]), best
-
-
-# --- the command lines' defaults ---------------------------------------------------------------------------
-
-DEMO_DEFAULTS = {"temperature": 0.7, "top_p": 0.9}  # where the checkpoint says nothing
-CHECKPOINT_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
-FLAG_FIELDS = CHECKPOINT_FIELDS + ("frequency_penalty", "presence_penalty", "penalty_window")
-
-
-def checkpoint_defaults(model: str | None) -> dict:
-    """The sampling fields a checkpoint directory's ``generation_config.json`` sets (Hugging Face
-    names); an explicit ``"do_sample": false`` means greedy. ``{}`` without such a file."""
-    import json
-    from pathlib import Path
-
-    path = Path(model) / "generation_config.json" if model and Path(model).is_dir() else None
-    if path is None or not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{path}: cannot be read as JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: must hold a JSON object")
-    found = {k: config[k] for k in CHECKPOINT_FIELDS if config.get(k) is not None}
-    if config.get("do_sample") is False:
-        found = {k: v for k, v in found.items() if k == "repetition_penalty"}
-        found["temperature"] = 0.0
-    return found
-
-
-def cli_params(flags: dict, model: str | None = None) -> tuple[SamplingParams, str]:
-    """(SamplingParams, one banner line) for a command line: each field is the flag where given
-    (``flags[name]`` not None), else the checkpoint's ``generation_config.json``, else the demo
-    default (temperature 0.7, top-p 0.9, the rest off). Without a seed a fresh one is drawn; the
-    banner names it so that the run can be repeated."""
-    import secrets
-
-    from_file = checkpoint_defaults(model)
-    values, sources = {}, []
-    for name in FLAG_FIELDS:
-        if flags.get(name) is not None:
-            values[name] = flags[name]
-        elif name in from_file:
-            values[name] = from_file[name]
-            sources.append(name)
-        elif name in DEMO_DEFAULTS:
-            values[name] = DEMO_DEFAULTS[name]
-    seed = flags.get("seed")
-    values["seed"] = secrets.randbelow(1 << 31) if seed is None else seed
-    try:
-        params = SamplingParams(**values)
-    except UserError as e:
-        if sources:
-            raise UserError(f"{e} (flags, or {model}/generation_config.json for {', '.join(sources)})") from None
-        raise
-    off = SamplingParams()
-    shown = [f"{k}={getattr(params, k)}" for k in FLAG_FIELDS[:-1] if getattr(params, k) != getattr(off, k)]
-    if params.temperature < GREEDY_BELOW:
-        shown = ["greedy"] + [s for s in shown if not s.startswith(("temperature", "top_", "min_p"))]
-    else:
-        shown.append(f"seed={params.seed}")
-    if params.penalised:
-        shown.append(f"penalties over the last {params.penalty_window} tokens")
-    where = f" ({', '.join(sources)} from generation_config.json)" if sources else ""
-    return params, "[streaming-trt] sampling: " + " ".join(shown) + where

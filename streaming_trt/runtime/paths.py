@@ -5,7 +5,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .contract import UserError
+from ..contract import UserError
 
 
 def check_parent_writable(path: Path, label: str, verb: str = "written") -> Path:

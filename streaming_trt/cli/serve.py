@@ -1,4 +1,4 @@
-"""Serve the eager runtime on Triton Inference Server: ``python -m streaming_trt.serve``.
+"""Serve the eager runtime on Triton Inference Server: ``python -m streaming_trt.cli.serve``.
 
 Writes a Triton model repository (Python backend, decoupled token streaming, sequence batching:
 one conversation = one streaming session keyed by the sequence correlation id), starts the
@@ -8,23 +8,27 @@ Ctrl-C / SIGTERM. ``--openai-port`` adds an OpenAI-compatible HTTP endpoint in f
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import ipaddress
 import os
+import re
+import shutil
 import signal
 import sys
 import tempfile
 import threading
 from pathlib import Path
 
-from .contract import Geometry, UserError
-from .recall import from_flags
+from ..contract import Geometry, UserError
+from . import common
+from .common import recall_from_flags
 
 
 def build_parser():
-    from . import cli
 
-    p = cli.parser(
-        "streaming_trt.serve",
+    p = common.parser(
+        "streaming_trt.cli.serve",
         "Serve streaming chat on Triton Inference Server (gRPC streaming + HTTP), optionally with an "
         "OpenAI-compatible /v1/chat/completions endpoint. Every conversation is one endless StreamingLLM "
         "session; each turn feeds only its new tokens; sessions are saved to --session-dir after every "
@@ -38,7 +42,7 @@ def build_parser():
                    help="address the OpenAI endpoint binds (loopback by default); tritonserver itself stays on "
                         "loopback unless --grpc-host says otherwise")
     g.add_argument("--grpc-host", default="127.0.0.1",
-                   help="address Triton's gRPC endpoint (streaming chat, streaming_trt.client) binds; loopback by "
+                   help="address Triton's gRPC endpoint (streaming chat, streaming_trt.serving.client) binds; loopback by "
                         "default, so only the gateway and local clients reach it")
     g.add_argument("--http-port", type=int, default=0,
                    help="Triton HTTP port (health, metadata), always on loopback; 0 (default): off")
@@ -53,7 +57,7 @@ def build_parser():
                    help="comma-separated browser Origins allowed to call the OpenAI endpoint (default: none, so "
                         "no web page can post to it; * for any)")
     g.add_argument("--session-dir", default="sessions", help="where conversations are saved after every turn")
-    cli.add_recall_flags(p)
+    common.add_recall_flags(p)
     g = p.add_argument_group("batching and capacity (docs/serving.md: capacity planning)")
     g.add_argument("--slots", type=int, default=None,
                    help="conversations whose turns run at once in one batched step (one cache of S + W slots "
@@ -110,7 +114,6 @@ def budget(text: str) -> int | str | None:
 
 def ttl(text: str) -> float | None:
     """``--idle-ttl``: seconds, or ``never`` (None)."""
-    import argparse
 
     if str(text).strip().lower() == "never":
         return None
@@ -122,7 +125,6 @@ def ttl(text: str) -> float | None:
 
 def auto_disk_budget(session_dir: str) -> int:
     """Half the space free on the disk that holds ``session_dir`` (its nearest existing parent)."""
-    import shutil
 
     path = Path(session_dir).resolve()
     while not path.exists() and path != path.parent:
@@ -132,8 +134,6 @@ def auto_disk_budget(session_dir: str) -> int:
 
 def parse_bytes(text: str) -> int:
     """``"512MiB"``, ``"2GiB"``, ``"1.5GB"``, ``"1000"`` -> bytes (an argparse type)."""
-    import argparse
-    import re
 
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in UNITS:
@@ -168,7 +168,7 @@ def settings(args) -> dict:
     for name in ("http_port", "grpc_port", "openai_port"):
         if not 0 <= getattr(args, name) < 65536:
             raise UserError(f"--{name.replace('_', '-')} must be a port number, got {getattr(args, name)}")
-    recall = from_flags(args)
+    recall = recall_from_flags(args)
     model = None
     if args.model is not None and args.model.startswith("builtin:"):
         model = args.model
@@ -197,7 +197,6 @@ def names(text: str) -> list[str]:
 
 
 def is_loopback(host: str) -> bool:
-    import ipaddress
 
     if host == "localhost":
         return True
@@ -218,10 +217,9 @@ def restricted_protocol_flags(api_key: str | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import cli
 
     args = build_parser().parse_args(argv)
-    return cli.run(lambda: _serve(args))
+    return common.run(lambda: _serve(args))
 
 
 def sequence_slots(args) -> dict:
@@ -229,14 +227,15 @@ def sequence_slots(args) -> dict:
 
 
 def _serve(args) -> int:
-    from . import cli
-    from .serving.repo import TritonServer, find_tritonserver, write_repo
+    # the serving stack needs the [serve] extra (tritonclient, starlette, uvicorn): imported only to serve, so --help
+    # and the flag checks run without it
+    from ..serving.repo import TritonServer, find_tritonserver, write_repo
 
     conf = settings(args)
     if args.write_repo:
         model_dir = write_repo(args.write_repo, conf, **sequence_slots(args))
-        cli.info(f"[streaming-trt] model repository written to {model_dir.parent} "
-                 f"(serve it with: tritonserver --model-repository {model_dir.parent})")
+        common.info(f"[streaming-trt] model repository written to {model_dir.parent} "
+                    f"(serve it with: tritonserver --model-repository {model_dir.parent})")
         return 0
     Path(conf["session_dir"]).mkdir(parents=True, exist_ok=True)
     binary = find_tritonserver(args.tritonserver)
@@ -250,10 +249,10 @@ def _serve(args) -> int:
                           extra_args=restricted_protocol_flags(args.api_key))
     gateway = None
     try:
-        cli.info(f"[streaming-trt] starting {binary} (log: {server.log_path})")
+        common.info(f"[streaming-trt] starting {binary} (log: {server.log_path})")
         server.wait_ready(args.ready_timeout)
         if args.openai_port:
-            from .serving.gateway import GatewayThread
+            from ..serving.gateway import GatewayThread  # the [serve] extra, as above
 
             gateway = GatewayThread(f"{server.grpc_address}:{args.grpc_port}", args.host, args.openai_port,
                                     model_id=args.served_model_name, max_tokens_limit=args.max_tokens_limit,
@@ -275,7 +274,7 @@ def _serve(args) -> int:
         if gateway is not None:
             gateway.stop()
         server.stop()
-    cli.info("[streaming-trt] stopped")
+    common.info("[streaming-trt] stopped")
     return 0
 
 

@@ -12,7 +12,7 @@ import math
 import torch
 
 from .config import ModelConfig
-from .contract import exact_angles
+from ..contract import exact_angles
 
 
 def inverse_frequencies(config: ModelConfig) -> torch.Tensor:

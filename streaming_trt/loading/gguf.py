@@ -1,7 +1,7 @@
 """llama.cpp GGUF checkpoints: read with the ``gguf`` package, dequantize, map to Hugging Face names.
 
 ``load_gguf(path)`` returns ``(ModelConfig, {hf_name: float32 tensor})``, the same shape of result
-as :func:`streaming_trt.checkpoint.load_checkpoint`. What it does:
+as :func:`streaming_trt.loading.checkpoint.load_checkpoint`. What it does:
 
 - reads the file with ``gguf.GGUFReader`` and dequantizes each tensor with ``gguf.quants.dequantize``
   (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K; others are refused);
@@ -37,9 +37,9 @@ from gguf.quants import dequantize
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .checkpoint import check_state_dict
-from .config import ModelConfig
-from .contract import CheckpointError, UnsupportedModelError
+from ..runtime.model import check_state_dict
+from ..runtime.config import ModelConfig
+from ..contract import CheckpointError, UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
