@@ -22,7 +22,7 @@ import torch
 
 from tqdm import tqdm
 
-from streaming_trt import cli
+from streaming_trt.cli import common as cli
 from streaming_trt.loading.builtin import SMOLLM2_NAME, builtin_config, builtin_state_dict, require_smollm2
 from streaming_trt.loading.checkpoint import load_checkpoint
 from streaming_trt.runtime.model import expected_shapes

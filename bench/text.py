@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from streaming_trt import cli
+from streaming_trt.cli import common as cli
 from streaming_trt.contract import UserError
 from streaming_trt.train.books import BOOKS, book, describe, locate
 

@@ -12,8 +12,9 @@ import torch
 
 import streaming_trt as st
 from checkpoints import make_checkpoint, save_tokenizer
-from streaming_trt import chat, conversation
-from streaming_trt import generate as generate_cli
+from streaming_trt.cli import chat
+from streaming_trt.runtime import chat as conversation
+from streaming_trt.cli import generate as generate_cli
 from streaming_trt.loading.builtin import builtin_model
 from streaming_trt.runtime.sampling import SamplingParams
 from streaming_trt.loading.tokenizer import load_tokenizer

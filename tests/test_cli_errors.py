@@ -312,7 +312,7 @@ def test_chat_ctrl_d_puts_the_report_on_its_own_line():
 
 def test_an_unforeseen_os_error_is_one_line(capsys):
     """The last line of defence: a file error no check anticipated still ends as one line, exit 2."""
-    from streaming_trt import cli
+    from streaming_trt.cli import common as cli
 
     def job():
         raise PermissionError(13, "Permission denied", "/somewhere/file")

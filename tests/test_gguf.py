@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import streaming_trt as st
-from streaming_trt import gguf as stg
+from streaming_trt.loading import gguf as stg
 from streaming_trt.loading.builtin import smollm2_path
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install gguf)")
@@ -265,7 +265,7 @@ def test_bad_files_are_clear_errors(kind, message, tmp_path, capsys):
     path = _bad(kind, tmp_path)
     with pytest.raises(st.UserError, match=message):
         st.load_model(path)
-    from streaming_trt import generate as generate_cli
+    from streaming_trt.cli import generate as generate_cli
 
     assert generate_cli.main(["--model", str(path), "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err

@@ -205,7 +205,9 @@ def test_thirty_turn_chat_past_the_window_in_flat_memory_then_resume(tmp_path):
 def test_missing_wheel_falls_back_to_the_random_model_with_a_message(monkeypatch, capsys):
     from argparse import Namespace
 
-    from streaming_trt import builtin, cli
+    from streaming_trt.loading import builtin
+
+    from streaming_trt.cli import common as cli
 
     monkeypatch.setattr(builtin, "smollm2_path", lambda: None)
     model, tokenizer = cli.load(Namespace(model=None, dtype="float32", device="cpu", backend="auto", seed=0))

@@ -177,7 +177,7 @@ def test_saved_session_carries_the_block_store(checkpoints, tmp_path, scorer):
 
 
 def test_generate_with_recall_saves_and_continues(tmp_path, capsys):
-    from streaming_trt import generate
+    from streaming_trt.cli import generate
 
     file = tmp_path / "g.safetensors"
     base = ["--model", "builtin:random", "--temperature", "0", "--max-new-tokens", "6"]

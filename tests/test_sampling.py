@@ -384,7 +384,7 @@ def test_bad_generation_config_is_a_clear_error(tmp_path):
 
 
 def test_generate_cli_prints_the_seed_and_the_seed_repeats_the_run(capsys):
-    from streaming_trt import generate
+    from streaming_trt.cli import generate
 
     argv = ["--model", "builtin:random", "--max-new-tokens", "12", "--ignore-eos", "--window", "16", "--threads", "1"]
     assert generate.main(argv) == 0

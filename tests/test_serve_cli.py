@@ -64,7 +64,7 @@ def test_tritonserver_is_an_internal_component(tmp_path):
 def test_disk_and_idle_time_are_bounded_by_default(tmp_path):
     import shutil
 
-    from streaming_trt import serve
+    from streaming_trt.cli import serve
 
     parser = serve.build_parser()
     conf = serve.settings(parser.parse_args(["--model", "builtin:random", "--session-dir", str(tmp_path / "new")]))

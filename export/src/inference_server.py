@@ -204,8 +204,8 @@ def ensemble_config(opts: TritonOptions) -> str:
 def parse_model_config(text: str, source: str = "config.pbtxt"):
     """Parse config.pbtxt text into Triton's ``ModelConfig`` protobuf; UserError if it does not parse."""
     try:
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
+        from google.protobuf import text_format  # the [export] extra, optional
+        from tritonclient.grpc import model_config_pb2  # the [export] extra, optional
     except ImportError as e:  # pragma: no cover - tritonclient is a dependency of the export extra
         raise UserError(f"checking {source} needs tritonclient[grpc] and protobuf ({e}); "
                         "pip install 'streaming-trt[export]'") from None

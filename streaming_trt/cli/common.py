@@ -4,14 +4,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import secrets
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import torch
 
 from ..contract import UserError
 from ..loading.catalog import open_model

@@ -19,7 +19,7 @@ def check_transformers(version: str | None = None) -> None:
     (with ``update / get_seq_length / get_mask_sizes / lazy_initialization / get_max_length``),
     ``Cache(layers=...)``, ``AttentionInterface.register`` and ``PreTrainedModel.set_attn_implementation``.
     """
-    import transformers
+    import transformers  # the [hf] extra, optional
 
     v = version or transformers.__version__
     lo, hi = SUPPORTED_TRANSFORMERS
@@ -30,7 +30,7 @@ def check_transformers(version: str | None = None) -> None:
             f"pip install 'transformers>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}'")
     missing = []
     try:
-        from transformers.cache_utils import Cache, CacheLayerMixin
+        from transformers.cache_utils import Cache, CacheLayerMixin  # the [hf] extra, optional
 
         for name in ("update", "get_seq_length", "get_mask_sizes", "lazy_initialization", "get_max_length"):
             if not hasattr(CacheLayerMixin, name):
@@ -40,7 +40,7 @@ def check_transformers(version: str | None = None) -> None:
     except ImportError:
         missing.append("transformers.cache_utils.CacheLayerMixin")
     try:
-        from transformers import AttentionInterface
+        from transformers import AttentionInterface  # the [hf] extra, optional
 
         if not hasattr(AttentionInterface, "register"):
             missing.append("AttentionInterface.register")

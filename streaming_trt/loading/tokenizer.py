@@ -32,7 +32,7 @@ def load_tokenizer(path: str | Path | None):
         raise CheckpointError(f"{path}: no tokenizer files ({', '.join(known)}); copy the checkpoint's "
                               "tokenizer files into this directory")
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # slow to import; only checkpoints with their own tokenizer need it
 
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # transformers raises many kinds for a missing or broken tokenizer

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import torch
 
@@ -398,7 +399,7 @@ class BlockStore:
             v_cache[0, :, slot] = v[0, 0].to(v_cache.dtype).unsqueeze(1)
             attention = R.recall_decode_attention
             if cache.ops is not reference and not want_mass:  # the Triton kernel (CUDA)
-                from ..kernels.recall_triton import recall_decode_attention as attention
+                from ..kernels.recall_triton import recall_decode_attention as attention  # needs triton (optional)
             out = attention(q_text[:, 0], q_sink[:, 0], q_block[:, 0], k_cache, v_cache, bk[None], bv[None], g,
                             sm_scale, sink_logits, **({"mass": True} if want_mass else {}))
             if want_mass:
@@ -521,7 +522,7 @@ def _attend_recalled_rows(cache, layer: int, q, k, v, plan, rows: list[int], cho
         k_cache, v_cache = k_cache[index], v_cache[index]
     attention = R.recall_decode_attention
     if cache.ops is not reference:  # the Triton kernel (CUDA)
-        from ..kernels.recall_triton import recall_decode_attention as attention
+        from ..kernels.recall_triton import recall_decode_attention as attention  # needs triton (optional)
     out = attention(q_text[:, 0], q_sink[:, 0], q_block[:, 0], k_cache, v_cache, bk, bv, g, sm_scale, sink_logits)
     return out[:, None]
 
@@ -551,8 +552,6 @@ def new_store(recall: Recall, model, geometry: Geometry) -> BlockStore:
         raise UserError(f"recall must be a streaming_trt.Recall(...), got {type(recall).__name__}")
     limit = model.config.max_position_embeddings
     if limit is not None and geometry.capacity + recall.slots > limit:
-        import warnings
-
         warnings.warn(f"sink_tokens + window + top_k x block_size = {geometry.capacity + recall.slots} exceeds the "
                       f"model's max_position_embeddings ({limit}): recalled tokens take ranks the model never saw",
                       stacklevel=4)

@@ -10,12 +10,15 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from .kernel_backend import kernel_ops
+from ..contract import Geometry, UserError
 from .cache import StreamingCache
 from .config import ModelConfig
-from ..contract import Geometry, UserError
 from .graphs import DecodeGraphs
+from .kernel_backend import kernel_ops
+from .recall import attach, recall_from_file
 
 FORMAT = "streaming-trt-session"
 VERSION = 2  # 2: keys stored rotated at their text position, model fingerprint by content, checksum
@@ -259,8 +262,6 @@ class Session(StreamSession):
         self.graphs = None
         self.recall = None  # the streaming_trt.runtime.recall.BlockStore when recall is on
         if recall is not None:
-            from .recall import attach
-
             self.recall = attach(recall, model, self.cache)
             self.max_chunk = min(max_chunk, recall.chunk)
         if capture_decode is None:
@@ -362,9 +363,6 @@ def write_session_file(path: str | Path, model, tensors: dict[str, torch.Tensor]
     states): ``tensors`` (``keys``/``values [layers, batch, kv, C, d]``, ``seen [batch]``,
     optionally ``last_logits [batch, vocab]``) and those of ``recall`` (a BlockStore), with the
     metadata, the model's fingerprint and a checksum, written atomically and durably."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     tensors = dict(tensors)
     if recall is not None:
         tensors.update(recall.tensors())
@@ -401,7 +399,6 @@ def read_session_file(path: str | Path, model) -> SavedStreams:
     """Read a file of :func:`write_session_file` for ``model``, validated: ``UserError`` naming what
     differs for a file of another version, another model (by content, not only shape), or one
     whose contents were changed or are inconsistent."""
-    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -450,8 +447,6 @@ def read_session_file(path: str | Path, model) -> SavedStreams:
         raise UserError(f"{path}: the cache holds non-finite values")
     recall = None
     if "recall" in meta:
-        from .recall import recall_from_file
-
         recall = recall_from_file(path, meta["recall"])
     return SavedStreams(geometry, max_chunk, fill, keys, values, seen.tolist(), last, recall, tensors)
 

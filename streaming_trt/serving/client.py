@@ -27,7 +27,6 @@ import secrets
 import threading
 from typing import Iterator
 
-from ..contract import UserError
 from .protocol import (MODEL_NAME, ErrorKind, ServingError, TokenEvent, TurnResult, decode_error, decode_response,
                        request_inputs)
 
@@ -83,7 +82,7 @@ class Client:
 
     def __init__(self, url: str = "127.0.0.1:8001", model_name: str = MODEL_NAME, timeout: float = 300.0,
                  api_key: str | None = None, max_idle_streams: int = 8):
-        import tritonclient.grpc as grpcclient
+        import tritonclient.grpc as grpcclient  # the [serve] extra, optional
 
         self._grpc = grpcclient
         self.url, self.model_name, self.timeout = url, model_name, timeout

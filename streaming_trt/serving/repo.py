@@ -1,8 +1,10 @@
 """Writing the Triton model repository, and finding and running a ``tritonserver``."""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -144,9 +146,6 @@ def server_env() -> dict:
 def _die_with_parent() -> None:
     """In the child: SIGKILL it when the process that started it dies (even by SIGKILL)."""
     try:
-        import ctypes
-        import signal
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     except OSError:
         pass
@@ -210,7 +209,6 @@ class TritonServer:
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM, then SIGKILL (the process group: the backend stub too) if it does not exit."""
-        import signal
 
         if self.proc.poll() is None:
             self.proc.terminate()

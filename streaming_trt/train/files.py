@@ -94,7 +94,7 @@ def plot(folder: Path, title: str) -> None:
     import matplotlib  # optional (the bench extra): only the plots need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the [bench] extra, optional
 
     log, mass = read_rows(folder / "log.csv"), read_rows(folder / "attention_mass.csv")
     if log:

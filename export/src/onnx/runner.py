@@ -67,7 +67,7 @@ class OnnxSession(StreamSession):
 
     def __init__(self, path: str | Path, batch: int = 1, provider: str = "cpu", max_chunk: int | None = None,
                  threads: int | None = None, sink_tokens: int | None = None, window: int | None = None):
-        import onnxruntime as ort
+        import onnxruntime as ort  # the [export] extra, optional
 
         self.path = Path(path)
         self.manifest = m = load_manifest(self.path)
