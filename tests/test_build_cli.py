@@ -13,7 +13,8 @@ import streaming_trt.cli.build as export_cli
 from checkpoints import make_checkpoint
 from streaming_trt.cli.build import main
 from streaming_trt.export import Toolchain
-from streaming_trt.export.inference_server import model_parameters, parse_model_config
+from streaming_trt.export.inference_server import model_parameters
+from streaming_trt.export.model_repository import parse_model_config
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import pytest
 
 from streaming_trt.contract import UserError
 from streaming_trt.export import TritonOptions, sink_settings, write_triton_repo
-from streaming_trt.export.inference_server import model_parameters, parse_model_config
+from streaming_trt.export.inference_server import model_parameters
+from streaming_trt.export.model_repository import parse_model_config
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] (ships the ModelConfig protobuf) is not installed")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from streaming_trt.contract import UserError
 
+from .model_repository import write_model_repository
 from .settings import SinkSettings
 
 MODELS = ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing")
@@ -201,22 +202,6 @@ def ensemble_config(opts: TritonOptions) -> str:
             + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n")
 
 
-def parse_model_config(text: str, source: str = "config.pbtxt"):
-    """Parse config.pbtxt text into Triton's ``ModelConfig`` protobuf; UserError if it does not parse."""
-    try:
-        from google.protobuf import text_format  # the [export] extra, optional
-        from tritonclient.grpc import model_config_pb2  # the [export] extra, optional
-    except ImportError as e:  # pragma: no cover - tritonclient is a dependency of the export extra
-        raise UserError(f"checking {source} needs tritonclient[grpc] and protobuf ({e}); "
-                        "pip install 'streaming-trt[export]'") from None
-    message = model_config_pb2.ModelConfig()
-    try:
-        text_format.Parse(text, message)
-    except text_format.ParseError as e:
-        raise UserError(f"{source}: not a valid Triton model config ({e})") from None
-    return message
-
-
 def model_parameters(message) -> dict[str, str]:
     return {k: v.string_value for k, v in message.parameters.items()}
 
@@ -240,18 +225,6 @@ def write_triton_repo(repo_dir: str | Path, opts: TritonOptions, settings: SinkS
         raise UserError(f"batching strategy must be one of {BATCHING_STRATEGIES}, got {opts.batching_strategy!r}")
     if opts.max_batch_size < 1:
         raise UserError(f"max_batch_size must be >= 1, got {opts.max_batch_size}")
-    repo_dir = Path(repo_dir)
     files = render_repo(opts, settings)
-    for rel, text in files.items():
-        if rel.endswith(".pbtxt"):
-            message = parse_model_config(text, rel)
-            if message.name != rel.split("/")[0]:
-                raise UserError(f"{rel}: model name {message.name!r} does not match its directory")
-    for rel, text in files.items():
-        path = repo_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    for model in ("ensemble", "tensorrt_llm"):
-        (repo_dir / model / "1").mkdir(parents=True, exist_ok=True)
-        (repo_dir / model / "1" / ".keep").write_text("")
-    return repo_dir
+    files.update({f"{model}/1/.keep": "" for model in ("ensemble", "tensorrt_llm")})
+    return write_model_repository(repo_dir, files)

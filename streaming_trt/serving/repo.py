@@ -16,6 +16,7 @@ from pathlib import Path
 import tritonclient.grpc as grpcclient
 
 from ..contract import UserError
+from ..export.model_repository import write_model_repository
 from .protocol import CONTROLS, CORRID_DTYPE, INPUTS, MODEL_NAME, OUTPUTS, Tensor
 
 CONFIG = """\
@@ -75,16 +76,11 @@ def write_repo(repo: str | os.PathLike, settings: dict, name: str = MODEL_NAME, 
     ones stays consistent. Triton releases a conversation's sequence slot after ``idle_seconds``
     without a turn (its next turn resumes it from disk) and holds at most ``candidates`` at once.
     """
-    model_dir = Path(repo) / name
-    try:
-        (model_dir / "1").mkdir(parents=True, exist_ok=True)
-        (model_dir / "config.pbtxt").write_text(config_pbtxt(name, idle_seconds, candidates))
-        (model_dir / "serve.json").write_text(json.dumps(settings, indent=2) + "\n")
-        template = resources.files("streaming_trt.serving").joinpath("templates/model.py").read_text()
-        (model_dir / "1" / "model.py").write_text(template)
-    except OSError as e:
-        raise UserError(f"cannot write the model repository in {repo} ({e})") from None
-    return model_dir
+    template = resources.files("streaming_trt.serving").joinpath("templates/model.py").read_text()
+    write_model_repository(repo, {f"{name}/config.pbtxt": config_pbtxt(name, idle_seconds, candidates),
+                                  f"{name}/serve.json": json.dumps(settings, indent=2) + "\n",
+                                  f"{name}/1/model.py": template})
+    return Path(repo) / name
 
 
 def _pytriton_dir() -> Path | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..model_repository import write_model_repository
+
 _TRITON_TYPES = {"int64": "TYPE_INT64", "float32": "TYPE_FP32", "float16": "TYPE_FP16"}
 
 
@@ -51,10 +53,10 @@ def triton_config(manifest: dict, backend: str, max_batch: int) -> str:
 
 def write_triton_onnx_repos(root: Path, manifest: dict, max_batch: int) -> None:
     """``root/onnxruntime/streaming_onnx/{config.pbtxt,1/}`` and ``root/tensorrt/streaming_trt_plan/...``."""
+    files = {}
     for backend, name in (("onnxruntime", "streaming_onnx"), ("tensorrt", "streaming_trt_plan")):
-        d = root / backend / name
-        (d / "1").mkdir(parents=True)
-        (d / "config.pbtxt").write_text(triton_config(manifest, backend, max_batch))
+        files[f"{backend}/{name}/config.pbtxt"] = triton_config(manifest, backend, max_batch)
         what = ("copy or link ../../../model.onnx (and model.onnx.data) here" if backend == "onnxruntime"
                 else "put the engine built by ../../../build_trt_engine.sh (model.plan) here")
-        (d / "1" / "README.txt").write_text(what + "\n")
+        files[f"{backend}/{name}/1/README.txt"] = what + "\n"
+    write_model_repository(root, files)
