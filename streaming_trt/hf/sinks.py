@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from ..contract import UserError
+from ..runtime.session import sink_token_starts
 from .attention import ACTIVE, SINKS_ATTR
 
 
@@ -58,12 +59,11 @@ def start_with_sink_token(model, orig_forward, cache, valid: torch.Tensor, kwarg
     about to receive its first real tokens (``valid [B, n]``), before them. It takes a cache slot
     and a text position but no input column, so ``generate()``'s slicing is unchanged."""
     sink = getattr(_text_config(model), "sink_token_id", None)
-    if sink is None:
+    counts = cache.counts.tolist() if cache.counts is not None else [0] * valid.shape[0]
+    starts = sink_token_starts(sink, valid.sum(1).tolist(), counts)
+    if starts is None:
         return
-    counts = cache.counts if cache.counts is not None else torch.zeros(valid.shape[0], dtype=torch.long)
-    fresh = (counts.to(valid.device) == 0) & valid.any(1)
-    if not bool(fresh.any()):
-        return
+    fresh = torch.tensor(starts, dtype=torch.bool, device=valid.device)
     ids = torch.full((valid.shape[0], 1), int(sink), dtype=torch.long, device=valid.device)
     pos = cache.begin_chunk(fresh[:, None])
     ACTIVE.cache = cache

@@ -106,11 +106,12 @@ def token_batch(tokens, lengths, batch: int, vocab: int, device) -> tuple[torch.
     return tokens.to(device), lengths
 
 
-def sink_token_starts(config, lengths: list[int], seen: list[int]) -> list[int] | None:
+def sink_token_starts(sink_token_id: int | None, lengths: list[int], seen: list[int]) -> list[int] | None:
     """Which streams get a sink-token model's token 0 (config ``sink_token_id``) before a feed of
     ``lengths[b]`` tokens: 1 for each stream about to receive its first tokens (``seen[b] == 0``),
-    0 for the others (a continued or restored stream never gets it again); None when nothing starts."""
-    if config.sink_token_id is None:
+    0 for the others (a continued or restored stream never gets it again); None when nothing starts.
+    The one home of this rule: the runtime, the ONNX runner and ``streaming_trt.hf`` all ask it."""
+    if sink_token_id is None:
         return None
     starts = [int(length > 0 and done == 0) for length, done in zip(lengths, seen)]
     return starts if any(starts) else None
@@ -161,7 +162,7 @@ def feed_stream(model, cache, tokens: torch.Tensor, lengths: list[int], max_chun
     ``max_chunk``; a decode chunk is replayed from ``graphs`` (a DecodeGraphs) when given.
     Returns what :func:`feed_chunks` returns."""
     config = model.config
-    starts = sink_token_starts(config, lengths, cache.seen_host)
+    starts = sink_token_starts(config.sink_token_id, lengths, cache.seen_host)
     if starts is not None:  # ``seen`` counts it; its logits predict the first token
         ids = torch.full((cache.batch, 1), config.sink_token_id, dtype=torch.int64, device=model.device)
         last = merge_newest(last, model(ids, cache, starts, last_only=True), starts)

@@ -160,7 +160,7 @@ class OnnxSession(StreamSession):
         """As :meth:`streaming_trt.runtime.session.Session.feed`: float32 logits ``[batch, n, vocab]`` of every
         token fed (zero past a stream's length), or ``[batch, vocab]`` with ``all_logits=False``."""
         tokens, lengths = token_batch(tokens, lengths, self.batch, self.config.vocab_size, self.device)
-        starts = sink_token_starts(self.config, lengths, self._seen)
+        starts = sink_token_starts(self.config.sink_token_id, lengths, self._seen)
         if starts is not None:  # a sink-token model's token 0, once per stream
             self._run(torch.full((self.batch, 1), self.config.sink_token_id, dtype=torch.int64), starts, False)
         logits, self.last_logits = feed_chunks(tokens, lengths, self.max_chunk, self._run, all_logits,
