@@ -2,7 +2,7 @@
 started by ``python -m streaming_trt.cli.serve``, bound to 127.0.0.1, on a tiny random checkpoint.
 
 Every reply is checked token by token against the same conversation run in-process with
-``Session`` through the same ``Conversation`` the chat CLI and the scheduler use, greedy. Test modules that need a
+``Session`` through the same ``Chat`` the chat CLI and the scheduler use, greedy. Test modules that need a
 server call :func:`require_tritonserver` at import and import the fixtures they use from here.
 """
 from __future__ import annotations
@@ -177,9 +177,9 @@ def server(checkpoint, tmp_path_factory):
 
 def reference(local, texts: list[str], max_tokens: int = TOKENS, seen: list | None = None) -> list[list[int]]:
     """Reply tokens (stop tokens left out) of one conversation run in-process, greedy, through the
-    same :class:`~streaming_trt.runtime.chat.Conversation` the server's scheduler uses; ``seen``
+    same :class:`~streaming_trt.runtime.chat.Chat` the server's scheduler uses; ``seen``
     receives the stream length after each turn."""
-    from streaming_trt.runtime.chat import Conversation
+    from streaming_trt.runtime.chat import Chat
     from streaming_trt.runtime.generation import eos_ids
     from streaming_trt.runtime.sampling import Sampler, SamplingParams
 
@@ -187,7 +187,7 @@ def reference(local, texts: list[str], max_tokens: int = TOKENS, seen: list | No
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the server runs
     try:
-        conv = Conversation(tok, eos_ids(tok, model.config))
+        conv = Chat(tok, eos_ids(tok, model.config))
         session = model.session(SINK, WINDOW)
         out = []
         for text in texts:

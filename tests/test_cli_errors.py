@@ -119,7 +119,8 @@ DRIVER = textwrap.dedent(r"""
     import json, os, runpy, sys, traceback
     sys.path.insert(0, sys.argv[1])
     import torch, transformers, safetensors.torch  # noqa: F401  (imported once, shared by every child)
-    import streaming_trt, streaming_trt.cli.common, streaming_trt.cli.build  # noqa: F401
+    import streaming_trt, streaming_trt.cli.common, streaming_trt.export.engine, streaming_trt.export.onnx  # noqa: F401  (not the
+    # command modules themselves: runpy runs each as __main__, and a preloaded one would be run twice)
 
     def child(case):
         code = 1

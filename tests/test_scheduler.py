@@ -1,5 +1,5 @@
 """The batched scheduler in-process: every conversation's tokens equal the same conversation run
-alone with ``Conversation.reply`` on a batch-1 session (greedy), under random arrivals, prompts from
+alone with ``Chat.reply`` on a batch-1 session (greedy), under random arrivals, prompts from
 one token to 3x the window, mixed max_tokens, cancellations and eviction to disk and back."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 import streaming_trt as st
 from checkpoints import make_checkpoint, save_tokenizer, tiny_chat_model
-from streaming_trt.runtime.chat import Conversation
+from streaming_trt.runtime.chat import Chat
 from streaming_trt.contract import UserError
 from streaming_trt.runtime.generation import eos_ids
 from streaming_trt.runtime.sampling import Sampler, SamplingParams
@@ -31,7 +31,7 @@ def alone(local, turns: list[tuple[str, int]]) -> list[list[int]]:
     """The reference: one conversation on its own batch-1 session, turn after turn."""
     model, tok = local
     session = model.session(SINK, WINDOW, cache_fill=float("nan"))
-    conv = Conversation(tok, eos_ids(tok, model.config))
+    conv = Chat(tok, eos_ids(tok, model.config))
     return [[t for t, _ in conv.reply(session, text, max_tokens, Sampler(GREEDY))] for text, max_tokens in turns]
 
 
@@ -206,7 +206,7 @@ def test_recall_conversations_equal_their_run_alone(local, tmp_path):
     assert store.loads >= 8
     for c, turns in scripts.items():
         session = model.session(SINK, WINDOW, cache_fill=float("nan"), recall=recall)
-        conv = Conversation(tok, eos_ids(tok, model.config))
+        conv = Chat(tok, eos_ids(tok, model.config))
         want = [[t for t, _ in conv.reply(session, text, n, Sampler(GREEDY))] for text, n in turns]
         assert min(session.recall.count) >= 2 * recall.top_k  # blocks were evicted and could be recalled
         assert got[c] == want, f"conversation {c}"

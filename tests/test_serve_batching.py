@@ -65,7 +65,7 @@ def test_sigkill_mid_load_loses_no_acknowledged_turn(checkpoint, local, tmp_path
 def test_recall_server_carries_each_conversations_block_store(checkpoint, local, tmp_path):  # noqa: F811
     """``serve --recall``: conversations past the window, evicted to disk between turns (host memory
     for one) and across a restart, equal the same conversation alone in-process with recall."""
-    from streaming_trt.runtime.chat import Conversation as Chat
+    from streaming_trt.runtime.chat import Chat
     from streaming_trt.runtime.generation import eos_ids
     from streaming_trt.runtime.sampling import Sampler, SamplingParams
 

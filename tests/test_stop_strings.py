@@ -154,11 +154,11 @@ def test_generate_text_ends_at_the_token_completing_the_stop(pieces, stop, expec
 
 
 def test_chat_stops_before_a_stop_string_and_gives_back_held_text(tmp_path):
-    """Conversation.reply (the chat CLI's turn) with stop strings, greedy: the reply ends before
+    """Chat.reply (the chat CLI's turn) with stop strings, greedy: the reply ends before
     the stop string, and text held back for a stop string that never came is given back."""
     import streaming_trt as st
     from checkpoints import make_checkpoint, save_tokenizer
-    from streaming_trt.runtime.chat import Conversation
+    from streaming_trt.runtime.chat import Chat
     from streaming_trt.runtime.generation import eos_ids
     from streaming_trt.runtime.sampling import Sampler, SamplingParams
 
@@ -167,7 +167,7 @@ def test_chat_stops_before_a_stop_string_and_gives_back_held_text(tmp_path):
     model, tok = st.load_model(tmp_path), st.load_tokenizer(tmp_path)
 
     def reply(stops):
-        conv = Conversation(tok, eos_ids(tok, model.config))
+        conv = Chat(tok, eos_ids(tok, model.config))
         pieces = list(conv.reply(model.session(4, 40), "hello there", 20, Sampler(SamplingParams(temperature=0.0)),
                                  stop_strings=stops))
         return "".join(p for _, p in pieces), conv.finish_reason

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from ..contract import UserError
-from ..runtime.chat import Conversation
+from ..runtime.chat import Chat
 from . import common
 from ..runtime.generation import eos_ids
 from ..runtime.sampling import Sampler
@@ -21,7 +21,7 @@ def chat(session, tokenizer, lines, write, sampling, max_new_tokens: int, system
 
     Returns the number of turns answered.
     """
-    conversation = Conversation(tokenizer, eos_ids(tokenizer, session.config), system, started=not fresh)
+    conversation = Chat(tokenizer, eos_ids(tokenizer, session.config), system, started=not fresh)
     sampler = Sampler(sampling, session.device)
     answered = 0
     for line in lines:

@@ -1,7 +1,7 @@
 """A chat conversation on one endless stream: what each turn feeds, the reply, what closes it.
 
 The chat CLI, the server's scheduler, ``bench.serve`` and the tests all go through
-:class:`Conversation`, so a conversation served in a batch feeds exactly the tokens the same
+:class:`Chat`, so a conversation served in a batch feeds exactly the tokens the same
 conversation fed in-process does.
 """
 from __future__ import annotations
@@ -119,7 +119,7 @@ def check_messages(messages) -> list[dict]:
     return out
 
 
-class Conversation:
+class Chat:
     """One conversation: the ids each turn feeds, and those that close each reply.
 
     The first turn feeds the whole message list through the tokenizer's chat template (the

@@ -23,7 +23,7 @@ rows decode in the same batched forward as all the others.
 
 Every row has its own sampling parameters, seed, stop tokens, stop strings and max_tokens;
 cancellation is checked between steps, during prefill too. What closes a finished reply is fed as
-one chunk, as ``Conversation.reply`` feeds it; the turn's state is then copied out of its slot;
+one chunk, as ``Chat.reply`` feeds it; the turn's state is then copied out of its slot;
 it is saved by a writer thread, and only then is the turn's final response sent, so a reply the
 client saw complete survives a SIGKILL.
 """
@@ -34,7 +34,7 @@ import queue
 import threading
 
 from ..contract import UserError
-from ..runtime.chat import Conversation
+from ..runtime.chat import Chat
 from ..engine import BatchRunner
 from ..runtime.generation import StopStrings, eos_ids
 from ..runtime.generation import IncrementalDecoder
@@ -46,7 +46,7 @@ __all__ = ["Scheduler", "Overloaded", "TokenEvent", "TurnRequest", "TurnResult"]
 class _Turn:
     """A turn inside the scheduler: its conversation, what is left to feed, its reply so far."""
 
-    def __init__(self, req: TurnRequest, conversation: Conversation, ids: list[int], max_tokens: int, sampler):
+    def __init__(self, req: TurnRequest, conversation: Chat, ids: list[int], max_tokens: int, sampler):
         self.req, self.conversation, self.ids = req, conversation, ids
         self.max_tokens = max_tokens
         self.sampler = sampler
@@ -101,7 +101,7 @@ class Scheduler:
         self.max_new_tokens, self.max_new_tokens_limit = max_new_tokens, max_new_tokens_limit
         self.max_input_bytes = max_input_bytes
         self.stop_ids = eos_ids(tokenizer, model.config)
-        self.encoder = Conversation(tokenizer, self.stop_ids).encoder
+        self.encoder = Chat(tokenizer, self.stop_ids).encoder
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: collections.deque = collections.deque()  # (TurnRequest) in arrival order
         self.busy: set[int] = set()           # conversations with a turn admitted or being saved
@@ -221,7 +221,7 @@ class Scheduler:
         if not fresh and not self.store.exists(req.cid):
             raise ServingError(f"conversation {req.cid} is unknown or has ended; start it with the START flag",
                                ErrorKind.UNKNOWN_CONVERSATION)
-        conversation = Conversation(self.tokenizer, self.stop_ids, started=not fresh, encoder=self.encoder)
+        conversation = Chat(self.tokenizer, self.stop_ids, started=not fresh, encoder=self.encoder)
         if req.raw:
             ids = self.tokenizer.encode(messages, add_special_tokens=fresh)
         else:
@@ -296,7 +296,7 @@ class Scheduler:
             turn.held = turn.stops.flush()
 
     def _close(self, turn: _Turn) -> None:
-        """Feed what closes a finished reply, as one chunk, as ``Conversation.reply`` feeds it
+        """Feed what closes a finished reply, as one chunk, as ``Chat.reply`` feeds it
         (with recall each chunk selects its own blocks, so the chunking must be the same)."""
         if turn.forced:
             self.runner.prefill(turn.row, turn.forced)
