@@ -178,7 +178,7 @@ def wire(local, tmp_path):
     """A real scheduler behind the real backend, a client over the stand-in stream."""
     pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
     from streaming_trt.serving.client import Client
-    from streaming_trt.serving.backend import TritonPythonModel
+    from streaming_trt.serving.tritonserver_model import TritonPythonModel
     from streaming_trt.serving.scheduler import Scheduler
     from streaming_trt.serving.store import ConversationStore
 

@@ -2,7 +2,7 @@
 
 - :mod:`.repo` writes a Triton model repository (Python backend, decoupled streaming,
   sequence batching) and finds/starts a ``tritonserver``;
-- :mod:`.backend` is what the repository's ``model.py`` runs inside Triton: it hands every
+- :mod:`.tritonserver_model` is what the repository's ``model.py`` runs inside Triton: it hands every
   request to :mod:`.scheduler`, which batches the turns of every conversation in flight over one
   pool of cache slots (continuous batching);
 - :mod:`.store` keeps idle conversations, in host memory up to a byte budget and on disk (every

@@ -1,7 +1,7 @@
 """The wire between a front door and the engine: the one home of the serving protocol.
 
 - the Triton model's name and tensors (:data:`INPUTS`, :data:`OUTPUTS`, :data:`CONTROLS`): what
-  ``config.pbtxt`` declares (:mod:`.repo`), what the backend reads and writes (:mod:`.backend`)
+  ``config.pbtxt`` declares (:mod:`.repo`), what the Triton model reads and writes (:mod:`.tritonserver_model`)
   and what :mod:`streaming_trt.serving.client` sends and reads;
 - the records: :class:`TurnRequest` (one turn, parsed and validated once, when it is made),
   :class:`TokenEvent` (one reply token) and :class:`TurnResult` (the turn's end);
