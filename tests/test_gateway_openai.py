@@ -179,7 +179,7 @@ def test_a_server_refusal_is_a_400(gateway):
 def test_client_repl_sends_the_new_parameters_and_prints_held_back_text(monkeypatch, capsys):
     import io
 
-    from streaming_trt.serving import client as client_module
+    from streaming_trt.cli import client as client_module
 
     scripted = ScriptedClient()
 
