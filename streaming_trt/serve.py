@@ -104,6 +104,9 @@ def build_parser():
     g.add_argument("--file-kv", metavar="DIR", default=os.environ.get("DYN_FILE_KV"),
                    help="with --discovery-backend file: the directory the frontend and workers share "
                         "(sets DYN_FILE_KV; default: $DYN_FILE_KV, else Dynamo's own default)")
+    g.add_argument("--dynamo-host", default=os.environ.get("DYN_TCP_RPC_HOST", "127.0.0.1"), metavar="ADDR",
+                   help="address the worker's request plane binds and advertises (sets DYN_TCP_RPC_HOST; default: "
+                        "$DYN_TCP_RPC_HOST or loopback, so only a frontend on this host reaches it)")
     g.add_argument("--dynamo-namespace", default="streaming_trt", metavar="NAME",
                    help="the Dynamo namespace of the worker's endpoint NAME.worker.generate")
     g.add_argument("--session-affinity-ttl", type=int, default=600, metavar="SECONDS",
@@ -256,6 +259,7 @@ def _serve(args) -> int:
         if args.session_affinity_ttl < 1:
             raise UserError(f"--session-affinity-ttl must be >= 1 second, got {args.session_affinity_ttl}")
         os.environ["DYN_DISCOVERY_BACKEND"] = args.discovery_backend
+        os.environ["DYN_TCP_RPC_HOST"] = args.dynamo_host
         if args.file_kv:
             os.environ["DYN_FILE_KV"] = str(Path(args.file_kv).resolve())
         Path(conf["session_dir"]).mkdir(parents=True, exist_ok=True)

@@ -303,6 +303,28 @@ def _http_error(error: Exception):
 
 
 # --------------------------------------------------------------------------- the model directory
+def model_dir(model, tokenizer, source: str | None, name: str) -> Path:
+    """The frontend's model directory, at one path for every worker of the same files
+    (``$TMPDIR/streaming-trt-dynamo/<name>-<digest>``): the frontend refuses a worker whose model
+    card differs from the first one's, and the card holds the files' paths."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.gettempdir()) / "streaming-trt-dynamo"
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=base))
+    write_model_dir(tmp, model, tokenizer, source)
+    digest = hashlib.sha256()
+    for path in sorted(tmp.iterdir()):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    out = base / f"{''.join(c if c.isalnum() or c in '-_.' else '_' for c in name)}-{digest.hexdigest()[:16]}"
+    try:
+        tmp.rename(out)
+    except OSError:  # another worker of the same model wrote it first: the same files
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def write_model_dir(out: Path, model, tokenizer, source: str | None) -> Path:
     """A directory the frontend reads (config.json, tokenizer.json, tokenizer_config.json with the
     chat template), rendering and tokenizing as the project's tokenizer does."""
@@ -362,17 +384,14 @@ def run(conf: dict, served_model_name: str, namespace: str = NAMESPACE, affinity
     except ImportError as e:
         raise UserError(f"--dynamo needs NVIDIA Dynamo ({e}): pip install 'streaming-trt[dynamo]' and "
                         "pip install --no-deps ai-dynamo==1.6.1 (docs/serving.md)") from None
-    import tempfile
-
     from .backend import build_scheduler
 
     t0 = time.perf_counter()
     scheduler = build_scheduler(conf, _log)
-    model_dir = write_model_dir(Path(tempfile.mkdtemp(prefix="streaming-trt-dynamo-")) / "model",
-                                scheduler.runner.model, scheduler.tokenizer, conf["model"])
+    files = model_dir(scheduler.runner.model, scheduler.tokenizer, conf["model"], served_model_name)
     worker = DynamoWorker(scheduler, conf["session_dir"])
     _log(f"model {conf['model'] or 'built-in'} loaded in {time.perf_counter() - t0:.1f} s; "
-         f"{len(scheduler.rows)} slots; sessions in {conf['session_dir']}; frontend files in {model_dir}")
+         f"{len(scheduler.rows)} slots; sessions in {conf['session_dir']}; frontend files in {files}")
 
     async def main() -> None:
         import signal
@@ -386,7 +405,7 @@ def run(conf: dict, served_model_name: str, namespace: str = NAMESPACE, affinity
         runtime_config = ModelRuntimeConfig()
         runtime_config.context_length = CONTEXT_LENGTH
         runtime_config.max_num_seqs = len(scheduler.rows)
-        await register_model(ModelInput.Tokens, ModelType.Chat | ModelType.Completions, endpoint, str(model_dir),
+        await register_model(ModelInput.Tokens, ModelType.Chat | ModelType.Completions, endpoint, str(files),
                              served_model_name, worker_type=WorkerType.Aggregated, runtime_config=runtime_config,
                              router_config=RouterConfig(RouterMode.RoundRobin, session_affinity_ttl_secs=affinity_ttl))
         stop = asyncio.Event()
