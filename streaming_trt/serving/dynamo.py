@@ -303,7 +303,7 @@ def _http_error(error: Exception):
 
 
 # --------------------------------------------------------------------------- the model directory
-def model_dir(model, tokenizer, source: str | None, name: str) -> Path:
+def model_dir(config, tokenizer, source: str | None, name: str) -> Path:
     """The frontend's model directory, at one path for every worker of the same files
     (``$TMPDIR/streaming-trt-dynamo/<name>-<digest>``): the frontend refuses a worker whose model
     card differs from the first one's, and the card holds the files' paths."""
@@ -313,7 +313,7 @@ def model_dir(model, tokenizer, source: str | None, name: str) -> Path:
     base = Path(tempfile.gettempdir()) / "streaming-trt-dynamo"
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=base))
-    write_model_dir(tmp, model, tokenizer, source)
+    write_model_dir(tmp, config, tokenizer, source)
     digest = hashlib.sha256()
     for path in sorted(tmp.iterdir()):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
@@ -325,13 +325,14 @@ def model_dir(model, tokenizer, source: str | None, name: str) -> Path:
     return out
 
 
-def write_model_dir(out: Path, model, tokenizer, source: str | None) -> Path:
+def write_model_dir(out: Path, config, tokenizer, source: str | None) -> Path:
     """A directory the frontend reads (config.json, tokenizer.json, tokenizer_config.json with the
-    chat template), rendering and tokenizing as the project's tokenizer does."""
+    chat template), rendering and tokenizing as the project's tokenizer does. ``config``: the
+    model's :class:`~streaming_trt.config.ModelConfig`; ``source``: the model's name or path."""
     from ..builtin import BuiltinTokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    c = model.config
+    c = config
     config = {"architectures": ["LlamaForCausalLM"], "model_type": c.model_type, "vocab_size": c.vocab_size,
               "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
               "num_key_value_heads": c.num_kv_heads, "max_position_embeddings": c.max_position_embeddings,
@@ -388,7 +389,7 @@ def run(conf: dict, served_model_name: str, namespace: str = NAMESPACE, affinity
 
     t0 = time.perf_counter()
     scheduler = build_scheduler(conf, _log)
-    files = model_dir(scheduler.runner.model, scheduler.tokenizer, conf["model"], served_model_name)
+    files = model_dir(scheduler.runner.model.config, scheduler.tokenizer, conf["model"], served_model_name)
     worker = DynamoWorker(scheduler, conf["session_dir"])
     _log(f"model {conf['model'] or 'built-in'} loaded in {time.perf_counter() - t0:.1f} s; "
          f"{len(scheduler.rows)} slots; sessions in {conf['session_dir']}; frontend files in {files}")
