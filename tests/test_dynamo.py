@@ -39,7 +39,7 @@ from streaming_trt.serving.store import ConversationStore  # noqa: E402
 SINK, WINDOW = 4, 40
 CONVERSATIONS, TURNS, KILLED_TURN = 4, 5, 3
 MAX_TOKENS = [6, 6, 6, 40, 6]   # the killed turn is longer, so the kill lands inside it
-DEADLINE = 100.0                # the whole module, from the first process started
+DEADLINE = 240.0                # the deployment test, from the first process started (a bound, not the usual)
 
 
 def texts(c: int) -> list[str]:
@@ -118,11 +118,12 @@ class Deployment:
         raise AssertionError("the deployment was not ready in time:\n" + "\n".join(
             f"--- {n}\n{self.log(n)[-2000:]}" for n in self.procs))
 
-    def chat(self, model: str, messages: list[dict], max_tokens: int, session: str | None, timeout: float = 60.0) -> dict:
+    def chat(self, model: str, messages: list[dict], max_tokens: int, session: str | None, timeout: float = 60.0,
+             **fields) -> dict:
         headers = {"content-type": "application/json"}
         if session is not None:
             headers["x-dynamo-session-id"] = session
-        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, **fields}
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions", data=json.dumps(body).encode(),
                                      headers=headers)
         return json.loads(urllib.request.urlopen(req, timeout=timeout).read())
@@ -147,7 +148,7 @@ def deployment(tmp_path_factory):
     d = Deployment(root, hf_dir)
     d.t0 = time.monotonic()
     try:
-        d.wait_ready(d.t0 + 60.0)
+        d.wait_ready(d.t0 + 150.0)  # about 20 s on an idle machine; this one is shared
         yield d
     finally:
         d.stop()
@@ -221,13 +222,23 @@ def test_conversations_are_pinned_equal_in_process_and_survive_a_killed_worker(d
     assert time.monotonic() - d.t0 < DEADLINE
 
 
-def test_one_shot_requests_keep_nothing(deployment):
+def test_one_shot_requests_keep_nothing_and_bad_parameters_get_a_clean_400(deployment):
     d = deployment
     model, tok = open_model("builtin:random", seed=0, announce=False)
     before = sorted(p.name for p in d.sessions.rglob("*"))
-    out = d.chat("streaming-trt", [{"role": "user", "content": texts(0)[0]}], MAX_TOKENS[0], None)
-    assert out["choices"][0]["message"]["content"] == reference(model, tok, [(texts(0)[0], MAX_TOKENS[0])])[0][0]
+    first = [{"role": "user", "content": texts(0)[0]}]
+    want = reference(model, tok, [(texts(0)[0], MAX_TOKENS[0])])[0][0]
+    assert d.chat("streaming-trt", first, MAX_TOKENS[0], None)["choices"][0]["message"]["content"] == want
     assert sorted(p.name for p in d.sessions.rglob("*")) == before
+    for fields, says in (({"top_p": 0}, "top_p"), ({"max_tokens": 10**6}, "max_tokens"), ({"n": 2}, "n must be 1"),
+                         ({"frequency_penalty": 3}, "frequency_penalty")):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            d.chat("streaming-trt", first, MAX_TOKENS[0], "bad-params", **fields)
+        body = e.value.read().decode()
+        assert e.value.code == 400 and says in body.lower(), (fields, e.value.code, body)
+    # the worker still serves, and the refused requests left no conversation behind
+    assert d.chat("streaming-trt", first, MAX_TOKENS[0], "bad-params")["choices"][0]["message"]["content"] == want
+    assert history(d.sessions, "bad-params")["turns"] == 1
 
 
 def test_hugging_face_template_and_a_history_past_the_trained_context(deployment):
@@ -315,3 +326,28 @@ def test_the_frontend_files_give_the_project_s_token_ids(which, tmp_path):
     assert histories.new_ids(h, frontend(later)) == encoder.next_turn("What is 2 + 2?")
     edited = first + [{"role": "assistant", "content": reply + " (edited)"}, {"role": "user", "content": "What is 2 + 2?"}]
     assert histories.new_ids(h, frontend(edited)) is None
+
+
+def test_the_frontend_s_sampling_fields_map_onto_sampling_params_with_the_project_s_checks():
+    from streaming_trt.contract import UserError
+    from streaming_trt.serving.dynamo import DynamoWorker
+
+    params, max_tokens, stop, logprobs = DynamoWorker.sampling({
+        "sampling_options": {"temperature": 0.7, "top_p": 0.9, "top_k": -1, "min_p": 0.05, "seed": 7,
+                             "repetition_penalty": 1.1, "frequency_penalty": 0.5, "presence_penalty": None, "n": 1},
+        "stop_conditions": {"max_tokens": 12, "stop": ["\n\n"], "ignore_eos": False},
+        "output_options": {"logprobs": 3}})
+    assert params == SamplingParams(temperature=0.7, top_p=0.9, top_k=0, min_p=0.05, seed=7, repetition_penalty=1.1,
+                                    frequency_penalty=0.5)
+    assert (max_tokens, stop, logprobs) == (12, ("\n\n",), 3)
+    assert DynamoWorker.sampling({})[0] == SamplingParams()
+    for request, says in (({"sampling_options": {"top_p": 0.0}}, "top_p"),
+                          ({"sampling_options": {"temperature": -1}}, "temperature"),
+                          ({"sampling_options": {"n": 2}}, "n must be 1"),
+                          ({"sampling_options": {"guided_decoding": {"json": {}}}}, "guided decoding"),
+                          ({"stop_conditions": {"min_tokens": 3}}, "min_tokens"),
+                          ({"stop_conditions": {"ignore_eos": True}}, "ignore_eos"),
+                          ({"output_options": {"logprobs": 99}}, "logprobs"),
+                          ({"output_options": {"prompt_logprobs": 1}}, "prompt_logprobs")):
+        with pytest.raises(UserError, match=says):
+            DynamoWorker.sampling(request)

@@ -155,7 +155,8 @@ class DynamoWorker:
         self.served = False
 
     # ----------------------------------------------------------------- the request
-    def sampling(self, request: dict) -> tuple[SamplingParams, int | None, tuple[str, ...], int | None]:
+    @staticmethod
+    def sampling(request: dict) -> tuple[SamplingParams, int | None, tuple[str, ...], int | None]:
         """The frontend's ``sampling_options`` / ``stop_conditions`` / ``output_options`` ->
         (SamplingParams, max_tokens, stop strings, logprobs); UserError saying what to change."""
         opts = request.get("sampling_options") or {}
@@ -245,10 +246,10 @@ class DynamoWorker:
         def cancelled() -> bool:
             return gone.is_set() or (context is not None and context.is_stopped())
 
-        # One-shot requests use a conversation id of their own that is ended after the turn.
+        # A one-shot request runs as a conversation of its own, ended with its turn (nothing is saved).
         cid = plan.cid if plan.cid is not None else 1 + int.from_bytes(os.urandom(8), "little") % ((1 << 64) - 1)
         try:
-            req = TurnRequest(cid, [], start=plan.fresh, max_tokens=max_tokens,
+            req = TurnRequest(cid, [], start=plan.fresh, end=plan.cid is None, max_tokens=max_tokens,
                               sampling=params, stop=stop, logprobs=logprobs, token_ids=plan.ids,
                               on_token=lambda e: loop.call_soon_threadsafe(events.put_nowait, ("token", e)),
                               on_done=lambda r, e: loop.call_soon_threadsafe(events.put_nowait, ("done", (r, e))),
@@ -275,9 +276,7 @@ class DynamoWorker:
                 result, error = value
                 if error is not None:
                     raise _http_error(error)
-                if plan.cid is None:
-                    await asyncio.to_thread(self.scheduler.store.end, cid)  # one-shot: nothing kept
-                elif result.finish_reason != "cancelled":
+                if plan.cid is not None and result.finish_reason != "cancelled":
                     history = History(len(token_ids), _digest(token_ids), self.histories.text(visible),
                                       plan.base + plan.ids + list(result.reply_ids), result.seen, plan.turns + 1,
                                       plan.fresh_turns + plan.fresh, self.histories.writer)

@@ -239,8 +239,8 @@ class TurnRequest:
         if not self.raw and not isinstance(self.messages, list):
             _bad("MESSAGES must be a JSON list of {\"role\", \"content\"} messages")
         if self.token_ids is not None:
-            if self.raw or self.messages or self.end:
-                _bad("a turn given as token ids takes no messages, raw or end")
+            if self.raw or self.messages:
+                _bad("a turn given as token ids takes no messages and no raw")
             if not isinstance(self.token_ids, (list, tuple)) or not self.token_ids or not all(
                     type(t) is int and t >= 0 for t in self.token_ids):
                 _bad("token_ids must be a non-empty list of integer token ids >= 0")

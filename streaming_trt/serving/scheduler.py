@@ -208,7 +208,7 @@ class Scheduler:
 
     @staticmethod
     def _is_end_only(req: TurnRequest) -> bool:
-        return req.end and req.messages in ([], "[]", b"[]")
+        return req.end and req.token_ids is None and req.messages in ([], "[]", b"[]")
 
     def _start(self, req: TurnRequest) -> None:
         if self._is_end_only(req):
