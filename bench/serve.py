@@ -28,7 +28,7 @@ deployment and level: throughput, TTFT p50/p99. Then the failover gap: conversat
 turns on the two-worker deployment, one worker is SIGKILLed, and the gap is the time from the kill
 to the next token each affected conversation receives (clients resend the turn at once).
 
-    python -m bench.serve --dynamo --levels 1,8,16 --turns 2 --tokens 16
+    python -m bench.serve --dynamo --levels 1,8,16 --turns 2 --tokens 16 --rounds 3
 """
 from __future__ import annotations
 
@@ -145,6 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--serial-max-level", type=int, default=None,
                    help="skip the serial server above this level (it needs levels x turns x tokens / its tok/s)")
     p.add_argument("--out", default=None, help="directory for serve.csv and serve.png")
+    p.add_argument("--rounds", type=int, default=3, help="with --dynamo: rounds of every level (medians reported)")
     p.add_argument("--dynamo", action="store_true",
                    help="compare the project's gateway with NVIDIA Dynamo's frontend over one and two workers, and "
                         "measure the failover gap (see above)")

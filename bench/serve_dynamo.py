@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -167,8 +168,10 @@ def failover(d: Deployment, args, n: int = 4) -> dict:
         while not stop.is_set():
             s["messages"].append({"role": "user", "content": f"failover {c}, turn {s['turns']}: and then?"})
             while True:
-                def seen():
-                    if killed_at and c not in next_token:
+                sent = time.monotonic()
+
+                def seen():  # a token of a request sent after the kill (one sent before may still arrive)
+                    if killed_at and sent > killed_at[0] and c not in next_token:
                         next_token[c] = time.monotonic()
                 try:
                     text, _, _ = chat(d, s["messages"], args.tokens, f"failover-{c}", on_token=seen)
@@ -218,12 +221,20 @@ def run(args) -> int:
             level(d, 2, argparse_namespace(args, turns=1, tokens=4), "warm")
         print(f"model {args.model}, S + W = {args.sink_tokens} + {args.window}, {args.turns} turns x {args.tokens} "
               f"tokens, 1 thread per worker", flush=True)
-        for i, n in enumerate(levels):
-            for d in (deployments if i % 2 == 0 else deployments[::-1]):
-                r = level(d, n, args, f"{d.name}-{n}")
-                rows.append({"deployment": d.name, "concurrency": n, **r})
-                print(f"{d.name:9s} {n:3d} convs: {r['tokens_per_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:8.0f} ms "
-                      f"p99 {r['ttft_p99_ms']:8.0f} ms", flush=True)
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for r_i in range(args.rounds):  # rounds of every level, the deployments' order alternating
+            for i, n in enumerate(levels):
+                for d in (deployments if (i + r_i) % 2 == 0 else deployments[::-1]):
+                    r = level(d, n, args, f"{d.name}-{n}-{r_i}")
+                    runs.setdefault((d.name, n), []).append(r)
+                    print(f"round {r_i} {d.name:9s} {n:3d} convs: {r['tokens_per_s']:7.1f} tok/s  TTFT p50 "
+                          f"{r['ttft_p50_ms']:8.0f} ms p99 {r['ttft_p99_ms']:8.0f} ms", flush=True)
+        print(f"medians over {args.rounds} rounds:")
+        for (name, n), rs in runs.items():
+            r = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
+            rows.append({"deployment": name, "concurrency": n, **r})
+            print(f"{name:9s} {n:3d} convs: {r['tokens_per_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:8.0f} ms "
+                  f"p99 {r['ttft_p99_ms']:8.0f} ms", flush=True)
         f = failover(deployments[2], args)
         print(f"failover (dynamo-2, 4 conversations, SIGKILL of one worker): {f['affected']} affected, gap to the next "
               f"token max {f['gap_max_s']:.1f} s, min {f['gap_min_s']:.1f} s, {f['unserved']} never served", flush=True)

@@ -30,13 +30,15 @@ import sys
 import threading
 import time
 from array import array
+from collections import OrderedDict
 from pathlib import Path
 
 from ..contract import UserError
 from ..sampling import SamplingParams
-from .protocol import MAX_LOGPROBS, ErrorKind, ServingError, TurnRequest, kind_of
+from .protocol import MAX_LOGPROBS, ErrorKind, TurnRequest, kind_of
 
 HISTORY_DIR = "dynamo"
+MINE = 100_000  # sessions whose last History this worker remembers writing
 NAMESPACE, COMPONENT, ENDPOINT = "streaming_trt", "worker", "generate"
 # The frontend refuses a prompt longer than the registered context length ("This model's maximum
 # context length is ..."). A StreamingLLM conversation has no such bound: its history may grow past
@@ -89,7 +91,9 @@ class Histories:
         self.dir = Path(session_dir) / HISTORY_DIR
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.tokenizer, self.end_of_reply = tokenizer, list(end_of_reply)
-        self.mine: dict[int, History] = {}  # what this worker wrote last, per session
+        # Per session, the History this worker wrote last, as (turns, seen, prompt digest); the least
+        # recently written beyond MINE are forgotten (their next turn replays the history's ids).
+        self.mine: OrderedDict[int, tuple] = OrderedDict()
         self.writer = f"{socket.gethostname()}:{os.getpid()}"
 
     def path(self, cid: int) -> Path:
@@ -111,7 +115,18 @@ class Histories:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path(cid))
-        self.mine[cid] = history
+        self.mine[cid] = self.key(history)
+        self.mine.move_to_end(cid)
+        while len(self.mine) > MINE:
+            self.mine.popitem(last=False)
+
+    def wrote_last(self, cid: int, history: History) -> bool:
+        """This worker wrote ``history`` (so its store's state, if current, is the one it describes)."""
+        return self.mine.get(cid) == self.key(history) and history.writer == self.writer
+
+    @staticmethod
+    def key(history: History) -> tuple:
+        return history.turns, history.seen, history.prompt_digest
 
     def text(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -151,7 +166,7 @@ class DynamoWorker:
         self.tokenizer = scheduler.tokenizer
         end = scheduler.encoder._encode(scheduler.encoder.end_of_reply)
         self.histories = Histories(session_dir, self.tokenizer, end)
-        self.locks: dict[int, asyncio.Lock] = {}
+        self.locks: dict[int, list] = {}  # session -> [asyncio.Lock, requests holding or awaiting it]
         self.served = False
 
     # ----------------------------------------------------------------- the request
@@ -193,7 +208,7 @@ class DynamoWorker:
         new = None if history is None else self.histories.new_ids(history, token_ids)
         if new is None:
             return Plan(cid, token_ids, True, [])
-        if self.histories.mine.get(cid) == history and self._store_holds(cid, history.seen):
+        if self.histories.wrote_last(cid, history) and self._store_holds(cid, history.seen):
             return Plan(cid, new, False, history.fed, history.turns, history.fresh)
         # Another worker wrote the newest history (a failover), or this store lost the state: the same
         # ids again, on a fresh state.
@@ -222,19 +237,21 @@ class DynamoWorker:
             raise HttpError(400, str(e)) from None
         session_id = (request.get("agent_context") or {}).get("session_id")
         cid = session_cid(session_id) if session_id else None
-        lock = self.locks.setdefault(cid, asyncio.Lock()) if cid is not None else None
-        if lock is not None:
-            await lock.acquire()  # one turn of a session at a time: each plans on the last one's history
+        if cid is not None:  # one turn of a session at a time: each plans on the last one's history
+            entry = self.locks.setdefault(cid, [asyncio.Lock(), 0])
+            entry[1] += 1
+            await entry[0].acquire()
         try:
             async for chunk in self._turn(session_id, token_ids, params, max_tokens, stop, logprobs, context):
                 yield chunk
         finally:
-            if lock is not None:
-                lock.release()
+            if cid is not None:
+                entry[0].release()
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self.locks[cid]
 
     async def _turn(self, session_id, token_ids, params, max_tokens, stop, logprobs, context):
-        from dynamo.llm import HttpError
-
         plan = self.plan(session_id, token_ids)
         if not self.served:
             self.served = True
