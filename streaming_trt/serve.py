@@ -110,8 +110,8 @@ def build_parser():
     g.add_argument("--dynamo-namespace", default="streaming_trt", metavar="NAME",
                    help="the Dynamo namespace of the worker's endpoint NAME.worker.generate")
     g.add_argument("--session-affinity-ttl", type=int, default=600, metavar="SECONDS",
-                   help="the router's session binding idle TTL this worker registers (the frontend's "
-                        "--router-session-affinity-ttl-secs takes precedence where given)")
+                   help="the session-affinity idle TTL in the RouterConfig this worker registers; affinity itself "
+                        "is switched on by the frontend's --router-session-affinity-ttl-secs (docs/serving.md)")
     return p
 
 
