@@ -230,10 +230,10 @@ def test_one_shot_requests_keep_nothing_and_bad_parameters_get_a_clean_400(deplo
     want = reference(model, tok, [(texts(0)[0], MAX_TOKENS[0])])[0][0]
     assert d.chat("streaming-trt", first, MAX_TOKENS[0], None)["choices"][0]["message"]["content"] == want
     assert sorted(p.name for p in d.sessions.rglob("*")) == before
-    for fields, says in (({"top_p": 0}, "top_p"), ({"max_tokens": 10**6}, "max_tokens"), ({"n": 2}, "n must be 1"),
-                         ({"frequency_penalty": 3}, "frequency_penalty")):
+    for fields, says in (({"top_p": 0}, "top_p"), ({"max_tokens": 10**6}, "max_tokens"), ({"n": 2, "temperature": 0.5}, "n must be 1"),
+                         ({"frequency_penalty": 3}, "frequency")):
         with pytest.raises(urllib.error.HTTPError) as e:
-            d.chat("streaming-trt", first, MAX_TOKENS[0], "bad-params", **fields)
+            d.chat("streaming-trt", first, session="bad-params", **{"max_tokens": MAX_TOKENS[0], **fields})
         body = e.value.read().decode()
         assert e.value.code == 400 and says in body.lower(), (fields, e.value.code, body)
     # the worker still serves, and the refused requests left no conversation behind

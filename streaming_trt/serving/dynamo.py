@@ -35,7 +35,7 @@ from pathlib import Path
 
 from ..contract import UserError
 from ..sampling import SamplingParams
-from .protocol import MAX_LOGPROBS, ErrorKind, TurnRequest, kind_of
+from .protocol import MAX_LOGPROBS, ErrorKind, ServingError, TurnRequest, kind_of
 
 HISTORY_DIR = "dynamo"
 MINE = 100_000  # sessions whose last History this worker remembers writing
@@ -226,15 +226,13 @@ class DynamoWorker:
     # ----------------------------------------------------------------- serving
     async def generate(self, request: dict, context=None):
         """The endpoint's handler: yields the frontend's chunks (``token_ids``, then ``finish_reason``)."""
-        from dynamo.llm import HttpError
-
         try:
             token_ids = [int(t) for t in request.get("token_ids") or []]
             if not token_ids:
                 raise UserError("the request has no token ids")
             params, max_tokens, stop, logprobs = self.sampling(request)
         except (UserError, ValueError, TypeError) as e:
-            raise HttpError(400, str(e)) from None
+            raise _http_error(ServingError(str(e), ErrorKind.BAD_REQUEST)) from None
         session_id = (request.get("agent_context") or {}).get("session_id")
         cid = session_cid(session_id) if session_id else None
         if cid is not None:  # one turn of a session at a time: each plans on the last one's history
@@ -307,15 +305,22 @@ class DynamoWorker:
             gone.set()  # the client left (or the turn is over): the scheduler ends the turn
 
 
-def _http_error(error: Exception):
+def _http_error(error: Exception) -> Exception:
+    """The exception the frontend turns into the client's error. Dynamo 1.6.1's frontend passes the
+    message of an ``InvalidArgument`` on (400) but answers a worker's ``HttpError`` with its bare
+    status ("Bad Request"), so a bad request raises InvalidArgument."""
     from dynamo.llm import HttpError
+    from dynamo.llm.exceptions import EngineShutdown, InvalidArgument
 
     kind = kind_of(error)
-    status = {ErrorKind.BAD_REQUEST: 400, ErrorKind.UNKNOWN_CONVERSATION: 404, ErrorKind.BUSY: 429,
-              ErrorKind.SHUTTING_DOWN: 503}.get(kind, 500)
-    if status == 500:
-        _log(f"internal error: {error}")
-    return HttpError(status, str(error))
+    if kind is ErrorKind.BAD_REQUEST:
+        return InvalidArgument(str(error))
+    if kind is ErrorKind.SHUTTING_DOWN:
+        return EngineShutdown(str(error))
+    if kind is ErrorKind.BUSY:
+        return HttpError(429, str(error))
+    _log(f"internal error: {error}")
+    return HttpError(500, str(error))
 
 
 # --------------------------------------------------------------------------- the model directory
