@@ -19,6 +19,16 @@ turns of ``--tokens`` greedy tokens. Reported per server and level:
     python -m bench.serve --model builtin:smollm2 --levels 1,8,16 --tokens 32 --threads 2
 
 Writes serve.csv and serve.png to --out (default bench/results/serve-<model>).
+
+``--dynamo``: the OpenAI API of three deployments on the same model, one thread per worker, each
+conversation a streaming chat (the whole history sent every turn): the project's gateway
+(tritonserver + ``--openai-port``), and ``python -m dynamo.frontend`` (file discovery, session
+affinity) in front of one and of two ``serve --dynamo`` workers sharing one --session-dir. Per
+deployment and level: throughput, TTFT p50/p99. Then the failover gap: conversations keep taking
+turns on the two-worker deployment, one worker is SIGKILLed, and the gap is the time from the kill
+to the next token each affected conversation receives (clients resend the turn at once).
+
+    python -m bench.serve --dynamo --levels 1,8,16 --turns 2 --tokens 16 --rounds 3
 """
 from __future__ import annotations
 
@@ -135,7 +145,15 @@ def main(argv=None) -> int:
     p.add_argument("--serial-max-level", type=int, default=None,
                    help="skip the serial server above this level (it needs levels x turns x tokens / its tok/s)")
     p.add_argument("--out", default=None, help="directory for serve.csv and serve.png")
+    p.add_argument("--rounds", type=int, default=3, help="with --dynamo: rounds of every level (medians reported)")
+    p.add_argument("--dynamo", action="store_true",
+                   help="compare the project's gateway with NVIDIA Dynamo's frontend over one and two workers, and "
+                        "measure the failover gap (see above)")
     args = p.parse_args(argv)
+    if args.dynamo:
+        from bench.serve_dynamo import run
+
+        return run(args)
     levels = [int(x) for x in args.levels.split(",")]
     kinds = args.servers.split(",")
     from streaming_trt.serving.repo import TritonServer, find_tritonserver, write_repo

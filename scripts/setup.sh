@@ -9,7 +9,11 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     echo "[setup] torch is missing: installing torch==2.13.0"
     "$PY" -m pip install --quiet torch==2.13.0
 fi
-"$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+"$PY" -m pip install --quiet --disable-pip-version-check -e ".[test,dynamo]"
+# The Dynamo frontend (python -m dynamo.frontend) for serve --dynamo and tests/test_dynamo.py. --no-deps: its
+# dependency aisimulate downloads from NVIDIA's own index at install time; the frontend does not import it, and the
+# [dynamo] extra above installs what it does import.
+"$PY" -m pip install --quiet --disable-pip-version-check --no-deps "ai-dynamo==1.6.1"
 # Serving tests: the tritonserver binary bundled in nvidia-pytriton. --no-deps: the wheel pins
 # numpy<2 for PyTriton's own Python API, which is not used (only its binary and Python backend).
 "$PY" -m pip install --quiet --disable-pip-version-check --no-deps "nvidia-pytriton==0.7.0"

@@ -96,6 +96,26 @@ def build_parser():
     g.add_argument("--repo-dir", metavar="DIR", help="where to write the model repository (default: a temporary directory)")
     g.add_argument("--write-repo", metavar="DIR", help="only write the model repository to DIR and exit")
     g.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the server to be ready")
+    g = p.add_argument_group("NVIDIA Dynamo worker (docs/serving.md: more than one machine)")
+    g.add_argument("--dynamo", action="store_true",
+                   help="serve as a worker behind 'python -m dynamo.frontend' instead of starting tritonserver: "
+                        "a token-input Chat and Completions model named --served-model-name, one conversation per "
+                        "X-Dynamo-Session-ID, sessions in --session-dir (pip install 'streaming-trt[dynamo]')")
+    g.add_argument("--discovery-backend", choices=("etcd", "file", "kubernetes", "mem"),
+                   default=os.environ.get("DYN_DISCOVERY_BACKEND", "etcd"),
+                   help="how the worker and the frontend find each other (sets DYN_DISCOVERY_BACKEND; default: "
+                        "$DYN_DISCOVERY_BACKEND or etcd); 'file' needs no etcd, on one host")
+    g.add_argument("--file-kv", metavar="DIR", default=os.environ.get("DYN_FILE_KV"),
+                   help="with --discovery-backend file: the directory the frontend and workers share "
+                        "(sets DYN_FILE_KV; default: $DYN_FILE_KV, else Dynamo's own default)")
+    g.add_argument("--dynamo-host", default=os.environ.get("DYN_TCP_RPC_HOST", "127.0.0.1"), metavar="ADDR",
+                   help="address the worker's request plane binds and advertises (sets DYN_TCP_RPC_HOST; default: "
+                        "$DYN_TCP_RPC_HOST or loopback, so only a frontend on this host reaches it)")
+    g.add_argument("--dynamo-namespace", default="streaming_trt", metavar="NAME",
+                   help="the Dynamo namespace of the worker's endpoint NAME.worker.generate")
+    g.add_argument("--session-affinity-ttl", type=int, default=600, metavar="SECONDS",
+                   help="the session-affinity idle TTL in the RouterConfig this worker registers; affinity itself "
+                        "is switched on by the frontend's --router-session-affinity-ttl-secs (docs/serving.md)")
     return p
 
 
@@ -232,6 +252,17 @@ def _serve(args) -> int:
     from ..serving.repo import TritonServer, find_tritonserver, write_repo
 
     conf = settings(args)
+    if args.dynamo:
+        from .serving import dynamo
+
+        if args.session_affinity_ttl < 1:
+            raise UserError(f"--session-affinity-ttl must be >= 1 second, got {args.session_affinity_ttl}")
+        os.environ["DYN_DISCOVERY_BACKEND"] = args.discovery_backend
+        os.environ["DYN_TCP_RPC_HOST"] = args.dynamo_host
+        if args.file_kv:
+            os.environ["DYN_FILE_KV"] = str(Path(args.file_kv).resolve())
+        Path(conf["session_dir"]).mkdir(parents=True, exist_ok=True)
+        return dynamo.run(conf, args.served_model_name, args.dynamo_namespace, args.session_affinity_ttl)
     if args.write_repo:
         model_dir = write_repo(args.write_repo, conf, **sequence_slots(args))
         common.info(f"[streaming-trt] model repository written to {model_dir.parent} "

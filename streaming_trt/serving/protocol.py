@@ -193,6 +193,7 @@ class TurnResult:
     finish_reason: str          # "stop", "length", "cancelled" or "ended"
     seen: int                   # stream length after the turn
     text: str = ""              # reply text released at the end (held back while it might begin a stop string)
+    reply_ids: tuple[int, ...] = ()  # what the reply fed to the stream: generated ids (a stop token included), then its closing
 
 
 @dataclasses.dataclass
@@ -203,7 +204,9 @@ class TurnRequest:
     ``messages``: a list of ``{"role", "content"}`` dicts, or its JSON (str or UTF-8 bytes), kept
     parsed; ``[]`` with ``end`` ends the conversation without a turn. With ``raw``: the JSON of a
     string, a text continued as it is (no chat template, nothing closes the reply). ``start`` begins conversation ``cid`` anew unless ``resume``
-    (continue the one saved under that id); ``end`` deletes it after the turn. ``sampling``: a
+    (continue the one saved under that id); ``end`` deletes it after the turn. ``token_ids``: the ids
+    the turn feeds, already chat-templated by a front door (Dynamo's frontend); ``messages`` is then
+    ``[]`` and the reply is closed as a chat reply. ``sampling``: a
     :class:`SamplingParams` or a dict of its fields. ``on_token(TokenEvent)`` is called per reply
     token and ``on_done(result, error)`` once, from the scheduler's threads; ``cancelled()`` is
     polled between steps. Server limits (reply length, input size) are checked by :meth:`within`.
@@ -219,6 +222,7 @@ class TurnRequest:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
     raw: bool = False
+    token_ids: tuple[int, ...] | None = None
     on_token: Callable[[TokenEvent], None] = lambda event: None
     on_done: Callable[[TurnResult | None, Exception | None], None] = lambda result, error: None
     cancelled: Callable[[], bool] = lambda: False
@@ -234,6 +238,13 @@ class TurnRequest:
             _bad("a raw turn's MESSAGES must be a non-empty JSON string: the text to continue")
         if not self.raw and not isinstance(self.messages, list):
             _bad("MESSAGES must be a JSON list of {\"role\", \"content\"} messages")
+        if self.token_ids is not None:
+            if self.raw or self.messages:
+                _bad("a turn given as token ids takes no messages and no raw")
+            if not isinstance(self.token_ids, (list, tuple)) or not self.token_ids or not all(
+                    type(t) is int and t >= 0 for t in self.token_ids):
+                _bad("token_ids must be a non-empty list of integer token ids >= 0")
+            self.token_ids = tuple(self.token_ids)
         if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
                                             or self.max_tokens < 0):
             _bad(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")

@@ -58,6 +58,7 @@ class _Turn:
         self.row: int | None = None
         self.decoding = False         # the prompt is fed: the turn draws tokens
         self.forced: list[int] = []   # ids fed without sampling (what closes the reply)
+        self.reply_ids: list[int] = []  # what the reply fed: generated ids, then its closing
         self.count, self.finish = 0, None
         self.last: int | None = None  # the last generated id
         self.stops_hit, self.held = False, ""  # a stop string ended the reply; text released at the end
@@ -101,6 +102,7 @@ class Scheduler:
         self.max_new_tokens, self.max_new_tokens_limit = max_new_tokens, max_new_tokens_limit
         self.max_input_bytes = max_input_bytes
         self.stop_ids = eos_ids(tokenizer, model.config)
+        self.vocab_size = model.config.vocab_size
         self.encoder = Chat(tokenizer, self.stop_ids).encoder
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: collections.deque = collections.deque()  # (TurnRequest) in arrival order
@@ -206,7 +208,7 @@ class Scheduler:
 
     @staticmethod
     def _is_end_only(req: TurnRequest) -> bool:
-        return req.end and req.messages in ([], "[]", b"[]")
+        return req.end and req.token_ids is None and req.messages in ([], "[]", b"[]")
 
     def _start(self, req: TurnRequest) -> None:
         if self._is_end_only(req):
@@ -222,7 +224,13 @@ class Scheduler:
             raise ServingError(f"conversation {req.cid} is unknown or has ended; start it with the START flag",
                                ErrorKind.UNKNOWN_CONVERSATION)
         conversation = Chat(self.tokenizer, self.stop_ids, started=not fresh, encoder=self.encoder)
-        if req.raw:
+        if req.token_ids is not None:
+            if max(req.token_ids) >= self.vocab_size:
+                raise ServingError(f"token id {max(req.token_ids)} is out of the model's vocabulary of "
+                                   f"{self.vocab_size}", ErrorKind.BAD_REQUEST)
+            ids = list(req.token_ids)
+            conversation.started = True
+        elif req.raw:
             ids = self.tokenizer.encode(messages, add_special_tokens=fresh)
         else:
             ids = conversation.turn_ids(messages)
@@ -265,6 +273,7 @@ class Scheduler:
         token = draw.token
         turn.count += 1
         turn.last = token
+        turn.reply_ids.append(token)
         if token in self.stop_ids:
             self._end_reply(turn, "stop")
             return token
@@ -292,6 +301,7 @@ class Scheduler:
         """The reply is over; what closes it is fed by :meth:`_close`."""
         turn.finish = reason
         turn.forced = [] if turn.req.raw else turn.conversation.closing_ids(turn.last)
+        turn.reply_ids += turn.forced
         if turn.stops is not None and not turn.stops_hit:
             turn.held = turn.stops.flush()
 
@@ -337,7 +347,8 @@ class Scheduler:
             self.store.forget(cid)
         if error is None:
             seen = self.runner.seen(row) if keep else (self.store.seen(cid) if self.store.exists(cid) else 0)
-            result = TurnResult(len(turn.ids), turn.count, turn.finish, seen, turn.held)
+            result = TurnResult(len(turn.ids), turn.count, turn.finish, seen, turn.held,
+                                tuple(turn.reply_ids) if keep else ())
         self.runner.free(row)
         self.rows[row] = None
         if error is None and keep and not turn.req.end:

@@ -41,18 +41,7 @@ class TritonPythonModel:
         settings = json.loads((Path(args["model_repository"]) / "serve.json").read_text())
         self.settings = settings
         t0 = time.perf_counter()
-        set_threads(settings["threads"])
-        model, tokenizer = open_model(settings["model"], settings["dtype"], settings["device"], settings["backend"],
-                                      seed=settings["seed"], announce=False)
-        store = ConversationStore(model, Geometry(settings["sink_tokens"], settings["window"]),
-                                  settings["session_dir"], settings["host_memory"], settings.get("disk_budget"),
-                                  settings.get("idle_ttl"), log=_log)
-        self.scheduler = Scheduler(model, tokenizer, store, slots=pool_slots(settings, model),
-                                   token_budget=settings["token_budget"], max_queue=settings["max_queue"],
-                                   max_new_tokens=settings["max_new_tokens"],
-                                   max_new_tokens_limit=settings["max_new_tokens_limit"],
-                                   capture_decode=None if settings.get("cuda_graphs", True) else False,
-                                   recall=Recall(**settings["recall"]) if settings.get("recall") else None)
+        self.scheduler = build_scheduler(settings, _log)
         _log(f"model {settings['model'] or 'built-in'} loaded in {time.perf_counter() - t0:.1f} s; "
              f"{len(self.scheduler.rows)} slots ({self.scheduler.runner.nbytes() / 2**20:.1f} MiB of cache), "
              f"sessions in {settings['session_dir']}, pid {os.getpid()}")
@@ -104,6 +93,21 @@ class TritonPythonModel:
     def finalize(self):
         _log("stopping")
         self.scheduler.close()
+
+
+def build_scheduler(settings: dict, log) -> Scheduler:
+    """The model, its session store and the :class:`Scheduler` of the serve settings (serve.json)."""
+    set_threads(settings["threads"])
+    model, tokenizer = open_model(settings["model"], settings["dtype"], settings["device"], settings["backend"],
+                                  seed=settings["seed"], announce=False)
+    store = ConversationStore(model, Geometry(settings["sink_tokens"], settings["window"]),
+                              settings["session_dir"], settings["host_memory"], settings.get("disk_budget"),
+                              settings.get("idle_ttl"), log=log)
+    return Scheduler(model, tokenizer, store, slots=pool_slots(settings, model),
+                     token_budget=settings["token_budget"], max_queue=settings["max_queue"],
+                     max_new_tokens=settings["max_new_tokens"], max_new_tokens_limit=settings["max_new_tokens_limit"],
+                     capture_decode=None if settings.get("cuda_graphs", True) else False,
+                     recall=Recall(**settings["recall"]) if settings.get("recall") else None)
 
 
 def pool_slots(settings: dict, model) -> int:
