@@ -2,7 +2,7 @@
 ``python -m streaming_trt.cli.serve --dynamo`` workers on builtin:random sharing one --session-dir, and a
 third on a tiny Hugging Face directory.
 
-Every reply equals the same conversation run in-process (greedy, ``Conversation.reply``); each
+Every reply equals the same conversation run in-process (greedy, ``Chat.reply``); each
 conversation stays on one worker; after a SIGKILL of a worker during a turn every conversation
 continues from its last completed turn (none lost, none fed twice: the stream lengths equal the
 in-process ones), and every session file is still there and loads.
@@ -30,7 +30,7 @@ from checkpoints import tiny_chat_model  # noqa: E402
 from serving_harness import free_ports  # noqa: E402
 from streaming_trt.loading.catalog import open_model  # noqa: E402
 from streaming_trt.contract import Geometry  # noqa: E402
-from streaming_trt.runtime.chat import Conversation  # noqa: E402
+from streaming_trt.runtime.chat import Chat  # noqa: E402
 from streaming_trt.runtime.generation import eos_ids  # noqa: E402
 from streaming_trt.runtime.sampling import Sampler, SamplingParams  # noqa: E402
 from streaming_trt.serving.dynamo import HISTORY_DIR, session_cid  # noqa: E402
@@ -52,7 +52,7 @@ def reference(model, tok, turns: list[tuple[str, int]]) -> tuple[list[str], list
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        conv = Conversation(tok, eos_ids(tok, model.config))
+        conv = Chat(tok, eos_ids(tok, model.config))
         session = model.session(SINK, WINDOW)
         replies, seen = [], []
         for text, max_tokens in turns:
@@ -263,7 +263,7 @@ def test_hugging_face_template_and_a_history_past_the_trained_context(deployment
     # An edited history starts a fresh state from the whole history, correctly.
     edited = [{"role": "user", "content": "long " * 70}, {"role": "assistant", "content": "edited"},
               {"role": "user", "content": "and then?"}]
-    conv = Conversation(tok, eos_ids(tok, model.config))
+    conv = Chat(tok, eos_ids(tok, model.config))
     session = model.session(SINK, WINDOW)
     want = tok.decode([t for t, _ in conv.reply(session, edited, 6, Sampler(SamplingParams(temperature=0.0)))],
                       skip_special_tokens=True)

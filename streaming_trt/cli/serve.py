@@ -253,7 +253,7 @@ def _serve(args) -> int:
 
     conf = settings(args)
     if args.dynamo:
-        from .serving import dynamo
+        from ..serving import dynamo  # the [dynamo] extra, optional
 
         if args.session_affinity_ttl < 1:
             raise UserError(f"--session-affinity-ttl must be >= 1 second, got {args.session_affinity_ttl}")
