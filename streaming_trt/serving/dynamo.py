@@ -25,17 +25,24 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from array import array
 from collections import OrderedDict
 from pathlib import Path
 
+from tokenizers import AddedToken, Tokenizer, decoders, models
+
 from ..contract import UserError
+from ..loading.builtin import BuiltinTokenizer
 from ..runtime.sampling import SamplingParams
 from .protocol import MAX_LOGPROBS, ErrorKind, ServingError, TurnRequest, kind_of
+from .tritonserver_model import build_scheduler
 
 HISTORY_DIR = "dynamo"
 MINE = 100_000  # sessions whose last History this worker remembers writing
@@ -309,7 +316,7 @@ def _http_error(error: Exception) -> Exception:
     """The exception the frontend turns into the client's error. Dynamo 1.6.1's frontend passes the
     message of an ``InvalidArgument`` on (400) but answers a worker's ``HttpError`` with its bare
     status ("Bad Request"), so a bad request raises InvalidArgument."""
-    from dynamo.llm import HttpError
+    from dynamo.llm import HttpError  # the [dynamo] extra, optional
     from dynamo.llm.exceptions import EngineShutdown, InvalidArgument
 
     kind = kind_of(error)
@@ -328,8 +335,6 @@ def model_dir(config, tokenizer, source: str | None, name: str) -> Path:
     """The frontend's model directory, at one path for every worker of the same files
     (``$TMPDIR/streaming-trt-dynamo/<name>-<digest>``): the frontend refuses a worker whose model
     card differs from the first one's, and the card holds the files' paths."""
-    import shutil
-    import tempfile
 
     base = Path(tempfile.gettempdir()) / "streaming-trt-dynamo"
     base.mkdir(parents=True, exist_ok=True)
@@ -350,7 +355,6 @@ def write_model_dir(out: Path, config, tokenizer, source: str | None) -> Path:
     """A directory the frontend reads (config.json, tokenizer.json, tokenizer_config.json with the
     chat template), rendering and tokenizing as the project's tokenizer does. ``config``: the
     model's :class:`~streaming_trt.runtime.config.ModelConfig`; ``source``: the model's name or path."""
-    from ..loading.builtin import BuiltinTokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     c = config
@@ -378,13 +382,11 @@ def write_model_dir(out: Path, config, tokenizer, source: str | None) -> Path:
 def _builtin_tokenizer_files(out: Path, tok) -> None:
     """tokenizer.json (one token per character, the specials as special added tokens) and the
     built-in chat template, for the random test model's character tokenizer."""
-    from tokenizers import Tokenizer, decoders, models
 
     vocab = {s: i for i, s in enumerate(tok.specials)}
     vocab.update({ch: i + len(tok.specials) for i, ch in enumerate(tok.chars)})
     t = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     t.decoder = decoders.Fuse()
-    from tokenizers import AddedToken
 
     t.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in tok.specials])
     t.save(str(out / "tokenizer.json"))
@@ -402,11 +404,10 @@ def run(conf: dict, served_model_name: str, namespace: str = NAMESPACE, affinity
     ``DYN_REQUEST_PLANE``."""
     try:
         import dynamo.llm  # noqa: F401
-        from dynamo.runtime import DistributedRuntime
+        from dynamo.runtime import DistributedRuntime  # the [dynamo] extra, optional
     except ImportError as e:
         raise UserError(f"--dynamo needs NVIDIA Dynamo ({e}): pip install 'streaming-trt[dynamo]' and "
                         "pip install --no-deps ai-dynamo==1.6.1 (docs/serving.md)") from None
-    from .tritonserver_model import build_scheduler
 
     t0 = time.perf_counter()
     scheduler = build_scheduler(conf, _log)
@@ -416,9 +417,8 @@ def run(conf: dict, served_model_name: str, namespace: str = NAMESPACE, affinity
          f"{len(scheduler.rows)} slots; sessions in {conf['session_dir']}; frontend files in {files}")
 
     async def main() -> None:
-        import signal
 
-        from dynamo.llm import ModelInput, ModelRuntimeConfig, ModelType, RouterConfig, RouterMode, WorkerType, register_model
+        from dynamo.llm import ModelInput, ModelRuntimeConfig, ModelType, RouterConfig, RouterMode, WorkerType, register_model  # the [dynamo] extra, optional
 
         loop = asyncio.get_running_loop()
         runtime = DistributedRuntime(loop, os.environ.get("DYN_DISCOVERY_BACKEND", "etcd"),
