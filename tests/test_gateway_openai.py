@@ -400,3 +400,42 @@ def test_a_resend_of_a_turn_in_flight_waits_for_it(gateway):
     assert [g[0] for g in got] == [200, 200]
     assert got[0][2]["choices"][0]["message"] == got[1][2]["choices"][0]["message"]
     assert len(turns_for(gateway.client, "slow twice")) == 1
+
+
+def closed_within(sock: socket.socket, seconds: float, trickle: bytes) -> float | None:
+    """Send ``trickle`` a byte every 0.2 s; the seconds until the server closed the connection (None: it did not)."""
+    start = time.monotonic()
+    sock.settimeout(0.2)
+    for i in range(int(seconds / 0.2)):
+        try:
+            sock.send(trickle[i % len(trickle): i % len(trickle) + 1])
+            if sock.recv(4096) == b"":
+                return time.monotonic() - start
+        except socket.timeout:
+            continue
+        except OSError:  # reset or broken pipe: closed
+            return time.monotonic() - start
+    return None
+
+
+def test_headers_sent_slowly_are_cut_off(tmp_path):
+    """Slow loris: a client sending its headers a byte at a time is disconnected once the header
+    time limit passes (before: uvicorn waited for ever), on a fresh connection and after a first
+    request on a kept-alive one; other clients are served meanwhile."""
+    g = scripted_gateway(ScriptedClient(), tmp_path, header_seconds=1.0)
+    try:
+        fresh = socket.create_connection(("127.0.0.1", g.port))
+        kept = socket.create_connection(("127.0.0.1", g.port))
+        body = json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode()
+        kept.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        kept.settimeout(10)
+        assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+        trickle = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 200
+        assert chat(g, "meanwhile")[0] == 200
+        for sock in (fresh, kept):
+            took = closed_within(sock, 8.0, trickle)
+            sock.close()
+            assert took is not None and took < 4.0, took
+    finally:
+        g.stop()

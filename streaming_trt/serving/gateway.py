@@ -47,6 +47,8 @@ from .protocol import HTTP, ErrorKind, TokenEvent
 
 NOT_RUN = frozenset({ErrorKind.BUSY, ErrorKind.SHUTTING_DOWN, ErrorKind.SEQUENCE_RELEASED})  # turns refused unrun
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+HEADER_SECONDS = 10.0  # the request line and headers must arrive within this (slow-loris clients)
+MAX_HEADER_BYTES = 16 * 1024  # request line and headers together
 BODY_SECONDS = 30.0  # a request body that takes longer to arrive is refused (a slow client holds nothing)
 MAX_IDEMPOTENCY_KEY = 255  # characters of an Idempotency-Key header
 MAX_CONCURRENT_TURNS = 1024  # requests the gateway carries at once (the scheduler refuses beyond its queue)
@@ -490,10 +492,48 @@ async def internal_error(request, exc):
     return server_error(exc)
 
 
-class GatewayThread:
-    """uvicorn serving :func:`create_app` on ``host:port`` in a background thread."""
+def header_limited_h11(header_seconds: float):
+    """uvicorn's h11 protocol, closing a connection whose request line and headers are not all in
+    ``header_seconds`` after it opened or after its previous response (uvicorn has no header timeout:
+    a client sending a byte of headers at a time would hold its connection for ever)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    def __init__(self, triton_url: str, host: str, port: int, **app_kwargs):
+    class HeaderLimitedH11(H11Protocol):
+        header_timer = None
+
+        def _arm(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            self.header_timer = self.loop.call_later(header_seconds, self._headers_late)
+
+        def _headers_late(self) -> None:
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()  # no request is running on it: nothing to cancel
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeaderLimitedH11
+
+
+class GatewayThread:
+    """uvicorn serving :func:`create_app` on ``host:port`` in a background thread; a connection's
+    request headers must arrive within ``header_seconds`` (at most ``MAX_HEADER_BYTES``), its body
+    within :data:`BODY_SECONDS`, and an idle keep-alive connection is closed after 5 s."""
+
+    def __init__(self, triton_url: str, host: str, port: int, header_seconds: float = HEADER_SECONDS, **app_kwargs):
         try:
             import uvicorn  # the [serve] extra, needed only to serve
         except ImportError:
@@ -501,7 +541,8 @@ class GatewayThread:
         self.app = create_app(triton_url, **app_kwargs)
         config = uvicorn.Config(self.app, host=host, port=port, log_level="warning", lifespan="off",
                                 timeout_graceful_shutdown=3, limit_concurrency=MAX_CONCURRENT_TURNS + 64,
-                                timeout_keep_alive=5)
+                                timeout_keep_alive=5, http=header_limited_h11(header_seconds),
+                                h11_max_incomplete_event_size=MAX_HEADER_BYTES)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
