@@ -77,7 +77,7 @@ FLAG_START, FLAG_END = 1, 2   # a request's flags() in the Python backend
 SCALARS = {"MAX_TOKENS": ("max_tokens", int), "TEMPERATURE": ("sampling.temperature", float),
            "TOP_K": ("sampling.top_k", int), "TOP_P": ("sampling.top_p", float), "SEED": ("sampling.seed", int),
            "RESUME": ("resume", bool)}
-TURN_OPTIONS = ("stop", "logprobs", "raw")   # OPTIONS keys besides SamplingParams fields
+TURN_OPTIONS = ("stop", "logprobs", "raw", "free_slot")   # OPTIONS keys besides SamplingParams fields
 MAX_LOGPROBS = 20
 
 
@@ -203,7 +203,10 @@ class TurnRequest:
     ``messages``: a list of ``{"role", "content"}`` dicts, or its JSON (str or UTF-8 bytes), kept
     parsed; ``[]`` with ``end`` ends the conversation without a turn. With ``raw``: the JSON of a
     string, a text continued as it is (no chat template, nothing closes the reply). ``start`` begins conversation ``cid`` anew unless ``resume``
-    (continue the one saved under that id); ``end`` deletes it after the turn. ``sampling``: a
+    (continue the one saved under that id); ``end`` deletes it after the turn, except with
+    ``free_slot`` (OPTIONS ``"free_slot": true``, END and no messages): only Triton's sequence slot of
+    ``cid`` is given back, the conversation is left as it is (the backend sends one after refusing a
+    START, :mod:`.backend`). ``sampling``: a
     :class:`SamplingParams` or a dict of its fields. ``on_token(TokenEvent)`` is called per reply
     token and ``on_done(result, error)`` once, from the scheduler's threads; ``cancelled()`` is
     polled between steps. Server limits (reply length, input size) are checked by :meth:`within`.
@@ -219,6 +222,7 @@ class TurnRequest:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
     raw: bool = False
+    free_slot: bool = False
     on_token: Callable[[TokenEvent], None] = lambda event: None
     on_done: Callable[[TurnResult | None, Exception | None], None] = lambda result, error: None
     cancelled: Callable[[], bool] = lambda: False
@@ -226,7 +230,7 @@ class TurnRequest:
     def __post_init__(self):
         if isinstance(self.cid, bool) or not isinstance(self.cid, int) or not 0 < self.cid < 1 << 64:
             _bad(f"the conversation id must be an integer in [1, 2**64), got {self.cid!r}")
-        for name in ("start", "resume", "end", "raw"):
+        for name in ("start", "resume", "end", "raw", "free_slot"):
             if not isinstance(getattr(self, name), bool):
                 _bad(f"{name} must be true or false, got {getattr(self, name)!r}")
         self.messages = _parse_messages(self.messages)
@@ -234,6 +238,8 @@ class TurnRequest:
             _bad("a raw turn's MESSAGES must be a non-empty JSON string: the text to continue")
         if not self.raw and not isinstance(self.messages, list):
             _bad("MESSAGES must be a JSON list of {\"role\", \"content\"} messages")
+        if self.free_slot and not (self.end and self.messages == []):
+            _bad("free_slot goes with END and no messages: it only gives back the sequence slot")
         if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
                                             or self.max_tokens < 0):
             _bad(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")

@@ -77,7 +77,10 @@ def write_repo(repo: str | os.PathLike, settings: dict, name: str = MODEL_NAME, 
     try:
         (model_dir / "1").mkdir(parents=True, exist_ok=True)
         (model_dir / "config.pbtxt").write_text(config_pbtxt(name, idle_seconds, candidates))
-        (model_dir / "serve.json").write_text(json.dumps(settings, indent=2) + "\n")
+        settings_path = model_dir / "serve.json"  # it may hold the API key: private
+        settings_path.unlink(missing_ok=True)
+        with os.fdopen(os.open(settings_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(json.dumps(settings, indent=2) + "\n")
         template = resources.files("streaming_trt.serving").joinpath("templates/model.py").read_text()
         (model_dir / "1" / "model.py").write_text(template)
     except OSError as e:
