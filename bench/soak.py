@@ -231,7 +231,7 @@ def abusive_client(port: int, index: int, deadline: float, tally: Tally) -> None
     while time.monotonic() < deadline:
         kind = rng.choice(ABUSES)
         try:
-            status = abuse(port, kind, rng)
+            status = abuse(port, kind, rng, deadline)
         except OSError:
             status = -1  # the server closed the connection (what slow and oversized clients deserve)
         with tally.lock:
@@ -239,7 +239,7 @@ def abusive_client(port: int, index: int, deadline: float, tally: Tally) -> None
         time.sleep(0.05)
 
 
-def abuse(port: int, kind: str, rng: random.Random) -> int:
+def abuse(port: int, kind: str, rng: random.Random, deadline: float) -> int:
     """One hostile request; returns the HTTP status, 0 when the client let go first, -1 when the server closed."""
     user = [{"role": "user", "content": f"abuse {rng.random()}"}]
     if kind == "malformed":
@@ -261,7 +261,9 @@ def abuse(port: int, kind: str, rng: random.Random) -> int:
         sock = socket.create_connection(("127.0.0.1", port), timeout=2)
         try:
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-            for _ in range(40):  # a header byte every 0.5 s, for up to 20 s
+            for _ in range(40):  # a header byte every 0.5 s, for up to 20 s (or the end of the run)
+                if time.monotonic() > deadline:
+                    return 0
                 sock.sendall(b"X")
                 try:
                     if sock.recv(64) == b"":
@@ -275,7 +277,7 @@ def abuse(port: int, kind: str, rng: random.Random) -> int:
     elif kind == "never_reading":
         body = json.dumps({"messages": user, "max_tokens": 2048, "temperature": 1, "stream": True}).encode()
         conn, r = request(port, body, rcvbuf=4096)
-        time.sleep(40)  # longer than the gateway's send limit (30 s)
+        time.sleep(max(0.0, min(40.0, deadline - time.monotonic())))  # longer than the gateway's send limit (30 s)
         conn.close()
         return r.status
     elif kind == "cancelled":

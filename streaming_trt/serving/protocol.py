@@ -77,7 +77,7 @@ FLAG_START, FLAG_END = 1, 2   # a request's flags() in the Python backend
 SCALARS = {"MAX_TOKENS": ("max_tokens", int), "TEMPERATURE": ("sampling.temperature", float),
            "TOP_K": ("sampling.top_k", int), "TOP_P": ("sampling.top_p", float), "SEED": ("sampling.seed", int),
            "RESUME": ("resume", bool)}
-TURN_OPTIONS = ("stop", "logprobs", "raw", "free_slot")   # OPTIONS keys besides SamplingParams fields
+TURN_OPTIONS = ("stop", "logprobs", "raw", "free_slot", "after")   # OPTIONS keys besides SamplingParams fields
 MAX_LOGPROBS = 20
 
 
@@ -97,6 +97,7 @@ class ErrorKind(str, enum.Enum):
     SEQUENCE_RELEASED = "sequence_released"          # Triton released the idle sequence: resend with START + RESUME
     UNAVAILABLE = "unavailable"                      # the server cannot be reached / the connection broke
     TIMEOUT = "timeout"                              # no response in time
+    ALREADY_DONE = "already_done"                    # the conversation moved past ``after``: the turn ran already
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +115,8 @@ HTTP = {ErrorKind.BAD_REQUEST: HttpError(400, "invalid_request_error", None, Non
         ErrorKind.INTERNAL: HttpError(500, "server_error", "internal_error", None),
         ErrorKind.SEQUENCE_RELEASED: HttpError(503, "server_error", "server_unavailable", 1),
         ErrorKind.UNAVAILABLE: HttpError(503, "server_error", "server_unavailable", 5),
-        ErrorKind.TIMEOUT: HttpError(504, "server_error", "timeout", None)}
+        ErrorKind.TIMEOUT: HttpError(504, "server_error", "timeout", None),
+        ErrorKind.ALREADY_DONE: HttpError(409, "invalid_request_error", "turn_already_done", None)}
 
 
 class ServingError(UserError):
@@ -206,7 +208,9 @@ class TurnRequest:
     (continue the one saved under that id); ``end`` deletes it after the turn, except with
     ``free_slot`` (OPTIONS ``"free_slot": true``, END and no messages): only Triton's sequence slot of
     ``cid`` is given back, the conversation is left as it is (the backend sends one after refusing a
-    START, :mod:`.backend`). ``sampling``: a
+    START, :mod:`.backend`). ``after``: the stream length (``TurnResult.seen``) the client last
+    saw; a continuation of a conversation that is no longer there is refused (ALREADY_DONE) instead
+    of fed: a resent turn, or one raced by another client, is fed at most once. ``sampling``: a
     :class:`SamplingParams` or a dict of its fields. ``on_token(TokenEvent)`` is called per reply
     token and ``on_done(result, error)`` once, from the scheduler's threads; ``cancelled()`` is
     polled between steps. Server limits (reply length, input size) are checked by :meth:`within`.
@@ -223,6 +227,7 @@ class TurnRequest:
     logprobs: int | None = None
     raw: bool = False
     free_slot: bool = False
+    after: int | None = None
     on_token: Callable[[TokenEvent], None] = lambda event: None
     on_done: Callable[[TurnResult | None, Exception | None], None] = lambda result, error: None
     cancelled: Callable[[], bool] = lambda: False
@@ -238,6 +243,9 @@ class TurnRequest:
             _bad("a raw turn's MESSAGES must be a non-empty JSON string: the text to continue")
         if not self.raw and not isinstance(self.messages, list):
             _bad("MESSAGES must be a JSON list of {\"role\", \"content\"} messages")
+        if self.after is not None and (isinstance(self.after, bool) or not isinstance(self.after, int)
+                                       or not 0 <= self.after < 1 << 63):
+            _bad(f"after must be an integer >= 0 (the stream length the turn continues), got {self.after!r}")
         if self.free_slot and not (self.end and self.messages == []):
             _bad("free_slot goes with END and no messages: it only gives back the sequence slot")
         if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
