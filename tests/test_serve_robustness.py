@@ -46,8 +46,11 @@ def test_refused_starts_give_back_their_sequence_slots(pinned, local):
     assert "temperature must be" in refused[0] and "unknown" in refused[1], refused
     texts = texts_of(5, 2)
     with Client(pinned.url, timeout=30) as client:
-        got = run_turns(client, client.conversation(72000), texts)
-        again = run_turns(client, client.conversation(72001), texts[:1])  # both slots are free
+        convs = [client.conversation(72000), client.conversation(72001)]
+        got = run_turns(client, convs[0], texts)
+        again = run_turns(client, convs[1], texts[:1])  # both slots are free
+        for conv in convs:  # END: the next test needs the slots (an idle one would hold its slot 600 s)
+            conv.end()
     assert got == reference(local, texts)
     assert again == reference(local, texts[:1])
 
