@@ -10,10 +10,16 @@ chunks, however long). ``usage.prompt_tokens`` is the number of tokens the serve
 request's messages. ``/v1/completions`` continues a text as it is (no chat template): each
 request is a conversation of its own, started and ended in one turn.
 
+Chat turns are idempotent (:mod:`.conversations`): a request sent again, with the same
+``Idempotency-Key`` header or (a continuation) the same messages, gets the recorded answer
+(header ``x-streaming-trt-replayed: true``) and nothing is fed; a resend of a turn in flight, or a
+continuation of its reply sent before it finished, waits for it instead of forking the conversation.
+
 Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 bad request,
-401 missing or wrong API key, 404 unknown model or route, 413 body over the limit (refused from its
-Content-Length, or as soon as the streamed body passes the limit); a turn's error has the status of
-its kind (:data:`.protocol.HTTP`): 400 bad request, 404 unknown conversation, 429 server busy and 503
+401 missing or wrong API key, 404 unknown model or route, 409 an Idempotency-Key sent again with
+other messages, 413 body over the limit (refused from its Content-Length, or as soon as the streamed
+body passes the limit); a turn's error has the status of its kind (:data:`.protocol.HTTP`): 400 bad
+request, 404 unknown conversation, 409 a gRPC turn applied already, 429 server busy and 503
 server unreachable or shutting down (both with Retry-After), 500 internal error, 504 no response in time.
 The handlers share one :class:`Gateway` (``app.state.gateway``).
 """
