@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import math
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -386,3 +387,28 @@ def test_step_profile_smoke(tmp_path):
     assert "aten::mm" in ops and float(ops["aten::mm"]["ms_per_step"]) > 0
     assert abs(sum(float(r["share"]) for r in rows) - 1) < 1e-3
     assert step_profile.main(["--rows", "0", "--out", str(tmp_path)]) == 2
+
+
+def test_soak_smoke(tmp_path):
+    """bench/soak.py for a few seconds with few clients: a real server, valid and abusive clients,
+    the figures it prints and writes, every target met."""
+    pytest.importorskip("uvicorn", reason="the gateway needs uvicorn and starlette")
+    from streaming_trt.contract import UserError
+    from streaming_trt.serving.repo import find_tritonserver
+
+    try:
+        find_tritonserver()
+    except UserError as e:
+        pytest.skip(f"no tritonserver: {e}")
+    from bench import soak
+
+    out = tmp_path / "soak.json"
+    rc = soak.main(["--minutes", "0.15", "--clients", "4", "--abusive", "2", "--turns", "2", "--check", "2",
+                    "--no-baseline", "--out", str(out)])
+    r = json.loads(out.read_text())["soak"]
+    assert rc == 0, r["failures"]
+    assert r["alive"] and r["valid_turns_completed"] >= 2 and r["valid_turns_failed"] == 0
+    assert r["conversations_checked"] >= 1 and r["conversations_mismatched"] == 0 and r["conversations_forked"] == 0
+    assert 0 < r["peak_rss"] <= r["rss_budget"] and r["peak_disk"] <= r["disk_budget"]
+    assert sum(sum(statuses.values()) for statuses in r["abuse"].values()) >= 2
+    assert r["abuse"]["malformed"].keys() <= {"400"} and r["abuse"]["bad_numbers"].keys() <= {"400"}

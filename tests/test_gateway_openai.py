@@ -48,6 +48,8 @@ class ScriptedClient:
         for token, piece, lp in ((5, "Hel", -0.5), (6, "lo", -0.25)):
             yield TokenEvent(token, piece, None if logprobs is None else lp,
                         None if not logprobs else TOP[token][:logprobs])
+        if text.startswith("slow"):  # the reply is out, its turn not over yet (the server saves it)
+            time.sleep(1.5)
         yield TurnResult(prompt_tokens=3, completion_tokens=2, finish_reason="length", seen=10,
                          text=" world" if text == "tail" else "")
 
@@ -308,5 +310,132 @@ def test_a_stream_nobody_reads_is_cancelled(tmp_path):
             assert wait_closed(g.client, 0, 20), "the turn went on for a client that reads nothing"
         finally:
             sock.close()
+    finally:
+        g.stop()
+
+
+# ----------------------------------------------------------------------------------- idempotent turns
+def post_with(gateway, body: dict, headers: dict, timeout: float = 30):
+    """POST /v1/chat/completions with extra headers; returns (status, headers, parsed body)."""
+    req = urllib.request.Request(f"http://127.0.0.1:{gateway.port}/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.headers, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, json.loads(e.read())
+
+
+def turns_for(client, text: str) -> list[dict]:
+    return [t for t in client.turns if t["messages"] and not isinstance(t["messages"], str)
+            and t["messages"][-1]["content"] == text]
+
+
+def test_a_resent_turn_is_answered_from_the_record_not_fed_again(gateway):
+    """The same request sent again, with the same Idempotency-Key or (a continuation) the same
+    messages, gets the first answer back and reaches the server once (before: it was fed again, as
+    a new conversation with its whole history)."""
+    first = [{"role": "user", "content": "idem one"}]
+    status, h1, a = post_with(gateway, {"messages": first}, {"Idempotency-Key": "k-1"})
+    assert status == 200 and h1.get("x-streaming-trt-replayed") is None
+    status, h2, b = post_with(gateway, {"messages": first}, {"Idempotency-Key": "k-1"})
+    assert status == 200 and h2["x-streaming-trt-replayed"] == "true", b
+    assert b["choices"][0]["message"] == a["choices"][0]["message"] and b["usage"] == a["usage"]
+    assert h2["x-streaming-trt-conversation"] == h1["x-streaming-trt-conversation"]
+    assert len(turns_for(gateway.client, "idem one")) == 1
+    status, _, err = post_with(gateway, {"messages": [{"role": "user", "content": "other"}]}, {"Idempotency-Key": "k-1"})
+    assert status == 409 and err["error"]["param"] == "Idempotency-Key", err
+
+    history = first + [a["choices"][0]["message"], {"role": "user", "content": "idem two"}]
+    status, _, c = post_with(gateway, {"messages": history}, {})
+    assert status == 200
+    status, h4, d = post_with(gateway, {"messages": history}, {})
+    assert status == 200 and h4["x-streaming-trt-replayed"] == "true"
+    assert d["choices"][0]["message"]["content"] == c["choices"][0]["message"]["content"]
+    sent = turns_for(gateway.client, "idem two")
+    assert len(sent) == 1 and sent[0]["messages"] == history[-1:]  # fed once, as a continuation
+    status, _, e = post_with(gateway, {"messages": history + [d["choices"][0]["message"],
+                                                            {"role": "user", "content": "idem three"}]}, {})
+    assert status == 200 and turns_for(gateway.client, "idem three")[0]["messages"] == [
+        {"role": "user", "content": "idem three"}]  # the conversation goes on from the one record
+
+
+def test_a_continuation_sent_before_its_turn_finished_does_not_fork(gateway):
+    """The reply is streamed whole but its turn is not over (the server still saves it) when the
+    client sends the next message: the gateway waits for the turn and continues the same
+    conversation with the new message only (before: a new conversation, the whole history fed)."""
+    first = [{"role": "user", "content": "slow first"}]
+    req = urllib.request.Request(f"http://127.0.0.1:{gateway.port}/v1/chat/completions",
+                                 data=json.dumps({"messages": first, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        text = ""
+        while text != "Hello":  # read the reply's tokens, not the end of the stream
+            line = r.readline().decode()
+            if line.startswith("data: {"):
+                text += json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+        cid = int(r.headers["x-streaming-trt-conversation"])
+        history = first + [{"role": "assistant", "content": text}, {"role": "user", "content": "slow second"}]
+        status, headers, body = post_with(gateway, {"messages": history}, {})
+        r.read()
+    assert status == 200, body
+    assert int(headers["x-streaming-trt-conversation"]) == cid
+    sent = turns_for(gateway.client, "slow second")
+    assert len(sent) == 1 and sent[0]["cid"] == cid and sent[0]["messages"] == history[-1:] and not sent[0]["start"]
+
+
+def test_a_resend_of_a_turn_in_flight_waits_for_it(gateway):
+    """The same request (same Idempotency-Key) sent twice at once: one turn reaches the server and
+    both get its answer."""
+    import threading
+
+    body, got = {"messages": [{"role": "user", "content": "slow twice"}]}, []
+    threads = [threading.Thread(target=lambda: got.append(post_with(gateway, body, {"Idempotency-Key": "twice"})))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.3)
+    for t in threads:
+        t.join(30)
+    assert [g[0] for g in got] == [200, 200]
+    assert got[0][2]["choices"][0]["message"] == got[1][2]["choices"][0]["message"]
+    assert len(turns_for(gateway.client, "slow twice")) == 1
+
+
+def closed_within(sock: socket.socket, seconds: float, trickle: bytes) -> float | None:
+    """Send ``trickle`` a byte every 0.2 s; the seconds until the server closed the connection (None: it did not)."""
+    start = time.monotonic()
+    sock.settimeout(0.2)
+    for i in range(int(seconds / 0.2)):
+        try:
+            sock.send(trickle[i % len(trickle): i % len(trickle) + 1])
+            if sock.recv(4096) == b"":
+                return time.monotonic() - start
+        except socket.timeout:
+            continue
+        except OSError:  # reset or broken pipe: closed
+            return time.monotonic() - start
+    return None
+
+
+def test_headers_sent_slowly_are_cut_off(tmp_path):
+    """Slow loris: a client sending its headers a byte at a time is disconnected once the header
+    time limit passes (before: uvicorn waited for ever), on a fresh connection and after a first
+    request on a kept-alive one; other clients are served meanwhile."""
+    g = scripted_gateway(ScriptedClient(), tmp_path, header_seconds=1.0)
+    try:
+        fresh = socket.create_connection(("127.0.0.1", g.port))
+        kept = socket.create_connection(("127.0.0.1", g.port))
+        body = json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode()
+        kept.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        kept.settimeout(10)
+        assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+        trickle = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 200
+        assert chat(g, "meanwhile")[0] == 200
+        for sock in (fresh, kept):
+            took = closed_within(sock, 8.0, trickle)
+            sock.close()
+            assert took is not None and took < 4.0, took
     finally:
         g.stop()

@@ -324,6 +324,43 @@ def test_the_client_resumes_a_released_sequence(wire, monkeypatch):
     assert not backend.scheduler.store.exists(11)
 
 
+def test_a_resent_continuation_is_fed_at_most_once(wire, monkeypatch):
+    """A continuation sent again carries the stream length its client last saw (OPTIONS ``after``):
+    refused as ALREADY_DONE when the server applied it already (its answer was lost on the way), fed
+    when it did not (its save failed); the conversation ends as if each message was sent once, the
+    same tokens as a conversation that never saw an error (before: a resend was fed twice)."""
+    import copy
+
+    from streaming_trt.serving.client import ServerError
+
+    client, backend, grpc, store = wire
+    a, ref = client.conversation(21), client.conversation(22)
+    for c in (a, ref):
+        list(c.tokens("hello there"))
+    lost = copy.copy(a)  # a client that sent "go on" and never heard back
+    went_on = [t.token for t in a.tokens("go on")]
+    with pytest.raises(ServerError) as refused:
+        list(lost.tokens("go on"))
+    assert refused.value.kind is ErrorKind.ALREADY_DONE and "not fed again" in str(refused.value)
+    assert store.seen(21) == a.last.seen
+
+    save, failed = store.journal.save, []
+
+    def full_disk_once(cid, state):
+        if not failed:
+            failed.append(cid)
+            raise OSError("no space left on device")
+        return save(cid, state)
+
+    monkeypatch.setattr(store.journal, "save", full_disk_once)
+    with pytest.raises(ServerError) as lost_save:
+        list(a.tokens("third"))
+    assert lost_save.value.kind is ErrorKind.INTERNAL and failed == [21]
+    third = [t.token for t in a.tokens("third")]  # sent again: fed once, from the saved turn
+    assert [went_on, third] == [[t.token for t in ref.tokens(text)] for text in ("go on", "third")]
+    assert store.seen(21) == store.seen(22) == a.last.seen
+
+
 class ScriptedClient:
     """Stands in for the Client: a turn raises ServerError(kind) for a user message naming a kind."""
 

@@ -3,6 +3,7 @@ model, the TensorRT-LLM ensemble, the ONNX stateful models): every ``config.pbtx
 into Triton's ``ModelConfig`` and must name its own directory before any file is written."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from streaming_trt.contract import UserError
@@ -24,8 +25,10 @@ def parse_model_config(text: str, source: str = "config.pbtxt"):
     return message
 
 
-def write_model_repository(root: str | Path, files: dict[str, str], versions: dict[str, int] | None = None) -> Path:
-    """Write ``files`` (path relative to ``root`` -> text) and return ``root``.
+def write_model_repository(root: str | Path, files: dict[str, str], versions: dict[str, int] | None = None,
+                           private: set[str] = frozenset()) -> Path:
+    """Write ``files`` (path relative to ``root`` -> text) and return ``root``; those in ``private``
+    are created anew with mode 0600 (never readable by others, not even for a moment).
 
     Each model directory gets its version folder (``versions[model]``, default 1) even when no file
     goes there (Triton needs one). Configs are checked first, so a bad one leaves nothing written.
@@ -41,7 +44,12 @@ def write_model_repository(root: str | Path, files: dict[str, str], versions: di
         for rel, text in files.items():
             path = root / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+            if rel in private:
+                path.unlink(missing_ok=True)
+                with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                    f.write(text)
+            else:
+                path.write_text(text)
         for model in models:
             (root / model / str((versions or {}).get(model.name, 1))).mkdir(parents=True, exist_ok=True)
     except OSError as e:

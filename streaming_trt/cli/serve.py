@@ -272,6 +272,9 @@ def _serve(args) -> int:
     binary = find_tritonserver(args.tritonserver)
     work = Path(tempfile.mkdtemp(prefix="streaming-trt-serve-"))
     repo = Path(args.repo_dir) if args.repo_dir else work / "repo"
+    # the backend ENDs the Triton sequence of a START it refused, over this loopback gRPC address
+    conf["grpc_url"] = f"{'127.0.0.1' if args.grpc_host in ('0.0.0.0', '::', '') else args.grpc_host}:{args.grpc_port}"
+    conf["api_key"] = args.api_key
     write_repo(repo, conf, **sequence_slots(args))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

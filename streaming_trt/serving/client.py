@@ -220,18 +220,32 @@ class Conversation:
 
     def message_tokens(self, messages: list[dict], **sampling) -> Iterator[TokenEvent]:
         """The reply to ``messages``: any history ending with a user message for a conversation not
-        yet started, exactly one user message for one that is."""
+        yet started, exactly one user message for one that is.
+
+        A continuation after a turn this object saw end carries that turn's stream length (OPTIONS
+        ``after``): sent again after an error (a timeout, a broken connection, a failed save), it is
+        fed only if the server did not apply it, else refused as ALREADY_DONE: never fed twice."""
         first, sent = not self.started, 0
+        if not first and self.last is not None:
+            sampling["options"] = dict(sampling.get("options") or {}, after=self.last.seen)
         try:
-            for token in self._turn(messages, start=first, **sampling):
-                sent += 1
-                yield token
+            try:
+                for token in self._turn(messages, start=first, **sampling):
+                    sent += 1
+                    yield token
+            except ServerError as e:
+                if first or sent or e.kind != ErrorKind.SEQUENCE_RELEASED:
+                    raise
+                # Triton refused the turn before the model saw it: it released the sequence (idle, or a
+                # restart). Continue the conversation saved on the server.
+                yield from self._turn(messages, start=True, resume=True, **sampling)
         except ServerError as e:
-            if first or sent or e.kind != ErrorKind.SEQUENCE_RELEASED:
-                raise
-            # Triton refused the turn before the model saw it: it released the sequence (idle, or a
-            # restart). Continue the conversation saved on the server.
-            yield from self._turn(messages, start=True, resume=True, **sampling)
+            if e.kind is ErrorKind.ALREADY_DONE:
+                self.last = None  # the server is past what this object saw: the next turn goes on from there
+            raise
+        except GeneratorExit:
+            self.last = None  # left mid-reply: the server kept a reply of a length unknown here
+            raise
         self.started = True
 
     def _turn(self, messages, **kw) -> Iterator[TokenEvent]:

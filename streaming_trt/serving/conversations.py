@@ -18,6 +18,13 @@ Every row is in one of three states:
 Orphans (conversations on the server that no future request could continue) are thereby reaped:
 a turn the client left mid-stream, a turn that failed or timed out, a history recorded twice, and
 conversations left busy by a crash.
+
+Turns are idempotent: each idle row also keeps its last turn (``asked``: the key of that request's
+messages, ``idem``: its ``Idempotency-Key`` if it had one, ``reply``: what it answered), so a
+resent turn gets the recorded reply instead of being fed again (:meth:`Conversations.answered`).
+Turns in flight are known by their request's key (:meth:`Conversations.begin`): a resend of one,
+or a continuation of its reply sent before it finished, waits for it instead of forking the
+conversation (:meth:`Conversations.take` with ``wait``).
 """
 from __future__ import annotations
 
@@ -51,6 +58,8 @@ class Conversations:
                  ttl: float = 24 * 3600.0, busy_limit: float = 6 * 3600.0, clock: Callable[[], float] = time.time):
         self.end, self.limit, self.ttl, self.busy_limit, self.clock = end, limit, ttl, busy_limit, clock
         self.lock = threading.Lock()
+        self.settled = threading.Condition(self.lock)  # notified whenever a turn in flight ends
+        self.running: dict[str, int] = {}  # request key / "idem:" + Idempotency-Key -> cid, turns in flight
         if path is not None and not Path(path).exists():  # the histories' hashes only, but still private
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         self.db = sqlite3.connect(":memory:" if path is None else str(path), check_same_thread=False,
@@ -60,6 +69,12 @@ class Conversations:
             self.db.execute("CREATE TABLE IF NOT EXISTS conversations (cid INTEGER PRIMARY KEY, key TEXT, "
                             "state TEXT NOT NULL, used REAL NOT NULL)")
             self.db.execute("CREATE INDEX IF NOT EXISTS by_key ON conversations (key, used)")
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(conversations)")}
+            for column in ("asked", "idem", "reply"):  # a map written before turns were idempotent
+                if column not in columns:
+                    self.db.execute(f"ALTER TABLE conversations ADD COLUMN {column} TEXT")
+            self.db.execute("CREATE INDEX IF NOT EXISTS by_asked ON conversations (asked)")
+            self.db.execute("CREATE INDEX IF NOT EXISTS by_idem ON conversations (idem)")
             # A turn in flight when the previous process stopped left its conversation half-answered.
             self.db.execute("UPDATE conversations SET state = 'ending' WHERE state = 'busy'")
 
@@ -69,15 +84,43 @@ class Conversations:
             while True:
                 cid = secrets.randbits(63) or 1
                 try:
-                    self.db.execute("INSERT INTO conversations VALUES (?, NULL, 'busy', ?)", (cid, self.clock()))
+                    self.db.execute("INSERT INTO conversations (cid, key, state, used) VALUES (?, NULL, 'busy', ?)",
+                                    (cid, self.clock()))
                     return cid
                 except sqlite3.IntegrityError:  # taken already (1 in 2**63)
                     continue
 
-    def take(self, messages: list[dict]) -> int | None:
-        """The most recently used idle conversation holding ``messages``, now busy; None if there is none."""
-        key = conversation_key(messages)
+    def begin(self, cid: int, request: list[dict], idem: str | None = None) -> None:
+        """A turn of ``cid`` for the messages ``request`` (Idempotency-Key ``idem``) is in flight
+        until :meth:`put` or :meth:`drop`."""
         with self.lock:
+            self.running[conversation_key(request)] = cid
+            if idem is not None:
+                self.running["idem:" + idem] = cid
+
+    def _settle(self, cid: int) -> None:
+        for name in [name for name, running in self.running.items() if running == cid]:
+            del self.running[name]
+        self.settled.notify_all()
+
+    def _wait_for(self, name: str, deadline: float) -> None:
+        """Wait (holding the lock) until no turn in flight is known as ``name``, or until ``deadline``."""
+        while name in self.running:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.settled.wait(left)
+
+    def take(self, messages: list[dict], wait: float = 0.0) -> int | None:
+        """The most recently used idle conversation holding ``messages``, now busy; None if there is none.
+
+        ``messages`` ending with a reply of a turn still in flight (the client sent its next message
+        before the turn had finished): wait up to ``wait`` seconds for that turn, then take."""
+        key = conversation_key(messages)
+        deadline = time.monotonic() + wait
+        with self.lock:
+            if wait > 0 and len(messages) > 1 and messages[-1].get("role") == "assistant":
+                self._wait_for(conversation_key(messages[:-1]), deadline)
             row = self.db.execute("SELECT cid FROM conversations WHERE key = ? AND state = 'idle' "
                                   "ORDER BY used DESC LIMIT 1", (key,)).fetchone()
             if row is None:
@@ -86,11 +129,48 @@ class Conversations:
                             (self.clock(), row[0]))
             return row[0]
 
-    def put(self, messages: list[dict], cid: int) -> None:
-        """The turn of ``cid`` succeeded: it now holds ``messages`` (the reply included)."""
+    def answered(self, request: list[dict], idem: str | None = None, wait: float = 0.0) -> tuple[int, dict] | None:
+        """``(cid, reply)`` when this request was answered already (a resend), else None.
+
+        With ``idem`` (an ``Idempotency-Key``): the turn sent with that key, if its messages are the
+        same (other messages: :class:`ValueError`). Without: a continuation (``request`` holds a
+        reply) equal to a conversation's last turn; a first message is never taken for a resend
+        (two users may say the same). A resend of a turn still in flight waits for it (``wait`` s)."""
+        key = conversation_key(request)
+        if idem is None and len(request) < 2:
+            return None
+        deadline = time.monotonic() + wait
         with self.lock:
-            self.db.execute("INSERT OR REPLACE INTO conversations VALUES (?, ?, 'idle', ?)",
-                            (cid, conversation_key(messages), self.clock()))
+            self._wait_for(key if idem is None else "idem:" + idem, deadline)
+            if idem is not None:
+                row = self.db.execute("SELECT cid, asked, reply FROM conversations WHERE idem = ? AND state = 'idle' "
+                                      "ORDER BY used DESC LIMIT 1", (idem,)).fetchone()
+                if row is not None and row[1] != key:
+                    raise ValueError(f"the Idempotency-Key {idem!r} was sent before with other messages; "
+                                     "send a new key for a new turn")
+            else:
+                row = self.db.execute("SELECT cid, asked, reply FROM conversations WHERE asked = ? AND state = 'idle' "
+                                      "ORDER BY used DESC LIMIT 1", (key,)).fetchone()
+            if row is None or row[2] is None:
+                return None
+            self.db.execute("UPDATE conversations SET used = ? WHERE cid = ?", (self.clock(), row[0]))
+            return row[0], json.loads(row[2])
+
+    def put(self, messages: list[dict], cid: int, request: list[dict] | None = None, reply: dict | None = None,
+            idem: str | None = None) -> None:
+        """The turn of ``cid`` succeeded: it now holds ``messages`` (the reply included); ``request``
+        and ``reply`` (JSON-able) are that turn's, kept for a resend (None: keep the previous turn's,
+        the turn was refused unrun)."""
+        asked = None if request is None else conversation_key(request)
+        answer = None if reply is None else json.dumps(reply, ensure_ascii=False)
+        with self.lock:
+            self.db.execute("INSERT INTO conversations (cid, key, state, used, asked, idem, reply) "
+                            "VALUES (?, ?, 'idle', ?, ?, ?, ?) ON CONFLICT (cid) DO UPDATE SET key = excluded.key, "
+                            "state = 'idle', used = excluded.used, asked = coalesce(excluded.asked, asked), "
+                            "idem = CASE WHEN excluded.asked IS NULL THEN idem ELSE excluded.idem END, "
+                            "reply = coalesce(excluded.reply, reply)",
+                            (cid, conversation_key(messages), self.clock(), asked, idem, answer))
+            self._settle(cid)
 
     def drop(self, cid: int, on_server: bool = True) -> None:
         """The turn of ``cid`` failed or was left: end it on the server (at the next reap), or only
@@ -100,6 +180,7 @@ class Conversations:
                 self.db.execute("UPDATE conversations SET key = NULL, state = 'ending' WHERE cid = ?", (cid,))
             else:
                 self.db.execute("DELETE FROM conversations WHERE cid = ?", (cid,))
+            self._settle(cid)
 
     def counts(self) -> dict[str, int]:
         with self.lock:

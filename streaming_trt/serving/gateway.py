@@ -10,10 +10,16 @@ chunks, however long). ``usage.prompt_tokens`` is the number of tokens the serve
 request's messages. ``/v1/completions`` continues a text as it is (no chat template): each
 request is a conversation of its own, started and ended in one turn.
 
+Chat turns are idempotent (:mod:`.conversations`): a request sent again, with the same
+``Idempotency-Key`` header or (a continuation) the same messages, gets the recorded answer
+(header ``x-streaming-trt-replayed: true``) and nothing is fed; a resend of a turn in flight, or a
+continuation of its reply sent before it finished, waits for it instead of forking the conversation.
+
 Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 bad request,
-401 missing or wrong API key, 404 unknown model or route, 413 body over the limit (refused from its
-Content-Length, or as soon as the streamed body passes the limit); a turn's error has the status of
-its kind (:data:`.protocol.HTTP`): 400 bad request, 404 unknown conversation, 429 server busy and 503
+401 missing or wrong API key, 404 unknown model or route, 409 an Idempotency-Key sent again with
+other messages, 413 body over the limit (refused from its Content-Length, or as soon as the streamed
+body passes the limit); a turn's error has the status of its kind (:data:`.protocol.HTTP`): 400 bad
+request, 404 unknown conversation, 409 a gRPC turn applied already, 429 server busy and 503
 server unreachable or shutting down (both with Retry-After), 500 internal error, 504 no response in time.
 The handlers share one :class:`Gateway` (``app.state.gateway``).
 """
@@ -47,7 +53,10 @@ from .protocol import HTTP, ErrorKind, TokenEvent
 
 NOT_RUN = frozenset({ErrorKind.BUSY, ErrorKind.SHUTTING_DOWN, ErrorKind.SEQUENCE_RELEASED})  # turns refused unrun
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+HEADER_SECONDS = 10.0  # the request line and headers must arrive within this (slow-loris clients)
+MAX_HEADER_BYTES = 16 * 1024  # request line and headers together
 BODY_SECONDS = 30.0  # a request body that takes longer to arrive is refused (a slow client holds nothing)
+MAX_IDEMPOTENCY_KEY = 255  # characters of an Idempotency-Key header
 MAX_CONCURRENT_TURNS = 1024  # requests the gateway carries at once (the scheduler refuses beyond its queue)
 
 
@@ -65,6 +74,7 @@ class Gateway:
     allowed_hosts: frozenset[str] = LOOPBACK_NAMES  # Host header names served ("*": any)
     allowed_origins: frozenset[str] = frozenset()   # Origin headers served ("*": any); none by default
     send_seconds: float = 30.0  # a streamed reply the client does not read for this long is cancelled
+    resend_wait: float = 300.0  # a resend (or a continuation) of a turn in flight waits this long for it
 
 
 def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limit: int = 4096,
@@ -92,7 +102,8 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
     reaper = Reaper(conversations, reap_interval or min(60.0, conversation_ttl / 4)).start()
     gateway = Gateway(client, conversations, reaper, model_id, max_tokens_limit, max_body_bytes,
                       None if not api_key else f"Bearer {api_key}".encode(),
-                      LOOPBACK_NAMES | {h.lower() for h in allowed_hosts}, frozenset(allowed_origins), send_seconds)
+                      LOOPBACK_NAMES | {h.lower() for h in allowed_hosts}, frozenset(allowed_origins), send_seconds,
+                      resend_wait=timeout)
     app = Starlette(routes=[Route("/v1/models", models, methods=["GET"]),
                             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
                             Route("/v1/completions", text_completions, methods=["POST"])],
@@ -197,19 +208,25 @@ class Turn:
     ends: recorded on success, dropped (ended on the server) otherwise. A text completion is a
     conversation of its own, started and ended by its one turn."""
 
-    def __init__(self, gateway: Gateway, req):
+    def __init__(self, gateway: Gateway, req, idem: str | None = None):
         self.gateway, client, conversations = gateway, gateway.client, gateway.conversations
         self.req, self.pieces, self.done, self.cancelled, self.iterator = req, [], False, False, None
         self.count, self.kwargs = 0, dict(req["sampling"], options=req["options"] or None)
+        self.idem, self.replay = idem, None
         if "prompt" in req:
             self.conv, self.send = Conversation(client, new_conversation_id()), req["prompt"]
             return
-        history = req["messages"][:-1]
-        cid = conversations.take(history) if history else None
+        messages, history, wait = req["messages"], req["messages"][:-1], gateway.resend_wait
+        answered = conversations.answered(messages, idem, wait=wait)
+        if answered is not None:  # a resend: answered from the record, nothing fed
+            self.conv, self.send, self.replay = Conversation(client, answered[0], started=True), None, answered[1]
+            return
+        cid = conversations.take(history, wait=wait) if history else None
         if cid is None:
-            self.conv, self.send = Conversation(client, conversations.new()), req["messages"]
+            self.conv, self.send = Conversation(client, conversations.new()), messages
         else:
-            self.conv, self.send = Conversation(client, cid, started=True), req["messages"][-1:]
+            self.conv, self.send = Conversation(client, cid, started=True), messages[-1:]
+        conversations.begin(self.conv.id, messages, idem)
 
     def _tokens(self):
         if "prompt" in self.req:
@@ -225,6 +242,7 @@ class Turn:
             conversations = self.gateway.conversations
             conversations.drop(self.conv.id, on_server=False)
             self.conv, self.send = Conversation(self.gateway.client, conversations.new()), self.req["messages"]
+            conversations.begin(self.conv.id, self.req["messages"], self.idem)
             tokens = self.conv.message_tokens(self.send, **self.kwargs)
             first = next(tokens, None)
         if first is not None:
@@ -246,8 +264,10 @@ class Turn:
                 yield TokenEvent(-1, tail)
             self.done = True
             if "messages" in self.req:
-                self.gateway.conversations.put(
-                    self.req["messages"] + [{"role": "assistant", "content": "".join(self.pieces)}], self.conv.id)
+                text = "".join(self.pieces)
+                reply = {"text": text, "finish_reason": self.finish(), "usage": self.usage()}
+                self.gateway.conversations.put(self.req["messages"] + [{"role": "assistant", "content": text}],
+                                               self.conv.id, request=self.req["messages"], reply=reply, idem=self.idem)
         except ServerError as e:
             refused = e.kind in NOT_RUN
             raise
@@ -350,10 +370,18 @@ async def respond(request, chat: bool):
         return error(f"the request body took more than {BODY_SECONDS:.0f} s to arrive", 408)
     created = int(time.time())
     rid = f"chatcmpl-{secrets.token_hex(12)}" if chat else f"cmpl-{secrets.token_hex(12)}"
+    idem = request.headers.get("idempotency-key")
+    if idem is not None and not (0 < len(idem) <= MAX_IDEMPOTENCY_KEY and idem.isascii() and idem.isprintable()):
+        return error(f"the Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters",
+                     400, param="Idempotency-Key")
     try:
-        turn = await run_in_threadpool(Turn, gateway, req)
+        turn = await run_in_threadpool(Turn, gateway, req, idem if chat else None)
+    except ValueError as e:  # an Idempotency-Key sent again with other messages
+        return error(str(e), 409, param="Idempotency-Key", code="idempotency_key_reused")
     except Exception as e:  # the map's database failed: nothing reached the server
         return server_error(e)
+    if turn.replay is not None:
+        return replayed(turn, req, rid, created, model_id)
     tokens = turn.start()
     # Run the first step here, so a refused request gets an HTTP error and not a broken stream.
     try:
@@ -430,6 +458,30 @@ async def respond(request, chat: bool):
     return TurnStream(turn, events(), gateway.send_seconds, media_type="text/event-stream", headers=headers)
 
 
+def replayed(turn: Turn, req, rid: str, created: int, model_id: str):
+    """The recorded answer to a resent chat turn (nothing is fed): the same text, finish reason and
+    usage, marked by the header ``x-streaming-trt-replayed: true`` (logprobs are not recorded)."""
+    reply = turn.replay
+    headers = {"x-streaming-trt-conversation": str(turn.conv.id), "x-streaming-trt-replayed": "true"}
+    if not req["stream"]:
+        choice = {"index": 0, "finish_reason": reply["finish_reason"], "logprobs": None,
+                  "message": {"role": "assistant", "content": reply["text"]}}
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model_id,
+                             "choices": [choice], "usage": reply["usage"]}, headers=headers)
+
+    def chunk(delta, finish_reason=None, usage=None):
+        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_id,
+                "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                                                 "logprobs": None}]}
+        return "data: " + json.dumps(dict(body, usage=usage) if usage else body) + "\n\n"
+
+    events = [chunk({"role": "assistant", "content": ""}), chunk({"content": reply["text"]}),
+              chunk({}, reply["finish_reason"])]
+    if req["include_usage"]:
+        events.append(chunk(None, usage=reply["usage"]))
+    return StreamingResponse(iter(events + ["data: [DONE]\n\n"]), media_type="text/event-stream", headers=headers)
+
+
 async def chat_completions(request):
     return await respond(request, chat=True)
 
@@ -446,10 +498,48 @@ async def internal_error(request, exc):
     return server_error(exc)
 
 
-class GatewayThread:
-    """uvicorn serving :func:`create_app` on ``host:port`` in a background thread."""
+def header_limited_h11(header_seconds: float):
+    """uvicorn's h11 protocol, closing a connection whose request line and headers are not all in
+    ``header_seconds`` after it opened or after its previous response (uvicorn has no header timeout:
+    a client sending a byte of headers at a time would hold its connection for ever)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    def __init__(self, triton_url: str, host: str, port: int, **app_kwargs):
+    class HeaderLimitedH11(H11Protocol):
+        header_timer = None
+
+        def _arm(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            self.header_timer = self.loop.call_later(header_seconds, self._headers_late)
+
+        def _headers_late(self) -> None:
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()  # no request is running on it: nothing to cancel
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeaderLimitedH11
+
+
+class GatewayThread:
+    """uvicorn serving :func:`create_app` on ``host:port`` in a background thread; a connection's
+    request headers must arrive within ``header_seconds`` (at most ``MAX_HEADER_BYTES``), its body
+    within :data:`BODY_SECONDS`, and an idle keep-alive connection is closed after 5 s."""
+
+    def __init__(self, triton_url: str, host: str, port: int, header_seconds: float = HEADER_SECONDS, **app_kwargs):
         try:
             import uvicorn  # the [serve] extra, needed only to serve
         except ImportError:
@@ -457,7 +547,8 @@ class GatewayThread:
         self.app = create_app(triton_url, **app_kwargs)
         config = uvicorn.Config(self.app, host=host, port=port, log_level="warning", lifespan="off",
                                 timeout_graceful_shutdown=3, limit_concurrency=MAX_CONCURRENT_TURNS + 64,
-                                timeout_keep_alive=5)
+                                timeout_keep_alive=5, http=header_limited_h11(header_seconds),
+                                h11_max_incomplete_event_size=MAX_HEADER_BYTES)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -77,7 +77,7 @@ FLAG_START, FLAG_END = 1, 2   # a request's flags() in the Python backend
 SCALARS = {"MAX_TOKENS": ("max_tokens", int), "TEMPERATURE": ("sampling.temperature", float),
            "TOP_K": ("sampling.top_k", int), "TOP_P": ("sampling.top_p", float), "SEED": ("sampling.seed", int),
            "RESUME": ("resume", bool)}
-TURN_OPTIONS = ("stop", "logprobs", "raw")   # OPTIONS keys besides SamplingParams fields
+TURN_OPTIONS = ("stop", "logprobs", "raw", "free_slot", "after")   # OPTIONS keys besides SamplingParams fields
 MAX_LOGPROBS = 20
 
 
@@ -97,6 +97,7 @@ class ErrorKind(str, enum.Enum):
     SEQUENCE_RELEASED = "sequence_released"          # Triton released the idle sequence: resend with START + RESUME
     UNAVAILABLE = "unavailable"                      # the server cannot be reached / the connection broke
     TIMEOUT = "timeout"                              # no response in time
+    ALREADY_DONE = "already_done"                    # the conversation moved past ``after``: the turn ran already
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +115,8 @@ HTTP = {ErrorKind.BAD_REQUEST: HttpError(400, "invalid_request_error", None, Non
         ErrorKind.INTERNAL: HttpError(500, "server_error", "internal_error", None),
         ErrorKind.SEQUENCE_RELEASED: HttpError(503, "server_error", "server_unavailable", 1),
         ErrorKind.UNAVAILABLE: HttpError(503, "server_error", "server_unavailable", 5),
-        ErrorKind.TIMEOUT: HttpError(504, "server_error", "timeout", None)}
+        ErrorKind.TIMEOUT: HttpError(504, "server_error", "timeout", None),
+        ErrorKind.ALREADY_DONE: HttpError(409, "invalid_request_error", "turn_already_done", None)}
 
 
 class ServingError(UserError):
@@ -204,7 +206,12 @@ class TurnRequest:
     ``messages``: a list of ``{"role", "content"}`` dicts, or its JSON (str or UTF-8 bytes), kept
     parsed; ``[]`` with ``end`` ends the conversation without a turn. With ``raw``: the JSON of a
     string, a text continued as it is (no chat template, nothing closes the reply). ``start`` begins conversation ``cid`` anew unless ``resume``
-    (continue the one saved under that id); ``end`` deletes it after the turn. ``token_ids``: the ids
+    (continue the one saved under that id); ``end`` deletes it after the turn, except with
+    ``free_slot`` (OPTIONS ``"free_slot": true``, END and no messages): only Triton's sequence slot of
+    ``cid`` is given back, the conversation is left as it is (the Triton model sends one after refusing a
+    START, :mod:`.tritonserver_model`). ``after``: the stream length (``TurnResult.seen``) the client last
+    saw; a continuation of a conversation that is no longer there is refused (ALREADY_DONE) instead
+    of fed: a resent turn, or one raced by another client, is fed at most once. ``token_ids``: the ids
     the turn feeds, already chat-templated by a front door (Dynamo's frontend); ``messages`` is then
     ``[]`` and the reply is closed as a chat reply. ``sampling``: a
     :class:`SamplingParams` or a dict of its fields. ``on_token(TokenEvent)`` is called per reply
@@ -223,6 +230,8 @@ class TurnRequest:
     logprobs: int | None = None
     raw: bool = False
     token_ids: tuple[int, ...] | None = None
+    free_slot: bool = False
+    after: int | None = None
     on_token: Callable[[TokenEvent], None] = lambda event: None
     on_done: Callable[[TurnResult | None, Exception | None], None] = lambda result, error: None
     cancelled: Callable[[], bool] = lambda: False
@@ -230,7 +239,7 @@ class TurnRequest:
     def __post_init__(self):
         if isinstance(self.cid, bool) or not isinstance(self.cid, int) or not 0 < self.cid < 1 << 64:
             _bad(f"the conversation id must be an integer in [1, 2**64), got {self.cid!r}")
-        for name in ("start", "resume", "end", "raw"):
+        for name in ("start", "resume", "end", "raw", "free_slot"):
             if not isinstance(getattr(self, name), bool):
                 _bad(f"{name} must be true or false, got {getattr(self, name)!r}")
         self.messages = _parse_messages(self.messages)
@@ -245,6 +254,11 @@ class TurnRequest:
                     type(t) is int and t >= 0 for t in self.token_ids):
                 _bad("token_ids must be a non-empty list of integer token ids >= 0")
             self.token_ids = tuple(self.token_ids)
+        if self.after is not None and (isinstance(self.after, bool) or not isinstance(self.after, int)
+                                       or not 0 <= self.after < 1 << 63):
+            _bad(f"after must be an integer >= 0 (the stream length the turn continues), got {self.after!r}")
+        if self.free_slot and not (self.end and self.messages == []):
+            _bad("free_slot goes with END and no messages: it only gives back the sequence slot")
         if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
                                             or self.max_tokens < 0):
             _bad(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")

@@ -72,14 +72,15 @@ def write_repo(repo: str | os.PathLike, settings: dict, name: str = MODEL_NAME, 
     ``settings`` are the backend's (see ``serve.py``): model, dtype, device, backend, seed,
     sink_tokens, window, session_dir, slots, slot_memory, token_budget, max_queue, host_memory,
     disk_budget, idle_ttl, cuda_graphs, max_new_tokens, max_new_tokens_limit, max_input_bytes,
-    threads. One model instance: its scheduler batches every conversation, and the store of idle
+    threads, grpc_url and api_key (so the file is private). One model instance: its scheduler batches every conversation, and the store of idle
     ones stays consistent. Triton releases a conversation's sequence slot after ``idle_seconds``
     without a turn (its next turn resumes it from disk) and holds at most ``candidates`` at once.
     """
     template = resources.files("streaming_trt.serving").joinpath("templates/model.py").read_text()
     write_model_repository(repo, {f"{name}/config.pbtxt": config_pbtxt(name, idle_seconds, candidates),
                                   f"{name}/serve.json": json.dumps(settings, indent=2) + "\n",
-                                  f"{name}/1/model.py": template})
+                                  f"{name}/1/model.py": template},
+                           private={f"{name}/serve.json"})  # it may hold the API key
     return Path(repo) / name
 
 

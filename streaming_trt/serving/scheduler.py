@@ -240,7 +240,11 @@ class Scheduler:
             self.store.end(req.cid)
             self.runner.reset(row)
         else:
-            self.runner.load(row, self.store.get(req.cid))
+            state = self.store.get(req.cid)
+            if req.after is not None and state.seen != req.after:
+                raise ServingError(f"conversation {req.cid} is at {state.seen} tokens, not {req.after}: this turn "
+                                   "(or another) was applied already; it was not fed again", ErrorKind.ALREADY_DONE)
+            self.runner.load(row, state)
         self.admitted += 1
         turn.row, turn.seq = row, self.admitted
         self.rows[row] = turn
