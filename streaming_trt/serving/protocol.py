@@ -97,6 +97,7 @@ class ErrorKind(str, enum.Enum):
     SEQUENCE_RELEASED = "sequence_released"          # Triton released the idle sequence: resend with START + RESUME
     UNAVAILABLE = "unavailable"                      # the server cannot be reached / the connection broke
     TIMEOUT = "timeout"                              # no response in time
+    CONVERSATION_BUSY = "conversation_busy"          # another worker holds the conversation's lease: retry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +115,8 @@ HTTP = {ErrorKind.BAD_REQUEST: HttpError(400, "invalid_request_error", None, Non
         ErrorKind.INTERNAL: HttpError(500, "server_error", "internal_error", None),
         ErrorKind.SEQUENCE_RELEASED: HttpError(503, "server_error", "server_unavailable", 1),
         ErrorKind.UNAVAILABLE: HttpError(503, "server_error", "server_unavailable", 5),
-        ErrorKind.TIMEOUT: HttpError(504, "server_error", "timeout", None)}
+        ErrorKind.TIMEOUT: HttpError(504, "server_error", "timeout", None),
+        ErrorKind.CONVERSATION_BUSY: HttpError(409, "server_error", "conversation_busy", 1)}
 
 
 class ServingError(UserError):

@@ -209,10 +209,21 @@ class Scheduler:
         return req.end and req.messages in ([], "[]", b"[]")
 
     def _start(self, req: TurnRequest) -> None:
+        """Start ``req`` in a free slot, holding its conversation's lease (:meth:`ConversationStore.take`:
+        another server continuing it refuses this turn, retryable) until the turn is saved or dropped."""
+        self.store.take(req.cid)
+        try:
+            self._start_held(req)
+        except BaseException:
+            self.store.release(req.cid)
+            raise
+
+    def _start_held(self, req: TurnRequest) -> None:
         if self._is_end_only(req):
             if not self.store.exists(req.cid):
                 raise ServingError(f"conversation {req.cid} is unknown or has ended", ErrorKind.UNKNOWN_CONVERSATION)
             self.store.end(req.cid)
+            self.store.release(req.cid)
             self._done(req, TurnResult(0, 0, "ended", 0), None)
             return
         messages = req.messages  # parsed and validated when the request was made (protocol.TurnRequest)
@@ -345,6 +356,7 @@ class Scheduler:
             return
         if error is None and turn.req.end:
             self.store.end(cid)
+        self.store.release(cid)
         self.busy.discard(cid)
         self._done(turn.req, result, error)
 
@@ -366,8 +378,11 @@ class Scheduler:
                 self.store.save(cid, in_use=frozenset(self.busy))
             except Exception as e:  # a full disk: the reply was streamed, but not kept
                 self.store.forget(cid)  # the next turn continues from the file: a resent turn is fed once
+                self.store.release(cid)
+                kind = e.kind if isinstance(e, ServingError) else ErrorKind.INTERNAL  # a lease lost: retryable
                 self._done(req, None, ServingError(f"internal error: the conversation could not be saved ({e})",
-                                                   ErrorKind.INTERNAL))
+                                                   kind))
             else:
+                self.store.release(cid)
                 self._done(req, result, None)
             self.inbox.put(("saved", cid))
