@@ -128,6 +128,8 @@ class Leases:
                 continue
             try:
                 os.write(fd, token)
+                now = self.clock()
+                os.utime(fd, (now, now))  # expiry on the clock every holder compares with
                 os.fsync(fd)
             finally:
                 os.close(fd)

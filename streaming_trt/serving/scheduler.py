@@ -32,12 +32,14 @@ from __future__ import annotations
 import collections
 import queue
 import threading
+import time
 
 from ..contract import UserError
 from ..conversation import Conversation
 from ..engine import BatchRunner
 from ..generation import StopStrings, eos_ids
 from ..tokenizer import IncrementalDecoder
+from .lease import LeaseHeld
 from .protocol import ErrorKind, Overloaded, ServingError, TokenEvent, TurnRequest, TurnResult
 
 __all__ = ["Scheduler", "Overloaded", "TokenEvent", "TurnRequest", "TurnResult"]
@@ -83,11 +85,14 @@ class Scheduler:
             check the padding).
         recall: a :class:`~streaming_trt.recall.Recall`: every conversation keeps its evicted tokens
             in a block store of its own (its rows still decode in the batched step).
+        lease_wait: seconds a turn waits (in the queue, the batch runs on) for its conversation's
+            lease while another server holds it (finishing a turn, compacting its file, or dead
+            until its lease expires); then it is refused as CONVERSATION_BUSY (retryable).
     """
 
     def __init__(self, model, tokenizer, store, slots: int = 16, token_budget: int | None = None, max_queue: int = 256,
                  max_new_tokens: int = 256, max_new_tokens_limit: int = 4096, max_input_bytes: int = 256 * 1024,
-                 capture_decode: bool | None = None, recall=None):
+                 capture_decode: bool | None = None, recall=None, lease_wait: float = 5.0):
         if token_budget is None:
             token_budget = 512 if model.device.type == "cuda" else 64
         for name, value, low in (("slots", slots, 1), ("token_budget", token_budget, 1), ("max_queue", max_queue, 0)):
@@ -100,6 +105,8 @@ class Scheduler:
         self.token_budget, self.max_queue = token_budget, max_queue
         self.max_new_tokens, self.max_new_tokens_limit = max_new_tokens, max_new_tokens_limit
         self.max_input_bytes = max_input_bytes
+        self.lease_wait = lease_wait
+        self.lease_waits: dict[int, float] = {}  # id(req) -> when its lease was first refused
         self.stop_ids = eos_ids(tokenizer, model.config)
         self.encoder = Conversation(tokenizer, self.stop_ids).encoder
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -143,7 +150,7 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             active = any(r is not None for r in self.rows)
-            self._drain(block=not active and not self.stopping.is_set())
+            self._drain(block=not active and not self.stopping.is_set(), timeout=0.05 if self.lease_waits else 0.5)
             if self.stopping.is_set() and not active:
                 for req in self.waiting:
                     self._done(req, None, ServingError("the server is shutting down", ErrorKind.SHUTTING_DOWN))
@@ -159,9 +166,9 @@ class Scheduler:
                                                            ErrorKind.INTERNAL))
             self.steps += 1
 
-    def _drain(self, block: bool) -> None:
+    def _drain(self, block: bool, timeout: float = 0.5) -> None:
         try:
-            item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+            item = self.inbox.get(timeout=timeout) if block else self.inbox.get_nowait()
         except queue.Empty:
             return
         while True:
@@ -185,6 +192,7 @@ class Scheduler:
                 kept.append(req)
                 continue
             if req.cancelled():  # its client left while it waited: nothing of it runs, nothing changes
+                self.lease_waits.pop(id(req), None)
                 with self.lock:
                     self.queued -= 1
                 seen = self.store.seen(req.cid) if not (req.start and not req.resume) and self.store.exists(req.cid) else 0
@@ -198,6 +206,17 @@ class Scheduler:
                 self.queued -= 1
             try:
                 self._start(req)
+                self.lease_waits.pop(id(req), None)
+            except LeaseHeld as e:  # another server has it: wait in the queue, up to lease_wait
+                first = self.lease_waits.setdefault(id(req), time.monotonic())
+                if time.monotonic() - first < self.lease_wait and not self.stopping.is_set():
+                    with self.lock:
+                        self.queued += 1
+                    kept.append(req)
+                    blocked.add(req.cid)
+                else:
+                    del self.lease_waits[id(req)]
+                    self._done(req, None, e)
             except UserError as e:
                 self._done(req, None, e)
             except Exception as e:  # a bug or an unreadable file: this turn only
