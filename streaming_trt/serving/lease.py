@@ -130,8 +130,8 @@ class Leases:
                 os.write(fd, token)
                 now = self.clock()
                 os.utime(fd, (now, now))  # expiry on the clock every holder compares with
-                os.fsync(fd)
-            finally:
+            finally:  # no fsync: a lease lost in a crash of the machine is a lease of a dead holder
+
                 os.close(fd)
             for old in epochs:  # expired holdings
                 (directory / str(old)).unlink(missing_ok=True)
@@ -186,12 +186,15 @@ class Leases:
             del self.held[cid]
         got = self._read(cid, epoch)
         if got is not None and got[0] == token:
-            directory = self._dir(cid)
-            (directory / str(epoch)).unlink(missing_ok=True)
-            try:
-                directory.rmdir()
-            except OSError:  # not empty (a taker is in it) or gone
-                pass
+            (self._dir(cid) / str(epoch)).unlink(missing_ok=True)
+
+    def forget(self, cid: int) -> None:
+        """Remove conversation ``cid``'s lease directory if no holding is in it (the conversation
+        ended; its next turn makes it again)."""
+        try:
+            self._dir(cid).rmdir()
+        except OSError:  # not empty (a holder or taker is in it) or gone
+            pass
 
     def _renew_loop(self) -> None:
         while not self.stopped.wait(self.ttl / 3):

@@ -44,6 +44,8 @@ from .protocol import ErrorKind, Overloaded, ServingError, TokenEvent, TurnReque
 
 __all__ = ["Scheduler", "Overloaded", "TokenEvent", "TurnRequest", "TurnResult"]
 
+_NOT_PREPARED, _PREPARING, _ENDED, _STOP = object(), object(), object(), object()  # a waiting turn at the loader
+
 
 class _Turn:
     """A turn inside the scheduler: its conversation, what is left to feed, its reply so far."""
@@ -106,7 +108,8 @@ class Scheduler:
         self.max_new_tokens, self.max_new_tokens_limit = max_new_tokens, max_new_tokens_limit
         self.max_input_bytes = max_input_bytes
         self.lease_wait = lease_wait
-        self.lease_waits: dict[int, float] = {}  # id(req) -> when its lease was first refused
+        self.loads: queue.SimpleQueue = queue.SimpleQueue()  # turns for the loader to prepare
+        self.prepared: dict[int, object] = {}  # id(req) -> _PREPARING, or what the loader prepared
         self.stop_ids = eos_ids(tokenizer, model.config)
         self.encoder = Conversation(tokenizer, self.stop_ids).encoder
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -118,8 +121,10 @@ class Scheduler:
         self.stopping = threading.Event()
         self.writes: queue.SimpleQueue = queue.SimpleQueue()
         self.writer = threading.Thread(target=self._write_loop, name="streaming-trt-writer", daemon=True)
+        self.loader = threading.Thread(target=self._load_loop, name="streaming-trt-loader", daemon=True)
         self.thread = threading.Thread(target=self._loop, name="streaming-trt-scheduler", daemon=True)
         self.writer.start()
+        self.loader.start()
         self.thread.start()
 
     # ----------------------------------------------------------------- the caller's side
@@ -143,6 +148,8 @@ class Scheduler:
         self.stopping.set()
         self.inbox.put(("wake", None))
         self.thread.join(timeout)
+        self.loads.put(_STOP)
+        self.loader.join(timeout)
         self.writes.put(None)
         self.writer.join(timeout)
 
@@ -150,9 +157,13 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             active = any(r is not None for r in self.rows)
-            self._drain(block=not active and not self.stopping.is_set(), timeout=0.05 if self.lease_waits else 0.5)
+            self._drain(block=not active and not self.stopping.is_set())
             if self.stopping.is_set() and not active:
                 for req in self.waiting:
+                    prepared = self.prepared.pop(id(req), _NOT_PREPARED)
+                    if not (prepared in (_NOT_PREPARED, _PREPARING) or isinstance(prepared, BaseException)
+                            or prepared is _ENDED):
+                        self.writes.put(("release", req.cid))
                     self._done(req, None, ServingError("the server is shutting down", ErrorKind.SHUTTING_DOWN))
                 self.waiting.clear()
                 return
@@ -166,9 +177,9 @@ class Scheduler:
                                                            ErrorKind.INTERNAL))
             self.steps += 1
 
-    def _drain(self, block: bool, timeout: float = 0.5) -> None:
+    def _drain(self, block: bool) -> None:
         try:
-            item = self.inbox.get(timeout=timeout) if block else self.inbox.get_nowait()
+            item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
         except queue.Empty:
             return
         while True:
@@ -177,13 +188,18 @@ class Scheduler:
                 self.waiting.append(value)
             elif kind == "saved":
                 self.busy.discard(value)
+            elif kind == "prepared":
+                req, outcome = value
+                self.prepared[id(req)] = outcome
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
                 return
 
     def _admit(self) -> None:
-        """Start waiting turns, oldest first, one per conversation at a time."""
+        """Start waiting turns, oldest first, one per conversation at a time. A turn is first
+        prepared by the loader thread (its conversation's lease taken, its state read and checked
+        from the file when it is not in memory): the turn waits for that, the batch does not."""
         blocked, kept = set(), collections.deque()
         while self.waiting:
             req = self.waiting.popleft()
@@ -191,66 +207,123 @@ class Scheduler:
                 blocked.add(req.cid)
                 kept.append(req)
                 continue
-            if req.cancelled():  # its client left while it waited: nothing of it runs, nothing changes
-                self.lease_waits.pop(id(req), None)
+            prepared = self.prepared.pop(id(req), _NOT_PREPARED)
+            if req.cancelled() and prepared is not _PREPARING:  # its client left while it waited: nothing of it runs
                 with self.lock:
                     self.queued -= 1
-                seen = self.store.seen(req.cid) if not (req.start and not req.resume) and self.store.exists(req.cid) else 0
-                self._done(req, TurnResult(0, 0, "cancelled", seen), None)
+                self._done(req, TurnResult(0, 0, "cancelled", self._seen_before(req, prepared)), None)
                 continue
-            if self.free_slots() == 0 and not self._is_end_only(req):
+            if prepared is _PREPARING or (prepared is _NOT_PREPARED and self.free_slots() <= self._preparing()
+                                          and not self._is_end_only(req)):
+                if prepared is _PREPARING:
+                    self.prepared[id(req)] = prepared
+                kept.append(req)
+                blocked.add(req.cid)
+                continue
+            if prepared is _NOT_PREPARED:  # to the loader; the turn waits here meanwhile
+                self.prepared[id(req)] = _PREPARING
+                self.loads.put(req)
                 kept.append(req)
                 blocked.add(req.cid)
                 continue
             with self.lock:
                 self.queued -= 1
+            if isinstance(prepared, BaseException):  # the lease or the file refused it; nothing is held
+                self._done(req, None, prepared)
+                continue
             try:
-                self._start(req)
-                self.lease_waits.pop(id(req), None)
-            except LeaseHeld as e:  # another server has it: wait in the queue, up to lease_wait
-                first = self.lease_waits.setdefault(id(req), time.monotonic())
-                if time.monotonic() - first < self.lease_wait and not self.stopping.is_set():
-                    with self.lock:
-                        self.queued += 1
-                    kept.append(req)
-                    blocked.add(req.cid)
-                else:
-                    del self.lease_waits[id(req)]
-                    self._done(req, None, e)
-            except UserError as e:
-                self._done(req, None, e)
-            except Exception as e:  # a bug or an unreadable file: this turn only
-                self._done(req, None, ServingError(f"internal error: {type(e).__name__}: {e}", ErrorKind.INTERNAL))
+                self._start(req, prepared)
+            except BaseException as e:
+                self.writes.put(("release", req.cid))
+                self._done(req, None, e if isinstance(e, UserError) else
+                           ServingError(f"internal error: {type(e).__name__}: {e}", ErrorKind.INTERNAL))
         self.waiting = kept
+
+    def _preparing(self) -> int:
+        """Turns handed to the loader (or prepared by it) and not started yet: each has a slot kept."""
+        return len(self.prepared)
+
+    def _seen_before(self, req: TurnRequest, prepared) -> int:
+        """The token count of a cancelled waiting turn's conversation (its lease let go)."""
+        if prepared is _NOT_PREPARED:  # rare: cancelled before the loader saw it
+            fresh = req.start and not req.resume
+            return self.store.seen(req.cid) if not fresh and self.store.exists(req.cid) else 0
+        if isinstance(prepared, BaseException) or prepared is _ENDED:  # no lease held
+            return 0
+        self.writes.put(("release", req.cid))
+        return 0 if prepared is None or prepared is _ENDED else prepared.seen
 
     @staticmethod
     def _is_end_only(req: TurnRequest) -> bool:
         return req.end and req.messages in ([], "[]", b"[]")
 
-    def _start(self, req: TurnRequest) -> None:
-        """Start ``req`` in a free slot, holding its conversation's lease (:meth:`ConversationStore.take`:
-        another server continuing it refuses this turn, retryable) until the turn is saved or dropped."""
-        self.store.take(req.cid)
-        try:
-            self._start_held(req)
-        except BaseException:
-            self.store.release(req.cid)
-            raise
+    # ----------------------------------------------------------------- the loader's thread
+    def _load_loop(self) -> None:
+        """Prepare turns for :meth:`_admit`: take the conversation's lease (waiting up to
+        ``lease_wait`` while another server holds it), then read its state (END: delete it; a new
+        conversation: delete what the id held). Reports ``("prepared", (req, outcome))``: the
+        state (None for a new conversation, ``_ENDED``), or the error that refuses the turn."""
+        pending: list[tuple[TurnRequest, float]] = []  # waiting for a lease another server holds
+        while True:
+            try:
+                req = self.loads.get(timeout=0.05) if pending else self.loads.get()
+            except queue.Empty:
+                req = None
+            if req is _STOP:
+                for waiting, _ in pending:
+                    self.inbox.put(("prepared", (waiting, ServingError("the server is shutting down",
+                                                                       ErrorKind.SHUTTING_DOWN))))
+                return
+            if req is not None:
+                pending.append((req, time.monotonic()))
+            still = []
+            for req, since in pending:
+                try:
+                    self.store.take(req.cid)
+                except LeaseHeld as e:
+                    if time.monotonic() - since < self.lease_wait and not self.stopping.is_set() and not req.cancelled():
+                        still.append((req, since))
+                        continue
+                    self.inbox.put(("prepared", (req, e)))
+                    continue
+                except Exception as e:  # the directory is unreachable
+                    self.inbox.put(("prepared", (req, ServingError(f"internal error: {type(e).__name__}: {e}",
+                                                                   ErrorKind.INTERNAL))))
+                    continue
+                try:
+                    outcome = self._prepare(req)
+                except Exception as e:  # unknown, or an unreadable file: this turn only
+                    self.store.release(req.cid)
+                    outcome = e if isinstance(e, UserError) else ServingError(
+                        f"internal error: {type(e).__name__}: {e}", ErrorKind.INTERNAL)
+                self.inbox.put(("prepared", (req, outcome)))
+            pending = still
 
-    def _start_held(self, req: TurnRequest) -> None:
+    def _prepare(self, req: TurnRequest):
+        """What a turn starts from, its lease held (the loader's thread)."""
         if self._is_end_only(req):
             if not self.store.exists(req.cid):
                 raise ServingError(f"conversation {req.cid} is unknown or has ended", ErrorKind.UNKNOWN_CONVERSATION)
             self.store.end(req.cid)
             self.store.release(req.cid)
+            return _ENDED
+        if req.start and not req.resume:
+            self.store.end(req.cid)  # a new conversation replaces whatever the id held
+            return None
+        if not self.store.exists(req.cid):
+            raise ServingError(f"conversation {req.cid} is unknown or has ended; start it with the START flag",
+                               ErrorKind.UNKNOWN_CONVERSATION)
+        return self.store.get(req.cid)  # read and checked here, not on the scheduler's thread
+
+    def _start(self, req: TurnRequest, state) -> None:
+        """Start ``req`` in a free slot from ``state`` (what the loader prepared), its conversation's
+        lease held until the turn is saved or dropped."""
+        if state is _ENDED:
             self._done(req, TurnResult(0, 0, "ended", 0), None)
             return
         messages = req.messages  # parsed and validated when the request was made (protocol.TurnRequest)
         max_tokens = self.max_new_tokens if req.max_tokens is None else req.max_tokens
-        fresh = req.start and not req.resume
-        if not fresh and not self.store.exists(req.cid):
-            raise ServingError(f"conversation {req.cid} is unknown or has ended; start it with the START flag",
-                               ErrorKind.UNKNOWN_CONVERSATION)
+        fresh = state is None
         conversation = Conversation(self.tokenizer, self.stop_ids, started=not fresh, encoder=self.encoder)
         if req.raw:
             ids = self.tokenizer.encode(messages, add_special_tokens=fresh)
@@ -259,10 +332,9 @@ class Scheduler:
         turn = _Turn(req, conversation, ids, max_tokens, self.runner.sampler(req.sampling))
         row = next(r for r, t in enumerate(self.rows) if t is None)
         if fresh:
-            self.store.end(req.cid)
             self.runner.reset(row)
         else:
-            self.runner.load(row, self.store.get(req.cid))
+            self.runner.load(row, state)
         self.admitted += 1
         turn.row, turn.seq = row, self.admitted
         self.rows[row] = turn
@@ -375,7 +447,7 @@ class Scheduler:
             return
         if error is None and turn.req.end:
             self.store.end(cid)
-        self.store.release(cid)
+        self.writes.put(("release", cid))  # file I/O: off this thread
         self.busy.discard(cid)
         self._done(turn.req, result, error)
 
@@ -392,6 +464,9 @@ class Scheduler:
             item = self.writes.get()
             if item is None:
                 return
+            if item[0] == "release":
+                self.store.release(item[1])
+                continue
             cid, req, result = item
             try:
                 self.store.save(cid, in_use=frozenset(self.busy))

@@ -236,6 +236,7 @@ class ConversationStore:
                 self.journal.delete(cid)
                 for suffix in SIDECARS:
                     self.path(cid).with_suffix(suffix).unlink(missing_ok=True)
+        self.leases.forget(cid)
 
     def reap(self, now: float | None = None, keep: set[int] = frozenset()) -> list[int]:
         """Apply the disk policy (module docstring); returns the ids deleted. ``keep``: ids in use.
