@@ -270,3 +270,41 @@ def test_the_same_turn_sent_to_two_servers_runs_once(local, tmp_path):
         a.close()
         b.close()
     assert [second, third] == alone(local, [("hello", 3), ("go on", 6), ("then", 4)])[1:]
+
+
+def test_files_are_read_off_the_scheduler_thread(local, tmp_path, monkeypatch):
+    """A continuation whose state must be read from its file (slow storage: 1.5 s here) waits for it
+    on the loader thread while another conversation's reply streams on (before: the scheduler's
+    thread read and checked the file, and every stream stalled for as long)."""
+    model, tok = local
+    sched = Scheduler(model, tok, store(local, tmp_path, host_bytes=0), slots=2)
+    real, readers, began = sched.store.journal.load, [], []
+
+    def slow_load(cid):
+        readers.append(threading.current_thread().name)
+        began.append(time.monotonic())
+        time.sleep(1.5)
+        return real(cid)
+
+    try:
+        chat(sched, 81, "hello", 3, start=True).wait()
+        monkeypatch.setattr(sched.store.journal, "load", slow_load)
+        stamps, streaming = [], threading.Event()
+
+        def tick(event):
+            stamps.append(time.monotonic())
+            if len(stamps) == 3:
+                streaming.set()
+
+        long = chat(sched, 82, "tell me a long story", 400, start=True, on_token=tick)
+        assert streaming.wait(60)
+        cont = chat(sched, 81, "go on", 4, start=False).wait()
+        long.wait()
+    finally:
+        sched.close()
+    assert readers and "streaming-trt-scheduler" not in readers, readers
+    while_read = [t for t in stamps if began[0] < t < began[0] + 1.5]
+    assert len(while_read) >= 3, f"{len(while_read)} tokens streamed while the file was read"
+    gaps = [b - a for a, b in zip(stamps, stamps[1:]) if a >= began[0] - 0.05]
+    assert max(gaps) < 1.0, f"a token waited {max(gaps):.2f} s behind the load"
+    assert cont == alone(local, [("hello", 3), ("go on", 4)])[1]
