@@ -22,6 +22,12 @@ while it was written: never acknowledged) is dropped and the file cut back to th
 damaged record with turns after it, a damaged header or base, another model's or another
 version's file are refused (``UserError``), never loaded wrong.
 
+Several servers may share the directory (:mod:`.store`, :mod:`.lease`): each record's generation is
+the previous one + 1, and this journal appends only where the file ends at the generation it last
+wrote or read; a complete record of another writer there refuses the append (:class:`FileChanged`,
+the file left whole), a torn one is cut off. :meth:`Journal.current` tells whether a copy in memory
+is still the file's newest turn (same file, same length, same newest generation).
+
 Recall conversations (their block store is not in the record) keep the whole rewrite
 (:meth:`StreamState.save`); :meth:`Journal.load` reads those files and any written before the
 journal. The only code that knows the state's type is :func:`state_fields` and :func:`state_from`.

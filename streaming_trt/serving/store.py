@@ -157,32 +157,40 @@ class ConversationStore:
 
     def get(self, cid: int) -> StreamState:
         """The saved state of conversation ``cid`` (from memory while its file is unchanged, else
-        loaded from the file)."""
+        loaded from the file). Files are read and checked outside the store's lock: another thread
+        keeps using the store meanwhile (the caller holds the conversation's lease)."""
         with self.lock:
             if cid in self.unsaved:
                 return self.unsaved[cid]
-            if cid in self.resident:
-                if self.journal.current(cid):
-                    self.resident.move_to_end(cid)
-                    return self.resident[cid]
-                del self.resident[cid]  # another server continued, compacted or ended it since
-                self.journal.forget(cid)
+            state = self.resident.get(cid)
+        if state is not None:
+            if self.journal.current(cid):
+                with self.lock:
+                    if self.resident.get(cid) is state:
+                        self.resident.move_to_end(cid)
+                return state
+            with self.lock:  # another server continued, compacted or ended it since
+                if self.resident.get(cid) is state:
+                    del self.resident[cid]
                 self.stale += 1
-                self.log(f"conversation {cid}: the copy in memory is older than its file; reading the file")
-            if not self._on_disk(cid):
-                raise ServingError(f"conversation {cid} is unknown or has ended; start it with the START flag",
-                                   ErrorKind.UNKNOWN_CONVERSATION)
-            try:
-                state = self.journal.load(cid)
-            except FileNotFoundError:  # deleted by another server between the two looks
+            self.journal.forget(cid)
+            self.log(f"conversation {cid}: the copy in memory is older than its file; reading the file")
+        unknown = ServingError(f"conversation {cid} is unknown or has ended; start it with the START flag",
+                               ErrorKind.UNKNOWN_CONVERSATION)
+        if not self._on_disk(cid):
+            raise unknown
+        try:
+            state = self.journal.load(cid)
+        except FileNotFoundError:  # deleted by another server between the two looks
+            with self.lock:
                 self.files.pop(cid, None)
-                raise ServingError(f"conversation {cid} is unknown or has ended; start it with the START flag",
-                                   ErrorKind.UNKNOWN_CONVERSATION) from None
+            raise unknown from None
+        with self.lock:
             self.loads += 1
-            self.log(f"conversation {cid} restored from {self.path(cid)}")
             self.resident[cid] = state
             self._fit_memory()
-            return state
+        self.log(f"conversation {cid} restored from {self.path(cid)}")
+        return state
 
     def seen(self, cid: int) -> int:
         return self.get(cid).seen
@@ -233,9 +241,9 @@ class ConversationStore:
                 self.resident.pop(cid, None)
                 self.unsaved.pop(cid, None)
                 self.files.pop(cid, None)
-                self.journal.delete(cid)
-                for suffix in SIDECARS:
-                    self.path(cid).with_suffix(suffix).unlink(missing_ok=True)
+            self.journal.delete(cid)
+            for suffix in SIDECARS:
+                self.path(cid).with_suffix(suffix).unlink(missing_ok=True)
         self.leases.forget(cid)
 
     def reap(self, now: float | None = None, keep: set[int] = frozenset()) -> list[int]:
@@ -250,27 +258,30 @@ class ConversationStore:
         gone = []
         with self.lock:
             by_age = sorted(self.files.items(), key=lambda item: item[1][0])
-            total = sum(size for _, (_, size) in by_age)
-            for cid, (when, size) in by_age:
-                expired = self.idle_ttl is not None and now - when > self.idle_ttl
-                over = self.disk_bytes is not None and total > self.disk_bytes
-                if not (expired or over) or cid in keep or cid in self.unsaved or self.leases.holds(cid):
-                    continue
-                try:
-                    with self.holding(cid):
-                        st = self.path(cid).stat()
-                        if st.st_mtime > when:  # another server saved a turn since the listing
+        total = sum(size for _, (_, size) in by_age)
+        for cid, (when, size) in by_age:  # file I/O outside the store's lock
+            expired = self.idle_ttl is not None and now - when > self.idle_ttl
+            over = self.disk_bytes is not None and total > self.disk_bytes
+            if not (expired or over) or cid in keep or cid in self.unsaved or self.leases.holds(cid):
+                continue
+            try:
+                with self.holding(cid):
+                    st = self.path(cid).stat()
+                    if st.st_mtime > when:  # another server saved a turn since the listing
+                        with self.lock:
                             self.files[cid] = (st.st_mtime, st.st_size)
-                            continue
-                        self.end(cid)
-                except LeaseHeld:  # another server is continuing it
-                    continue
-                except FileNotFoundError:  # another server ended or reaped it
+                        continue
+                    self.end(cid)
+            except LeaseHeld:  # another server is continuing it
+                continue
+            except FileNotFoundError:  # another server ended or reaped it
+                with self.lock:
                     self.files.pop(cid, None)
-                    total -= size
-                    continue
                 total -= size
-                gone.append(cid)
+                continue
+            total -= size
+            gone.append(cid)
+        with self.lock:
             self.reaped += len(gone)
         if gone:
             self.log(f"{len(gone)} idle conversations deleted by the disk policy: {gone[:8]}")
