@@ -7,6 +7,8 @@ from another writer's turn. Every restore is checked bit-exact against the state
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -182,6 +184,24 @@ def test_a_dead_servers_lease_is_taken_over_after_its_ttl(local, tmp_path):
     b.save(9)
     b.release(9)
     assert same(store(local, tmp_path, host_bytes=0).get(9), live.state())
+
+
+def test_a_lease_of_a_killed_process_on_this_machine_is_taken_at_once(tmp_path):
+    """A server restarted after a SIGKILL takes its conversations back without waiting for the TTL:
+    the holder was a process of this machine that no longer runs. A live holder keeps its lease."""
+    code = ("import sys, time; from streaming_trt.serving.lease import Leases; "
+            "Leases(sys.argv[1], ttl=600, renew=False).take(5); print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        mine = Leases(tmp_path, ttl=600, renew=False)
+        with pytest.raises(LeaseHeld):
+            mine.take(5)
+    finally:
+        holder.kill()
+        holder.wait(30)
+    mine.take(5)
+    mine.check(5)
 
 
 def test_leases_are_exclusive_under_contention(tmp_path):

@@ -11,7 +11,9 @@ plus ``ttl`` is when it expires (renewing touches it). Taking:
 
 - no file: create epoch 1 exclusively (of two takers, one creates it, the other is refused);
 - the highest epoch is live and not ours: refused (:class:`LeaseHeld`);
-- it expired (its holder died or hung): create epoch E+1 exclusively, then remove the older ones.
+- it expired (its holder died or hung), or its holder is a process of this machine (the same
+  host name and PID namespace) that no longer runs (a server restarted after a crash takes its
+  conversations back at once): create epoch E+1 exclusively, then remove the older ones.
 
 A holder checks (:meth:`Leases.check`) before every write that its file is still there, still
 holds its token and no higher epoch exists: a holder that hung past its TTL finds its lease taken
@@ -31,6 +33,31 @@ from pathlib import Path
 from .protocol import ErrorKind, ServingError
 
 DIR_NAME = "leases"
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid").removeprefix("pid:").strip("[]")
+    except OSError:
+        return "?"
+
+
+def _dead_here(token: bytes) -> bool:
+    """Whether a lease's holder was a process of this machine and PID namespace that has exited."""
+    try:
+        host, pid, namespace = token.decode().split("/")[0].split(":")
+        pid = int(pid)
+    except ValueError:  # being written, or another owner format: not known dead
+        return False
+    if host != socket.gethostname() or namespace != _pid_namespace() or namespace == "?" or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 class LeaseHeld(ServingError):
@@ -59,7 +86,7 @@ class Leases:
         self.root = Path(directory) / DIR_NAME
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.ttl, self.clock = ttl, clock
-        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{_pid_namespace()}"
         self.held: dict[int, tuple[int, bytes, int]] = {}  # id -> (epoch, token, holds)
         self.lock = threading.Lock()
         self.stopped = threading.Event()
@@ -113,8 +140,8 @@ class Leases:
                 if got is None:
                     continue
                 token, expires = got
-                if expires > self.clock():
-                    who = token.decode(errors="replace").split("/")[0] or "another worker"
+                if expires > self.clock() and not _dead_here(token):
+                    who = token.decode(errors="replace").split("/")[0].rsplit(":", 1)[0] or "another worker"
                     raise LeaseHeld(f"conversation {cid} is being continued by {who}; retry in a moment "
                                     f"(a lease of a worker that died expires within {self.ttl:.0f} s)")
             token = f"{self.owner}/{secrets.token_hex(8)}".encode()
