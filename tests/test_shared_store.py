@@ -257,6 +257,7 @@ def test_a_conversation_moving_between_servers_continues_exactly(local, tmp_path
         b.close()
     assert got == alone(local, script)
     assert a.store.stale >= 1
+    assert not any(os.listdir(d) for d in (tmp_path / "leases").iterdir()), "a lease outlived its turn"
 
 
 def test_the_same_turn_sent_to_two_servers_runs_once(local, tmp_path):
@@ -290,6 +291,7 @@ def test_the_same_turn_sent_to_two_servers_runs_once(local, tmp_path):
         a.close()
         b.close()
     assert [second, third] == alone(local, [("hello", 3), ("go on", 6), ("then", 4)])[1:]
+    assert not any(os.listdir(d) for d in (tmp_path / "leases").iterdir()), "a lease outlived its turn"
 
 
 def test_files_are_read_off_the_scheduler_thread(local, tmp_path, monkeypatch):

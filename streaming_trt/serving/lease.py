@@ -77,6 +77,10 @@ class Leases:
             every ``ttl / 3`` seconds.
         owner: a name for logs (default ``host:pid``); a random nonce makes each holding unique.
         clock: wall-clock seconds (tests move it).
+
+    ``alive``: a callable the renewal thread asks before renewing (default: always); a server sets
+    it to "my scheduler's loop went round lately", so a server whose work hangs (blocked on a dead
+    peer) stops renewing and its conversations are taken over after the TTL.
     """
 
     def __init__(self, directory: str | os.PathLike, ttl: float = 10.0, owner: str | None = None,
@@ -90,6 +94,7 @@ class Leases:
         self.held: dict[int, tuple[int, bytes, int]] = {}  # id -> (epoch, token, holds)
         self.lock = threading.Lock()
         self.stopped = threading.Event()
+        self.alive = lambda: True
         self.thread = None
         if renew:
             self.thread = threading.Thread(target=self._renew_loop, name="streaming-trt-leases", daemon=True)
@@ -225,6 +230,8 @@ class Leases:
 
     def _renew_loop(self) -> None:
         while not self.stopped.wait(self.ttl / 3):
+            if not self.alive():  # hung: let the leases expire
+                continue
             with self.lock:
                 ids = list(self.held)
             for cid in ids:

@@ -89,12 +89,14 @@ class Scheduler:
             in a block store of its own (its rows still decode in the batched step).
         lease_wait: seconds a turn waits (in the queue, the batch runs on) for its conversation's
             lease while another server holds it (finishing a turn, compacting its file, or dead
-            until its lease expires); then it is refused as CONVERSATION_BUSY (retryable).
+            until its lease expires); then it is refused as CONVERSATION_BUSY (retryable). Default:
+            1.5 x the store's lease TTL, so a turn whose previous server died is served once its
+            lease expires.
     """
 
     def __init__(self, model, tokenizer, store, slots: int = 16, token_budget: int | None = None, max_queue: int = 256,
                  max_new_tokens: int = 256, max_new_tokens_limit: int = 4096, max_input_bytes: int = 256 * 1024,
-                 capture_decode: bool | None = None, recall=None, lease_wait: float = 5.0):
+                 capture_decode: bool | None = None, recall=None, lease_wait: float | None = None):
         if token_budget is None:
             token_budget = 512 if model.device.type == "cuda" else 64
         for name, value, low in (("slots", slots, 1), ("token_budget", token_budget, 1), ("max_queue", max_queue, 0)):
@@ -107,7 +109,9 @@ class Scheduler:
         self.token_budget, self.max_queue = token_budget, max_queue
         self.max_new_tokens, self.max_new_tokens_limit = max_new_tokens, max_new_tokens_limit
         self.max_input_bytes = max_input_bytes
-        self.lease_wait = lease_wait
+        self.lease_wait = 1.5 * store.leases.ttl if lease_wait is None else lease_wait
+        self.beat = time.monotonic()  # the loop's last round: leases are renewed only while it goes round
+        store.leases.alive = lambda: time.monotonic() - self.beat < store.leases.ttl / 2 or not self.thread.is_alive()
         self.loads: queue.SimpleQueue = queue.SimpleQueue()  # turns for the loader to prepare
         self.prepared: dict[int, object] = {}  # id(req) -> _PREPARING, or what the loader prepared
         self.stop_ids = eos_ids(tokenizer, model.config)
@@ -156,6 +160,7 @@ class Scheduler:
     # ----------------------------------------------------------------- the scheduler's thread
     def _loop(self) -> None:
         while True:
+            self.beat = time.monotonic()
             active = any(r is not None for r in self.rows)
             self._drain(block=not active and not self.stopping.is_set())
             if self.stopping.is_set() and not active:
