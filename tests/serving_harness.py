@@ -101,8 +101,9 @@ class Server:
                "--window", str(WINDOW), "--threads", "1", "--max-new-tokens", str(TOKENS), "--host", "127.0.0.1",
                "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--session-dir", str(session_dir),
                "--host-memory", str(max_resident * conversation_bytes(model_dir)), "--max-input-bytes", str(64 * 1024)]
-        if openai:
-            cmd += ["--openai-port", str(self.openai)]
+        if openai:  # the map is the replica's own, on a local disk beside the test's files
+            cmd += ["--openai-port", str(self.openai), "--gateway-state-dir",
+                    str(Path(session_dir).parent / f"gateway-{self.openai}")]
         cmd += list(extra)
         self.stderr_path = log
         self._stderr = open(log, "w")

@@ -295,6 +295,9 @@ def test_waiting_turns_whose_client_left_never_run_and_busy_files_are_not_reaped
     first = turn(sched, 41, "a" * 40, 30, start=True, cancelled=lambda: release.is_set())
     gone = turn(sched, 42, "b", 2, start=True, cancelled=lambda: True)
     assert gone.wait() == [] and gone.result.finish_reason == "cancelled" and gone.result.prompt_tokens == 0
+    deadline = time.monotonic() + 60
+    while not first.tokens and time.monotonic() < deadline:  # the first turn runs (its file will exist)
+        time.sleep(0.01)
     release.set()
     first.wait()
     sched.close()

@@ -218,7 +218,8 @@ def test_session_files_are_private(keyed):
 def in_gateway_map(sessions: Path, cid: int) -> bool:
     import sqlite3
 
-    db = sqlite3.connect(sessions / "openai-conversations.sqlite")
+    [path] = sessions.parent.glob("gateway-*/openai-conversations.sqlite")  # the replica's own, not the shared dir
+    db = sqlite3.connect(path)
     try:
         return db.execute("SELECT COUNT(*) FROM conversations WHERE cid = ?", (cid,)).fetchone()[0] > 0
     finally:

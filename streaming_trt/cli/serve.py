@@ -90,6 +90,9 @@ def build_parser():
     g.add_argument("--openai-max-conversations", type=int, default=4096,
                    help="conversations the OpenAI gateway remembers for prefix reuse; the least recently used "
                         "are ended on the server")
+    g.add_argument("--gateway-state-dir", metavar="DIR",
+                   help="a local directory for this replica's OpenAI conversation map (SQLite: never on the shared "
+                        "--session-dir; default: $XDG_STATE_HOME/streaming-trt/gateway-PORT-HASH)")
     g.add_argument("--openai-conversation-ttl", type=float, default=24 * 3600.0,
                    help="seconds after which an OpenAI conversation nobody continued is ended on the server")
     g.add_argument("--tritonserver", metavar="PATH", help="tritonserver binary (default: nvidia-pytriton's, or PATH)")
@@ -141,6 +144,17 @@ def ttl(text: str) -> float | None:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (or never)") from None
+
+
+def gateway_state_dir(args, session_dir: str) -> str:
+    """Where this replica's gateway keeps its conversation map: ``--gateway-state-dir``, else a
+    directory of the local user's state named by the port and the session directory."""
+    if args.gateway_state_dir:
+        return args.gateway_state_dir
+    import hashlib
+
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "streaming-trt"
+    return str(base / f"gateway-{args.openai_port}-{hashlib.sha256(session_dir.encode()).hexdigest()[:12]}")
 
 
 def auto_disk_budget(session_dir: str) -> int:
@@ -291,7 +305,8 @@ def _serve(args) -> int:
             gateway = GatewayThread(f"{server.grpc_address}:{args.grpc_port}", args.host, args.openai_port,
                                     model_id=args.served_model_name, max_tokens_limit=args.max_tokens_limit,
                                     max_body_bytes=args.max_input_bytes, api_key=args.api_key,
-                                    state_dir=conf["session_dir"], max_conversations=args.openai_max_conversations,
+                                    state_dir=gateway_state_dir(args, conf["session_dir"]),
+                                    session_dir=conf["session_dir"], max_conversations=args.openai_max_conversations,
                                     conversation_ttl=args.openai_conversation_ttl,
                                     allowed_hosts=names(args.allowed_hosts) + ([] if is_loopback(args.host) else [args.host]),
                                     allowed_origins=names(args.allowed_origins))

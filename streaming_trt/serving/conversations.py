@@ -25,6 +25,11 @@ resent turn gets the recorded reply instead of being fed again (:meth:`Conversat
 Turns in flight are known by their request's key (:meth:`Conversations.begin`): a resend of one,
 or a continuation of its reply sent before it finished, waits for it instead of forking the
 conversation (:meth:`Conversations.take` with ``wait``).
+The map is one server's (a replica's): keep its file on a local disk, never on the session
+directory several replicas share (SQLite's locks are not safe on NFS, and a replica starting up
+ends the conversations its map left ``busy``, which must be its own only). Conversations a client
+names with an ``X-Session-ID`` header are not in this map: :class:`SessionKeys` keeps what each
+one holds beside its session file, where every replica finds it.
 """
 from __future__ import annotations
 
@@ -44,6 +49,66 @@ FILE_NAME = "openai-conversations.sqlite"
 def conversation_key(messages: list[dict]) -> str:
     canon = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
+def session_conversation(session_id: str) -> int:
+    """The server conversation id of a client's ``X-Session-ID`` (the same on every replica; a
+    63-bit hash, apart from the map's random ids only by chance of 1 in 2**63)."""
+    digest = hashlib.sha256(b"streaming-trt X-Session-ID\0" + session_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") >> 1 or 1
+
+
+class SessionKeys:
+    """What each ``X-Session-ID`` conversation holds: the :func:`conversation_key` of its history,
+    in ``<directory>/<id:020d>.history`` beside its session file (written whole by a rename; the
+    session store deletes it with the conversation), or in memory when ``directory`` is None.
+
+    A request whose messages before the last are the recorded history continues the conversation;
+    any other history (edited, truncated, regenerated, or none recorded) starts it again from the
+    whole history.
+    """
+
+    def __init__(self, directory: str | Path | None):
+        self.dir = None if directory is None else Path(directory)
+        self.memory: dict[int, str] = {}
+        self.lock = threading.Lock()
+
+    def path(self, cid: int) -> Path:
+        return self.dir / f"{int(cid):020d}.history"
+
+    def get(self, cid: int) -> str | None:
+        if self.dir is None:
+            with self.lock:
+                return self.memory.get(cid)
+        try:
+            text = self.path(cid).read_text()
+        except FileNotFoundError:
+            return None
+        return text.strip() or None
+
+    def put(self, cid: int, messages: list[dict]) -> None:
+        key = conversation_key(messages)
+        if self.dir is None:
+            with self.lock:
+                self.memory[cid] = key
+            return
+        path = self.path(cid)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, key.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+    def drop(self, cid: int) -> None:
+        """Forget what ``cid`` holds: its next request starts it again from the whole history."""
+        if self.dir is None:
+            with self.lock:
+                self.memory.pop(cid, None)
+            return
+        self.path(cid).unlink(missing_ok=True)
 
 
 class Conversations:

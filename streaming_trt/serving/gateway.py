@@ -15,6 +15,16 @@ Chat turns are idempotent (:mod:`.conversations`): a request sent again, with th
 (header ``x-streaming-trt-replayed: true``) and nothing is fed; a resend of a turn in flight, or a
 continuation of its reply sent before it finished, waits for it instead of forking the conversation.
 
+A chat request may name its conversation with an ``X-Session-ID`` header (1-128 characters of
+letters, digits and ``._:-``; else 400): the conversation is then the session's, the same on every
+replica sharing the session directory (:func:`.conversations.session_conversation`), so an L7
+balancer hashing the header pins it to one replica, and any other replica continues it after a
+failover. What it holds is recorded beside its session file (:class:`.conversations.SessionKeys`);
+messages extending that history by one user message feed only that message, any other history
+starts the session again from the whole history. Such conversations are never ended by the
+gateway: the server's disk policy reaps them. A turn another replica is running answers 409
+(``conversation_busy``, Retry-After).
+
 Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 bad request,
 401 missing or wrong API key, 404 unknown model or route, 409 an Idempotency-Key sent again with
 other messages, 413 body over the limit (refused from its Content-Length, or as soon as the streamed
@@ -47,11 +57,14 @@ except ImportError:  # the [serve] extra
     raise UserError("the OpenAI gateway needs starlette and uvicorn: pip install 'streaming-trt[serve]'") from None
 
 from .client import Client, Conversation, ServerError, new_conversation_id
-from .conversations import Conversations, Reaper, conversation_key  # noqa: F401  (conversation_key: re-exported)
-from .openai_api import BadRequest, chat_logprobs, completion_logprobs, parse_chat, parse_completion
+from .conversations import (Conversations, Reaper, SessionKeys, conversation_key,  # noqa: F401  (re-exported)
+                            session_conversation)
+from .openai_api import (SESSION_HEADER, BadRequest, chat_logprobs, completion_logprobs, parse_chat, parse_completion,
+                         parse_session_id)
 from .protocol import HTTP, ErrorKind, TokenEvent
 
-NOT_RUN = frozenset({ErrorKind.BUSY, ErrorKind.SHUTTING_DOWN, ErrorKind.SEQUENCE_RELEASED})  # turns refused unrun
+NOT_RUN = frozenset({ErrorKind.BUSY, ErrorKind.SHUTTING_DOWN, ErrorKind.SEQUENCE_RELEASED,  # turns refused unrun
+                     ErrorKind.CONVERSATION_BUSY})
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 HEADER_SECONDS = 10.0  # the request line and headers must arrive within this (slow-loris clients)
 MAX_HEADER_BYTES = 16 * 1024  # request line and headers together
@@ -75,17 +88,21 @@ class Gateway:
     allowed_origins: frozenset[str] = frozenset()   # Origin headers served ("*": any); none by default
     send_seconds: float = 30.0  # a streamed reply the client does not read for this long is cancelled
     resend_wait: float = 300.0  # a resend (or a continuation) of a turn in flight waits this long for it
+    session_keys: SessionKeys = dataclasses.field(default_factory=lambda: SessionKeys(None))  # X-Session-ID
 
 
 def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limit: int = 4096,
                max_body_bytes: int = 256 * 1024, max_conversations: int = 4096, timeout: float = 300.0,
                api_key: str | None = None, state_dir: str | None = None, conversation_ttl: float = 24 * 3600.0,
                client=None, reap_interval: float | None = None, allowed_hosts=(), allowed_origins=(),
-               send_seconds: float = 30.0):
+               send_seconds: float = 30.0, session_dir: str | None = None):
     """The Starlette app forwarding to Triton's gRPC endpoint ``triton_url``.
 
     ``api_key``: every request must carry ``Authorization: Bearer KEY`` (and Triton is sent it).
-    ``state_dir``: where the conversation map is kept (None: in memory only). ``client``: a
+    ``state_dir``: where this replica's conversation map is kept (None: in memory only), on a local
+    disk: never the session directory (refused), which replicas may share. ``session_dir``: the
+    server's session directory, where ``X-Session-ID`` conversations record what they hold (None:
+    in memory). ``client``: a
     :class:`~streaming_trt.serving.client.Client` to use instead of one made for ``triton_url``.
     ``app.state.conversations`` / ``app.state.reaper`` are the map and its reaper thread;
     ``app.state.gateway`` is the :class:`Gateway` the handlers share. ``allowed_hosts``: Host
@@ -95,15 +112,18 @@ def create_app(triton_url: str, model_id: str = "streaming-trt", max_tokens_limi
     if client is None:
         client = Client(triton_url, timeout=timeout, api_key=api_key)
     path = None if state_dir is None else Path(state_dir) / "openai-conversations.sqlite"
+    if path is not None and session_dir is not None and Path(state_dir).resolve() == Path(session_dir).resolve():
+        raise UserError(f"the gateway's conversation map (SQLite) must not live in the session directory "
+                        f"{session_dir}, which replicas may share (on NFS): give it a local directory")
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     conversations = Conversations(path, lambda cid: end_on_server(client, cid), limit=max_conversations,
                                   ttl=conversation_ttl, busy_limit=max(6 * 3600.0, 2 * timeout))
     reaper = Reaper(conversations, reap_interval or min(60.0, conversation_ttl / 4)).start()
     gateway = Gateway(client, conversations, reaper, model_id, max_tokens_limit, max_body_bytes,
                       None if not api_key else f"Bearer {api_key}".encode(),
                       LOOPBACK_NAMES | {h.lower() for h in allowed_hosts}, frozenset(allowed_origins), send_seconds,
-                      resend_wait=timeout)
+                      resend_wait=timeout, session_keys=SessionKeys(session_dir))
     app = Starlette(routes=[Route("/v1/models", models, methods=["GET"]),
                             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
                             Route("/v1/completions", text_completions, methods=["POST"])],
@@ -213,10 +233,18 @@ class Turn:
         self.req, self.pieces, self.done, self.cancelled, self.iterator = req, [], False, False, None
         self.count, self.kwargs = 0, dict(req["sampling"], options=req["options"] or None)
         self.idem, self.replay = idem, None
+        self.session = req.get("session_id")
         if "prompt" in req:
             self.conv, self.send = Conversation(client, new_conversation_id()), req["prompt"]
             return
         messages, history, wait = req["messages"], req["messages"][:-1], gateway.resend_wait
+        if self.session is not None:  # the client's conversation id: no map, the same on every replica
+            cid = session_conversation(self.session)
+            if history and gateway.session_keys.get(cid) == conversation_key(history):
+                self.conv, self.send = Conversation(client, cid, started=True), messages[-1:]
+            else:  # a new session, or another history: START replaces what the server holds
+                self.conv, self.send = Conversation(client, cid), messages
+            return
         answered = conversations.answered(messages, idem, wait=wait)
         if answered is not None:  # a resend: answered from the record, nothing fed
             self.conv, self.send, self.replay = Conversation(client, answered[0], started=True), None, answered[1]
@@ -239,6 +267,14 @@ class Turn:
             if self.send is self.req["messages"] or e.kind != ErrorKind.UNKNOWN_CONVERSATION:
                 raise
             # the server no longer has it (its TTL or disk budget): start over with the whole history
+            if self.session is not None:
+                self.conv, self.send = Conversation(self.gateway.client, self.conv.id), self.req["messages"]
+                tokens = self.conv.message_tokens(self.send, **self.kwargs)
+                first = next(tokens, None)
+                if first is not None:
+                    yield first
+                    yield from tokens
+                return
             conversations = self.gateway.conversations
             conversations.drop(self.conv.id, on_server=False)
             self.conv, self.send = Conversation(self.gateway.client, conversations.new()), self.req["messages"]
@@ -263,7 +299,10 @@ class Turn:
                 self.pieces.append(tail)
                 yield TokenEvent(-1, tail)
             self.done = True
-            if "messages" in self.req:
+            if self.session is not None:
+                self.gateway.session_keys.put(
+                    self.conv.id, self.req["messages"] + [{"role": "assistant", "content": "".join(self.pieces)}])
+            elif "messages" in self.req:
                 text = "".join(self.pieces)
                 reply = {"text": text, "finish_reason": self.finish(), "usage": self.usage()}
                 self.gateway.conversations.put(self.req["messages"] + [{"role": "assistant", "content": text}],
@@ -273,7 +312,10 @@ class Turn:
             raise
         finally:
             tokens.close()  # a client gone mid-stream: closing the gRPC stream cancels the turn
-            if not self.done and "messages" in self.req:
+            if not self.done and self.session is not None:
+                if not refused:  # what the server holds is no longer the recorded history
+                    self.gateway.session_keys.drop(self.conv.id)
+            elif not self.done and "messages" in self.req:
                 if refused and self.send is not self.req["messages"]:
                     # refused before it ran (busy, restarting): the server holds the conversation as
                     # before, so a retry continues it instead of re-feeding the whole history
@@ -364,6 +406,9 @@ async def respond(request, chat: bool):
         except RecursionError:
             raise BadRequest("the request body is JSON nested too deeply") from None
         req = (parse_chat if chat else parse_completion)(parsed, model_id, gateway.max_tokens_limit)
+        session = parse_session_id(request.headers.get(SESSION_HEADER))
+        if chat:
+            req["session_id"] = session
     except BadRequest as e:
         return error(str(e), e.status, e.param)
     except TimeoutError:

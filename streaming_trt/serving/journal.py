@@ -22,6 +22,12 @@ while it was written: never acknowledged) is dropped and the file cut back to th
 damaged record with turns after it, a damaged header or base, another model's or another
 version's file are refused (``UserError``), never loaded wrong.
 
+Several servers may share the directory (:mod:`.store`, :mod:`.lease`): each record's generation is
+the previous one + 1, and this journal appends only where the file ends at the generation it last
+wrote or read; a complete record of another writer there refuses the append (:class:`FileChanged`,
+the file left whole), a torn one is cut off. :meth:`Journal.current` tells whether a copy in memory
+is still the file's newest turn (same file, same length, same newest generation).
+
 Recall conversations (their block store is not in the record) keep the whole rewrite
 (:meth:`StreamState.save`); :meth:`Journal.load` reads those files and any written before the
 journal. The only code that knows the state's type is :func:`state_fields` and :func:`state_from`.
@@ -42,6 +48,7 @@ import torch
 from ..contract import Geometry, UserError
 from ..engine import StreamState
 from ..runtime.session import model_fingerprint
+from .protocol import ErrorKind, ServingError
 
 SUFFIX = ".session"
 MAGIC = b"\x89STRTJ\r\n"  # not text, not a plausible safetensors header length
@@ -53,6 +60,13 @@ _PREFIX_BYTES = _PREFIX.size + 4
 _DIGEST = 16
 _TURN = struct.Struct("<QQBB")  # seen_before, seen_after, has logits, ranges
 _RANGE = struct.Struct("<II")
+
+
+class FileChanged(ServingError):
+    """Another writer changed a conversation's file since this journal last read or wrote it (it
+    holds the conversation's lease now): this writer's turn is refused, the file left as it is."""
+
+    kind = ErrorKind.CONVERSATION_BUSY
 
 
 # ----------------------------------------------------------------- the adapter to the state's type
@@ -122,6 +136,7 @@ class _Tail:
     end: int  # bytes of the valid file
     log_bytes: int  # bytes of records after the base
     inode: int
+    last_at: int | None = None  # offset of the newest record (None: folded into the base)
 
 
 @dataclasses.dataclass
@@ -136,6 +151,7 @@ class _Replayed:
     end: int  # bytes of the valid file
     base_end: int
     torn: int  # bytes dropped after the last valid record
+    last_at: int | None = None  # offset of the newest record (None: none after the base)
 
 
 class _Layout:
@@ -243,7 +259,7 @@ def _replay(data: bytearray, model, path) -> _Replayed:
         keys, values = (torch.full(lay.shape, fill, dtype=lay.dtype) for _ in range(2))
         logits = None
     pos += base_bytes
-    base_end = pos
+    base_end, last_at = pos, None
     while pos < len(data):
         if len(data) - pos < _PREFIX_BYTES or data[pos : pos + _PREFIX_BYTES] == bytes(_PREFIX_BYTES):
             break  # a prefix cut short, or zeros a crash left where a record was being written
@@ -279,10 +295,23 @@ def _replay(data: bytearray, model, path) -> _Replayed:
                 at += (b - a) * lay.slot_bytes
         if rec_logits:
             logits = tensor(at, (lay.vocab,), torch.float32).clone()
-        generation, seen, pos = gen, after, end
+        generation, seen, last_at, pos = gen, after, pos, end
     if logits is not None and not bool(logits.isfinite().all()):
         raise damaged("the newest logits are not finite")
-    return _Replayed(keys, values, seen, logits, geometry, fill, generation, pos, base_end, len(data) - pos)
+    return _Replayed(keys, values, seen, logits, geometry, fill, generation, pos, base_end, len(data) - pos, last_at)
+
+
+def _generation_at(fd: int, offset: int, size: int) -> int | None:
+    """The generation of a complete record at ``offset`` of a file of ``size`` bytes (its prefix
+    checked, its length within the file), None when there is none (a torn or absent record)."""
+    head = os.pread(fd, _PREFIX_BYTES, offset)
+    if len(head) < _PREFIX_BYTES:
+        return None
+    magic, length, gen = _PREFIX.unpack_from(head, 0)
+    (crc,) = struct.unpack_from("<I", head, _PREFIX.size)
+    if magic != RECORD or crc != zlib.crc32(head[: _PREFIX.size]) or offset + _PREFIX_BYTES + length + _DIGEST > size:
+        return None
+    return gen
 
 
 def _read(path: Path) -> tuple[bytearray, int]:
@@ -360,6 +389,10 @@ def _write_new(path: Path, parts: list[bytes]) -> int:
     return new.size
 
 
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _write_all(fd: int, data) -> None:
     view = memoryview(data)
     while view:
@@ -385,22 +418,26 @@ class Journal:
             of the whole cache (1.0: each turn costs at most about twice its records, amortized).
         background: compact on a thread of its own (False: inside the append that triggers it).
         log: called with one line per torn record dropped and per compaction failure.
+        guard: ``guard(cid)`` gives a context manager that holds conversation ``cid`` (its lease,
+            :mod:`.lease`) while a background compaction rewrites its file, or raises when another
+            worker holds it (the compaction is skipped; None: no guard, one writer per directory).
 
     Counters: ``appended`` (record bytes), ``compacted`` (bytes of rewritten files: new bases, and
     whole saves of recall sessions), ``compactions``.
     """
 
     def __init__(self, directory: str | os.PathLike, model, geometry: Geometry, fill_value: float = 0.0,
-                 compact_ratio: float = 1.0, background: bool = True, log=lambda message: None):
+                 compact_ratio: float = 1.0, background: bool = True, log=lambda message: None, guard=None):
         if not compact_ratio > 0:
             raise UserError(f"compact_ratio must be > 0, got {compact_ratio!r}")
         self.dir, self.model, self.geometry, self.fill_value = Path(directory), model, geometry, fill_value
-        self.compact_ratio, self.background, self.log = compact_ratio, background, log
+        self.compact_ratio, self.background, self.log, self.guard = compact_ratio, background, log, guard
         self.dir.mkdir(parents=True, exist_ok=True)
         self.layout = _Layout(model, geometry)
         self.snapshot_bytes = 2 * self.layout.slot_bytes * geometry.capacity + 4 * self.layout.vocab
         self.appended = self.compacted = self.compactions = 0
         self._tails: dict[int, _Tail] = {}
+        self._stamps: dict[int, tuple[int, int, int]] = {}  # whole-state files: (inode, bytes, mtime ns)
         self._locks: dict[int, threading.RLock] = {}
         self._compacting: set[int] = set()
         self._threads: set[threading.Thread] = set()
@@ -428,6 +465,7 @@ class Journal:
             with self._cid_lock(cid):
                 self._tails.pop(cid, None)
                 state.save(self.path(cid))
+                self._stamps[cid] = _stamp(os.stat(self.path(cid)))
                 size = self.size(cid)
                 self._count(compacted=size)
                 return size
@@ -445,6 +483,7 @@ class Journal:
             if tail is None and path.exists():  # a whole-state file: the state is the new base
                 written = _write_new(path, self._base_parts(keys, values, seen_after, logits, 0))
                 self._tails[cid] = _Tail(0, seen_after, written, 0, path.stat().st_ino)
+                self._stamps.pop(cid, None)
                 self._count(compacted=written)
                 return written
             have = 0 if tail is None else tail.seen
@@ -457,11 +496,11 @@ class Journal:
             if tail is None:  # a new conversation: its base is the empty cache
                 header = self.layout.header(self.fill_value, 0, 0, [], False)
                 written = _write_new(path, [header, record])
-                self._tails[cid] = _Tail(1, seen_after, written, len(record), path.stat().st_ino)
+                self._tails[cid] = _Tail(1, seen_after, written, len(record), path.stat().st_ino, len(header))
             else:
-                self._append(path, tail, record)
+                self._append(cid, path, tail, record)
                 written = len(record)
-                tail.generation, tail.seen = tail.generation + 1, seen_after
+                tail.generation, tail.seen, tail.last_at = tail.generation + 1, seen_after, tail.end
                 tail.end, tail.log_bytes = tail.end + len(record), tail.log_bytes + len(record)
             self._count(appended=written)
             grown = self._tails[cid].log_bytes > self.compact_ratio * self.snapshot_bytes
@@ -470,12 +509,19 @@ class Journal:
         return written
 
     @staticmethod
-    def _append(path: Path, tail: _Tail, record: bytes) -> None:
-        fd = os.open(path, os.O_WRONLY)
+    def _append(cid: int, path: Path, tail: _Tail, record: bytes) -> None:
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise FileChanged(f"conversation {cid}'s file was deleted by another worker; start it again") from None
         try:
             st = os.fstat(fd)
-            if st.st_ino != tail.inode:
-                raise RuntimeError(f"{path} was replaced behind the journal's back")
+            changed = st.st_ino != tail.inode or st.st_size < tail.end
+            if not changed and st.st_size > tail.end:  # another writer's turn, or a torn one of a crash
+                changed = _generation_at(fd, tail.end, st.st_size) is not None
+            if changed:  # the generation chain is another writer's now: leave it whole
+                raise FileChanged(f"conversation {cid}'s file was changed by another worker after generation "
+                                  f"{tail.generation}; retry the turn")
             if st.st_size != tail.end:
                 os.ftruncate(fd, tail.end)
             os.lseek(fd, tail.end, os.SEEK_SET)
@@ -527,7 +573,11 @@ class Journal:
 
     def _compact_job(self, cid: int) -> None:
         try:
-            self.compact(cid)
+            if self.guard is None:
+                self.compact(cid)
+            else:
+                with self.guard(cid):
+                    self.compact(cid)
         except Exception as e:  # the records stay valid: the next append tries again
             self.log(f"conversation {cid}: compaction failed ({type(e).__name__}: {e}); its records are kept")
         finally:
@@ -565,11 +615,16 @@ class Journal:
             with self._cid_lock(cid):
                 if self._tails.get(cid) is not tail:  # deleted, reloaded or started again meanwhile
                     return 0
+                st = os.stat(path)
+                if (st.st_ino, st.st_size) != (tail.inode, tail.end):  # another writer's turns: keep them
+                    raise FileChanged(f"{path} was changed by another worker during its compaction")
                 f.seek(upto.end)
                 extra = _read_upto(f, tail.end - upto.end)  # records appended meanwhile
+                base_size = new.size
                 new.write(extra)
                 new.commit()
-                self._tails[cid] = _Tail(tail.generation, tail.seen, new.size, len(extra), path.stat().st_ino)
+                last_at = None if tail.last_at is None or tail.last_at < upto.end else base_size + tail.last_at - upto.end
+                self._tails[cid] = _Tail(tail.generation, tail.seen, new.size, len(extra), path.stat().st_ino, last_at)
             self._count(compacted=new.size, compactions=1)
             return new.size
         finally:
@@ -585,7 +640,10 @@ class Journal:
         with self._cid_lock(cid):
             if not is_journal(path):
                 self._tails.pop(cid, None)
-                return StreamState.load(path, self.model)
+                stamp = _stamp(os.stat(path))
+                state = StreamState.load(path, self.model)
+                self._stamps[cid] = stamp
+                return state
             r = self._restore(cid)
         return state_from(self.model, r.geometry, r.fill, r.keys, r.values, r.seen, r.logits)
 
@@ -606,14 +664,53 @@ class Journal:
                 os.close(fd)
             self.log(f"{path}: dropped a torn last turn record ({r.torn} bytes, never acknowledged); "
                      f"restored generation {r.generation} at {r.seen} tokens")
-        self._tails[cid] = _Tail(r.generation, r.seen, r.end, r.end - r.base_end, inode)
+        self._tails[cid] = _Tail(r.generation, r.seen, r.end, r.end - r.base_end, inode, r.last_at)
+        self._stamps.pop(cid, None)
         return r
+
+    def current(self, cid: int) -> bool:
+        """Whether conversation ``cid``'s file is still the one this journal last read or wrote: the
+        same file and length, its newest record of the same generation (a whole-state file: the
+        same file, length and time). False when another worker continued, compacted or deleted it,
+        or when this journal has not read it."""
+        path = self.path(cid)
+        with self._cid_lock(cid):
+            tail, stamp = self._tails.get(cid), self._stamps.get(cid)
+            if tail is None and stamp is None:
+                return False
+            try:
+                fd = os.open(path, os.O_RDONLY)  # an open revalidates NFS's cached attributes
+            except FileNotFoundError:
+                return False
+            try:
+                st = os.fstat(fd)
+                if tail is None:
+                    return _stamp(st) == stamp
+                if (st.st_ino, st.st_size) != (tail.inode, tail.end):
+                    return False
+                return tail.last_at is None or _generation_at(fd, tail.last_at, st.st_size) == tail.generation
+            finally:
+                os.close(fd)
+
+    def generation(self, cid: int) -> int | None:
+        """The generation of the newest turn this journal knows of conversation ``cid`` (None: not a
+        journal it has read or written)."""
+        with self._cid_lock(cid):
+            tail = self._tails.get(cid)
+            return None if tail is None else tail.generation
+
+    def forget(self, cid: int) -> None:
+        """Drop what this journal knows of conversation ``cid``'s file (it is read again next time)."""
+        with self._cid_lock(cid):
+            self._tails.pop(cid, None)
+            self._stamps.pop(cid, None)
 
     def delete(self, cid: int) -> None:
         """Remove conversation ``cid``'s file (a compaction in flight is abandoned)."""
         path = self.path(cid)
         with self._cid_lock(cid):
             self._tails.pop(cid, None)
+            self._stamps.pop(cid, None)
             path.unlink(missing_ok=True)
             for tag in ("new", "compact"):  # what a crash mid-write left
                 path.with_name(f".{path.name}.{tag}").unlink(missing_ok=True)

@@ -23,6 +23,11 @@ SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
+SESSION_HEADER = "x-session-id"  # a client's conversation id: what an L7 balancer hashes to pin conversations
+MAX_SESSION_ID = 128
+_SESSION_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
+
+
 class BadRequest(Exception):
     """A request refused with OpenAI's error shape: HTTP ``status``, naming ``param``."""
 
@@ -204,6 +209,18 @@ def _unicode(text: str, param: str) -> None:
     except UnicodeEncodeError as e:  # JSON's \ud800 escapes decode to lone surrogates, which are not text
         raise BadRequest(f"{param} holds a lone surrogate ({text[e.start]!r} at {e.start}), which is not Unicode "
                          "text", param=param) from None
+
+
+def parse_session_id(value: str | None) -> str | None:
+    """The ``X-Session-ID`` header's conversation id (None when absent): 1 to 128 characters of
+    letters, digits and ``. _ : -``, else :class:`BadRequest` (400)."""
+    if value is None:
+        return None
+    if not 0 < len(value) <= MAX_SESSION_ID or not set(value) <= _SESSION_CHARS:
+        raise BadRequest(f"the X-Session-ID header must be 1 to {MAX_SESSION_ID} characters of letters, digits and "
+                         f"'._:-' (a conversation id of your choosing, e.g. a UUID); got {value[:40]!r}"
+                         + ("..." if len(value) > 40 else ""), param="X-Session-ID")
+    return value
 
 
 def parse_chat(body, model_id: str, max_tokens_limit: int) -> dict:

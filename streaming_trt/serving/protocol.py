@@ -98,6 +98,7 @@ class ErrorKind(str, enum.Enum):
     UNAVAILABLE = "unavailable"                      # the server cannot be reached / the connection broke
     TIMEOUT = "timeout"                              # no response in time
     ALREADY_DONE = "already_done"                    # the conversation moved past ``after``: the turn ran already
+    CONVERSATION_BUSY = "conversation_busy"          # another worker holds the conversation's lease: retry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +117,8 @@ HTTP = {ErrorKind.BAD_REQUEST: HttpError(400, "invalid_request_error", None, Non
         ErrorKind.SEQUENCE_RELEASED: HttpError(503, "server_error", "server_unavailable", 1),
         ErrorKind.UNAVAILABLE: HttpError(503, "server_error", "server_unavailable", 5),
         ErrorKind.TIMEOUT: HttpError(504, "server_error", "timeout", None),
-        ErrorKind.ALREADY_DONE: HttpError(409, "invalid_request_error", "turn_already_done", None)}
+        ErrorKind.ALREADY_DONE: HttpError(409, "invalid_request_error", "turn_already_done", None),
+        ErrorKind.CONVERSATION_BUSY: HttpError(409, "server_error", "conversation_busy", 1)}
 
 
 class ServingError(UserError):

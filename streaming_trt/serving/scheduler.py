@@ -32,15 +32,19 @@ from __future__ import annotations
 import collections
 import queue
 import threading
+import time
 
 from ..contract import UserError
 from ..runtime.chat import Chat
 from ..engine import BatchRunner
 from ..runtime.generation import StopStrings, eos_ids
 from ..runtime.generation import IncrementalDecoder
+from .lease import LeaseHeld
 from .protocol import ErrorKind, Overloaded, ServingError, TokenEvent, TurnRequest, TurnResult
 
 __all__ = ["Scheduler", "Overloaded", "TokenEvent", "TurnRequest", "TurnResult"]
+
+_NOT_PREPARED, _PREPARING, _ENDED, _STOP = object(), object(), object(), object()  # a waiting turn at the loader
 
 
 class _Turn:
@@ -84,11 +88,16 @@ class Scheduler:
             check the padding).
         recall: a :class:`~streaming_trt.runtime.recall.Recall`: every conversation keeps its evicted tokens
             in a block store of its own (its rows still decode in the batched step).
+        lease_wait: seconds a turn waits (in the queue, the batch runs on) for its conversation's
+            lease while another server holds it (finishing a turn, compacting its file, or dead
+            until its lease expires); then it is refused as CONVERSATION_BUSY (retryable). Default:
+            1.5 x the store's lease TTL, so a turn whose previous server died is served once its
+            lease expires.
     """
 
     def __init__(self, model, tokenizer, store, slots: int = 16, token_budget: int | None = None, max_queue: int = 256,
                  max_new_tokens: int = 256, max_new_tokens_limit: int = 4096, max_input_bytes: int = 256 * 1024,
-                 capture_decode: bool | None = None, recall=None):
+                 capture_decode: bool | None = None, recall=None, lease_wait: float | None = None):
         if token_budget is None:
             token_budget = 512 if model.device.type == "cuda" else 64
         for name, value, low in (("slots", slots, 1), ("token_budget", token_budget, 1), ("max_queue", max_queue, 0)):
@@ -101,6 +110,11 @@ class Scheduler:
         self.token_budget, self.max_queue = token_budget, max_queue
         self.max_new_tokens, self.max_new_tokens_limit = max_new_tokens, max_new_tokens_limit
         self.max_input_bytes = max_input_bytes
+        self.lease_wait = 1.5 * store.leases.ttl if lease_wait is None else lease_wait
+        self.beat = time.monotonic()  # the loop's last round: leases are renewed only while it goes round
+        store.leases.alive = lambda: time.monotonic() - self.beat < store.leases.ttl / 2 or not self.thread.is_alive()
+        self.loads: queue.SimpleQueue = queue.SimpleQueue()  # turns for the loader to prepare
+        self.prepared: dict[int, object] = {}  # id(req) -> _PREPARING, or what the loader prepared
         self.stop_ids = eos_ids(tokenizer, model.config)
         self.vocab_size = model.config.vocab_size
         self.encoder = Chat(tokenizer, self.stop_ids).encoder
@@ -113,8 +127,10 @@ class Scheduler:
         self.stopping = threading.Event()
         self.writes: queue.SimpleQueue = queue.SimpleQueue()
         self.writer = threading.Thread(target=self._write_loop, name="streaming-trt-writer", daemon=True)
+        self.loader = threading.Thread(target=self._load_loop, name="streaming-trt-loader", daemon=True)
         self.thread = threading.Thread(target=self._loop, name="streaming-trt-scheduler", daemon=True)
         self.writer.start()
+        self.loader.start()
         self.thread.start()
 
     # ----------------------------------------------------------------- the caller's side
@@ -138,16 +154,23 @@ class Scheduler:
         self.stopping.set()
         self.inbox.put(("wake", None))
         self.thread.join(timeout)
+        self.loads.put(_STOP)
+        self.loader.join(timeout)
         self.writes.put(None)
         self.writer.join(timeout)
 
     # ----------------------------------------------------------------- the scheduler's thread
     def _loop(self) -> None:
         while True:
+            self.beat = time.monotonic()
             active = any(r is not None for r in self.rows)
             self._drain(block=not active and not self.stopping.is_set())
             if self.stopping.is_set() and not active:
                 for req in self.waiting:
+                    prepared = self.prepared.pop(id(req), _NOT_PREPARED)
+                    if not (prepared in (_NOT_PREPARED, _PREPARING) or isinstance(prepared, BaseException)
+                            or prepared is _ENDED):
+                        self.writes.put(("release", req.cid))
                     self._done(req, None, ServingError("the server is shutting down", ErrorKind.SHUTTING_DOWN))
                 self.waiting.clear()
                 return
@@ -172,13 +195,18 @@ class Scheduler:
                 self.waiting.append(value)
             elif kind == "saved":
                 self.busy.discard(value)
+            elif kind == "prepared":
+                req, outcome = value
+                self.prepared[id(req)] = outcome
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
                 return
 
     def _admit(self) -> None:
-        """Start waiting turns, oldest first, one per conversation at a time."""
+        """Start waiting turns, oldest first, one per conversation at a time. A turn is first
+        prepared by the loader thread (its conversation's lease taken, its state read and checked
+        from the file when it is not in memory): the turn waits for that, the batch does not."""
         blocked, kept = set(), collections.deque()
         while self.waiting:
             req = self.waiting.popleft()
@@ -186,43 +214,127 @@ class Scheduler:
                 blocked.add(req.cid)
                 kept.append(req)
                 continue
-            if req.cancelled():  # its client left while it waited: nothing of it runs, nothing changes
+            prepared = self.prepared.pop(id(req), _NOT_PREPARED)
+            if req.cancelled() and prepared is not _PREPARING:  # its client left while it waited: nothing of it runs
                 with self.lock:
                     self.queued -= 1
-                seen = self.store.seen(req.cid) if not (req.start and not req.resume) and self.store.exists(req.cid) else 0
-                self._done(req, TurnResult(0, 0, "cancelled", seen), None)
+                self._done(req, TurnResult(0, 0, "cancelled", self._seen_before(req, prepared)), None)
                 continue
-            if self.free_slots() == 0 and not self._is_end_only(req):
+            if prepared is _PREPARING or (prepared is _NOT_PREPARED and self.free_slots() <= self._preparing()
+                                          and not self._is_end_only(req)):
+                if prepared is _PREPARING:
+                    self.prepared[id(req)] = prepared
+                kept.append(req)
+                blocked.add(req.cid)
+                continue
+            if prepared is _NOT_PREPARED:  # to the loader; the turn waits here meanwhile
+                self.prepared[id(req)] = _PREPARING
+                self.loads.put(req)
                 kept.append(req)
                 blocked.add(req.cid)
                 continue
             with self.lock:
                 self.queued -= 1
+            if isinstance(prepared, BaseException):  # the lease or the file refused it; nothing is held
+                self._done(req, None, prepared)
+                continue
             try:
-                self._start(req)
-            except UserError as e:
-                self._done(req, None, e)
-            except Exception as e:  # a bug or an unreadable file: this turn only
-                self._done(req, None, ServingError(f"internal error: {type(e).__name__}: {e}", ErrorKind.INTERNAL))
+                self._start(req, prepared)
+            except BaseException as e:
+                self.writes.put(("release", req.cid))
+                self._done(req, None, e if isinstance(e, UserError) else
+                           ServingError(f"internal error: {type(e).__name__}: {e}", ErrorKind.INTERNAL))
         self.waiting = kept
+
+    def _preparing(self) -> int:
+        """Turns handed to the loader (or prepared by it) and not started yet: each has a slot kept."""
+        return len(self.prepared)
+
+    def _seen_before(self, req: TurnRequest, prepared) -> int:
+        """The token count of a cancelled waiting turn's conversation (its lease let go)."""
+        if prepared is _NOT_PREPARED:  # rare: cancelled before the loader saw it
+            fresh = req.start and not req.resume
+            return self.store.seen(req.cid) if not fresh and self.store.exists(req.cid) else 0
+        if isinstance(prepared, BaseException) or prepared is _ENDED:  # no lease held
+            return 0
+        self.writes.put(("release", req.cid))
+        return 0 if prepared is None or prepared is _ENDED else prepared.seen
 
     @staticmethod
     def _is_end_only(req: TurnRequest) -> bool:
         return req.end and req.token_ids is None and req.messages in ([], "[]", b"[]")
 
-    def _start(self, req: TurnRequest) -> None:
+    # ----------------------------------------------------------------- the loader's thread
+    def _load_loop(self) -> None:
+        """Prepare turns for :meth:`_admit`: take the conversation's lease (waiting up to
+        ``lease_wait`` while another server holds it), then read its state (END: delete it; a new
+        conversation: delete what the id held). Reports ``("prepared", (req, outcome))``: the
+        state (None for a new conversation, ``_ENDED``), or the error that refuses the turn."""
+        pending: list[tuple[TurnRequest, float]] = []  # waiting for a lease another server holds
+        while True:
+            try:
+                req = self.loads.get(timeout=0.05) if pending else self.loads.get()
+            except queue.Empty:
+                req = None
+            if req is _STOP:
+                for waiting, _ in pending:
+                    self.inbox.put(("prepared", (waiting, ServingError("the server is shutting down",
+                                                                       ErrorKind.SHUTTING_DOWN))))
+                return
+            if req is not None:
+                pending.append((req, time.monotonic()))
+            still = []
+            for req, since in pending:
+                try:
+                    self.store.take(req.cid)
+                except LeaseHeld as e:
+                    if time.monotonic() - since < self.lease_wait and not self.stopping.is_set() and not req.cancelled():
+                        still.append((req, since))
+                        continue
+                    self.inbox.put(("prepared", (req, e)))
+                    continue
+                except Exception as e:  # the directory is unreachable
+                    self.inbox.put(("prepared", (req, ServingError(f"internal error: {type(e).__name__}: {e}",
+                                                                   ErrorKind.INTERNAL))))
+                    continue
+                try:
+                    outcome = self._prepare(req)
+                except Exception as e:  # unknown, or an unreadable file: this turn only
+                    self.store.release(req.cid)
+                    outcome = e if isinstance(e, UserError) else ServingError(
+                        f"internal error: {type(e).__name__}: {e}", ErrorKind.INTERNAL)
+                self.inbox.put(("prepared", (req, outcome)))
+            pending = still
+
+    def _prepare(self, req: TurnRequest):
+        """What a turn starts from, its lease held (the loader's thread)."""
         if self._is_end_only(req):
             if not self.store.exists(req.cid):
                 raise ServingError(f"conversation {req.cid} is unknown or has ended", ErrorKind.UNKNOWN_CONVERSATION)
             self.store.end(req.cid)
+            self.store.release(req.cid)
+            return _ENDED
+        if req.start and not req.resume:
+            self.store.end(req.cid)  # a new conversation replaces whatever the id held
+            return None
+        if not self.store.exists(req.cid):
+            raise ServingError(f"conversation {req.cid} is unknown or has ended; start it with the START flag",
+                               ErrorKind.UNKNOWN_CONVERSATION)
+        state = self.store.get(req.cid)  # read and checked here, not on the scheduler's thread
+        if req.after is not None and state.seen != req.after:
+            raise ServingError(f"conversation {req.cid} is at {state.seen} tokens, not {req.after}: this turn "
+                               "(or another) was applied already; it was not fed again", ErrorKind.ALREADY_DONE)
+        return state
+
+    def _start(self, req: TurnRequest, state) -> None:
+        """Start ``req`` in a free slot from ``state`` (what the loader prepared), its conversation's
+        lease held until the turn is saved or dropped."""
+        if state is _ENDED:
             self._done(req, TurnResult(0, 0, "ended", 0), None)
             return
         messages = req.messages  # parsed and validated when the request was made (protocol.TurnRequest)
         max_tokens = self.max_new_tokens if req.max_tokens is None else req.max_tokens
-        fresh = req.start and not req.resume
-        if not fresh and not self.store.exists(req.cid):
-            raise ServingError(f"conversation {req.cid} is unknown or has ended; start it with the START flag",
-                               ErrorKind.UNKNOWN_CONVERSATION)
+        fresh = state is None
         conversation = Chat(self.tokenizer, self.stop_ids, started=not fresh, encoder=self.encoder)
         if req.token_ids is not None:
             if max(req.token_ids) >= self.vocab_size:
@@ -237,13 +349,8 @@ class Scheduler:
         turn = _Turn(req, conversation, ids, max_tokens, self.runner.sampler(req.sampling))
         row = next(r for r, t in enumerate(self.rows) if t is None)
         if fresh:
-            self.store.end(req.cid)
             self.runner.reset(row)
         else:
-            state = self.store.get(req.cid)
-            if req.after is not None and state.seen != req.after:
-                raise ServingError(f"conversation {req.cid} is at {state.seen} tokens, not {req.after}: this turn "
-                                   "(or another) was applied already; it was not fed again", ErrorKind.ALREADY_DONE)
             self.runner.load(row, state)
         self.admitted += 1
         turn.row, turn.seq = row, self.admitted
@@ -360,6 +467,7 @@ class Scheduler:
             return
         if error is None and turn.req.end:
             self.store.end(cid)
+        self.writes.put(("release", cid))  # file I/O: off this thread
         self.busy.discard(cid)
         self._done(turn.req, result, error)
 
@@ -376,13 +484,19 @@ class Scheduler:
             item = self.writes.get()
             if item is None:
                 return
+            if item[0] == "release":
+                self.store.release(item[1])
+                continue
             cid, req, result = item
             try:
                 self.store.save(cid, in_use=frozenset(self.busy))
             except Exception as e:  # a full disk: the reply was streamed, but not kept
                 self.store.forget(cid)  # the next turn continues from the file: a resent turn is fed once
+                self.store.release(cid)
+                kind = e.kind if isinstance(e, ServingError) else ErrorKind.INTERNAL  # a lease lost: retryable
                 self._done(req, None, ServingError(f"internal error: the conversation could not be saved ({e})",
-                                                   ErrorKind.INTERNAL))
+                                                   kind))
             else:
+                self.store.release(cid)
                 self._done(req, result, None)
             self.inbox.put(("saved", cid))
