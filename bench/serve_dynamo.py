@@ -155,7 +155,8 @@ def level(d: Deployment, n: int, args, tag: str) -> dict:
 def failover(d: Deployment, args, n: int = 4) -> dict:
     """``n`` conversations keep taking turns on the two-worker deployment; worker0 is SIGKILLed; the
     gap per affected conversation is from the kill to its next token (the resent turn's first)."""
-    from streaming_trt.serving.dynamo import HISTORY_DIR, session_cid
+    from streaming_trt.serving.conversations import session_conversation as session_cid
+    from streaming_trt.serving.dynamo import HISTORY_DIR
 
     state = {c: {"messages": [], "turns": 0} for c in range(n)}
     killed_at: list[float] = []

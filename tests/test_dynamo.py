@@ -33,7 +33,8 @@ from streaming_trt.contract import Geometry  # noqa: E402
 from streaming_trt.runtime.chat import Chat  # noqa: E402
 from streaming_trt.runtime.generation import eos_ids  # noqa: E402
 from streaming_trt.runtime.sampling import Sampler, SamplingParams  # noqa: E402
-from streaming_trt.serving.dynamo import HISTORY_DIR, session_cid  # noqa: E402
+from streaming_trt.serving.conversations import session_conversation as session_cid  # noqa: E402
+from streaming_trt.serving.dynamo import HISTORY_DIR  # noqa: E402
 from streaming_trt.serving.store import ConversationStore  # noqa: E402
 
 SINK, WINDOW = 4, 40

@@ -33,7 +33,6 @@ import tempfile
 import threading
 import time
 from array import array
-from collections import OrderedDict
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models
@@ -41,11 +40,11 @@ from tokenizers import AddedToken, Tokenizer, decoders, models
 from ..contract import UserError
 from ..loading.builtin import BuiltinTokenizer
 from ..runtime.sampling import SamplingParams
+from .conversations import session_conversation
 from .protocol import MAX_LOGPROBS, ErrorKind, ServingError, TurnRequest, kind_of
 from .tritonserver_model import build_scheduler
 
 HISTORY_DIR = "dynamo"
-MINE = 100_000  # sessions whose last History this worker remembers writing
 NAMESPACE, COMPONENT, ENDPOINT = "streaming_trt", "worker", "generate"
 # The frontend refuses a prompt longer than the registered context length ("This model's maximum
 # context length is ..."). A StreamingLLM conversation has no such bound: its history may grow past
@@ -58,12 +57,6 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "seed", "repetition_p
 
 def _log(message: str) -> None:
     print(f"[streaming-trt dynamo] {message}", file=sys.stderr, flush=True)
-
-
-def session_cid(session_id: str) -> int:
-    """The store's conversation id of a session id: the first 8 bytes of its SHA-256, in [1, 2**64)."""
-    value = int.from_bytes(hashlib.sha256(session_id.encode("utf-8")).digest()[:8], "little")
-    return value or 1
 
 
 def _digest(ids) -> str:
@@ -98,9 +91,6 @@ class Histories:
         self.dir = Path(session_dir) / HISTORY_DIR
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.tokenizer, self.end_of_reply = tokenizer, list(end_of_reply)
-        # Per session, the History this worker wrote last, as (turns, seen, prompt digest); the least
-        # recently written beyond MINE are forgotten (their next turn replays the history's ids).
-        self.mine: OrderedDict[int, tuple] = OrderedDict()
         self.writer = f"{socket.gethostname()}:{os.getpid()}"
 
     def path(self, cid: int) -> Path:
@@ -122,18 +112,6 @@ class Histories:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path(cid))
-        self.mine[cid] = self.key(history)
-        self.mine.move_to_end(cid)
-        while len(self.mine) > MINE:
-            self.mine.popitem(last=False)
-
-    def wrote_last(self, cid: int, history: History) -> bool:
-        """This worker wrote ``history`` (so its store's state, if current, is the one it describes)."""
-        return self.mine.get(cid) == self.key(history) and history.writer == self.writer
-
-    @staticmethod
-    def key(history: History) -> tuple:
-        return history.turns, history.seen, history.prompt_digest
 
     def text(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -210,15 +188,15 @@ class DynamoWorker:
         else the whole history on a fresh state (the ids recorded for the part it shares)."""
         if not session_id:
             return Plan(None, token_ids, True, [])
-        cid = session_cid(session_id)
+        cid = session_conversation(session_id)
         history = self.histories.load(cid)  # the newest, whoever wrote it
         new = None if history is None else self.histories.new_ids(history, token_ids)
         if new is None:
             return Plan(cid, token_ids, True, [])
-        if self.histories.wrote_last(cid, history) and self._store_holds(cid, history.seen):
-            return Plan(cid, new, False, history.fed, history.turns, history.fresh)
-        # Another worker wrote the newest history (a failover), or this store lost the state: the same
-        # ids again, on a fresh state.
+        if self._store_holds(cid, history.seen):  # the saved state is the one the history describes, whoever
+            return Plan(cid, new, False, history.fed, history.turns, history.fresh)  # wrote it (a failover too)
+        # The state was lost or is not the one the history describes (its worker died between saving
+        # the one and writing the other): the same ids again, on a fresh state.
         return Plan(cid, history.fed + new, True, [], history.turns, history.fresh)
 
     def _store_holds(self, cid: int, seen: int) -> bool:
@@ -241,7 +219,7 @@ class DynamoWorker:
         except (UserError, ValueError, TypeError) as e:
             raise _http_error(ServingError(str(e), ErrorKind.BAD_REQUEST)) from None
         session_id = (request.get("agent_context") or {}).get("session_id")
-        cid = session_cid(session_id) if session_id else None
+        cid = session_conversation(session_id) if session_id else None
         if cid is not None:  # one turn of a session at a time: each plans on the last one's history
             entry = self.locks.setdefault(cid, [asyncio.Lock(), 0])
             entry[1] += 1
