@@ -142,6 +142,26 @@ class BatchRunner:
         self.logits[p] = last[0]
         return self.logits[p]
 
+    def prefill_rows(self, rows: list[int], ids: list[list[int]]) -> None:
+        """Feed ``ids[i]`` to row ``rows[i]`` (a few ids each, e.g. what closes a reply), all rows
+        in one batched forward per chunk (as :meth:`decode`, over ``rows`` moved to the bottom of
+        the pool); each row keeps its newest logits, as :meth:`prefill` leaves them. With recall,
+        row by row: a chunk's every query votes for blocks, so a row padded to a longer row's
+        length would choose differently than alone."""
+        n = len(rows)
+        if n == 0 or len(ids) != n:
+            raise UserError(f"prefill_rows takes one id list per row, got {len(ids)} lists for {n} rows")
+        if n == 1 or self.recall is not None:  # in place: no row moves
+            for row, mine in zip(rows, ids):
+                self.prefill(row, mine)
+            return
+        self._gather(rows)  # rows[i] now lives in physical row i
+        tokens, lengths = token_batch([list(x) for x in ids], None, n, self.model.config.vocab_size, self.model.device)
+        view = self.cache.rows(0, n)
+        _, last = feed_stream(self.model, view, tokens, lengths, self.max_chunk, False, self.logits[:n])
+        self.cache.seen_host[:n] = view.seen_host
+        self.logits[:n] = last
+
     def decode(self, rows: list[int], tokens: list[int]) -> torch.Tensor:
         """Feed one token to each of ``rows`` in one batched forward; returns their newest logits
         ``[len(rows), vocab]`` in the order of ``rows``."""
