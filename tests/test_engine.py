@@ -101,6 +101,15 @@ def test_rows_fed_together_equal_each_alone(model, recall):
         torch.testing.assert_close(out[i], s.feed([t], all_logits=False)[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match="one id list per row"):
         runner.prefill_rows(rows, closing[:2])
+    swaps = []
+    swap = runner.cache.swap
+    runner.cache.swap = lambda a, b: swaps.append((a, b)) or swap(a, b)
+    out = runner.decode(rows[::-1], [14, 15, 16])  # the same rows in another order: nothing moves
+    assert swaps == []
+    for i, (s, t) in enumerate(zip(alone[::-1], [14, 15, 16])):  # logits in the order asked for
+        torch.testing.assert_close(out[i], s.feed([t], all_logits=False)[0], rtol=1e-5, atol=1e-5)
+    runner.decode(rows[:2], [17, 18])  # two of them: at most the one above places 0, 1 moves
+    assert len(swaps) <= 1 and sorted(runner.where[r] for r in rows[:2]) == [0, 1]
 
 
 @pytest.mark.parametrize("recall", [None, st.Recall(block_size=8, top_k=2, chunk=16)], ids=["plain", "recall"])
