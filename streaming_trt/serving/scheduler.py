@@ -10,7 +10,9 @@ turns is in flight; between turns its :class:`~streaming_trt.engine.StreamState`
 
 Each iteration of the scheduler's thread (Sarathi-Serve's stall-free batching):
 
-1. draws one token for every decoding slot and feeds them all in one batched forward;
+1. draws one token for every decoding slot and feeds them all in one batched forward (a reply
+   that has not started waits, once, when the prompts still to feed fit this step's budget, so
+   that turns arriving together start together and no first gap is stalled by them);
 2. then feeds prompt chunks of the turns that are still prefilling (oldest first) with what is
    left of the step's token budget (``token_budget`` minus the decoding slots, at least a quarter
    of it; the whole budget times four when nothing decodes), so a prompt longer than the budget is
@@ -60,6 +62,7 @@ class _Turn:
         self.fed = 0                  # prompt ids fed so far
         self.row: int | None = None
         self.decoding = False         # the prompt is fed: the turn draws tokens
+        self.waited = False           # its first draw waited one step for the prompts admitted after it
         self.forced: list[int] = []   # ids fed without sampling (what closes the reply)
         self.count, self.finish = 0, None
         self.last: int | None = None  # the last generated id
@@ -248,6 +251,15 @@ class Scheduler:
     # ----------------------------------------------------------------- one step
     def _decode_step(self) -> None:
         turns = [t for t in self.rows if t is not None and t.decoding]
+        pending = sum(len(t.ids) - t.fed for t in self.rows if t is not None and not t.decoding)
+        if 0 < pending <= self._prompt_budget(len(turns)):
+            # A reply not started yet waits, once, for the prompts this step feeds (admitted just
+            # after it): its first gap is then not stalled by them, and turns that arrived together
+            # but were admitted over two steps start together.
+            held = [t for t in turns if t.count == 0 and not t.waited]
+            for t in held:
+                t.waited = True
+            turns = [t for t in turns if t not in held]
         if not turns:
             return
         draws = self.runner.sample([t.row for t in turns], [t.sampler for t in turns], [t.req.logprobs for t in turns])
@@ -314,9 +326,12 @@ class Scheduler:
         for turn in closing:
             turn.forced = []
 
+    def _prompt_budget(self, decoding: int) -> int:
+        """Prompt tokens a step feeds beside ``decoding`` decoding rows."""
+        return max(self.token_budget - decoding, self.token_budget // 4, 1) if decoding else 4 * self.token_budget
+
     def _prefill_step(self) -> None:
-        decoding = sum(t is not None and t.decoding for t in self.rows)
-        budget = max(self.token_budget - decoding, self.token_budget // 4, 1) if decoding else 4 * self.token_budget
+        budget = self._prompt_budget(sum(t is not None and t.decoding for t in self.rows))
         prefilling = sorted((t for t in self.rows if t is not None and not t.decoding), key=lambda t: t.seq)
         quantum = self.runner.quantum
         for turn in prefilling:
