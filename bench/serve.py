@@ -17,6 +17,10 @@ turns of ``--tokens`` greedy tokens. Reported per server and level:
 
     python -m bench.serve                                   # built-in random model, a few minutes
     python -m bench.serve --model builtin:smollm2 --levels 1,8,16 --tokens 32 --threads 2
+    python -m bench.serve --model builtin:smollm2 --servers batched --levels 1,16 --repeats 3 --threads 2 --recall
+
+``--repeats`` runs the levels that many times, interleaved (1, 16, 1, 16, ...), and the summary
+takes each level's medians; ``--recall`` (and its flags) gives every conversation a block store.
 
 Writes serve.csv and serve.png to --out (default bench/results/serve-<model>).
 
@@ -28,12 +32,13 @@ deployment and level: throughput, TTFT p50/p99. Then the failover gap: conversat
 turns on the two-worker deployment, one worker is SIGKILLed, and the gap is the time from the kill
 to the next token each affected conversation receives (clients resend the turn at once).
 
-    python -m bench.serve --dynamo --levels 1,8,16 --turns 2 --tokens 16 --rounds 3
+    python -m bench.serve --dynamo --levels 1,8,16 --turns 2 --tokens 16 --repeats 3
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import socket
 import statistics
 import sys
@@ -41,6 +46,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from streaming_trt.cli import common
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -144,17 +151,21 @@ def main(argv=None) -> int:
     p.add_argument("--servers", default="serial,batched", help="which servers to measure")
     p.add_argument("--serial-max-level", type=int, default=None,
                    help="skip the serial server above this level (it needs levels x turns x tokens / its tok/s)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of the levels, interleaved; the summary takes medians")
     p.add_argument("--out", default=None, help="directory for serve.csv and serve.png")
-    p.add_argument("--rounds", type=int, default=3, help="with --dynamo: rounds of every level (medians reported)")
     p.add_argument("--dynamo", action="store_true",
                    help="compare the project's gateway with NVIDIA Dynamo's frontend over one and two workers, and "
                         "measure the failover gap (see above)")
+    common.add_recall_flags(p)
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     if args.dynamo:
         from bench.serve_dynamo import run
 
         return run(args)
-    levels = [int(x) for x in args.levels.split(",")]
+    recall = common.recall_from_flags(args)
+    levels = [int(x) for x in args.levels.split(",")] * args.repeats
     kinds = args.servers.split(",")
     from streaming_trt.serving.repo import TritonServer, find_tritonserver, write_repo
 
@@ -167,7 +178,8 @@ def main(argv=None) -> int:
                     "slots": 1 if kind == "serial" else min(64, max(levels)), "slot_memory": None,
                     "token_budget": args.token_budget, "max_queue": 1024, "host_memory": 8 << 30, "disk_budget": None,
                     "idle_ttl": None, "max_new_tokens": args.tokens, "max_new_tokens_limit": 4096,
-                    "max_input_bytes": 1 << 20, "threads": args.threads}
+                    "max_input_bytes": 1 << 20, "threads": args.threads,
+                    "recall": None if recall is None else dataclasses.asdict(recall)}
             write_repo(work / kind / "repo", conf)
             servers[kind] = TritonServer(work / kind / "repo", "127.0.0.1", _port(), _port(), find_tritonserver(),
                                          work / kind)
@@ -178,7 +190,7 @@ def main(argv=None) -> int:
             level(urls[k], 2, argparse.Namespace(turns=1, tokens=4), 1)
         rows, cid = [], 100
         print(f"model {args.model}, S + W = {args.sink_tokens} + {args.window}, {args.turns} turns x {args.tokens} "
-              f"tokens, threads {args.threads}", flush=True)
+              f"tokens, threads {args.threads}, recall {recall}", flush=True)
         for i, n in enumerate(levels):
             for kind in (kinds if i % 2 == 0 else kinds[::-1]):
                 if kind == "serial" and args.serial_max_level is not None and n > args.serial_max_level:
@@ -206,13 +218,27 @@ def main(argv=None) -> int:
     return 0
 
 
+def medians(rows) -> dict:
+    """Each (server, concurrency)'s figures, medians over its runs."""
+    runs: dict = {}
+    for r in rows:
+        runs.setdefault((r["server"], r["concurrency"]), []).append(r)
+    return {key: {k: (statistics.median([x[k] for x in rs]) if isinstance(v, float) else v) for k, v in rs[0].items()}
+            for key, rs in runs.items()}
+
+
 def summary(rows) -> None:
-    """The targets of docs/serving.md, as ratios of figures measured in this run."""
-    base = {r["server"]: r for r in rows if r["concurrency"] == 1}
-    alone = base.get("batched")
+    """The targets of docs/serving.md, as ratios of figures measured in this run (medians over
+    the runs of a level)."""
+    by = medians(rows)
+    alone = by.get(("batched", 1))
     if alone is None:
         return
-    by = {(r["server"], r["concurrency"]): r for r in rows}
+    if len(rows) > len(by):
+        for (kind, n), r in sorted(by.items(), key=lambda x: (x[0][1], x[0][0])):
+            print(f"median {kind:8s} {n:3d} convs: {r['tokens_per_s']:7.1f} tok/s  TTFT p99 {r['ttft_p99_ms']:8.0f} ms  "
+                  f"ITL p50 {r['itl_p50_ms']:6.0f} ms p99 {r['itl_p99_ms']:6.0f} ms  "
+                  f"written {r['written_per_turn'] / 2**20:.2f} MiB/turn")
     for n in sorted({r["concurrency"] for r in rows if r["concurrency"] > 1}):
         b = by.get(("batched", n))
         if b is None:
@@ -235,6 +261,7 @@ def plot(rows, path: Path, args) -> None:
     except ImportError:
         print("matplotlib missing: no plot", file=sys.stderr)
         return
+    rows = sorted(medians(rows).values(), key=lambda r: r["concurrency"])
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for kind, style in (("serial", "s--"), ("batched", "o-")):
         rs = [r for r in rows if r["server"] == kind]

@@ -223,14 +223,14 @@ def run(args) -> int:
         print(f"model {args.model}, S + W = {args.sink_tokens} + {args.window}, {args.turns} turns x {args.tokens} "
               f"tokens, 1 thread per worker", flush=True)
         runs: dict[tuple[str, int], list[dict]] = {}
-        for r_i in range(args.rounds):  # rounds of every level, the deployments' order alternating
+        for r_i in range(args.repeats):  # rounds of every level, the deployments' order alternating
             for i, n in enumerate(levels):
                 for d in (deployments if (i + r_i) % 2 == 0 else deployments[::-1]):
                     r = level(d, n, args, f"{d.name}-{n}-{r_i}")
                     runs.setdefault((d.name, n), []).append(r)
                     print(f"round {r_i} {d.name:9s} {n:3d} convs: {r['tokens_per_s']:7.1f} tok/s  TTFT p50 "
                           f"{r['ttft_p50_ms']:8.0f} ms p99 {r['ttft_p99_ms']:8.0f} ms", flush=True)
-        print(f"medians over {args.rounds} rounds:")
+        print(f"medians over {args.repeats} rounds:")
         for (name, n), rs in runs.items():
             r = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
             rows.append({"deployment": name, "concurrency": n, **r})

@@ -78,6 +78,41 @@ def test_a_batch_of_rows_equals_each_conversation_alone(model, recall, monkeypat
 
 
 @pytest.mark.parametrize("recall", [None, st.Recall(block_size=8, top_k=2, chunk=16)], ids=["plain", "recall"])
+def test_rows_fed_together_equal_each_alone(model, recall):
+    """prefill_rows (what closes the replies that end in one step): three rows, out of the pool's
+    order and with ragged id lists (one past the window, so recall rows select blocks), fed in one
+    call, then decoded: each row's logits equal the same conversation alone; a wrong call is refused."""
+    runner = BatchRunner(model, st.Geometry(SINK, WINDOW), slots=4, fill_value=NAN, recall=recall)
+    ids = prompts(3)
+    rows = [3, 0, 2]
+    alone = [model.session(SINK, WINDOW, cache_fill=NAN, recall=recall) for _ in rows]
+    for row, p, s in zip(rows, ids, alone):
+        runner.reset(row)
+        runner.prefill(row, p)
+        s.feed(p, all_logits=False)
+    closing = [[5, 6], [7], [8, 9, 10]]
+    runner.prefill_rows(rows, closing)
+    for row, c, s in zip(rows, closing, alone):
+        want = s.feed(c, all_logits=False)[0]
+        torch.testing.assert_close(runner.logits[runner.where[row]], want, rtol=1e-5, atol=1e-5)
+        assert runner.seen(row) == s.seen[0]
+    out = runner.decode(rows, [11, 12, 13])
+    for i, (s, t) in enumerate(zip(alone, [11, 12, 13])):
+        torch.testing.assert_close(out[i], s.feed([t], all_logits=False)[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="one id list per row"):
+        runner.prefill_rows(rows, closing[:2])
+    swaps = []
+    swap = runner.cache.swap
+    runner.cache.swap = lambda a, b: swaps.append((a, b)) or swap(a, b)
+    out = runner.decode(rows[::-1], [14, 15, 16])  # the same rows in another order: nothing moves
+    assert swaps == []
+    for i, (s, t) in enumerate(zip(alone[::-1], [14, 15, 16])):  # logits in the order asked for
+        torch.testing.assert_close(out[i], s.feed([t], all_logits=False)[0], rtol=1e-5, atol=1e-5)
+    runner.decode(rows[:2], [17, 18])  # two of them: at most the one above places 0, 1 moves
+    assert len(swaps) <= 1 and sorted(runner.where[r] for r in rows[:2]) == [0, 1]
+
+
+@pytest.mark.parametrize("recall", [None, st.Recall(block_size=8, top_k=2, chunk=16)], ids=["plain", "recall"])
 def test_state_through_runner_file_and_back(model, recall, tmp_path):
     """A row saved as a StreamState, written, read back and loaded into another row continues
     exactly as the conversation alone; the file is a batch-1 session file; another model's,

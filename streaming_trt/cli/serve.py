@@ -66,7 +66,8 @@ def build_parser():
                    help="bytes of cache for the slots, e.g. 2GiB (default: a quarter of the free device memory)")
     g.add_argument("--token-budget", type=int, default=None,
                    help="tokens one batched step feeds, decode and prompt together; what is left after every "
-                        "decoding slot's token goes to prompt chunks (default: 512 on CUDA, 64 on a CPU)")
+                        "decoding slot's token goes to prompt chunks (default: 512 on CUDA, 1024 on a CPU, where prompts "
+                        "that arrive together are best fed in one step: docs/serving.md)")
     g.add_argument("--max-queue", type=int, default=256,
                    help="turns that may wait for a slot; beyond, requests are refused at once (server busy)")
     g.add_argument("--host-memory", type=parse_bytes, default=parse_bytes("4GiB"), metavar="SIZE",

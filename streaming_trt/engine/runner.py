@@ -142,16 +142,42 @@ class BatchRunner:
         self.logits[p] = last[0]
         return self.logits[p]
 
+    def prefill_rows(self, rows: list[int], ids: list[list[int]]) -> None:
+        """Feed ``ids[i]`` to row ``rows[i]`` (a few ids each, e.g. what closes a reply), all rows
+        in one batched forward per chunk (as :meth:`decode`, over ``rows`` moved to the bottom of
+        the pool); each row keeps its newest logits, as :meth:`prefill` leaves them. With recall,
+        row by row: a chunk's every query votes for blocks, so a row padded to a longer row's
+        length would choose differently than alone."""
+        n = len(rows)
+        if n == 0 or len(ids) != n:
+            raise UserError(f"prefill_rows takes one id list per row, got {len(ids)} lists for {n} rows")
+        if n == 1 or self.recall is not None:  # in place: no row moves
+            for row, mine in zip(rows, ids):
+                self.prefill(row, mine)
+            return
+        at = self._gather(rows)  # rows[i] now lives in physical row at[i] < n
+        by_place = [None] * n
+        for i, p in enumerate(at):
+            by_place[p] = list(ids[i])
+        tokens, lengths = token_batch(by_place, None, n, self.model.config.vocab_size, self.model.device)
+        view = self.cache.rows(0, n)
+        _, last = feed_stream(self.model, view, tokens, lengths, self.max_chunk, False, self.logits[:n])
+        self.cache.seen_host[:n] = view.seen_host
+        self.logits[:n] = last
+
     def decode(self, rows: list[int], tokens: list[int]) -> torch.Tensor:
         """Feed one token to each of ``rows`` in one batched forward; returns their newest logits
         ``[len(rows), vocab]`` in the order of ``rows``."""
         n = len(rows)
         if n == 0 or len(tokens) != n:
             raise UserError(f"decode takes one token per row, got {len(tokens)} tokens for {n} rows")
-        self._gather(rows)  # rows[i] now lives in physical row i
-        ids = torch.tensor(tokens, dtype=torch.int64).view(n, 1).to(self.model.device)
+        at = self._gather(rows)  # rows[i] now lives in physical row at[i] < n
+        by_place = [0] * n
+        for i, p in enumerate(at):
+            by_place[p] = tokens[i]
+        ids = torch.tensor(by_place, dtype=torch.int64).view(n, 1).to(self.model.device)
         self.logits[:n] = self._decode(ids)
-        return self.logits[:n]
+        return self.logits[at]
 
     def sample(self, rows: list[int], samplers: list[Sampler], logprobs: list[int | None]) -> list[Draw]:
         """Draw each row's next token from its newest logits with its own sampler; ``logprobs[i]``
@@ -181,12 +207,19 @@ class BatchRunner:
         self.live[target] = True
         return target
 
-    def _gather(self, rows: list[int]) -> None:
-        """Move ``rows`` to physical rows ``0 .. len(rows) - 1``, in order (swaps, only where needed)."""
-        for i, row in enumerate(rows):
-            p = self.where[row]
-            if p != i:
-                self._exchange(p, i, move_data=True)
+    def _gather(self, rows: list[int]) -> list[int]:
+        """Place ``rows`` in physical rows ``0 .. len(rows) - 1``, in whatever order: only a row that
+        sits above them is moved (swapped into a place none of ``rows`` holds), so a batch that
+        keeps decoding together never moves. Returns each row's physical row."""
+        n = len(rows)
+        if len(set(rows)) != n:
+            raise UserError(f"rows must be distinct, got {rows}")
+        mine = set(rows)
+        spots = iter(p for p in range(n) if self.owner[p] not in mine)
+        for row in rows:
+            if self.where[row] >= n:
+                self._exchange(self.where[row], next(spots), move_data=True)
+        return [self.where[row] for row in rows]
 
     def _exchange(self, a: int, b: int, move_data: bool) -> None:
         """Exchange physical rows ``a`` and ``b`` (their data too when ``move_data``) and who owns them."""

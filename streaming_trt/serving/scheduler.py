@@ -10,11 +10,13 @@ turns is in flight; between turns its :class:`~streaming_trt.engine.StreamState`
 
 Each iteration of the scheduler's thread (Sarathi-Serve's stall-free batching):
 
-1. draws one token for every decoding slot and feeds them all in one batched forward;
+1. draws one token for every decoding slot and feeds them all in one batched forward (a reply
+   that has not started waits, once, when the prompts still to feed fit this step's budget, so
+   that turns arriving together start together and no first gap is stalled by them);
 2. then feeds prompt chunks of the turns that are still prefilling (oldest first) with what is
    left of the step's token budget (``token_budget`` minus the decoding slots, at least a quarter
-   of it; the whole budget times four when nothing decodes), so a long prompt never stalls the
-   others' token streams (pieces are whole multiples of the runner's ``quantum``);
+   of it; the whole budget times four when nothing decodes), so a prompt longer than the budget is
+   spread over several steps (pieces are whole multiples of the runner's ``quantum``);
 3. admits waiting turns into free slots (at most one turn per conversation at a time, in arrival
    order).
 
@@ -23,7 +25,8 @@ rows decode in the same batched forward as all the others.
 
 Every row has its own sampling parameters, seed, stop tokens, stop strings and max_tokens;
 cancellation is checked between steps, during prefill too. What closes a finished reply is fed as
-one chunk, as ``Chat.reply`` feeds it; the turn's state is then copied out of its slot;
+one chunk, as ``Chat.reply`` feeds it (the replies that end in the same step, in one batched
+forward); the turn's state is then copied out of its slot;
 it is saved by a writer thread, and only then is the turn's final response sent, so a reply the
 client saw complete survives a SIGKILL.
 """
@@ -45,6 +48,7 @@ from .protocol import ErrorKind, Overloaded, ServingError, TokenEvent, TurnReque
 __all__ = ["Scheduler", "Overloaded", "TokenEvent", "TurnRequest", "TurnResult"]
 
 _NOT_PREPARED, _PREPARING, _ENDED, _STOP = object(), object(), object(), object()  # a waiting turn at the loader
+CPU_TOKEN_BUDGET = 1024  # a step's tokens on a CPU: a wave of 16 chat prompts fits one step (Scheduler's docstring)
 
 
 class _Turn:
@@ -61,6 +65,7 @@ class _Turn:
         self.fed = 0                  # prompt ids fed so far
         self.row: int | None = None
         self.decoding = False         # the prompt is fed: the turn draws tokens
+        self.waited = False           # its first draw waited one step for the prompts admitted after it
         self.forced: list[int] = []   # ids fed without sampling (what closes the reply)
         self.reply_ids: list[int] = []  # what the reply fed: generated ids, then its closing
         self.count, self.finish = 0, None
@@ -77,8 +82,12 @@ class Scheduler:
         store: a :class:`~streaming_trt.serving.store.ConversationStore` (idle conversations).
         slots: B, conversations whose turns run at once (one batched cache of B streams).
         token_budget: tokens one step feeds, decode and prompt tokens together (default: 512 on
-            CUDA, where a step is bound by memory traffic, 64 on a CPU, where a prompt chunk costs
-            as much as its tokens: the budget bounds the inter-token latency).
+            CUDA, where a step is bound by memory traffic and a prompt chunk of that size costs
+            about what the decode step costs; 1024 on a CPU, where a step costs what all its
+            tokens cost: there a chunk of any useful size already multiplies the step's time, so
+            the prompts admitted together are fed in as few steps as possible, and a stream's
+            token gaps are stalled once per wave of arriving prompts, not on most of its steps
+            (the inter-token p99 counts the stalled gaps; bench/RESULTS.md)).
         max_queue: turns that may wait for a slot; beyond, :meth:`submit` raises :class:`Overloaded`.
         max_new_tokens / max_new_tokens_limit: a request's default and largest reply length.
         max_input_bytes: the largest MESSAGES a request may send.
@@ -99,7 +108,7 @@ class Scheduler:
                  max_new_tokens: int = 256, max_new_tokens_limit: int = 4096, max_input_bytes: int = 256 * 1024,
                  capture_decode: bool | None = None, recall=None, lease_wait: float | None = None):
         if token_budget is None:
-            token_budget = 512 if model.device.type == "cuda" else 64
+            token_budget = 512 if model.device.type == "cuda" else CPU_TOKEN_BUDGET
         for name, value, low in (("slots", slots, 1), ("token_budget", token_budget, 1), ("max_queue", max_queue, 0)):
             if not isinstance(value, int) or value < low:
                 raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -360,6 +369,15 @@ class Scheduler:
     # ----------------------------------------------------------------- one step
     def _decode_step(self) -> None:
         turns = [t for t in self.rows if t is not None and t.decoding]
+        pending = sum(len(t.ids) - t.fed for t in self.rows if t is not None and not t.decoding)
+        if 0 < pending <= self._prompt_budget(len(turns)):
+            # A reply not started yet waits, once, for the prompts this step feeds (admitted just
+            # after it): its first gap is then not stalled by them, and turns that arrived together
+            # but were admitted over two steps start together.
+            held = [t for t in turns if t.count == 0 and not t.waited]
+            for t in held:
+                t.waited = True
+            turns = [t for t in turns if t not in held]
         if not turns:
             return
         draws = self.runner.sample([t.row for t in turns], [t.sampler for t in turns], [t.req.logprobs for t in turns])
@@ -374,9 +392,10 @@ class Scheduler:
         for turn in turns:
             if turn.finish is None and turn.req.cancelled():
                 self._end_reply(turn, "cancelled")
-            if turn.finish is not None:
-                self._close(turn)
-                self._release(turn)
+        finished = [t for t in turns if t.finish is not None]
+        self._close(finished)
+        for turn in finished:
+            self._release(turn)
 
     def _take(self, turn: _Turn, draw) -> int:
         """A decoding row's drawn token: reported, and the reply ended where it must be; returns
@@ -416,16 +435,23 @@ class Scheduler:
         if turn.stops is not None and not turn.stops_hit:
             turn.held = turn.stops.flush()
 
-    def _close(self, turn: _Turn) -> None:
-        """Feed what closes a finished reply, as one chunk, as ``Chat.reply`` feeds it
-        (with recall each chunk selects its own blocks, so the chunking must be the same)."""
-        if turn.forced:
-            self.runner.prefill(turn.row, turn.forced)
+    def _close(self, turns: list[_Turn]) -> None:
+        """Feed what closes each finished reply, as one chunk, as ``Chat.reply`` feeds it
+        (with recall each chunk selects its own blocks, so the chunking must be the same); the
+        replies that end together in one batched forward (on a CPU, 16 one-row forwards cost
+        several times one 16-row forward)."""
+        closing = [t for t in turns if t.forced]
+        if closing:
+            self.runner.prefill_rows([t.row for t in closing], [t.forced for t in closing])
+        for turn in closing:
             turn.forced = []
 
+    def _prompt_budget(self, decoding: int) -> int:
+        """Prompt tokens a step feeds beside ``decoding`` decoding rows."""
+        return max(self.token_budget - decoding, self.token_budget // 4, 1) if decoding else 4 * self.token_budget
+
     def _prefill_step(self) -> None:
-        decoding = sum(t is not None and t.decoding for t in self.rows)
-        budget = max(self.token_budget - decoding, self.token_budget // 4, 1) if decoding else 4 * self.token_budget
+        budget = self._prompt_budget(sum(t is not None and t.decoding for t in self.rows))
         prefilling = sorted((t for t in self.rows if t is not None and not t.decoding), key=lambda t: t.seq)
         quantum = self.runner.quantum
         for turn in prefilling:
@@ -444,7 +470,7 @@ class Scheduler:
                 turn.decoding = True
                 if turn.max_tokens == 0:
                     self._end_reply(turn, "length")
-                    self._close(turn)
+                    self._close([turn])
                     self._release(turn)
 
     # ----------------------------------------------------------------- slots
