@@ -129,8 +129,11 @@ class ConversationStore:
         self.leases.take(cid)
 
     def release(self, cid: int) -> None:
-        """Let go of conversation ``cid`` (once per :meth:`take`), after its turn's save."""
+        """Let go of conversation ``cid`` (once per :meth:`take`), after its turn's save; the lease
+        directory of a conversation that ended meanwhile (an END turn, a one-shot) goes too."""
         self.leases.release(cid)
+        if not self.leases.holds(cid) and not self.exists(cid):
+            self.leases.forget(cid)
 
     def renew(self, cid: int) -> None:
         """Push the expiry of the lease on ``cid`` ahead (a renewal thread does it every TTL/3)."""
