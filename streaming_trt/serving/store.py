@@ -132,7 +132,11 @@ class ConversationStore:
         """Let go of conversation ``cid`` (once per :meth:`take`), after its turn's save; the lease
         directory of a conversation that ended meanwhile (an END turn, a one-shot) goes too."""
         self.leases.release(cid)
-        if not self.leases.holds(cid) and not self.exists(cid):
+        try:
+            ended = not self.leases.holds(cid) and not self.exists(cid)
+        except Exception:  # an unreadable directory: letting go must not fail (the directory stays)
+            return
+        if ended:
             self.leases.forget(cid)
 
     def renew(self, cid: int) -> None:
