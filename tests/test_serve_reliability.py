@@ -121,7 +121,7 @@ def test_client_and_repl_continue_across_a_server_restart(checkpoint, local, tmp
     texts = texts_of(12, 3)
     a = Server(checkpoint, tmp_path / "sessions", tmp_path / "a.log", openai=True)
     ports = (a.http, a.grpc, a.openai)
-    repl = subprocess.Popen([sys.executable, "-m", "streaming_trt.serving.client", "--url", a.url],
+    repl = subprocess.Popen([sys.executable, "-m", "streaming_trt.cli.client", "--url", a.url],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = bytearray(), bytearray()
     for pipe, buf in ((repl.stdout, out), (repl.stderr, err)):

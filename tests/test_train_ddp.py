@@ -19,7 +19,7 @@ def test_two_ranks_equal_one_process_of_twice_the_batch(tmp_path):
               "--measure-every", "3", "--threads", "1", "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "streaming_trt.train", *common, "--batch", "4", "--out", str(tmp_path / "ddp")],
+                        "-m", "streaming_trt.cli.train", *common, "--batch", "4", "--out", str(tmp_path / "ddp")],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count('"variant"') == 1  # one summary for the job
