@@ -307,6 +307,8 @@ def test_waiting_turns_whose_client_left_never_run_and_busy_files_are_not_reaped
     store.save(43, in_use=frozenset({41}))
     assert store.exists(41) and store.exists(43)
     store.save(43)
+    if store.exists(41):  # its file changed after the listing (a compaction): reaping defers it one pass
+        store.reap()
     assert not store.exists(41)
 
 
