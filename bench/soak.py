@@ -39,22 +39,11 @@ import threading
 import time
 from pathlib import Path
 
+from bench.serve import _pct, _port
+
 SINK, WINDOW, TOKENS = 4, 124, 12
 MAX_BODY = 64 * 1024
 ABUSES = ("malformed", "oversized", "slow_headers", "never_reading", "cancelled", "bad_numbers", "stop_heavy")
-
-
-def _port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def _pct(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
 class Server:
