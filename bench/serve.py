@@ -65,8 +65,8 @@ def _pct(values, q):
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
-def written(pid: int) -> int:
-    """Bytes process ``pid`` and its descendants have passed to write() so far (0 where /proc cannot tell)."""
+def process_tree(pid: int) -> list[int]:
+    """Process ``pid`` and its descendants, read from /proc."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -74,16 +74,26 @@ def written(pid: int) -> int:
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(parent, []).append(int(stat.parent.name))
-    total, todo = 0, [pid]
+    tree, todo = [], [pid]
     while todo:
         p = todo.pop()
+        tree.append(p)
         todo += children.get(p, [])
-        try:
-            with open(f"/proc/{p}/io") as f:
-                total += int(next(line for line in f if line.startswith("wchar:")).split()[1])
-        except (OSError, StopIteration, ValueError):
-            continue
-    return total
+    return tree
+
+
+def proc_field(pid: int, file: str, key: str) -> int:
+    """The first number of line ``key`` in ``/proc/<pid>/<file>`` (0 where /proc cannot tell)."""
+    try:
+        with open(f"/proc/{pid}/{file}") as f:
+            return int(next(line for line in f if line.startswith(key)).split()[1])
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def written(pid: int) -> int:
+    """Bytes process ``pid`` and its descendants have passed to write() so far (0 where /proc cannot tell)."""
+    return sum(proc_field(p, "io", "wchar:") for p in process_tree(pid))
 
 
 def texts(n: int, turns: int, first: int) -> list[list[str]]:

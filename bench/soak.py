@@ -39,7 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.serve import _pct, _port
+from bench.serve import _pct, _port, proc_field, process_tree
 
 SINK, WINDOW, TOKENS = 4, 124, 12
 MAX_BODY = 64 * 1024
@@ -69,23 +69,7 @@ class Server:
 
     def rss(self) -> int:
         """Resident bytes of the server and every process under it."""
-        children: dict[int, list[int]] = {}
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(stat.parent.name))
-        total, todo = 0, [self.proc.pid]
-        while todo:
-            p = todo.pop()
-            todo += children.get(p, [])
-            try:
-                with open(f"/proc/{p}/status") as f:
-                    total += 1024 * int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
-            except (OSError, StopIteration, ValueError):
-                continue
-        return total
+        return sum(1024 * proc_field(p, "status", "VmRSS:") for p in process_tree(self.proc.pid))
 
     def disk(self) -> int:
         total = 0
