@@ -16,6 +16,23 @@ import os as _os
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def _mkl_code_path() -> None:
+    """On AMD CPUs MKL's default dispatch runs small-batch float32 products on a slow path; its
+    AVX2 path (``MKL_CBWR=AVX2``) ran SmolLM2's 16-row decode step's products about 30% faster on
+    a 2-core AMD EPYC (README, Threads). Read by MKL at its first call; an explicit setting wins."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            first_cpu = f.read(8192).split("\n\n")[0]
+    except OSError:  # not Linux
+        return
+    flags = next((line.split(":", 1)[1].split() for line in first_cpu.splitlines() if line.startswith("flags")), [])
+    if "AuthenticAMD" in first_cpu and "avx2" in flags:
+        _os.environ.setdefault("MKL_CBWR", "AVX2")
+
+
+_mkl_code_path()
+
+
 def _check_installed() -> None:
     """Before set-up (a fresh clone), say what to run instead of an ImportError traceback."""
     import importlib.util

@@ -23,14 +23,16 @@ def model_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("sink_tokens,window", [(0, 5), (4, 6)])
 def test_triton_backend_matches_torch_backend(model_dir, sink_tokens, window):
-    """Prefill chunks (shorter and longer than the window), then token-by-token decode, in a batch
-    of two streams of different lengths, with never-written slots full of NaN."""
+    """Prefill chunks (shorter and longer than the window), one stream decoding beside the other's
+    chunk (each attends as its own step: the decode kernel beside the prefill kernel), then
+    token-by-token decode, in a batch of two streams of different lengths, with never-written
+    slots full of NaN."""
     ref = st.load_model(model_dir, device=DEVICE, backend="torch")
     fast = st.load_model(model_dir, device=DEVICE, backend="triton")
     assert fast.backend == "triton"
-    n = 2 * (sink_tokens + window) + 3
+    n = 2 * (sink_tokens + window) + 20
     streams = [torch.randint(0, 97, (n,)).tolist(), torch.randint(0, 97, (n,)).tolist()]
-    plan = [(3, 0), (window + 4, 7)] + [(1, 1)] * 6
+    plan = [(3, 0), (window + 4, 7), (1, 5), (4, 1)] + [(1, 1)] * 6
     outs = {}
     for name, model in (("torch", ref), ("triton", fast)):
         session = model.session(sink_tokens=sink_tokens, window=window, batch=2, cache_fill=float("nan"))

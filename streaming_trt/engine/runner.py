@@ -142,18 +142,28 @@ class BatchRunner:
         self.logits[p] = last[0]
         return self.logits[p]
 
-    def prefill_rows(self, rows: list[int], ids: list[list[int]]) -> None:
-        """Feed ``ids[i]`` to row ``rows[i]`` (a few ids each, e.g. what closes a reply), all rows
-        in one batched forward per chunk (as :meth:`decode`, over ``rows`` moved to the bottom of
-        the pool); each row keeps its newest logits, as :meth:`prefill` leaves them. With recall,
-        row by row: a chunk's every query votes for blocks, so a row padded to a longer row's
-        length would choose differently than alone."""
+    def feed(self, rows: list[int], ids: list[list[int]]) -> None:
+        """Feed ``ids[i]`` (at least one id) to row ``rows[i]``: decoding rows' drawn tokens, what
+        closes a reply, prompt chunks, all in one batched forward per chunk of ``max_chunk`` (over
+        ``rows`` moved to the bottom of the pool, as :meth:`decode`; ragged rows are packed, so a
+        row of one token costs one token). A decode step when every row takes one id. Each row
+        keeps its newest logits, as :meth:`prefill` leaves them. With recall, rows of several ids
+        are fed row by row: a chunk's every query votes for blocks, so a row padded to a longer
+        row's length would choose differently than alone."""
         n = len(rows)
-        if n == 0 or len(ids) != n:
-            raise UserError(f"prefill_rows takes one id list per row, got {len(ids)} lists for {n} rows")
+        if n == 0 or len(ids) != n or not all(ids):
+            raise UserError(f"feed takes one non-empty id list per row, got {len(ids)} lists for {n} rows")
+        starts = self.model.config.sink_token_id is not None  # a new stream's first feed begins with token 0
+        single = [len(mine) == 1 and not (starts and self.seen(row) == 0) for row, mine in zip(rows, ids)]
+        if all(single):
+            self.decode(rows, [mine[0] for mine in ids])
+            return
         if n == 1 or self.recall is not None:  # in place: no row moves
-            for row, mine in zip(rows, ids):
-                self.prefill(row, mine)
+            if any(single):
+                self.decode([r for r, one in zip(rows, single) if one], [m[0] for m, one in zip(ids, single) if one])
+            for row, mine, one in zip(rows, ids, single):
+                if not one:
+                    self.prefill(row, mine)
             return
         at = self._gather(rows)  # rows[i] now lives in physical row at[i] < n
         by_place = [None] * n

@@ -37,6 +37,13 @@ class StepPlan:
     ``write``: prefill with the torch backend, the ``(row, chunk index, slot)`` triples kept.
     ``lengths_host``: ``lengths`` on the host, for :meth:`StreamingCache.advance` to move the host
     counters too; None in a plan a CUDA graph captures (its replays are counted by ``count_host``).
+    ``packed``: when the rows are ragged, ``[T]`` the flat indices (into ``batch * n``) of the
+    ``T = sum(lengths)`` valid rows: the model then runs its per-token work (embedding, norms,
+    projections, MLP) on those ``T`` rows only, and attention on the ``[batch, n]`` grid
+    (:meth:`unpack`, :meth:`pack`); None when every row is valid. ``parts``: when one-token rows
+    (decoding streams) and longer rows (prompt chunks) sit in runs side by side, each run
+    ``(lo, hi, view, plan)`` attends as a step of its own over the cache view of rows ``lo .. hi-1``
+    (a run of one-token rows as a decode step), so a decoding row never pays for the longest row.
     """
 
     start: torch.Tensor
@@ -51,6 +58,19 @@ class StepPlan:
     written: tuple[int, int] | None = None
     lengths_host: list[int] | None = None
     recall: list | None = None  # per row, a streaming_trt.runtime.recall.RecallStep (None: that row has no store)
+    packed: torch.Tensor | None = None
+    parts: list | None = None  # (lo, hi, cache view, its plan): runs of one-token rows and of longer rows
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [T, features]`` of the valid rows onto the grid ``[batch, n, features]`` (zeros between)."""
+        batch, n = self.text[0].shape[:2]
+        grid = x.new_zeros(batch * n, x.shape[-1])
+        grid[self.packed] = x
+        return grid.view(batch, n, -1)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [batch, n, ...]`` on the grid as ``[T, ...]``: its valid rows, in order."""
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.packed)
 
     def row(self, b: int, full: bool) -> "StepPlan":
         """Row ``b`` of this plan as the plan of a batch of one (``full``: that row's own)."""
@@ -140,6 +160,17 @@ class StreamingCache:
         decode = n == 1 and all(length == 1 for length in lengths)
         plan = StepPlan(start=start, lengths=lengths_t, seen_after=start + lengths_t, text=text, rank=rank,
                         decode=decode, full=decode and self.full_after_decode(), lengths_host=list(lengths))
+        if sum(lengths) < len(lengths) * n:  # ragged: no arithmetic on padding
+            valid = torch.arange(n).view(1, -1) < torch.tensor(lengths).view(-1, 1)
+            plan.packed = valid.view(-1).nonzero().view(-1).to(device)
+            if self.stores is None:
+                runs = [0] + [b for b in range(1, len(lengths)) if (lengths[b] == 1) != (lengths[b - 1] == 1)]
+                if len(runs) > 1:
+                    bounds = zip(runs, runs[1:] + [len(lengths)])
+                    plan.parts = [(lo, hi, view, view.plan(lengths[lo:hi], max(lengths[lo:hi])))
+                                  for lo, hi in bounds if max(lengths[lo:hi]) > 0  # rows fed nothing: none
+                                  for view in [self.rows(lo, hi)]]
+                    return plan
         if decode:
             plan.slots = g.slot(start)
             after = [min(s + 1, g.capacity) for s in start_host]
@@ -165,6 +196,13 @@ class StreamingCache:
         store ``k, v`` and return attention ``[batch, n, heads, d]`` of every row over its A(t)."""
         if plan.recall is not None:  # sinks + recalled blocks + window: streaming_trt.runtime.recall
             return recall_rows(self, layer, q, k, v, plan, sm_scale, sink_logits)
+        if plan.parts is not None:
+            out = torch.zeros_like(q)
+            for lo, hi, view, part in plan.parts:
+                w = part.text[0].shape[1]
+                out[lo:hi, :w] = view.attend(layer, q[lo:hi, :w], k[lo:hi, :w], v[lo:hi, :w], part, sm_scale,
+                                             sink_logits)
+            return out
         k_cache, v_cache = self.keys[layer], self.values[layer]
         q_text, q_rank = plan.rotate(q)
         k = apply_rotary(k, *plan.text)

@@ -93,14 +93,19 @@ class Attention(nn.Module):
         self.sink_logits = c.sink_logits
 
     def forward(self, x: torch.Tensor, layer: int, cache: "StreamingCache", plan: "StepPlan") -> torch.Tensor:
-        batch, n, _ = x.shape
-        q = self.q_proj(x).view(batch, n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, n, self.num_kv_heads, self.head_dim)
+        """``x [batch, n, hidden]``, or ``[T, hidden]`` (the valid rows) when ``plan.packed`` is set."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if plan.packed is not None:
+            q, k, v = plan.unpack(q), plan.unpack(k), plan.unpack(v)
+        batch, n, _ = q.shape
+        q = q.view(batch, n, self.num_heads, self.head_dim)
+        k = k.view(batch, n, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         out = cache.attend(layer, q, k, v, plan, self.head_dim**-0.5, self.sinks if self.sink_logits else None)
-        return self.o_proj(out.reshape(batch, n, -1))
+        out = out.reshape(batch, n, -1)
+        return self.o_proj(out if plan.packed is None else plan.pack(out))
 
 
 class MLP(nn.Module):
@@ -207,12 +212,18 @@ class Transformer(nn.Module):
     def run(self, tokens: torch.Tensor, cache: "StreamingCache", plan: "StepPlan", last_only: bool) -> torch.Tensor:
         """The forward of :meth:`forward` over a ready plan; touches only device state (a decode
         step with :meth:`StreamingCache.decode_plan` can be captured in a CUDA graph)."""
-        x = self.embed_tokens(tokens)
+        packed = plan.packed
+        x = self.embed_tokens(tokens if packed is None else tokens.reshape(-1).index_select(0, packed))
         for i, layer in enumerate(self.layers):
             x = layer(x, i, cache, plan)
         cache.advance(plan)
         head = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         n = tokens.shape[1]
+        if packed is not None and last_only:  # each row's last valid row (a row with none: any)
+            last = (plan.lengths.cumsum(0) - 1).clamp(min=0)
+            return F.linear(self.norm(x.index_select(0, last)), head).float()
+        if packed is not None:
+            x = plan.unpack(x)
         if last_only:
             x = x[:, 0] if n == 1 else x[torch.arange(x.shape[0], device=x.device), (plan.lengths - 1).clamp(min=0)]
             return F.linear(self.norm(x), head).float()

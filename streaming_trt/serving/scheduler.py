@@ -8,25 +8,27 @@ each turn, with token ids (it imports no torch). A conversation holds a slot onl
 turns is in flight; between turns its :class:`~streaming_trt.engine.StreamState` waits in the
 :class:`ConversationStore` (host memory, then disk).
 
-Each iteration of the scheduler's thread (Sarathi-Serve's stall-free batching):
+Each iteration of the scheduler's thread (Sarathi-Serve's stall-free batching) is one forward:
 
-1. draws one token for every decoding slot and feeds them all in one batched forward (a reply
-   that has not started waits, once, when the prompts still to feed fit this step's budget, so
-   that turns arriving together start together and no first gap is stalled by them);
-2. then feeds prompt chunks of the turns that are still prefilling (oldest first) with what is
-   left of the step's token budget (``token_budget`` minus the decoding slots, at least a quarter
-   of it; the whole budget times four when nothing decodes), so a prompt longer than the budget is
-   spread over several steps (pieces are whole multiples of the runner's ``quantum``);
-3. admits waiting turns into free slots (at most one turn per conversation at a time, in arrival
-   order).
+1. it admits waiting turns into free slots (at most one turn per conversation at a time, in
+   arrival order);
+2. draws one token for every decoding slot (a reply that has not started waits, once, when the
+   prompts still to feed fit this step's budget, so that turns arriving together start together
+   and no first gap is stalled by them);
+3. and feeds, in one batched forward, those tokens, what closes the replies that ended in the
+   step before, and prompt chunks of the turns still prefilling (oldest first) within the step's
+   token budget (``token_budget`` minus the decoding slots, at least a quarter of it; the whole
+   budget times four when nothing decodes), so a prompt longer than the budget is spread over
+   several steps (pieces are whole multiples of the runner's ``quantum``). The runner packs the
+   ragged rows: a step costs the tokens it feeds, not the longest row times the rows.
 
 With recall (:mod:`streaming_trt.runtime.recall`) every conversation keeps its own block store, and its
 rows decode in the same batched forward as all the others.
 
 Every row has its own sampling parameters, seed, stop tokens, stop strings and max_tokens;
 cancellation is checked between steps, during prefill too. What closes a finished reply is fed as
-one chunk, as ``Chat.reply`` feeds it (the replies that end in the same step, in one batched
-forward); the turn's state is then copied out of its slot;
+one chunk, as ``Chat.reply`` feeds it, in the next step's forward; the turn's state is then
+copied out of its slot;
 it is saved by a writer thread, and only then is the turn's final response sent, so a reply the
 client saw complete survives a SIGKILL.
 """
@@ -185,8 +187,7 @@ class Scheduler:
                 return
             self._admit()
             try:
-                self._decode_step()
-                self._prefill_step()
+                self._step()
             except Exception as e:  # a bug: fail the turns in flight, keep serving the others
                 for turn in [t for t in self.rows if t is not None]:
                     self._release(turn, error=ServingError(f"internal error: {type(e).__name__}: {e}",
@@ -367,35 +368,60 @@ class Scheduler:
         self.busy.add(req.cid)
 
     # ----------------------------------------------------------------- one step
-    def _decode_step(self) -> None:
-        turns = [t for t in self.rows if t is not None and t.decoding]
-        pending = sum(len(t.ids) - t.fed for t in self.rows if t is not None and not t.decoding)
-        if 0 < pending <= self._prompt_budget(len(turns)):
+    def _step(self) -> None:
+        """One forward: each decoding row's drawn token, what closes the replies that ended in the
+        step before, and prompt chunks within the token budget, fed together (the runner packs the
+        ragged rows); then the turns with nothing left to feed are released."""
+        live = [t for t in self.rows if t is not None]
+        closing = [t for t in live if t.finish is not None and t.forced]
+        decoding = [t for t in live if t.decoding and t.finish is None]
+        prompting = sorted((t for t in live if not t.decoding), key=lambda t: t.seq)
+        pending = sum(len(t.ids) - t.fed for t in prompting)
+        if 0 < pending <= self._prompt_budget(len(decoding)):
             # A reply not started yet waits, once, for the prompts this step feeds (admitted just
             # after it): its first gap is then not stalled by them, and turns that arrived together
             # but were admitted over two steps start together.
-            held = [t for t in turns if t.count == 0 and not t.waited]
+            held = [t for t in decoding if t.count == 0 and not t.waited]
             for t in held:
                 t.waited = True
-            turns = [t for t in turns if t not in held]
-        if not turns:
+            decoding = [t for t in decoding if t not in held]
+        feeds = [(t, t.forced) for t in closing]
+        if decoding:
+            draws = self.runner.sample([t.row for t in decoding], [t.sampler for t in decoding],
+                                       [t.req.logprobs for t in decoding])
+            for turn, draw in zip(decoding, draws):
+                if draw.error is not None:  # its own turn fails; the conversation stays as before it
+                    self._release(turn, error=ServingError(str(draw.error), ErrorKind.BAD_REQUEST))
+                else:
+                    feeds.append((turn, [self._take(turn, draw)]))
+        budget = self._prompt_budget(len(decoding))
+        for turn in prompting:
+            if budget == 0:
+                break
+            if turn.req.cancelled():  # nothing of this turn is kept: the conversation stays as it was
+                turn.finish = "cancelled"
+                self._release(turn, keep=False)
+                continue
+            left = len(turn.ids) - turn.fed
+            take = min(left, max(min(left, budget) // self.runner.quantum, 1) * self.runner.quantum)
+            feeds.append((turn, turn.ids[turn.fed : turn.fed + take]))
+            turn.fed += take
+            budget = max(budget - take, 0)
+        if not feeds:
             return
-        draws = self.runner.sample([t.row for t in turns], [t.sampler for t in turns], [t.req.logprobs for t in turns])
-        for turn, draw in zip(turns, draws):
-            if draw.error is not None:  # its own turn fails; the conversation stays as before it
-                self._release(turn, error=ServingError(str(draw.error), ErrorKind.BAD_REQUEST))
-        kept = [(t, d) for t, d in zip(turns, draws) if d.error is None]
-        if not kept:
-            return
-        turns, draws = zip(*kept)
-        self.runner.decode([t.row for t in turns], [self._take(turn, draw) for turn, draw in zip(turns, draws)])
-        for turn in turns:
-            if turn.finish is None and turn.req.cancelled():
+        self.runner.feed([t.row for t, _ in feeds], [ids for _, ids in feeds])
+        for turn, _ in feeds:
+            if turn in closing:
+                turn.forced = []
+            elif not turn.decoding and turn.fed == len(turn.ids):
+                turn.decoding = True
+                if turn.max_tokens == 0:
+                    self._end_reply(turn, "length")
+            elif turn.decoding and turn.finish is None and turn.req.cancelled():
                 self._end_reply(turn, "cancelled")
-        finished = [t for t in turns if t.finish is not None]
-        self._close(finished)
-        for turn in finished:
-            self._release(turn)
+        for turn, _ in feeds:
+            if turn.finish is not None and not turn.forced:
+                self._release(turn)
 
     def _take(self, turn: _Turn, draw) -> int:
         """A decoding row's drawn token: reported, and the reply ended where it must be; returns
@@ -428,50 +454,18 @@ class Scheduler:
         return token
 
     def _end_reply(self, turn: _Turn, reason: str) -> None:
-        """The reply is over; what closes it is fed by :meth:`_close`."""
+        """The reply is over; what closes it is fed as one chunk in the next step, as
+        ``Chat.reply`` feeds it (with recall each chunk selects its own blocks, so the chunking
+        must be the same), beside the other rows."""
         turn.finish = reason
         turn.forced = [] if turn.req.raw else turn.conversation.closing_ids(turn.last)
         turn.reply_ids += turn.forced
         if turn.stops is not None and not turn.stops_hit:
             turn.held = turn.stops.flush()
 
-    def _close(self, turns: list[_Turn]) -> None:
-        """Feed what closes each finished reply, as one chunk, as ``Chat.reply`` feeds it
-        (with recall each chunk selects its own blocks, so the chunking must be the same); the
-        replies that end together in one batched forward (on a CPU, 16 one-row forwards cost
-        several times one 16-row forward)."""
-        closing = [t for t in turns if t.forced]
-        if closing:
-            self.runner.prefill_rows([t.row for t in closing], [t.forced for t in closing])
-        for turn in closing:
-            turn.forced = []
-
     def _prompt_budget(self, decoding: int) -> int:
         """Prompt tokens a step feeds beside ``decoding`` decoding rows."""
         return max(self.token_budget - decoding, self.token_budget // 4, 1) if decoding else 4 * self.token_budget
-
-    def _prefill_step(self) -> None:
-        budget = self._prompt_budget(sum(t is not None and t.decoding for t in self.rows))
-        prefilling = sorted((t for t in self.rows if t is not None and not t.decoding), key=lambda t: t.seq)
-        quantum = self.runner.quantum
-        for turn in prefilling:
-            if budget == 0:
-                return
-            if turn.req.cancelled():  # nothing of this turn is kept: the conversation stays as it was
-                turn.finish = "cancelled"
-                self._release(turn, keep=False)
-                continue
-            left = len(turn.ids) - turn.fed
-            take = min(left, max(min(left, budget) // quantum, 1) * quantum)
-            self.runner.prefill(turn.row, turn.ids[turn.fed : turn.fed + take])
-            turn.fed += take
-            budget = max(budget - take, 0)
-            if turn.fed == len(turn.ids):
-                turn.decoding = True
-                if turn.max_tokens == 0:
-                    self._end_reply(turn, "length")
-                    self._close([turn])
-                    self._release(turn)
 
     # ----------------------------------------------------------------- slots
     def _release(self, turn: _Turn, error: Exception | None = None, keep: bool = True) -> None:
