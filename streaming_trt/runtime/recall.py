@@ -423,7 +423,7 @@ def attend_rows(cache, layer: int, q, k, v, plan, sm_scale: float, sink_logits=N
     without). Storing and selection are per row (each row its own blocks); in a decode step of
     full rows (rank positions, bounds scorer) the rows that recall the same number of blocks then
     attend in one batched call; anything else attends row by row."""
-    steps, stores, g = plan.recall, cache.stores, cache.geometry
+    steps, stores = plan.recall, cache.stores
     batch = len(steps)
     batched = plan.decode and len({s.recall.block_size for s in stores if s is not None}) == 1 and all(
         step is not None and store.recall.positions == "rank" and store.recall.scorer == "bounds"
