@@ -156,7 +156,7 @@ def failover(d: Deployment, args, n: int = 4) -> dict:
     """``n`` conversations keep taking turns on the two-worker deployment; worker0 is SIGKILLed; the
     gap per affected conversation is from the kill to its next token (the resent turn's first)."""
     from streaming_trt.serving.conversations import session_conversation as session_cid
-    from streaming_trt.serving.dynamo import HISTORY_DIR
+    from streaming_trt.serving.dynamo import history_path
 
     state = {c: {"messages": [], "turns": 0} for c in range(n)}
     killed_at: list[float] = []
@@ -191,7 +191,7 @@ def failover(d: Deployment, args, n: int = 4) -> dict:
     while min(s["turns"] for s in state.values()) < 2 and not errors:
         time.sleep(0.1)
     victim = d.procs["worker0"].pid
-    owners = {c: json.loads((d.work / "sessions" / HISTORY_DIR / f"{session_cid(f'failover-{c}')}.json").read_text())
+    owners = {c: json.loads(history_path(d.work / "sessions", session_cid(f"failover-{c}")).read_text())
               ["writer"].rsplit(":", 1)[1] for c in range(n)}
     affected = [c for c in range(n) if owners[c] == str(victim)]
     time.sleep(0.2)  # into the next turn

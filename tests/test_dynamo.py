@@ -34,7 +34,7 @@ from streaming_trt.runtime.chat import Chat  # noqa: E402
 from streaming_trt.runtime.generation import eos_ids  # noqa: E402
 from streaming_trt.runtime.sampling import Sampler, SamplingParams  # noqa: E402
 from streaming_trt.serving.conversations import session_conversation as session_cid  # noqa: E402
-from streaming_trt.serving.dynamo import HISTORY_DIR  # noqa: E402
+from streaming_trt.serving.dynamo import history_path  # noqa: E402
 from streaming_trt.serving.store import ConversationStore  # noqa: E402
 
 SINK, WINDOW = 4, 40
@@ -138,7 +138,7 @@ class Deployment:
 
 
 def history(sessions: Path, session: str) -> dict:
-    return json.loads((sessions / HISTORY_DIR / f"{session_cid(session)}.json").read_text())
+    return json.loads(history_path(sessions, session_cid(session)).read_text())
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +328,7 @@ def test_the_frontend_files_give_the_project_s_token_ids(which, tmp_path):
     assert prompt == encoder.first_turn(first)
     reply = "I am a small model.\nAsk me anything!"
     later = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "What is 2 + 2?"}]
-    histories = Histories(tmp_path / "sessions", tok, encoder._encode(encoder.end_of_reply))
+    histories = Histories(None, tok, encoder._encode(encoder.end_of_reply))  # no store: new_ids only
     h = History(len(prompt), _digest(prompt), reply, [], 0, 1, 1, "test")
     assert histories.new_ids(h, frontend(later)) == encoder.next_turn("What is 2 + 2?")
     edited = first + [{"role": "assistant", "content": reply + " (edited)"}, {"role": "user", "content": "What is 2 + 2?"}]

@@ -115,6 +115,26 @@ def test_reaping_never_deletes_a_leased_conversation(local, tmp_path):
     assert b.reap(now=later) == [1] and not a.path(1).exists()
 
 
+def test_sidecars_go_with_their_conversation(local, tmp_path):
+    """The gateway's map entry and the Dynamo worker's history record beside a session file are
+    deleted when the conversation is reaped or ended (before: Dynamo's records stayed forever)."""
+    from streaming_trt.serving.dynamo import history_path
+
+    s = store(local, tmp_path, idle_ttl=60, rescan_seconds=0)
+    for cid in (1, 2):
+        save_turn(s, cid, Live(local[0]).feed([cid, 5]).state())
+        s.sidecar(cid, ".history").write_text("{}")
+        history_path(tmp_path, cid).write_text("{}")
+    assert s.sidecar(1, ".dynamo") == history_path(tmp_path, 1)
+    with pytest.raises(ValueError, match="sidecar"):
+        s.sidecar(1, ".json")
+    s.end(2)
+    assert not s.path(2).exists() and not s.sidecar(2, ".history").exists() and not history_path(tmp_path, 2).exists()
+    assert history_path(tmp_path, 1).exists()
+    assert s.reap(now=time.time() + 3600) == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["leases"]
+
+
 def test_two_servers_never_both_continue_one_conversation(local, tmp_path):
     a, b = store(local, tmp_path), store(local, tmp_path)
     live = Live(local[0]).feed([9, 9, 9])

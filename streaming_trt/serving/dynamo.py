@@ -13,10 +13,11 @@ history's token ids every turn; the worker keeps a :class:`History` of what the 
 tokens when the request extends it. Any other history (edited, truncated, regenerated) starts a
 fresh state from the whole history. A request without a session id is one-shot: nothing is kept.
 
-Each History is a small file under ``<session-dir>/dynamo/``, written after the turn's state is
-saved, so the worker that takes a session over after a failover knows what was fed; when its store
-holds no current state for the session it re-feeds the ids the history records (the same tokens,
-so the same state: chunks change nothing, docs/contract.md).
+Each History is a small file beside the session's state file (``<id>.dynamo``, deleted with it when
+the conversation is ended, replaced or reaped), written after the turn's state is saved, so the
+worker that takes a session over after a failover knows what was fed; when its store holds no
+current state for the session it re-feeds the ids the history records (the same tokens, so the
+same state: chunks change nothing, docs/contract.md).
 """
 from __future__ import annotations
 
@@ -41,10 +42,16 @@ from ..contract import UserError
 from ..loading.builtin import BuiltinTokenizer
 from ..runtime.sampling import SamplingParams
 from .conversations import session_conversation
+from .journal import session_path
 from .protocol import MAX_LOGPROBS, ErrorKind, ServingError, TurnRequest, kind_of
 from .tritonserver_model import build_scheduler
 
-HISTORY_DIR = "dynamo"
+HISTORY_SUFFIX = ".dynamo"  # one of the store's sidecars
+
+
+def history_path(session_dir, cid: int) -> Path:
+    """Where session ``cid``'s history record lives in ``session_dir`` (tests and benchmarks read it)."""
+    return session_path(session_dir, cid).with_suffix(HISTORY_SUFFIX)
 NAMESPACE, COMPONENT, ENDPOINT = "streaming_trt", "worker", "generate"
 # The frontend refuses a prompt longer than the registered context length ("This model's maximum
 # context length is ..."). A StreamingLLM conversation has no such bound: its history may grow past
@@ -85,16 +92,15 @@ class History:
 
 
 class Histories:
-    """Session histories in memory and in ``<session_dir>/dynamo/<cid>.json`` (atomic rename)."""
+    """Session histories in ``store``'s ``<id>.dynamo`` sidecar files (atomic rename)."""
 
-    def __init__(self, session_dir, tokenizer, end_of_reply: list[int]):
-        self.dir = Path(session_dir) / HISTORY_DIR
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    def __init__(self, store, tokenizer, end_of_reply: list[int]):
+        self.store = store
         self.tokenizer, self.end_of_reply = tokenizer, list(end_of_reply)
         self.writer = f"{socket.gethostname()}:{os.getpid()}"
 
     def path(self, cid: int) -> Path:
-        return self.dir / f"{cid}.json"
+        return self.store.sidecar(cid, HISTORY_SUFFIX)
 
     def load(self, cid: int) -> History | None:
         try:
@@ -106,12 +112,13 @@ class Histories:
             return None
 
     def save(self, cid: int, history: History) -> None:
-        tmp = self.dir / f".{cid}.json.{os.getpid()}.tmp"
+        path = self.path(cid)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "w") as f:
             json.dump(dataclasses.asdict(history), f, separators=(",", ":"))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.path(cid))
+        os.replace(tmp, path)
 
     def text(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -146,11 +153,11 @@ class Plan:
 class DynamoWorker:
     """Runs the frontend's requests on ``scheduler`` (see the module docstring)."""
 
-    def __init__(self, scheduler, session_dir):
+    def __init__(self, scheduler):
         self.scheduler = scheduler
         self.tokenizer = scheduler.tokenizer
         end = scheduler.encoder._encode(scheduler.encoder.end_of_reply)
-        self.histories = Histories(session_dir, self.tokenizer, end)
+        self.histories = Histories(scheduler.store, self.tokenizer, end)
         self.locks: dict[int, list] = {}  # session -> [asyncio.Lock, requests holding or awaiting it]
         self.served = False
 
@@ -390,7 +397,7 @@ def run(conf: dict, served_model_name: str, namespace: str = NAMESPACE, affinity
     t0 = time.perf_counter()
     scheduler = build_scheduler(conf, _log)
     files = model_dir(scheduler.runner.model.config, scheduler.tokenizer, conf["model"], served_model_name)
-    worker = DynamoWorker(scheduler, conf["session_dir"])
+    worker = DynamoWorker(scheduler)
     _log(f"model {conf['model'] or 'built-in'} loaded in {time.perf_counter() - t0:.1f} s; "
          f"{len(scheduler.rows)} slots; sessions in {conf['session_dir']}; frontend files in {files}")
 

@@ -51,6 +51,12 @@ from ..runtime.session import model_fingerprint
 from .protocol import ErrorKind, ServingError
 
 SUFFIX = ".session"
+
+
+def session_path(directory, cid: int) -> Path:
+    """Conversation ``cid``'s session file in ``directory``."""
+    return Path(directory) / f"{int(cid):020d}{SUFFIX}"
+
 MAGIC = b"\x89STRTJ\r\n"  # not text, not a plausible safetensors header length
 FORMAT = "streaming-trt-journal"
 VERSION = 1
@@ -444,7 +450,7 @@ class Journal:
         self._lock = threading.Lock()
 
     def path(self, cid: int) -> Path:
-        return self.dir / f"{int(cid):020d}{SUFFIX}"
+        return session_path(self.dir, cid)
 
     def size(self, cid: int) -> int:
         """Bytes of conversation ``cid``'s file on disk (0 when it has none)."""

@@ -38,7 +38,9 @@ from .journal import SUFFIX, Journal
 from .lease import LeaseHeld, Leases
 from .protocol import ErrorKind, ServingError
 
-SIDECARS = (".history",)  # files of a conversation beside its session file, deleted with it (the gateway's)
+# Files of a conversation beside its session file, deleted with it (ended, replaced or reaped): the
+# gateway's map entry, the Dynamo worker's history record.
+SIDECARS = (".history", ".dynamo")
 
 
 class ConversationStore:
@@ -121,6 +123,12 @@ class ConversationStore:
 
     def path(self, cid: int) -> Path:
         return self.journal.path(cid)
+
+    def sidecar(self, cid: int, suffix: str) -> Path:
+        """Conversation ``cid``'s file ``suffix`` (one of ``SIDECARS``) beside its session file."""
+        if suffix not in SIDECARS:
+            raise ValueError(f"{suffix!r} is not one of the store's sidecars {SIDECARS}")
+        return self.path(cid).with_suffix(suffix)
 
     # ----------------------------------------------------------------- leases
     def take(self, cid: int) -> None:
@@ -250,7 +258,7 @@ class ConversationStore:
                 self.files.pop(cid, None)
             self.journal.delete(cid)
             for suffix in SIDECARS:
-                self.path(cid).with_suffix(suffix).unlink(missing_ok=True)
+                self.sidecar(cid, suffix).unlink(missing_ok=True)
         self.leases.forget(cid)
 
     def reap(self, now: float | None = None, keep: set[int] = frozenset()) -> list[int]:
