@@ -44,7 +44,7 @@ from ..runtime.sampling import SamplingParams
 from .conversations import session_conversation
 from .journal import session_path
 from .protocol import MAX_LOGPROBS, ErrorKind, ServingError, TurnRequest, kind_of
-from .tritonserver_model import build_scheduler
+from .settings import build_scheduler
 
 HISTORY_SUFFIX = ".dynamo"  # one of the store's sidecars
 
