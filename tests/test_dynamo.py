@@ -35,6 +35,7 @@ from streaming_trt.runtime.generation import eos_ids  # noqa: E402
 from streaming_trt.runtime.sampling import Sampler, SamplingParams  # noqa: E402
 from streaming_trt.serving.conversations import session_conversation as session_cid  # noqa: E402
 from streaming_trt.serving.dynamo import history_path  # noqa: E402
+from streaming_trt.serving.lease import DIR_NAME  # noqa: E402
 from streaming_trt.serving.store import ConversationStore  # noqa: E402
 
 SINK, WINDOW = 4, 40
@@ -137,6 +138,14 @@ class Deployment:
             proc.wait(10)
 
 
+def leased(sessions: Path, cid: int) -> bool:
+    """Whether a worker holds conversation ``cid``'s lease now (a turn of it is in flight)."""
+    try:
+        return any(name.isdigit() for name in os.listdir(sessions / DIR_NAME / f"{cid:020d}"))
+    except FileNotFoundError:
+        return False
+
+
 def history(sessions: Path, session: str) -> dict:
     return json.loads(history_path(sessions, session_cid(session)).read_text())
 
@@ -198,9 +207,14 @@ def test_conversations_are_pinned_equal_in_process_and_survive_a_killed_worker(d
         assert history(d.sessions, sessions[c])["fresh"] == 1  # later turns fed only their new tokens
     assert set(owner.values()) == {"a", "b"}, f"the router pinned every conversation to one worker: {owner}"
 
-    # SIGKILL worker a while every conversation's turn is in flight; clients resend until served.
+    # SIGKILL worker a while a turn of one of its conversations is in flight: once it holds that
+    # conversation's lease (taken before the turn, let go after its save; a fixed sleep raced the
+    # turn's end once steps got faster). Clients resend until served.
+    moved = [c for c in range(CONVERSATIONS) if owner[c] == "a"]
     threads = all_turn(KILLED_TURN, retry_until=time.monotonic() + 45.0)
-    time.sleep(0.4)
+    until = time.monotonic() + 30.0
+    while not any(leased(d.sessions, session_cid(sessions[c])) for c in moved) and time.monotonic() < until:
+        time.sleep(0.002)
     d.procs["a"].send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     for th in threads:
@@ -210,7 +224,6 @@ def test_conversations_are_pinned_equal_in_process_and_survive_a_killed_worker(d
     for th in all_turn(KILLED_TURN + 1, retry_until=time.monotonic() + 45.0):  # a conversation whose killed turn
         # finished on the dead worker first meets the failover here
         th.join(60)
-    moved = [c for c in range(CONVERSATIONS) if owner[c] == "a"]
     assert any(killed_failures[c] for c in moved), "the kill landed after every turn on worker a had finished"
     for c in range(CONVERSATIONS):
         assert len(messages[c]) == 2 * TURNS, f"conversation {c} did not finish its turns"
