@@ -40,10 +40,10 @@ class StepPlan:
     ``packed``: when the rows are ragged, ``[T]`` the flat indices (into ``batch * n``) of the
     ``T = sum(lengths)`` valid rows: the model then runs its per-token work (embedding, norms,
     projections, MLP) on those ``T`` rows only, and attention on the ``[batch, n]`` grid
-    (:meth:`unpack`, :meth:`pack`); None when every row is valid. ``parts``: when one-token rows
-    (decoding streams) and longer rows (prompt chunks) sit in runs side by side, each run
+    (:meth:`unpack`, :meth:`pack`); None when every row is valid. ``parts``: for ragged rows, each
+    run of one-token rows (decoding streams) and each longer row (a prompt chunk)
     ``(lo, hi, view, plan)`` attends as a step of its own over the cache view of rows ``lo .. hi-1``
-    (a run of one-token rows as a decode step), so a decoding row never pays for the longest row.
+    (a run of one-token rows as a decode step), so no row's attention pays for the longest row.
     """
 
     start: torch.Tensor
@@ -164,7 +164,9 @@ class StreamingCache:
             valid = torch.arange(n).view(1, -1) < torch.tensor(lengths).view(-1, 1)
             plan.packed = valid.view(-1).nonzero().view(-1).to(device)
             if self.stores is None:
-                runs = [0] + [b for b in range(1, len(lengths)) if (lengths[b] == 1) != (lengths[b - 1] == 1)]
+                # Runs of one-token rows attend together; a longer row attends alone, so no row's
+                # attention is padded to another's length (chunks may be far longer than the window).
+                runs = [0] + [b for b in range(1, len(lengths)) if lengths[b] != 1 or lengths[b - 1] != 1]
                 if len(runs) > 1:
                     bounds = zip(runs, runs[1:] + [len(lengths)])
                     plan.parts = [(lo, hi, view, view.plan(lengths[lo:hi], max(lengths[lo:hi])))
