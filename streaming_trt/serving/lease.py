@@ -93,6 +93,7 @@ class Leases:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{_pid_namespace()}"
         self.held: dict[int, tuple[int, bytes, int]] = {}  # id -> (epoch, token, holds)
         self.lock = threading.Lock()
+        self.taking = threading.Lock()
         self.stopped = threading.Event()
         self.alive = lambda: True
         self.thread = None
@@ -132,6 +133,10 @@ class Leases:
 
     def take(self, cid: int) -> None:
         """Hold conversation ``cid``; raises :class:`LeaseHeld` when another worker holds it."""
+        with self.taking:  # two threads of this worker (a save, a background compaction): one creates, one counts
+            self._take(cid)
+
+    def _take(self, cid: int) -> None:
         with self.lock:
             if cid in self.held:
                 epoch, token, holds = self.held[cid]
