@@ -21,7 +21,7 @@ from ..runtime.graphs import DecodeGraphs
 from ..runtime.kernel_backend import kernel_ops
 from ..runtime.recall import Recall, new_store
 from ..runtime.sampling import Sampler, SamplingError, SamplingParams, token_logprobs
-from ..runtime.session import feed_stream, model_fingerprint, token_batch
+from ..runtime.session import feed_stream, model_fingerprint, sink_token_starts, token_batch
 from .state import StreamState
 
 MAX_CHUNK = 512  # the most prompt tokens of one row in one forward
@@ -153,8 +153,10 @@ class BatchRunner:
         n = len(rows)
         if n == 0 or len(ids) != n or not all(ids):
             raise UserError(f"feed takes one non-empty id list per row, got {len(ids)} lists for {n} rows")
-        starts = self.model.config.sink_token_id is not None  # a new stream's first feed begins with token 0
-        single = [len(mine) == 1 and not (starts and self.seen(row) == 0) for row, mine in zip(rows, ids)]
+        # A row about to get a sink-token model's token 0 first is no decode row.
+        starts = sink_token_starts(self.model.config.sink_token_id, [len(mine) for mine in ids],
+                                   [self.seen(row) for row in rows]) or [0] * n
+        single = [len(mine) == 1 and not start for mine, start in zip(ids, starts)]
         if all(single):
             self.decode(rows, [mine[0] for mine in ids])
             return
